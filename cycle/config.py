@@ -1,0 +1,326 @@
+"""Structured configuration for a run: one dataclass per part, YAML files, `key=value` overrides.
+
+`load_config(path, overrides)` is the one entry point. Anything wrong (unknown key, wrong type, missing
+required value, a bad choice) raises `ConfigError` with one line naming the key and what was expected.
+`fingerprint(section)` is the stable hash the controller records for each stage's inputs.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A configuration problem, explained in one line that names the key."""
+
+
+# ----------------------------------------------------------------------------------------------- data
+@dataclass
+class AltNoiseConfig:
+    """Rates of the seeded corruptions that turn a clean scene description into web-like alt-text.
+
+    Each scene draws exactly one kind (or none, with the remaining probability); see
+    `cycle.data.emoji.altnoise` for what each kind does.
+    """
+
+    one_object: float = 0.25  # only one of the scene's objects is named
+    wrong_count: float = 0.10  # a count is changed
+    wrong_position: float = 0.10  # a position word is changed
+    sibling_name: float = 0.15  # an object is named as a sibling of its subgroup
+    generic: float = 0.10  # "image", "photo of stuff", ...
+    filename: float = 0.10  # "IMG_2041.png", "emoji-sticker-12.jpg"
+    shop_spam: float = 0.10  # "Buy cheap ... free shipping"
+
+
+@dataclass
+class EmojiScenesConfig:
+    """The built-in dataset: Noto Color Emoji glyphs composed into scenes (see DESIGN.md)."""
+
+    font: str = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
+    image_size: int = 64
+    vocab_size: int = 200  # concrete objects drawn from the allowed groups
+    max_objects: int = 3  # objects per scene: 1..max_objects
+    max_count: int = 3  # copies of one object in a scene: 1..max_count
+    n_train: int = 3000
+    n_val: int = 300  # validation split: tune here, never on held-out sets
+    n_test_retrieval: int = 300
+    n_test_negatives: int = 300
+    n_test_compositional: int = 200
+    single_object_share: float = 0.3  # share of scenes that are the plain emoji
+    heldout_pair_share: float = 0.1  # object pairs kept out of training for the compositional test
+    seed_share: float = 0.1  # share of training scenes with a teacher annotation (paper: 10k of 150M)
+    alt_noise: AltNoiseConfig = field(default_factory=AltNoiseConfig)
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    source: str = "emoji-scenes"  # "emoji-scenes" or "store" (samples already ingested into the run)
+    emoji: EmojiScenesConfig = field(default_factory=EmojiScenesConfig)
+    max_pixels: int = 50_000_000  # decompression-bomb cap on ingested images
+    min_side: int = 8  # smaller images are rejected
+    num_workers: int = 0  # DataLoader workers (spawn context: Lance is not fork-safe)
+
+
+@dataclass
+class StoreConfig:
+    uri: str = ""  # empty: <run_dir>/lance
+    write_batch: int = 1024  # rows per commit: few large commits keep the table lean
+
+
+# ----------------------------------------------------------------------------------------------- CLIP
+@dataclass
+class ClipModelConfig:
+    name: str = "hqclip-tiny"  # any open_clip architecture, or one of cycle/clip/model_configs/*.json
+    pretrained: Optional[str] = None  # open_clip pretrained tag (needs a hub) or a checkpoint path
+    init: str = "scratch"  # gen >= 1: "scratch" or "previous" (start from CLIP_{g-1})
+
+
+@dataclass
+class LossConfig:
+    long_text_prob: float = 0.5  # P(positive text = long description) vs raw alt-text
+    hni_weight: float = 1.0
+    hni_mode: str = "batch"  # "batch" (negatives as extra columns, NegCLIP style) or "pair"
+    neg_tags_prob: float = 0.5  # P(negative text = negative tags) vs long negative description
+    stc_weight: float = 1.0
+    stc_vocab_size: int = 1000  # top-K normalised tags of the generation's annotations
+    stc_min_count: int = 2
+    max_sentences: int = 0  # 0: as many sentences as fit the text context
+    text_fit: str = "sample"  # "sample" sentences to fit the context, or "truncate"
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 128  # global batch (contrastive negatives span all of it)
+    micro_batch_size: int = 0  # 0: = batch_size / world size; smaller: feature-cache accumulation
+    lr: float = 5e-4
+    weight_decay: float = 0.2
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
+    warmup_steps: int = 50
+    grad_clip: float = 1.0
+    zero_stage: int = 1
+    precision: str = "auto"  # "auto" (bf16 on GPU, fp32 on CPU), "fp32", "bf16"
+    checkpoint_every: int = 100  # steps
+    log_every: int = 10
+    seed: int = 0
+    world_size: int = 1  # >1 starts that many processes on this machine
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 256
+    templates: list[str] = field(default_factory=lambda: ["a photo of {}.", "an emoji of {}.", "{}"])
+    splits: list[str] = field(
+        default_factory=lambda: ["test_zeroshot", "test_retrieval", "test_negatives", "test_compositional"]
+    )
+    select_split: str = "val"  # the split that early stopping and tuning look at
+
+
+# ----------------------------------------------------------------------------------------------- LVLM
+@dataclass
+class LMConfig:
+    name: str = "tiny"  # "tiny": a Llama-style LM built and pretrained here; else an HF name or path
+    hidden_size: int = 192
+    num_layers: int = 3
+    num_heads: int = 4
+    vocab_size: int = 4096  # BPE trained on the run's text
+    max_length: int = 192
+    pretrain_epochs: int = 3
+    pretrain_lr: float = 1e-3
+    batch_size: int = 32
+
+
+@dataclass
+class StageConfig:
+    epochs: int = 1
+    lr: float = 1e-3
+    batch_size: int = 16
+    warmup_steps: int = 10
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = True  # False: full fine-tuning of the LM (better for tiny LMs, see ENV-FACTS)
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+
+@dataclass
+class LVLMConfig:
+    lm: LMConfig = field(default_factory=LMConfig)
+    vision_feature_layer: int = -2
+    keep_cls_token: bool = True  # "full" feature select: keep the CLS image token
+    align: StageConfig = field(default_factory=lambda: StageConfig(epochs=2, lr=1e-3))
+    sft: StageConfig = field(default_factory=lambda: StageConfig(epochs=20, lr=5e-4))
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    sft_add_best: float = 0.0  # gen >= 2: share of the previous generation's best annotations added to SFT
+
+
+@dataclass
+class OpenAIBackendConfig:
+    base_url: str = "http://127.0.0.1:8000/v1"
+    model: str = "gpt-4o"
+    api_key_env: str = "OPENAI_API_KEY"
+    concurrency: int = 4
+    requests_per_minute: int = 600
+    timeout_s: float = 60.0
+    max_retries: int = 5
+
+
+@dataclass
+class VLLMBackendConfig:
+    python: str = ""  # python of a separate vLLM environment; empty: import vllm here
+    mode: str = "offline"  # "offline" (vllm.LLM) or "server" (OpenAI-compatible server)
+    gpu_memory_utilization: float = 0.85
+    max_num_seqs: int = 256
+
+
+@dataclass
+class AnnotateConfig:
+    backend: str = "transformers"  # "transformers", "vllm" or "openai"
+    batch_size: int = 64
+    max_new_tokens: int = 96
+    temperature: float = 0.0
+    retries: int = 2  # extra attempts with another seed before a row is kept as failed
+    write_batch: int = 512
+    openai: OpenAIBackendConfig = field(default_factory=OpenAIBackendConfig)
+    vllm: VLLMBackendConfig = field(default_factory=VLLMBackendConfig)
+
+
+# ----------------------------------------------------------------------------------------------- run
+@dataclass
+class CycleConfig:
+    generations: int = 2  # generations after gen 0
+    early_stop_patience: int = 0  # 0: never stop early
+    early_stop_metric: str = "val/retrieval_mean_r1"
+
+
+@dataclass
+class RunConfig:
+    name: str = MISSING
+    root: str = "generations"
+    seed: int = 0
+    device: str = "auto"  # "auto", "cpu", "cuda"
+    data: DataConfig = field(default_factory=DataConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    clip: ClipModelConfig = field(default_factory=ClipModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    lvlm: LVLMConfig = field(default_factory=LVLMConfig)
+    annotate: AnnotateConfig = field(default_factory=AnnotateConfig)
+    cycle: CycleConfig = field(default_factory=CycleConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.root) / self.name
+
+
+# Values that must be one of a few words; checked after merging so the message names the key.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "data.source": ("emoji-scenes", "store"),
+    "clip.init": ("scratch", "previous"),
+    "loss.hni_mode": ("batch", "pair"),
+    "loss.text_fit": ("sample", "truncate"),
+    "train.precision": ("auto", "fp32", "bf16"),
+    "annotate.backend": ("transformers", "vllm", "openai"),
+    "annotate.vllm.mode": ("offline", "server"),
+    "device": ("auto", "cpu", "cuda"),
+}
+PROBABILITIES = ("loss.long_text_prob", "loss.neg_tags_prob", "data.emoji.seed_share",
+                 "data.emoji.single_object_share", "data.emoji.heldout_pair_share", "lvlm.sft_add_best")
+
+
+def _one_line(err: OmegaConfBaseException) -> str:
+    key = getattr(err, "full_key", None) or ""
+    msg = str(err).split("\n")[0]
+    return f"config key '{key}': {msg}" if key else f"config: {msg}"
+
+
+def _validate(cfg: DictConfig) -> None:
+    for key, allowed in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"config key '{key}': got {value!r}, expected one of {', '.join(allowed)}")
+    for key in PROBABILITIES:
+        value = OmegaConf.select(cfg, key)
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"config key '{key}': got {value!r}, expected a probability in [0, 1]")
+    rates = OmegaConf.to_container(cfg.data.emoji.alt_noise)
+    if sum(rates.values()) > 1.0 + 1e-9:
+        raise ConfigError(f"config key 'data.emoji.alt_noise': rates sum to {sum(rates.values()):.3f}, expected <= 1")
+    for key in ("train.epochs", "train.batch_size", "data.emoji.image_size", "data.emoji.vocab_size",
+                "data.emoji.max_objects", "annotate.batch_size"):
+        if OmegaConf.select(cfg, key) < 1:
+            raise ConfigError(f"config key '{key}': got {OmegaConf.select(cfg, key)!r}, expected >= 1")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Schema <- YAML file <- `key=value` overrides, validated. Returns a typed `RunConfig`."""
+    try:
+        cfg = OmegaConf.structured(RunConfig)
+        if path is not None:
+            path = Path(path)
+            if not path.is_file():
+                raise ConfigError(f"config file '{path}' does not exist")
+            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"override '{item}': expected key=value")
+        if overrides:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        missing = sorted(OmegaConf.missing_keys(cfg))
+        if missing:
+            raise ConfigError(f"config key '{missing[0]}': a value is required (set it in the file or as {missing[0]}=...)")
+        _validate(cfg)
+        return OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as err:
+        raise ConfigError(_one_line(err)) from None
+
+
+def to_dict(section: Any) -> Any:
+    """Plain JSON-able form of a config section (a dataclass, a DictConfig, or already plain)."""
+    if is_dataclass(section):
+        return {f.name: to_dict(getattr(section, f.name)) for f in fields(section)}
+    if isinstance(section, DictConfig):
+        return OmegaConf.to_container(section, resolve=True)
+    if isinstance(section, (list, tuple)):
+        return [to_dict(v) for v in section]
+    if isinstance(section, dict):
+        return {k: to_dict(v) for k, v in section.items()}
+    return section
+
+
+def fingerprint(*parts: Any) -> str:
+    """Stable short hash of config sections and other JSON-able inputs (paths, versions, hashes)."""
+    blob = json.dumps([to_dict(p) for p in parts], sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def save_config(cfg: RunConfig, run_dir: str | Path) -> str:
+    """Write the resolved config with its fingerprint into the run directory; returns the fingerprint."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fp = fingerprint(cfg)
+    text = f"# fingerprint: {fp}\n" + to_yaml(cfg)
+    tmp = run_dir / "config.yaml.tmp"
+    tmp.write_text(text)
+    tmp.replace(run_dir / "config.yaml")
+    return fp

@@ -1,0 +1,204 @@
+"""The run's LanceDB database: `samples`, `seed`, `annotations`, `rejects`.
+
+- `samples` is written once (ingest or the built-in dataset) and never rewritten by a generation.
+- `annotations` is append-only, keyed by (`id`, `generation`); writes are insert-if-absent, so a resumed
+  annotation pass neither duplicates nor loses rows.
+- A tag per finished generation (`gen-002`) pins exactly what CLIP_g trained on; readers take a pinned
+  version, never "latest". Compaction and cleanup run from the controller (`Store.compact`), not writers.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Iterable, Iterator, Optional
+
+import lancedb
+import pyarrow as pa
+
+log = logging.getLogger(__name__)
+
+_text_list = pa.list_(pa.string())
+
+SAMPLES = pa.schema([
+    ("id", pa.string()),
+    ("image", pa.binary()),  # encoded bytes as ingested (PNG / JPEG / WebP)
+    ("alt_text", pa.string()),
+    ("source", pa.string()),  # where the row came from: "emoji-scenes", a folder, a shard, a parquet file
+    ("split", pa.string()),  # "train", "val", "test_*" (held-out: never trained on)
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+    ("sha256", pa.string()),  # of the image bytes
+    ("meta", pa.string()),  # JSON; the exact scene graph for the built-in data, else null
+])
+
+FORMULAS = [("desc", _text_list), ("neg_desc", _text_list), ("tags", _text_list), ("neg_tags", _text_list)]
+
+SEED = pa.schema([("id", pa.string()), *FORMULAS, ("origin", pa.string())])
+
+ANNOTATIONS = pa.schema([
+    ("id", pa.string()),
+    ("generation", pa.int32()),
+    *FORMULAS,
+    ("raw_output", pa.string()),
+    ("status", pa.string()),  # "ok", "repaired", "failed"
+    ("reason", pa.string()),  # what was repaired, or why it failed
+    ("attempts", pa.int32()),
+    ("annotator", pa.string()),  # model + adapter fingerprint
+    ("prompt_hash", pa.string()),
+    ("score", pa.float32()),  # CLIP_{g-1} margin of desc over neg_desc (null until scored)
+])
+
+REJECTS = pa.schema([
+    ("source", pa.string()),
+    ("key", pa.string()),  # file name, shard member or row number
+    ("reason", pa.string()),  # short class: "corrupt_image", "empty_text", "non_utf8_text", ...
+    ("detail", pa.string()),
+])
+
+SCHEMAS = {"samples": SAMPLES, "seed": SEED, "annotations": ANNOTATIONS, "rejects": REJECTS}
+KEYS = {"samples": ["id"], "seed": ["id"], "annotations": ["id", "generation"]}
+
+
+def gen_tag(generation: int) -> str:
+    return f"gen-{generation:03d}"
+
+
+@dataclass(frozen=True)
+class Pin:
+    """A table at one version: what a stage reads, and what its fingerprint records."""
+
+    table: str
+    version: int
+
+    def __str__(self) -> str:
+        return f"{self.table}@v{self.version}"
+
+
+class Store:
+    """One LanceDB database per run. Thin on purpose: tables, keyed writes, versions, tags."""
+
+    def __init__(self, uri: str | Path):
+        self.uri = str(uri)
+        Path(self.uri).mkdir(parents=True, exist_ok=True)
+        self.db = lancedb.connect(self.uri)
+
+    # -- tables --------------------------------------------------------------------------------------
+    def has(self, name: str) -> bool:
+        return name in self._names()
+
+    def _names(self) -> list[str]:
+        names = self.db.list_tables()
+        return list(getattr(names, "tables", names))
+
+    def table(self, name: str, version: int | str | None = None):
+        """Open a table, creating it empty with its schema on first use; `version` pins an int or a tag."""
+        if not self.has(name):
+            self.db.create_table(name, schema=SCHEMAS[name], exist_ok=True)
+        tbl = self.db.open_table(name)
+        if version is not None:
+            tbl.checkout(version)
+        return tbl
+
+    def pin(self, name: str) -> Pin:
+        return Pin(name, self.table(name).version)
+
+    def count(self, name: str, where: str | None = None, version: int | str | None = None) -> int:
+        return self.table(name, version).count_rows(where)
+
+    # -- writes --------------------------------------------------------------------------------------
+    def append(self, name: str, rows: pa.Table | list[dict]) -> int:
+        """Plain append (rejects, and first writes of `samples`). Returns the new version."""
+        data = _as_table(name, rows)
+        if data.num_rows == 0:
+            return self.table(name).version
+        tbl = self.table(name)
+        tbl.add(data)
+        return tbl.version
+
+    def insert_new(self, name: str, rows: pa.Table | list[dict]) -> int:
+        """Insert rows whose key is absent; rows already present are left as they are (idempotent).
+
+        Returns the number of rows that were new. Skips the commit entirely when nothing is new, since a
+        merge that changes nothing still makes a version.
+        """
+        data = _as_table(name, rows)
+        if data.num_rows == 0:
+            return 0
+        tbl = self.table(name)
+        before = tbl.count_rows()
+        if before == 0:
+            data = _dedupe(data, KEYS[name])
+            tbl.add(data)
+            return data.num_rows
+        (tbl.merge_insert(KEYS[name]).when_not_matched_insert_all().execute(_dedupe(data, KEYS[name])))
+        return tbl.count_rows() - before
+
+    # -- reads ---------------------------------------------------------------------------------------
+    def read(self, name: str, columns: list[str] | None = None, where: str | None = None,
+             version: int | str | None = None) -> pa.Table:
+        return self.table(name, version).to_lance().to_table(columns=columns, filter=where)
+
+    def scan(self, name: str, columns: list[str] | None = None, where: str | None = None,
+             version: int | str | None = None, batch_size: int = 1024) -> Iterator[pa.RecordBatch]:
+        ds = self.table(name, version).to_lance()
+        yield from ds.to_batches(columns=columns, filter=where, batch_size=batch_size)
+
+    def ids(self, name: str, where: str | None = None, version: int | str | None = None) -> set[str]:
+        return set(self.read(name, ["id"], where, version).column("id").to_pylist())
+
+    # -- versions and tags ---------------------------------------------------------------------------
+    def versions(self, name: str) -> list[int]:
+        return [v["version"] for v in self.table(name).list_versions()]
+
+    def tags(self, name: str) -> dict[str, int]:
+        return {k: v["version"] for k, v in self.table(name).tags.list().items()}
+
+    def tag(self, name: str, tag: str, version: int | None = None) -> int:
+        """Tag a version (default: current). Re-tagging the same version is a no-op; another is an error."""
+        tbl = self.table(name)
+        version = tbl.version if version is None else version
+        existing = self.tags(name).get(tag)
+        if existing == version:
+            return version
+        if existing is not None:
+            raise ValueError(f"tag '{tag}' of table '{name}' already points at version {existing}, not {version}")
+        tbl.tags.create(tag, version)
+        return version
+
+    def compact(self, older_than: timedelta = timedelta(0)) -> dict[str, int]:
+        """Compact every table's files and drop old untagged versions (tagged ones stay readable).
+
+        Called by the controller between stages, never while a writer runs. Returns the new versions.
+        """
+        out = {}
+        for name in self._names():
+            ds = self.db.open_table(name).to_lance()
+            ds.optimize.compact_files()
+            ds.cleanup_old_versions(older_than=older_than, error_if_tagged_old_versions=False)
+            out[name] = self.db.open_table(name).version
+        return out
+
+
+def _as_table(name: str, rows: pa.Table | list[dict]) -> pa.Table:
+    schema = SCHEMAS[name]
+    if isinstance(rows, pa.Table):
+        return rows.select(schema.names).cast(schema)
+    return pa.Table.from_pylist([{k: r.get(k) for k in schema.names} for r in rows], schema=schema)
+
+
+def _dedupe(data: pa.Table, keys: list[str]) -> pa.Table:
+    """Keep the first row of each key within one batch (merge_insert rejects duplicate source keys)."""
+    seen, keep = set(), []
+    cols = [data.column(k).to_pylist() for k in keys]
+    for i, key in enumerate(zip(*cols)):
+        if key not in seen:
+            seen.add(key)
+            keep.append(i)
+    return data if len(keep) == data.num_rows else data.take(keep)
+
+
+def meta_json(obj: Optional[dict]) -> Optional[str]:
+    return None if obj is None else json.dumps(obj, sort_keys=True, separators=(",", ":"))
