@@ -1,0 +1,33 @@
+"""Shared test setup: offline, CPU DeepSpeed, and small built datasets reused across a session."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_YAML = REPO / "configs" / "tiny.yaml"
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg():
+    from cycle.config import load_config
+
+    return load_config(TINY_YAML)
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tmp_path_factory, tiny_cfg):
+    """The tiny emoji-scenes set built once per session into a LanceDB store (read-only for tests)."""
+    from cycle.data.emoji import build_emoji_scenes
+    from cycle.store import Store
+
+    store = Store(tmp_path_factory.mktemp("tiny-store") / "lance")
+    build_emoji_scenes(tiny_cfg.data.emoji, store, progress=False)
+    return store
