@@ -1,0 +1,155 @@
+"""Run state on disk: `state.json` (written atomically) and the lock that keeps one controller per run.
+
+The state records, per generation and stage: status, the fingerprint of the stage's inputs, timings,
+outputs (paths, table versions) and metrics. A stage is "done" only once its entry is written, which
+happens after its outputs are on disk, so a kill anywhere leaves either a finished stage or one to redo.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import socket
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    """Write temp file in the same directory, fsync, rename: readers see the old or the new file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True, default=str)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_json(path: str | Path, default: Any = None) -> Any:
+    path = Path(path)
+    if not path.exists():
+        return default
+    return json.loads(path.read_text())
+
+
+class RunState:
+    """`state.json` of one run. Mutations are saved immediately and atomically."""
+
+    def __init__(self, run_dir: str | Path):
+        self.path = Path(run_dir) / "state.json"
+        self.data: dict = read_json(self.path, default={"generations": {}})
+
+    def save(self) -> None:
+        write_json_atomic(self.path, self.data)
+
+    def stage(self, gen: int, stage: str) -> dict:
+        return self.data["generations"].get(str(gen), {}).get(stage, {})
+
+    def is_done(self, gen: int, stage: str) -> bool:
+        return self.stage(gen, stage).get("status") == "done"
+
+    def mark_running(self, gen: int, stage: str, fingerprint: str) -> None:
+        entry = self.data["generations"].setdefault(str(gen), {}).setdefault(stage, {})
+        entry.update(status="running", fingerprint=fingerprint, started=time.time(),
+                     attempts=entry.get("attempts", 0) + 1)
+        self.save()
+
+    def mark_done(self, gen: int, stage: str, fingerprint: str, outputs: dict | None = None,
+                  metrics: dict | None = None) -> None:
+        entry = self.data["generations"].setdefault(str(gen), {}).setdefault(stage, {})
+        now = time.time()
+        entry.update(status="done", fingerprint=fingerprint, finished=now,
+                     duration_s=round(now - entry.get("started", now), 2),
+                     outputs=outputs or {}, metrics=metrics or {})
+        self.save()
+
+    def forget_from(self, gen: int, stage_order: list[str], stage: str) -> list[str]:
+        """Drop every stage entry from (gen, stage) on; returns what was dropped ('gen:stage')."""
+        dropped = []
+        for g in sorted(int(k) for k in self.data["generations"]):
+            stages = self.data["generations"][str(g)]
+            for name in sorted(stages, key=stage_order.index):
+                if g > gen or (g == gen and stage_order.index(name) >= stage_order.index(stage)):
+                    del stages[name]
+                    dropped.append(f"{g}:{name}")
+        self.save()
+        return dropped
+
+    @property
+    def generations(self) -> list[int]:
+        return sorted(int(k) for k in self.data["generations"])
+
+
+class RunLocked(RuntimeError):
+    pass
+
+
+@dataclass
+class RunLock:
+    """An exclusive `flock` on `<run>/.lock`, held for the controller's lifetime.
+
+    The kernel drops the lock when its process dies, so a lock file left by a killed controller is
+    stale by construction: the next controller takes it over and says so (`took_over_from`).
+    """
+
+    run_dir: Path
+    took_over_from: Optional[dict] = None
+    _fd: Optional[int] = None
+
+    def acquire(self) -> "RunLock":
+        path = Path(self.run_dir) / ".lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            holder = _read_holder(fd)
+            os.close(fd)
+            if err.errno in (errno.EAGAIN, errno.EACCES):
+                raise RunLocked(f"run {self.run_dir} is in use by another controller "
+                                f"(pid {holder.get('pid')} on {holder.get('host')}, since {holder.get('since')})") from None
+            raise
+        previous = _read_holder(fd)
+        if previous.get("pid"):
+            self.took_over_from = previous  # left by a process that died without releasing
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                  "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode(), 0)
+        os.fsync(fd)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)  # an empty file = released cleanly
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _read_holder(fd: int) -> dict:
+    try:
+        raw = os.pread(fd, 4096, 0)
+        return json.loads(raw) if raw.strip() else {}
+    except (OSError, ValueError):
+        return {}
