@@ -62,9 +62,9 @@ class RunState:
     def is_done(self, gen: int, stage: str) -> bool:
         return self.stage(gen, stage).get("status") == "done"
 
-    def mark_running(self, gen: int, stage: str, fingerprint: str) -> None:
+    def mark_running(self, gen: int, stage: str, fingerprint: str, inputs: dict | None = None) -> None:
         entry = self.data["generations"].setdefault(str(gen), {}).setdefault(stage, {})
-        entry.update(status="running", fingerprint=fingerprint, started=time.time(),
+        entry.update(status="running", fingerprint=fingerprint, started=time.time(), inputs=inputs or {},
                      attempts=entry.get("attempts", 0) + 1)
         self.save()
 

@@ -136,6 +136,15 @@ class Store:
         (tbl.merge_insert(KEYS[name]).when_not_matched_insert_all().execute(_dedupe(data, KEYS[name])))
         return tbl.count_rows() - before
 
+    def delete(self, name: str, where: str, drop_tag: str | None = None) -> int:
+        """Delete rows (the controller's redo of a stage; writers never delete). Returns rows removed."""
+        tbl = self.table(name)
+        before = tbl.count_rows()
+        if drop_tag and drop_tag in self.tags(name):
+            tbl.tags.delete(drop_tag)
+        tbl.delete(where)
+        return before - tbl.count_rows()
+
     # -- reads ---------------------------------------------------------------------------------------
     def read(self, name: str, columns: list[str] | None = None, where: str | None = None,
              version: int | str | None = None) -> pa.Table:
