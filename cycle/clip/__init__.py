@@ -1,0 +1,1 @@
+"""CLIP: the model factory and checkpoint format (model), HF conversion (convert), exports (export)."""
