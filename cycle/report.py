@@ -1,0 +1,187 @@
+"""`hqclip report RUN`: one static HTML page (opens from disk, no server) with PNG plots beside it.
+
+Metrics of every generation as a table and a plot, CLIP loss curves, annotation statistics, and a
+gallery of images with their alt-text and each generation's four formulas.
+"""
+from __future__ import annotations
+
+import html
+import io
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from .state import RunState, read_json  # noqa: E402
+from .status import KEY_METRICS, samples_across_generations  # noqa: E402
+from .store import Store  # noqa: E402
+
+CSS = """
+body{font-family:system-ui,sans-serif;margin:2em;color:#222;max-width:1200px}
+table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}
+th{background:#f4f4f4}td.l,th.l{text-align:left}img.plot{max-width:560px;margin:0.5em}
+.card{display:flex;gap:1em;border:1px solid #ddd;border-radius:6px;padding:0.8em;margin:0.8em 0}
+.card img{width:96px;height:96px;image-rendering:pixelated;border:1px solid #eee}
+.card td{text-align:left;vertical-align:top;font-size:0.9em}.neg{color:#a33}.muted{color:#777}
+"""
+
+
+def image_ext(data: bytes) -> str:
+    fmt = (Image.open(io.BytesIO(data)).format or "png").lower()
+    return {"jpeg": "jpg"}.get(fmt, fmt)
+
+
+def _metric_rows(state: RunState) -> tuple[list[int], list[str], dict]:
+    gens = [g for g in state.generations if state.stage(g, "eval").get("metrics")]
+    metrics = {g: state.stage(g, "eval")["metrics"] for g in gens}
+    names = sorted({k for m in metrics.values() for k, v in m.items() if isinstance(v, (int, float))})
+    return gens, names, metrics
+
+
+def plot_metrics(state: RunState, out: Path) -> Path | None:
+    gens, names, metrics = _metric_rows(state)
+    if not gens:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, key in KEY_METRICS.items():
+        if key in names:
+            ax.plot(gens, [metrics[g].get(key) for g in gens], marker="o", label=label)
+    ax.set_xlabel("generation")
+    ax.set_xticks(gens)
+    ax.set_ylabel("held-out metric")
+    ax.set_title("CLIP_g on held-out sets")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def plot_losses(run_dir: Path, state: RunState, out: Path) -> Path | None:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    drawn = False
+    for gen in state.generations:
+        log = Path(state.stage(gen, "train").get("outputs", {}).get("log", run_dir / f"gen-{gen:03d}/clip/log.jsonl"))
+        if not log.exists():
+            continue
+        rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        rows = [r for r in rows if "step" in r and ("loss" in r or "total_loss" in r)]
+        if rows:
+            key = "loss" if "loss" in rows[0] else "total_loss"
+            ax.plot([r["step"] for r in rows], [r[key] for r in rows], label=f"gen {gen}")
+            drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (sum of terms)")
+    ax.set_title("CLIP training loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def _annotation_stats(state: RunState) -> dict[int, dict]:
+    out = {}
+    for gen in state.generations:
+        path = state.stage(gen, "annotate").get("outputs", {}).get("stats")
+        if path and Path(path).exists():
+            out[gen] = read_json(path)
+    return out
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}/"))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _table(headers: list[str], rows: list[list], left: int = 1) -> str:
+    def cell(tag, value, i):
+        cls = ' class="l"' if i < left else ""
+        text = f"{value:.4g}" if isinstance(value, float) else ("" if value is None else str(value))
+        return f"<{tag}{cls}>{html.escape(text)}</{tag}>"
+
+    head = "".join(cell("th", h, i) for i, h in enumerate(headers))
+    body = "".join("<tr>" + "".join(cell("td", v, i) for i, v in enumerate(r)) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _formulas(rec: dict | None) -> str:
+    if not rec:
+        return '<span class="muted">none</span>'
+    status = rec.get("status")
+    parts = []
+    if status and status != "ok":
+        parts.append(f'<span class="muted">[{html.escape(status)}: {html.escape(rec.get("reason") or "")}]</span>')
+    parts.append(html.escape(" ".join(rec.get("desc") or [])))
+    parts.append('<span class="neg">' + html.escape(" ".join(rec.get("neg_desc") or [])) + "</span>")
+    parts.append("tags: " + html.escape(", ".join(rec.get("tags") or [])))
+    parts.append('<span class="neg">neg: ' + html.escape(", ".join(rec.get("neg_tags") or [])) + "</span>")
+    return "<br>".join(parts)
+
+
+def write_report(run_dir: str | Path, store: Store, gallery: int = 12, seed: int = 0) -> Path:
+    run_dir = Path(run_dir)
+    out = run_dir / "report"
+    (out / "img").mkdir(parents=True, exist_ok=True)
+    state = RunState(run_dir)
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>HQ-CLIP run {html.escape(run_dir.name)}"
+             f"</title><style>{CSS}</style></head><body><h1>HQ-CLIP cycle: run {html.escape(run_dir.name)}</h1>"]
+
+    gens, names, metrics = _metric_rows(state)
+    parts.append("<h2>Held-out metrics per generation</h2>")
+    if gens:
+        parts.append(_table(["metric"] + [f"gen {g}" for g in gens],
+                            [[n] + [metrics[g].get(n) for g in gens] for n in names]))
+    else:
+        parts.append("<p class='muted'>no generation evaluated yet</p>")
+    for name, fn in (("metrics.png", lambda p: plot_metrics(state, p)),
+                     ("loss.png", lambda p: plot_losses(run_dir, state, p))):
+        if fn(out / name):
+            parts.append(f"<img class='plot' src='{name}' alt='{name}'>")
+
+    stats = _annotation_stats(state)
+    if stats:
+        flat = {g: _flat(s) for g, s in stats.items()}
+        keys = sorted({k for f in flat.values() for k in f})
+        parts.append("<h2>Annotation statistics</h2>")
+        parts.append(_table(["statistic"] + [f"gen {g}" for g in flat], [[k] + [flat[g].get(k) for g in flat] for k in keys]))
+
+    stage_rows = []
+    for g in state.generations:
+        for stage, entry in state.data["generations"][str(g)].items():
+            stage_rows.append([f"{g}:{stage}", entry.get("status"), entry.get("duration_s"), entry.get("fingerprint")])
+    parts.append("<h2>Stages</h2>" + _table(["stage", "status", "seconds", "inputs fingerprint"], stage_rows, left=2))
+
+    if state.is_done(0, "data"):
+        rows = samples_across_generations(store, state, sample=gallery, where="split = 'train'", seed=seed)
+        parts.append(f"<h2>Gallery ({len(rows)} training images)</h2>")
+        for r in rows:
+            name = f"img/{r['id']}.{image_ext(r['image'])}"
+            (out / name).write_bytes(r["image"])
+            cells = [f"<tr><td><b>alt-text</b></td><td>{html.escape(r['alt_text'])}</td></tr>"]
+            if r.get("meta") and r["meta"].get("clean"):
+                cells.append(f"<tr><td><b>truth</b></td><td>{html.escape(r['meta']['clean'])}</td></tr>")
+            if r.get("seed"):
+                cells.append(f"<tr><td><b>teacher</b></td><td>{_formulas(r['seed'])}</td></tr>")
+            for key in sorted(k for k in r if k.startswith("gen-")):
+                cells.append(f"<tr><td><b>{key}</b></td><td>{_formulas(r[key])}</td></tr>")
+            parts.append(f"<div class='card'><img src='{name}' alt='{html.escape(r['id'])}'>"
+                         f"<div><b>{html.escape(r['id'])}</b><table>{''.join(cells)}</table></div></div>")
+    parts.append("</body></html>")
+    page = out / "index.html"
+    page.write_text("\n".join(parts))
+    return page

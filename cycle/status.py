@@ -1,0 +1,131 @@
+"""Looking at a run: the status table (generations x stages) and samples side by side across generations."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable, Optional
+
+from rich.console import Console
+from rich.table import Table
+
+from .pipeline import ALL_STAGES
+from .state import RunState
+from .store import Store
+
+# The few metrics worth a column; the report shows all of them.
+KEY_METRICS = {
+    "zero-shot top1": "test_zeroshot/top1",
+    "retrieval R@1": "test_retrieval/retrieval_mean_r1",
+    "neg. acc": "test_negatives/acc",
+    "compos. R@1": "test_compositional/retrieval_mean_r1",
+    "val R@1": "val/retrieval_mean_r1",
+}
+
+
+def status_table(run_dir: str | Path) -> Table:
+    state = RunState(run_dir)
+    table = Table(title=f"run {Path(run_dir).name}", show_lines=False)
+    table.add_column("gen", justify="right")
+    for stage in ALL_STAGES:
+        table.add_column(stage)
+    for label in KEY_METRICS:
+        table.add_column(label, justify="right")
+    for gen in state.generations:
+        cells = [str(gen)]
+        for stage in ALL_STAGES:
+            entry = state.stage(gen, stage)
+            cells.append(_stage_cell(stage, entry))
+        metrics = state.stage(gen, "eval").get("metrics", {})
+        for key in KEY_METRICS.values():
+            value = metrics.get(key)
+            cells.append("" if value is None else f"{value:.3f}")
+        table.add_row(*cells)
+    return table
+
+
+def _stage_cell(stage: str, entry: dict) -> str:
+    status = entry.get("status")
+    if not status:
+        return ""
+    if status != "done":
+        return f"[yellow]{status}[/]"
+    text = f"[green]done[/] {_duration(entry.get('duration_s', 0))}"
+    m = entry.get("metrics", {})
+    rows = m.get("rows") or m.get("counts/total") or m.get("total")
+    if rows:
+        text += f" {int(rows)}r"
+    return text
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f}s" if seconds < 90 else f"{seconds / 60:.1f}m"
+
+
+def print_status(run_dir: str | Path, console: Optional[Console] = None) -> None:
+    (console or Console()).print(status_table(run_dir))
+
+
+def samples_across_generations(store: Store, state: RunState, ids: Optional[Iterable[str]] = None,
+                               sample: int = 0, where: Optional[str] = None, gens: Optional[list[int]] = None,
+                               seed: int = 0) -> list[dict]:
+    """Rows of `samples` with alt-text, the seed annotation and each generation's four formulas."""
+    data = state.stage(0, "data").get("outputs", {})
+    version = data.get("samples_version")
+    filters = []
+    if ids:
+        quoted = ", ".join("'" + i.replace("'", "''") + "'" for i in ids)
+        filters.append(f"id IN ({quoted})")
+    if where:
+        filters.append(f"({where})")
+    table = store.read("samples", ["id", "alt_text", "split", "image", "meta"],
+                      " AND ".join(filters) or None, version=version)
+    rows = table.to_pylist()
+    if sample:
+        import random
+
+        rows = random.Random(seed).sample(rows, min(sample, len(rows)))
+    wanted = [r["id"] for r in rows]
+    seed_rows = _by_id(store, "seed", wanted, data.get("seed_version"))
+    for gen in gens if gens is not None else [g for g in state.generations if g > 0]:
+        ann = state.stage(gen, "annotate").get("outputs", {}).get("annotations_version")
+        if ann is None:
+            continue
+        by_id = _by_id(store, "annotations", wanted, ann, f"generation = {gen}")
+        for r in rows:
+            r[f"gen-{gen}"] = by_id.get(r["id"])
+    for r in rows:
+        r["seed"] = seed_rows.get(r["id"])
+        r["meta"] = json.loads(r["meta"]) if r.get("meta") else None
+    return rows
+
+
+def _by_id(store: Store, name: str, ids: list[str], version, extra: Optional[str] = None) -> dict:
+    if not ids or version is None or not store.has(name):
+        return {}
+    quoted = ", ".join("'" + i.replace("'", "''") + "'" for i in ids)
+    where = f"id IN ({quoted})" + (f" AND {extra}" if extra else "")
+    return {r["id"]: r for r in store.read(name, where=where, version=version).to_pylist()}
+
+
+def print_samples(rows: list[dict], console: Optional[Console] = None, image_out: Optional[Path] = None) -> None:
+    console = console or Console()
+    for r in rows:
+        table = Table(title=f"{r['id']}  [{r['split']}]", show_header=True, expand=True)
+        table.add_column("source", style="bold")
+        for key in ("desc", "neg_desc", "tags", "neg_tags"):
+            table.add_column(key)
+        table.add_row("alt-text", r["alt_text"], "", "", "")
+        for label in ["seed"] + sorted(k for k in r if k.startswith("gen-")):
+            rec = r.get(label)
+            if rec:
+                status = f" ({rec['status']})" if rec.get("status") and rec["status"] != "ok" else ""
+                table.add_row(label + status, *["\n".join(rec.get(k) or []) for k in
+                                                ("desc", "neg_desc", "tags", "neg_tags")])
+        if r.get("meta") and r["meta"].get("clean"):
+            table.add_row("truth", r["meta"]["clean"], "", "", "")
+        console.print(table)
+        if image_out:
+            image_out.mkdir(parents=True, exist_ok=True)
+            from .report import image_ext
+
+            (image_out / f"{r['id']}.{image_ext(r['image'])}").write_bytes(r["image"])
