@@ -128,6 +128,31 @@ def demo(overrides, config_path):
     print_status(cfg.run_dir)
     click.echo(f"report: {write_report(cfg.run_dir, store_of(cfg))}")
 
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--gen", type=int, required=True, help="The generation to export.")
+@click.option("--out", type=click.Path(file_okay=False), help="Default: RUN/export/gen-GGG.")
+@click.option("--what", type=click.Choice(["clip", "lvlm", "data"]), multiple=True, help="Default: all three.")
+@click.option("--data-format", type=click.Choice(["json", "wds"]), default="json",
+              help="VLM-150M JSON files or webdataset shards.")
+def export(run_dir, gen, out, what, data_format):
+    """Export a generation: the CLIP (open_clip + HF), the LVLM (merged HF dir), the dataset."""
+    from pathlib import Path
+
+    from .config import load_config
+    from .controller import store_of
+    from .export import export_generation
+
+    run_dir = _run_dir_arg(run_dir)
+    out = Path(out) if out else run_dir / "export" / f"gen-{gen:03d}"
+    try:
+        done = export_generation(store_of(load_config(run_dir / "config.yaml")), run_dir, gen, out,
+                                 tuple(what) or ("clip", "lvlm", "data"), data_format)
+    except ValueError as err:
+        raise click.ClickException(str(err)) from None
+    for key, value in done.items():
+        click.echo(f"{key}: {value}")
+
 
 if __name__ == "__main__":
     sys.exit(main())
