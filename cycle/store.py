@@ -108,6 +108,12 @@ class Store:
     def count(self, name: str, where: str | None = None, version: int | str | None = None) -> int:
         return self.table(name, version).count_rows(where)
 
+    def count_by(self, name: str, column: str, version: int | str | None = None) -> dict:
+        """Rows per value of one column (split, generation, status, reason), reading that column only."""
+        counts = self.read(name, [column], version=version).group_by(column).aggregate([([], "count_all")])
+        return dict(sorted(zip(counts.column(column).to_pylist(), counts.column("count_all").to_pylist()),
+                           key=lambda kv: (kv[0] is None, kv[0])))
+
     # -- writes --------------------------------------------------------------------------------------
     def append(self, name: str, rows: pa.Table | list[dict]) -> int:
         """Plain append (rejects, and first writes of `samples`). Returns the new version."""
@@ -124,16 +130,18 @@ class Store:
         Returns the number of rows that were new. Skips the commit entirely when nothing is new, since a
         merge that changes nothing still makes a version.
         """
-        data = _as_table(name, rows)
+        data = _dedupe(_as_table(name, rows), KEYS[name])
         if data.num_rows == 0:
             return 0
         tbl = self.table(name)
         before = tbl.count_rows()
         if before == 0:
-            data = _dedupe(data, KEYS[name])
             tbl.add(data)
             return data.num_rows
-        (tbl.merge_insert(KEYS[name]).when_not_matched_insert_all().execute(_dedupe(data, KEYS[name])))
+        data = _drop_present(tbl, data, KEYS[name])
+        if data.num_rows == 0:
+            return 0
+        (tbl.merge_insert(KEYS[name]).when_not_matched_insert_all().execute(data))
         return tbl.count_rows() - before
 
     def delete(self, name: str, where: str, drop_tag: str | None = None) -> int:
@@ -207,6 +215,21 @@ def _dedupe(data: pa.Table, keys: list[str]) -> pa.Table:
             seen.add(key)
             keep.append(i)
     return data if len(keep) == data.num_rows else data.take(keep)
+
+
+def _drop_present(tbl, data: pa.Table, keys: list[str], chunk: int = 1000) -> pa.Table:
+    """Rows of `data` whose key is not yet in `tbl`, looked up by the batch's own ids (no full scan)."""
+    ids = data.column("id").to_pylist()
+    present = set()
+    for start in range(0, len(ids), chunk):
+        quoted = ", ".join("'" + i.replace("'", "''") + "'" for i in set(ids[start:start + chunk]))
+        found = tbl.to_lance().to_table(columns=keys, filter=f"id IN ({quoted})")
+        present.update(zip(*(found.column(k).to_pylist() for k in keys)))
+    if not present:
+        return data
+    cols = [data.column(k).to_pylist() for k in keys]
+    keep = [i for i, key in enumerate(zip(*cols)) if key not in present]
+    return data.take(pa.array(keep, pa.int64()))
 
 
 def meta_json(obj: Optional[dict]) -> Optional[str]:
