@@ -181,6 +181,10 @@ def write_report(run_dir: str | Path, store: Store, gallery: int = 12, seed: int
                 cells.append(f"<tr><td><b>{key}</b></td><td>{_formulas(r[key])}</td></tr>")
             parts.append(f"<div class='card'><img src='{name}' alt='{html.escape(r['id'])}'>"
                          f"<div><b>{html.escape(r['id'])}</b><table>{''.join(cells)}</table></div></div>")
+    # Lets a headless browser (and a curious reader) see that every picture loaded.
+    parts.append("<script>window.addEventListener('load',()=>{const i=[...document.images];"
+                 "document.body.dataset.images=i.length;"
+                 "document.body.dataset.imagesLoaded=i.filter(x=>x.complete&&x.naturalWidth>0).length;});</script>")
     parts.append("</body></html>")
     page = out / "index.html"
     page.write_text("\n".join(parts))
