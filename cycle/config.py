@@ -195,6 +195,7 @@ class AnnotateConfig:
     max_new_tokens: int = 96
     temperature: float = 0.0
     retries: int = 2  # extra attempts with another seed before a row is kept as failed
+    retry_temperature: float = 0.7  # retries sample (a greedy retry would repeat the same output)
     write_batch: int = 512
     openai: OpenAIBackendConfig = field(default_factory=OpenAIBackendConfig)
     vllm: VLLMBackendConfig = field(default_factory=VLLMBackendConfig)
