@@ -52,6 +52,7 @@ class EmojiScenesConfig:
     n_test_retrieval: int = 300
     n_test_negatives: int = 300
     n_test_compositional: int = 200
+    n_test_zeroshot_per_object: int = 2  # single-object renderings per vocabulary object (zero-shot test)
     single_object_share: float = 0.3  # share of scenes that are the plain emoji
     heldout_pair_share: float = 0.1  # object pairs kept out of training for the compositional test
     seed_share: float = 0.1  # share of training scenes with a teacher annotation (paper: 10k of 150M)
