@@ -14,7 +14,9 @@ A checkpoint is a directory that open_clip loads by itself offline
 from __future__ import annotations
 
 import json
+import logging
 import os
+from contextlib import contextmanager, nullcontext
 import shutil
 import tempfile
 from copy import deepcopy
@@ -50,6 +52,20 @@ def list_architectures() -> list[str]:
     return open_clip.list_models()
 
 
+@contextmanager
+def _quiet_random_init():
+    """open_clip warns "initialized randomly" whenever it loads no weights itself: expected here."""
+    def drop(record: logging.LogRecord) -> bool:
+        return "Model initialized randomly" not in record.getMessage()
+
+    root = logging.getLogger()
+    root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
+
+
 def _resolve_pretrained(pretrained: Optional[str]) -> Optional[str]:
     """A checkpoint directory of ours becomes its weights file; tags and file paths go to open_clip as given."""
     if pretrained and Path(pretrained).is_dir():
@@ -73,10 +89,11 @@ def create_clip(name: str, pretrained: Optional[str] = None, device: str | torch
     schema, _ = parse_model_name(name)
     if schema is None and open_clip.get_model_config(name.replace("/", "-")) is None:
         raise ValueError(f"unknown CLIP architecture '{name}'; known: {', '.join(open_clip.list_models())}")
-    model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
-        name, pretrained=_resolve_pretrained(pretrained), device=device, force_image_size=image_size,
-        nonscalar_logit_scale=True,
-    )
+    with _quiet_random_init() if pretrained is None else nullcontext():
+        model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+            name, pretrained=_resolve_pretrained(pretrained), device=device, force_image_size=image_size,
+            nonscalar_logit_scale=True,
+        )
     tokenizer = open_clip.get_tokenizer(name)
     model.hqclip_model_name = name  # what save_clip records when no name is given
     return model, preprocess_train, preprocess_val, tokenizer
@@ -161,10 +178,18 @@ def load_clip(path: str | Path, device: str | torch.device = "cpu"):
         raise CheckpointError(f"CLIP checkpoint '{path}' has no {WEIGHTS_FILE}")
     register_model_configs()
     try:
-        model, _, preprocess_val = open_clip.create_model_and_transforms(
-            f"local-dir:{path}", device=device, nonscalar_logit_scale=True)
-    except (RuntimeError, ValueError) as err:
+        # Built from the directory's config, weights loaded here strictly: open_clip's own loader would
+        # silently resize a position embedding that does not match the config.
+        with _quiet_random_init():
+            model, _, preprocess_val = open_clip.create_model_and_transforms(
+                f"local-dir:{path}", load_weights=False, nonscalar_logit_scale=True)
+        state = load_file(path / WEIGHTS_FILE)
+        if "logit_scale" in state:
+            state["logit_scale"] = state["logit_scale"].reshape(model.logit_scale.shape)
+        model.load_state_dict(state, strict=True)
+    except (RuntimeError, ValueError, OSError) as err:
         raise CheckpointError(f"CLIP checkpoint '{path}' does not load: {str(err).splitlines()[0]}") from err
+    model.to(device)
     tokenizer = open_clip.get_tokenizer(f"local-dir:{path}")
     model.hqclip_model_name = config.get("model_name")
     model.eval()
