@@ -1,0 +1,77 @@
+"""How true the annotations are, where the truth is known: the built-in emoji scenes.
+
+For every sample whose `meta` holds a scene graph, the facts stated by the annotation (`desc` + `tags`)
+are compared with the scene's facts (objects, counts, positions), next to the same for the corrupted
+alt-text the annotator was given. An annotator worth its cost beats its own input. Negatives are checked
+too: a `neg_desc` sentence should state something false, or it is no hard negative.
+
+Facts are read with `cycle.data.emoji.facts` over every object the dataset can name (not only the run's
+vocabulary), so an alt-text naming a sibling object counts as the wrong fact it is.
+"""
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from typing import Optional, Sequence
+
+KINDS = ("object", "count", "position")
+
+
+def _mean(values: list[float]) -> Optional[float]:
+    return round(sum(values) / len(values), 4) if values else None
+
+
+def annotation_quality(store, samples_version: int | str, generation: int,
+                       splits: Sequence[str] = ("train",)) -> Optional[dict]:
+    """Fact precision/recall/F1 of annotations and of alt-text against scene graphs; None without scenes."""
+    from .run import split_filter
+
+    scenes = {}
+    alts = {}
+    for rb in store.scan("samples", ["id", "alt_text", "meta"], split_filter(splits), version=samples_version):
+        for row in rb.to_pylist():
+            if row["meta"] and '"scene"' in row["meta"]:
+                meta = json.loads(row["meta"])
+                if isinstance(meta, dict) and "scene" in meta:
+                    scenes[row["id"]], alts[row["id"]] = meta["scene"], row["alt_text"]
+    if not scenes:
+        return None
+    from ..data.emoji.facts import fact_prf, scene_facts, text_facts
+    from ..data.emoji.vocab import candidates
+
+    names = tuple(o.name for o in candidates())
+    ann = {r["id"]: r for r in store.read("annotations", ["id", "status", "desc", "neg_desc", "tags"],
+                                          f"generation = {int(generation)}").to_pylist()}
+    scores: dict[str, list[float]] = defaultdict(list)
+    neg_false, neg_total, usable = 0, 0, 0
+    for sid, scene in scenes.items():
+        row = ann.get(sid)
+        if row is None:
+            continue
+        true = scene_facts(scene)
+        alt_pred = text_facts(alts[sid], names)
+        ok = row["desc"] is not None
+        usable += ok
+        pred = text_facts(list(row["desc"]) + list(row["tags"]), names) if ok else set()
+        for who, facts in (("annotation", pred), ("alt_text", alt_pred)):
+            prf = fact_prf(facts, true)
+            for m in ("precision", "recall", "f1"):
+                scores[f"{who}.{m}"].append(prf[m])
+            for kind in KINDS:
+                if any(f[0] == kind for f in true):
+                    scores[f"{who}.f1_{kind}"].append(fact_prf(facts, true, kind)["f1"])
+        if ok:
+            for m in ("precision", "recall", "f1"):
+                scores[f"annotation_usable.{m}"].append(fact_prf(pred, true)[m])
+            for sentence in row["neg_desc"]:
+                neg_total += 1
+                neg_false += bool(text_facts(sentence, names) - true)
+    n = sum(1 for sid in scenes if sid in ann)
+    out: dict = {"scenes": n, "schema_valid_share": round(usable / n, 4) if n else None,
+                 "neg_desc_false_share": round(neg_false / neg_total, 4) if neg_total else None}
+    for key, values in sorted(scores.items()):
+        who, metric = key.split(".")
+        out.setdefault(who, {})[metric] = _mean(values)
+    if out.get("annotation", {}).get("f1") is not None and out.get("alt_text", {}).get("f1") is not None:
+        out["f1_gain_over_alt_text"] = round(out["annotation"]["f1"] - out["alt_text"]["f1"], 4)
+    return out
