@@ -25,6 +25,114 @@ def main():
 def data():
     """Build the built-in dataset, ingest your own, list what a run holds."""
 
+
+def _data_settings(run_dir, config_path, overrides):
+    """(data config, store config) from --config, else RUN/config.yaml, else the defaults."""
+    from pathlib import Path
+
+    from .config import DataConfig, StoreConfig
+
+    path = Path(config_path) if config_path else Path(run_dir) / "config.yaml"
+    if config_path or path.is_file() or overrides:
+        cfg = config_from(path if path.is_file() or config_path else None,
+                          [f"name={Path(run_dir).name}", *overrides])
+        return cfg.data, cfg.store
+    return DataConfig(), StoreConfig()
+
+
+@data.command("ingest")
+@click.argument("source")
+@click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False), help="Run directory (store: RUN/lance).")
+@click.option("--kind", type=click.Choice(["auto", "folder", "wds", "parquet"]), default="auto", show_default=True)
+@click.option("--split", default="train", show_default=True)
+@click.option("--id-prefix", default="", help="Prepended to every id (keeps several sources apart).")
+@click.option("--image-column", help="Parquet: the image bytes or path column (default: detected).")
+@click.option("--text-column", help="Parquet: the alt-text column (default: detected).")
+@click.option("--id-column", help="Parquet: the id column (default: id, uid or key if present).")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="Default: RUN/config.yaml if any.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="e.g. data.max_pixels=20000000")
+@click.option("--progress/--no-progress", default=True)
+def data_ingest(source, run_dir, kind, split, id_prefix, image_column, text_column, id_column, config_path,
+                overrides, progress):
+    """Ingest SOURCE (image folder, webdataset shards, parquet) into the run's samples table."""
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from .data.ingest import ingest, report_table
+    from .store import Store
+
+    data_cfg, store_cfg = _data_settings(run_dir, config_path, overrides)
+    store = Store(store_cfg.uri or Path(run_dir) / "lance")
+    try:
+        report = ingest(source, store, kind, split, data_cfg, progress, write_batch=store_cfg.write_batch,
+                        id_prefix=id_prefix, image_column=image_column, text_column=text_column,
+                        id_column=id_column)
+    except (FileNotFoundError, ValueError) as err:
+        raise click.ClickException(str(err)) from None
+    Console().print(report_table(report))
+
+
+@data.command("list")
+@click.argument("run_dir", type=click.Path(file_okay=False))
+def data_list(run_dir):
+    """Rows per table and split, versions, tags, and rejects by reason."""
+    from pathlib import Path
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from .store import SCHEMAS, Store
+
+    lance_dir = Path(run_dir) / "lance"
+    if not lance_dir.is_dir():
+        raise click.ClickException(f"no store at {lance_dir}")
+    store, console = Store(lance_dir), Console()
+    tables = Table(title=f"tables of {lance_dir}")
+    for column in ("table", "rows", "by", "version", "versions kept", "tags"):
+        tables.add_column(column, justify="right" if column in ("rows", "version", "versions kept") else "left")
+    by_column = {"samples": "split", "annotations": "generation", "rejects": "reason"}
+    for name in SCHEMAS:
+        if not store.has(name):
+            continue
+        parts = store.count_by(name, by_column[name]) if name in by_column else {}
+        tags = ", ".join(f"{t}=v{v}" for t, v in sorted(store.tags(name).items()))
+        tables.add_row(name, str(store.count(name)), ", ".join(f"{k}: {v}" for k, v in parts.items()),
+                       str(store.table(name).version), str(len(store.versions(name))), tags)
+    console.print(tables)
+    if store.has("rejects") and store.count("rejects"):
+        rejects = Table(title="rejects by source and reason")
+        for column in ("source", "reason", "rows"):
+            rejects.add_column(column, justify="right" if column == "rows" else "left")
+        counts = store.read("rejects", ["source", "reason"]).group_by(["source", "reason"]).aggregate([([], "count_all")])
+        for row in sorted(counts.to_pylist(), key=lambda r: (r["source"], -r["count_all"])):
+            rejects.add_row(row["source"], row["reason"], str(row["count_all"]))
+        console.print(rejects)
+
+
+@data.command("build", context_settings={"ignore_unknown_options": True})
+@click.argument("dataset", type=click.Choice(["emoji-scenes"]))
+@click.argument("overrides", nargs=-1)
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="A run directory (the data goes to OUT/lance) or an existing LanceDB directory.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="A run config (uses data.emoji).")
+def data_build(dataset, overrides, out, config_path):
+    """Build the built-in dataset into a store; the same command again finishes or confirms it.
+
+    OVERRIDES are key=value pairs, e.g. `data.emoji.n_train=500 data.emoji.image_size=32`.
+    """
+    from pathlib import Path
+
+    from .data.emoji.build import build_command
+    from .data.emoji.render import EmojiFontError
+
+    named = any(o.startswith("name=") for o in overrides)  # a run name is required but unused here
+    cfg = config_from(config_path, (() if named else (f"name={Path(out).name or 'data'}",)) + tuple(overrides))
+    try:
+        build_command(out, cfg.data.emoji)
+    except (ConfigError, EmojiFontError) as err:
+        raise click.ClickException(str(err)) from None
+
 # ------------------------------------------------------------------------------------------ the cycle
 def _run_dir_arg(run):
     from pathlib import Path
@@ -152,6 +260,79 @@ def export(run_dir, gen, out, what, data_format):
         raise click.ClickException(str(err)) from None
     for key, value in done.items():
         click.echo(f"{key}: {value}")
+
+
+# ------------------------------------------------------------------------------------------ CLIP tools
+@main.command("eval")
+@click.argument("checkpoint", type=click.Path(file_okay=False))
+@click.option("--run", "run_dir", type=click.Path(file_okay=False), help="Evaluate on this run's held-out splits.")
+@click.option("--dataset", "datasets", multiple=True, type=click.Path(),
+              help="An image folder (one subfolder per class) or a CSV/JSONL of image path + caption(s).")
+@click.option("--split", "splits", multiple=True, help="Split(s) of the run (default: eval.select_split + eval.splits).")
+@click.option("--out", type=click.Path(dir_okay=False), help="Write the metrics as JSON here.")
+@click.option("--batch-size", type=int, default=None, help="Default: eval.batch_size.")
+@click.option("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+def eval_cmd(checkpoint, run_dir, datasets, splits, out, batch_size, device):
+    """Evaluate a CLIP checkpoint directory: zero-shot, retrieval, negatives; a table and JSON."""
+    from pathlib import Path
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from .clip.model import CheckpointError
+    from .config import EvalConfig
+    from .evaluate import EvalDataError, evaluate_clip
+
+    store, version, cfg = None, None, EvalConfig()
+    if run_dir:
+        from .controller import store_of
+        from .state import RunState
+
+        run_dir = _run_dir_arg(run_dir)
+        run_cfg = config_from(run_dir / "config.yaml", ())
+        store, cfg = store_of(run_cfg), run_cfg.eval
+        version = RunState(run_dir).stage(0, "data").get("outputs", {}).get("samples_version")
+    elif splits:
+        raise click.ClickException("--split needs --run RUN_DIR (the splits live in a run's store)")
+    if batch_size:
+        cfg.batch_size = batch_size
+    try:
+        metrics = evaluate_clip(Path(checkpoint), store, list(splits) or None, cfg, samples_version=version,
+                                out_json=out, datasets=datasets, device=device)
+    except (CheckpointError, EvalDataError) as err:
+        raise click.ClickException(str(err)) from None
+    table = Table(title=f"eval {checkpoint}")
+    table.add_column("set")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in metrics.items():
+        name, metric = key.split("/", 1)
+        table.add_row(name, metric, f"{value:.4f}" if isinstance(value, float) else str(value))
+    Console().print(table)
+    if out:
+        click.echo(f"metrics: {out}")
+
+
+@main.command("export-clip")
+@click.argument("checkpoint", type=click.Path(file_okay=False))
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["hf", "open_clip"]), default="hf",
+              help="hf: transformers CLIPModel + CLIPProcessor; open_clip: a local-dir checkpoint.")
+@click.option("--extras/--no-extras", default=False, help="open_clip format: keep the short-tag head and vocabulary.")
+def export_clip_cmd(checkpoint, out, fmt, extras):
+    """Export a CLIP checkpoint directory for transformers or open_clip (checked to give the same embeddings)."""
+    from .clip.convert import ConversionError
+    from .clip.export import ExportError, export_clip
+    from .clip.model import CheckpointError
+
+    try:
+        diffs = export_clip(checkpoint, out, fmt, include_extras=extras)
+    except (CheckpointError, ConversionError, ExportError) as err:
+        raise click.ClickException(str(err)) from None
+    if diffs:
+        click.echo("max abs difference to open_clip: " + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items()
+                                                                 if isinstance(v, float)))
+    click.echo(f"{fmt}: {out}")
 
 
 if __name__ == "__main__":

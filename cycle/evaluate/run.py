@@ -1,0 +1,144 @@
+"""The eval stage: a CLIP checkpoint + evaluation sets -> a flat dict of metrics (and a JSON file).
+
+Metric names are `<set>/<metric>`: `test_zeroshot/top1`, `test_retrieval/image_to_text_r1`,
+`test_negatives/acc_object`, `val/retrieval_mean_r1` (what early stopping reads by default), plus
+`<set>/n_images` and `<set>/n_texts`. Which metrics a set gets follows its annotations
+(see `datasets.py`), not its name.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from ..config import EvalConfig
+from .datasets import EvalDataError, EvalSet, load_dataset, load_store_split
+from .metrics import class_vectors, negative_metrics, retrieval_metrics, zeroshot_metrics
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@torch.no_grad()
+def embed_images(model, preprocess, ev: EvalSet, batch_size: int, device, progress: bool = True) -> torch.Tensor:
+    """Image features (not normalised) of every image of the set, in order."""
+    out = []
+    for start in tqdm(range(0, len(ev), batch_size), desc=f"{ev.name}: images", disable=not progress, leave=False):
+        batch = torch.stack([preprocess(ev.image(i)) for i in range(start, min(start + batch_size, len(ev)))])
+        out.append(model.encode_image(batch.to(device)).float().cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def embed_texts(model, tokenizer, texts: Sequence[str], batch_size: int, device, desc: str = "texts",
+                progress: bool = True) -> torch.Tensor:
+    """Text features (not normalised), in order; each distinct text is encoded once."""
+    unique = list(dict.fromkeys(texts))
+    feats = []
+    for start in tqdm(range(0, len(unique), batch_size), desc=desc, disable=not progress, leave=False):
+        ids = tokenizer(unique[start:start + batch_size]).to(device)
+        feats.append(model.encode_text(ids).float().cpu())
+    table = torch.cat(feats) if feats else torch.empty(0)
+    where = {t: i for i, t in enumerate(unique)}
+    return table[[where[t] for t in texts]] if texts else table
+
+
+def format_template(template: str, classname: str) -> str:
+    """Templates may use `{}` (ours) or `{c}` (CLIP_benchmark's)."""
+    return template.format(classname, c=classname)
+
+
+def evaluate_set(model, tokenizer, preprocess, ev: EvalSet, cfg: EvalConfig, device="cpu",
+                 progress: bool = True) -> dict[str, float]:
+    """Every task the set supports, on one pass of image embeddings. Keys are not prefixed."""
+    device = resolve_device(device)
+    images = embed_images(model, preprocess, ev, cfg.batch_size, device, progress)
+    out: dict[str, float] = {"n_images": len(ev)}
+    if ev.labels is not None:
+        if not cfg.templates:
+            raise EvalDataError("eval.templates is empty: zero-shot classification needs at least one")
+        prompts = [format_template(t, c) for c in ev.classes for t in cfg.templates]
+        feats = embed_texts(model, tokenizer, prompts, cfg.batch_size, device, f"{ev.name}: classes", progress)
+        classes = class_vectors(feats.reshape(len(ev.classes), len(cfg.templates), -1))
+        index = {c: i for i, c in enumerate(ev.classes)}
+        out.update(zeroshot_metrics(images, classes, torch.tensor([index[l] for l in ev.labels])))
+        out["n_classes"] = len(ev.classes)
+    if ev.captions is not None:
+        texts = [c for caps in ev.captions for c in caps]
+        owner = [i for i, caps in enumerate(ev.captions) for _ in caps]
+        feats = embed_texts(model, tokenizer, texts, cfg.batch_size, device, f"{ev.name}: captions", progress)
+        out.update(retrieval_metrics(images, feats, owner))
+        out["n_texts"] = len(texts)
+    if ev.positives is not None:
+        negs = [(i, n["text"], n["edit"]) for i, row in enumerate(ev.negatives) for n in row]
+        texts = list(ev.positives) + [t for _, t, _ in negs]
+        feats = embed_texts(model, tokenizer, texts, cfg.batch_size, device, f"{ev.name}: negatives", progress)
+        pos, neg = feats[:len(ev.positives)], feats[len(ev.positives):]
+        out.update(negative_metrics(images, pos, neg, [i for i, _, _ in negs], [e for _, _, e in negs]))
+        out["n_negatives"] = len(negs)
+    return out
+
+
+def evaluate_clip(clip_dir: str | Path, store, splits: Optional[Iterable[str]], cfg: EvalConfig,
+                  samples_version: int | str | None = None, out_json: str | Path | None = None,
+                  datasets: Iterable[str | Path] = (), device: str = "auto", progress: bool = True) -> dict:
+    """Evaluate a CLIP checkpoint on store splits and user datasets; returns flat `<set>/<metric>` numbers.
+
+    `splits=None` means `cfg.select_split` + `cfg.splits`, skipping those the store lacks; a split named
+    explicitly must exist. `datasets` are paths (see `load_dataset`), named by their file stem.
+    `out_json` receives the same dict, written atomically.
+    """
+    from ..clip.model import load_clip
+
+    device = resolve_device(device)
+    sets: list[EvalSet] = []
+    explicit = splits is not None
+    names = list(dict.fromkeys(splits if explicit else [cfg.select_split, *cfg.splits]))
+    if names and store is None:
+        if explicit:
+            raise EvalDataError(f"splits {names} need a run's store")
+        names = []
+    for split in names:
+        try:
+            sets.append(load_store_split(store, split, samples_version))
+        except EvalDataError as err:
+            if explicit or "has no rows" not in str(err):
+                raise
+            log.info("eval: %s; skipped", err)
+    for path in datasets:
+        ev = load_dataset(path)
+        if any(s.name == ev.name for s in sets):
+            raise EvalDataError(f"two evaluation sets are named '{ev.name}'")
+        sets.append(ev)
+    if not sets:
+        raise EvalDataError("nothing to evaluate: no split of the store and no dataset given")
+
+    model, preprocess, tokenizer, _ = load_clip(clip_dir, device=device)
+    metrics: dict[str, float] = {}
+    for ev in sets:
+        for key, value in evaluate_set(model, tokenizer, preprocess, ev, cfg, device, progress).items():
+            metrics[f"{ev.name}/{key}"] = value
+    if out_json is not None:
+        write_json_atomic(metrics, out_json)
+    return metrics
+
+
+def write_json_atomic(obj, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as fh:
+        json.dump(obj, fh, indent=1, sort_keys=True)
+        fh.flush()
+        os.fsync(fh.fileno())
+    tmp.replace(path)
