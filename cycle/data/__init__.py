@@ -1,0 +1,1 @@
+"""Data: the built-in emoji-scenes dataset (`cycle.data.emoji`), ingest of your own pairs, loaders."""
