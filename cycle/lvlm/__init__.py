@@ -1,0 +1,29 @@
+"""The LVLM annotator: a LLaVA whose vision tower is the current generation's CLIP.
+
+Stages, each a plain function from explicit inputs to a directory on disk:
+
+    prepare_lm(cfg.lvlm.lm, run_texts(store, sv, seedv), out)  -> LM dir (tiny: tokenizer + LM trained here)
+    build_lvlm(clip_dir, lm_dir, cfg.lvlm, out)                 -> LLaVA dir (tower = CLIP_{g-1}'s ViT)
+    align_projector(lvlm_dir, store, sv, seedv, cfg, out)       -> (LLaVA dir, metrics): projector only
+    sft(aligned_dir, store, sv, seedv, cfg, out)                -> (adapter dir | None, merged dir, metrics)
+
+Imports are lazy: `import cycle.lvlm` stays cheap; the names load their module on first use.
+"""
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "prepare_lm": "lm", "run_texts": "lm",
+    "build_lvlm": "assemble", "load_lvlm": "assemble", "save_lvlm": "assemble",
+    "align_projector": "align",
+    "sft": "finetune", "best_previous_annotations": "data",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,58 @@
+"""Stage 1, alignment: teach the fresh projector to turn CLIP_{g-1}'s image tokens into LM input.
+
+Only the projector trains; the vision tower and the LM stay frozen (as in LLaVA's stage 1). The data is
+(image -> description) over the seed set, `desc` sentences joined, plus optionally `extra_ids` samples
+captioned by their own alt-text.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Iterable, Optional
+
+from ..config import RunConfig, fingerprint
+from ..store import Store
+from .assemble import dir_identity, load_lvlm, save_lvlm
+from .common import FINGERPRINT_FILE, cached, eval_loss, resolve_device, seed_everything, train_loop
+from .data import align_examples, align_input, make_batches
+
+
+def text_budget(cfg: RunConfig, model) -> int:
+    """Tokens per training sequence: the image's tokens plus `lvlm.lm.max_length` of text."""
+    return int(model.config.image_seq_length) + cfg.lvlm.lm.max_length
+
+
+def align_projector(lvlm_dir: str | Path, store: Store, samples_version, seed_version, cfg: RunConfig,
+                    out_dir: str | Path, extra_ids: Optional[Iterable[str]] = None,
+                    progress: bool = True) -> tuple[Path, dict]:
+    """Train the projector of the LLaVA in `lvlm_dir`; save the whole LLaVA to `out_dir`.
+
+    Returns (out_dir, metrics). Cached: same inputs, config section and seed return at once.
+    """
+    stage = cfg.lvlm.align
+    extra = sorted(set(extra_ids or ()))
+    fp = fingerprint(stage, {"base": dir_identity(lvlm_dir), "samples": samples_version, "seed_table": seed_version,
+                             "extra": hashlib.sha256("\n".join(extra).encode()).hexdigest()[:16],
+                             "max_length": cfg.lvlm.lm.max_length, "seed": cfg.seed})
+    if cached(out_dir, fp):
+        return Path(out_dir), json.loads((Path(out_dir) / FINGERPRINT_FILE).read_text())["metrics"]
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    model, processor = load_lvlm(lvlm_dir, device)
+    model.requires_grad_(False)
+    projector = model.model.multi_modal_projector
+    projector.requires_grad_(True)
+    examples = align_examples(store, samples_version, seed_version, extra)
+    batches, steps = make_batches(examples, processor, stage.batch_size, cfg.seed, text_budget(cfg, model),
+                                  align_input)
+    before = eval_loss(model, batches(0), device)
+    losses = train_loop(model, list(projector.parameters()), batches, stage.epochs, steps, stage.lr,
+                        stage.warmup_steps, device, "align projector", progress)
+    after = eval_loss(model, batches(0), device)
+    metrics = {"align/examples": len(examples), "align/loss_before": before, "align/loss_after": after,
+               "align/epoch_loss_first": losses[0], "align/epoch_loss_last": losses[-1],
+               "align/truncated": len(batches.state["truncated"])}
+    out = save_lvlm(model.to("cpu"), processor, out_dir, fp,
+                    {"base": str(lvlm_dir), "metrics": metrics, "epoch_losses": losses})
+    return out, metrics

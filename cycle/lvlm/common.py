@@ -1,0 +1,141 @@
+"""Small pieces every LVLM stage shares: device choice, seeding, stage fingerprints, atomic output
+directories, and one training loop (AdamW, linear warmup + cosine decay, progress bar, loss log)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+import torch
+from tqdm.auto import tqdm
+
+FINGERPRINT_FILE = "fingerprint.json"
+
+
+def resolve_device(device: str = "cpu") -> torch.device:
+    """"auto" takes CUDA when present; "cuda" without a GPU is an error rather than a silent CPU run."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was asked for but no CUDA GPU is available (set device=cpu or auto)")
+    return torch.device(device)
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def cached(out_dir: str | Path, fp: str) -> bool:
+    """True when `out_dir` holds a finished output whose recorded fingerprint is `fp`."""
+    path = Path(out_dir) / FINGERPRINT_FILE
+    if not path.is_file():
+        return False
+    try:
+        return json.loads(path.read_text()).get("fingerprint") == fp
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def staging_dir(out_dir: str | Path) -> Path:
+    """A fresh sibling directory to write into; `finish` renames it over `out_dir` once complete."""
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(f".{out_dir.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def finish(tmp: Path, out_dir: str | Path, fp: str, info: Optional[dict] = None) -> Path:
+    """Write the fingerprint last, then swap the staging directory in: a kill leaves no half output."""
+    out_dir = Path(out_dir)
+    (tmp / FINGERPRINT_FILE).write_text(json.dumps({"fingerprint": fp, **(info or {})}, indent=2, default=str))
+    old = out_dir.with_name(f".{out_dir.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out_dir.exists():
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    return out_dir
+
+
+def _autocast(device: torch.device):
+    """bf16 autocast on GPU (weights stay fp32); plain fp32 on CPU."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+@torch.no_grad()
+def eval_loss(model: torch.nn.Module, batches: Iterable[dict], device: torch.device) -> float:
+    """Mean loss over `batches`, weighted by target tokens, in eval mode (no dropout)."""
+    was_training = model.training
+    model.eval()
+    total, tokens = 0.0, 0
+    for batch in batches:
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        with _autocast(device):
+            loss = model(**batch).loss
+        n = int((batch["labels"][:, 1:] != -100).sum())
+        total, tokens = total + loss.item() * n, tokens + n
+    model.train(was_training)
+    return total / max(1, tokens)
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def train_loop(model: torch.nn.Module, params: list[torch.nn.Parameter], batches: Callable[[int], Iterable[dict]],
+               epochs: int, steps_per_epoch: int, lr: float, warmup: int, device: torch.device,
+               desc: str, progress: bool = True, weight_decay: float = 0.0, grad_clip: float = 1.0,
+               log_path: Optional[Path] = None) -> list[float]:
+    """Train `params` of `model` on `batches(epoch)` (dicts of model inputs incl. `labels`).
+
+    Returns the mean loss of every epoch; with `log_path`, one JSON line per step (epoch, step, loss, lr).
+    """
+    if not params:
+        raise ValueError(f"{desc}: no trainable parameters")
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    scheduler = warmup_cosine(optimizer, warmup, epochs * steps_per_epoch)
+    model.train()
+    epoch_losses: list[float] = []
+    log = open(log_path, "w") if log_path else None
+    step = 0
+    try:
+        bar = tqdm(total=epochs * steps_per_epoch, desc=desc, disable=not progress, unit="step")
+        for epoch in range(epochs):
+            total, n = 0.0, 0
+            for batch in batches(epoch):
+                batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+                with _autocast(device):
+                    loss = model(**batch).loss
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if grad_clip:
+                    torch.nn.utils.clip_grad_norm_(params, grad_clip)
+                optimizer.step()
+                scheduler.step()
+                step += 1
+                total, n = total + loss.item(), n + 1
+                bar.update(1)
+                bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}")
+                if log:
+                    log.write(json.dumps({"epoch": epoch, "step": step, "loss": loss.item(),
+                                          "lr": scheduler.get_last_lr()[0]}) + "\n")
+            epoch_losses.append(total / max(1, n))
+        bar.close()
+    finally:
+        if log:
+            log.close()
+    model.eval()
+    return epoch_losses

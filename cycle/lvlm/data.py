@@ -1,0 +1,162 @@
+"""Training examples for the two LVLM stages, read from pinned store versions, and their batches.
+
+An example is (image, input text, target text). The input is what annotation will feed the model:
+`schema.model_input(schema.build_prompt(alt_text))` for SFT, the bare image placeholder for alignment;
+the processor expands `<image>` to the tower's token count exactly as at annotation time. Labels are
+-100 on the input and on padding: the loss covers the target and its closing eos only.
+"""
+from __future__ import annotations
+
+import io
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional
+
+import torch
+from PIL import Image
+
+from ..annotate.schema import FORMULA_KEYS, IMAGE_TOKEN, build_prompt, model_input, to_target_json, validate
+from ..store import Store
+
+ALIGN_INPUT = f"{IMAGE_TOKEN}\n"  # stage 1 shows the image alone; the answer is its description
+
+
+@dataclass
+class Example:
+    id: str
+    image: bytes
+    alt_text: str
+    target: str  # stage 1: the description; stage 2: the formulas' compact JSON
+    record: Optional[dict] = None  # stage 2: the four formulas
+    meta: Optional[str] = field(default=None, repr=False)
+
+
+def _samples_by_id(store: Store, samples_version, ids: Optional[set] = None) -> dict[str, dict]:
+    table = store.read("samples", ["id", "image", "alt_text", "meta"], version=samples_version)
+    rows = table.to_pylist()
+    return {r["id"]: r for r in rows if ids is None or r["id"] in ids}
+
+
+def seed_records(store: Store, seed_version) -> list[dict]:
+    recs = store.read("seed", ["id", *FORMULA_KEYS], version=seed_version).to_pylist()
+    bad = [(r["id"], validate({k: r[k] for k in FORMULA_KEYS})) for r in recs]
+    bad = [(i, p) for i, p in bad if p]
+    if bad:
+        raise ValueError(f"seed table has {len(bad)} invalid records, e.g. '{bad[0][0]}': {'; '.join(bad[0][1])}")
+    return recs
+
+
+def align_examples(store: Store, samples_version, seed_version, extra_ids=None) -> list[Example]:
+    """(image -> description) pairs: each seed row's `desc` sentences joined; with `extra_ids`, those
+    samples with their own alt-text as the caption (LLaVA's stage 1 used filtered web captions)."""
+    recs = seed_records(store, seed_version)
+    extra_ids = set(extra_ids or ()) - {r["id"] for r in recs}
+    samples = _samples_by_id(store, samples_version, {r["id"] for r in recs} | extra_ids)
+    out = [Example(r["id"], samples[r["id"]]["image"], samples[r["id"]]["alt_text"] or "", " ".join(r["desc"]),
+                   meta=samples[r["id"]]["meta"]) for r in recs if r["id"] in samples]
+    out += [Example(i, samples[i]["image"], samples[i]["alt_text"], samples[i]["alt_text"], meta=samples[i]["meta"])
+            for i in sorted(extra_ids) if i in samples and (samples[i]["alt_text"] or "").strip()]
+    _check_found(out, len(recs) + len(extra_ids), "alignment")
+    return out
+
+
+def sft_examples(store: Store, samples_version, seed_version, extra_records=None) -> list[Example]:
+    """(image + alt-text -> four formulas) for every seed row, then `extra_records` (dicts with `id` and
+    the four formulas, e.g. the previous generation's best annotations) whose ids are not seeds."""
+    recs = seed_records(store, seed_version)
+    seen = {r["id"] for r in recs}
+    for r in extra_records or ():
+        problems = validate({k: r.get(k) for k in FORMULA_KEYS})
+        if problems:
+            raise ValueError(f"extra SFT record '{r.get('id')}' is invalid: {'; '.join(problems)}")
+        if r["id"] not in seen:
+            seen.add(r["id"])
+            recs.append(r)
+    samples = _samples_by_id(store, samples_version, seen)
+    out = []
+    for r in recs:
+        s = samples.get(r["id"])
+        if s is not None:
+            record = {k: list(r[k]) for k in FORMULA_KEYS}
+            out.append(Example(r["id"], s["image"], s["alt_text"] or "", to_target_json(record), record, s["meta"]))
+    _check_found(out, len(recs), "SFT")
+    return out
+
+
+def _check_found(out: list, wanted: int, what: str) -> None:
+    if not out:
+        raise ValueError(f"no {what} examples: the seed table is empty or its ids are not in the samples version")
+    if len(out) < wanted:
+        import logging
+
+        logging.getLogger(__name__).warning("%s: %d of %d ids have no sample row at this version; skipped",
+                                            what, wanted - len(out), wanted)
+
+
+def decode(image: bytes) -> Image.Image:
+    return Image.open(io.BytesIO(image)).convert("RGB")
+
+
+def make_batches(examples: list[Example], processor, batch_size: int, seed: int, max_length: int,
+                 input_text: Callable[[Example, int], str]) -> tuple[Callable[[int], Iterator[dict]], int]:
+    """`batches(epoch)` in an order that is a pure function of (seed, epoch), and steps per epoch.
+
+    `input_text(example, epoch)` gives the model input (it may change per epoch: fresh alt-text noise).
+    Sequences longer than `max_length` lose their end (`batches.state["truncated"]`: which examples).
+    """
+    tokenizer = processor.tokenizer
+    targets = [tokenizer(e.target, add_special_tokens=False).input_ids + [tokenizer.eos_token_id] for e in examples]
+    steps = math.ceil(len(examples) / batch_size)
+    state = {"truncated": set()}  # indices of examples that lost their end
+
+    def batches(epoch: int) -> Iterator[dict]:
+        order = list(range(len(examples)))
+        random.Random(seed * 1_000_003 + epoch).shuffle(order)
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            enc = processor(images=[decode(examples[i].image) for i in idx],
+                            text=[input_text(examples[i], epoch) for i in idx], return_tensors="pt", padding=True)
+            rows, labels = [], []
+            for ids, keep, i in zip(enc["input_ids"], enc["attention_mask"], idx):
+                prompt_ids = ids[keep.bool()].tolist()
+                seq = prompt_ids + targets[i]
+                lab = [-100] * len(prompt_ids) + targets[i]
+                if len(seq) > max_length:
+                    state["truncated"].add(i)
+                    seq, lab = seq[:max_length], lab[:max_length]
+                rows.append(seq)
+                labels.append(lab)
+            width = max(len(r) for r in rows)
+            input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+            label_t = torch.full((len(rows), width), -100, dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for j, (r, lab) in enumerate(zip(rows, labels)):
+                input_ids[j, :len(r)], label_t[j, :len(r)], mask[j, :len(r)] = (
+                    torch.tensor(r), torch.tensor(lab), 1)
+            yield {"input_ids": input_ids, "attention_mask": mask, "labels": label_t,
+                   "pixel_values": enc["pixel_values"]}
+
+    batches.state = state
+    return batches, steps
+
+
+def sft_input(alt_text_fn: Optional[Callable[[Example, int], Optional[str]]] = None):
+    """Stage 2 input: the annotation prompt around the alt-text (fresh per epoch when `alt_text_fn` gives one)."""
+    def text(e: Example, epoch: int) -> str:
+        alt = alt_text_fn(e, epoch) if alt_text_fn else None
+        return model_input(build_prompt(e.alt_text if alt is None else alt))
+    return text
+
+
+def align_input(e: Example, epoch: int) -> str:
+    return ALIGN_INPUT
+
+
+def best_previous_annotations(store: Store, annotations_version, generation: int, share: float) -> list[dict]:
+    """The best-scored `share` of generation `generation`'s ok annotations (rows without a score skipped)."""
+    where = f"generation = {int(generation)} AND status = 'ok' AND score IS NOT NULL"
+    rows = store.read("annotations", ["id", *FORMULA_KEYS, "score"], where, version=annotations_version).to_pylist()
+    rows.sort(key=lambda r: (-r["score"], r["id"]))
+    keep = rows[:math.ceil(share * len(rows))] if share > 0 else []
+    return [{k: r[k] for k in ("id", *FORMULA_KEYS)} for r in keep]

@@ -1,0 +1,105 @@
+"""Stage 2, SFT: teach the aligned LLaVA to write the four formulas from an image and its alt-text.
+
+Input: the image and `schema.model_input(schema.build_prompt(alt_text))`; target: the record's compact
+JSON (`schema.to_target_json`) and eos, the loss on the target only. The vision tower and the projector
+stay frozen. With `lvlm.lora.enabled`, peft LoRA on the LM's projections only (matched by name under
+`model.language_model`: the tower's and projector's linears are never touched; peft's "all-linear"
+would hit them); otherwise the whole LM trains (better at tiny sizes, see ENV-FACTS).
+
+Output `out_dir/`: `adapter/` (peft adapter over the aligned LLaVA, for vLLM's LoRA path; only with
+LoRA), `merged/` (a complete LLaVA directory with the adapter merged in: what annotation serves),
+`log.jsonl` (per step loss) and `fingerprint.json` (inputs and metrics).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Callable, Optional
+
+from ..config import LoraConfig, RunConfig, fingerprint
+from ..store import Store
+from .align import text_budget
+from .assemble import dir_identity, load_lvlm, write_lvlm
+from .common import FINGERPRINT_FILE, cached, eval_loss, finish, resolve_device, seed_everything, staging_dir, \
+    train_loop
+from .data import Example, make_batches, sft_examples, sft_input
+
+LM_PREFIX = "model.language_model."
+
+
+def lora_target_pattern(names: list[str]) -> str:
+    """A peft `target_modules` regex (full match on module names) for the LM's projections only."""
+    if not names:
+        raise ValueError("config key 'lvlm.lora.target_modules': empty, expected LM projection names")
+    return re.escape(LM_PREFIX) + r".*\.(" + "|".join(re.escape(n) for n in names) + r")"
+
+
+def with_lora(model, cfg: LoraConfig):
+    from peft import LoraConfig as PeftLoraConfig, get_peft_model
+
+    peft_cfg = PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, bias="none",
+                              target_modules=lora_target_pattern(list(cfg.target_modules)))
+    peft_model = get_peft_model(model, peft_cfg)
+    touched = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    if not touched:
+        raise ValueError(f"config key 'lvlm.lora.target_modules': {list(cfg.target_modules)} match no module of "
+                         f"the LM")
+    return peft_model
+
+
+def sft(lvlm_dir: str | Path, store: Store, samples_version, seed_version, cfg: RunConfig, out_dir: str | Path,
+        extra_records: Optional[list[dict]] = None, progress: bool = True,
+        alt_text_fn: Optional[Callable[[Example, int], Optional[str]]] = None) -> tuple[Optional[Path], Path, dict]:
+    """SFT of the aligned LLaVA in `lvlm_dir`. Returns (adapter dir or None, merged dir, metrics).
+
+    `extra_records`: more (id + four formulas) targets beyond the seed table. `alt_text_fn(example, epoch)`
+    may return a fresh alt-text for an example each epoch (None keeps the stored one). Cached on inputs.
+    """
+    stage, lora = cfg.lvlm.sft, cfg.lvlm.lora
+    out_dir = Path(out_dir)
+    extra_blob = json.dumps(extra_records or [], sort_keys=True, default=str)
+    fp = fingerprint(stage, lora if lora.enabled else {"enabled": False},
+                     {"base": dir_identity(lvlm_dir), "samples": samples_version, "seed_table": seed_version,
+                      "extra": hashlib.sha256(extra_blob.encode()).hexdigest()[:16],
+                      "alt_text_fn": getattr(alt_text_fn, "__qualname__", None),
+                      "max_length": cfg.lvlm.lm.max_length, "seed": cfg.seed})
+    if cached(out_dir, fp):
+        info = json.loads((out_dir / FINGERPRINT_FILE).read_text())
+        adapter = out_dir / "adapter"
+        return (adapter if adapter.is_dir() else None), out_dir / "merged", info["metrics"]
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    base, processor = load_lvlm(lvlm_dir, device)
+    base.requires_grad_(False)
+    if lora.enabled:
+        model = with_lora(base, lora)
+    else:
+        model = base
+        model.model.language_model.requires_grad_(True)
+        model.lm_head.requires_grad_(True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    examples = sft_examples(store, samples_version, seed_version, extra_records)
+    batches, steps = make_batches(examples, processor, stage.batch_size, cfg.seed, text_budget(cfg, base),
+                                  sft_input(alt_text_fn))
+    plain = make_batches(examples, processor, stage.batch_size, cfg.seed, text_budget(cfg, base), sft_input())[0]
+    before = eval_loss(model, plain(0), device)
+    tmp = staging_dir(out_dir)
+    losses = train_loop(model, params, batches, stage.epochs, steps, stage.lr, stage.warmup_steps, device,
+                        "SFT" + (" (LoRA)" if lora.enabled else " (full LM)"), progress,
+                        log_path=tmp / "log.jsonl")
+    after = eval_loss(model, plain(0), device)
+    metrics = {"sft/examples": len(examples), "sft/trainable_params": sum(p.numel() for p in params),
+               "sft/loss_before": before, "sft/loss_after": after, "sft/epoch_loss_first": losses[0],
+               "sft/epoch_loss_last": losses[-1], "sft/truncated": len(batches.state["truncated"])}
+    model.to("cpu")
+    if lora.enabled:
+        model.save_pretrained(tmp / "adapter")
+        merged = model.merge_and_unload()
+    else:
+        merged = model
+    write_lvlm(merged, processor, tmp / "merged")
+    (tmp / "merged" / FINGERPRINT_FILE).write_text(json.dumps({"fingerprint": fp, "base": str(lvlm_dir)}))
+    finish(tmp, out_dir, fp, {"base": str(lvlm_dir), "metrics": metrics, "epoch_losses": losses})
+    return (out_dir / "adapter" if lora.enabled else None), out_dir / "merged", metrics

@@ -1,0 +1,104 @@
+"""The LLaVA's language model.
+
+At real scale `lvlm.lm.name` names any Hugging Face causal LM (hub name or local path; an instruct model
+such as Qwen2.5-7B-Instruct): `prepare_lm` hands the name on and `build_lvlm` loads it with
+`AutoModelForCausalLM` + `AutoTokenizer`. The embedded default, `name: tiny`, is a Llama-style LM built
+here: a byte-level BPE tokenizer trained on the run's text (`tokenizer.py`) and a small `LlamaConfig` LM
+pretrained briefly on the same text, so that SFT later only has to teach it to look at the image.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from ..annotate.schema import FORMULA_KEYS, build_prompt, model_input, to_target_json
+from ..config import LMConfig, fingerprint
+from ..store import Store
+from .common import cached, finish, resolve_device, seed_everything, staging_dir, train_loop
+from .tokenizer import train_tokenizer
+
+
+def run_texts(store: Store, samples_version: int | str | None, seed_version: int | str | None) -> list[str]:
+    """The run's text the tiny LM learns from: every training alt-text, and for each seed row the whole
+    model input (prompt with its alt-text) followed by the teacher's answer JSON, as SFT will show it."""
+    samples = store.read("samples", ["id", "alt_text"], "split = 'train'", version=samples_version)
+    alt = dict(zip(samples.column("id").to_pylist(), samples.column("alt_text").to_pylist()))
+    texts = [a for a in alt.values() if a]
+    seeds = store.read("seed", ["id", *FORMULA_KEYS], version=seed_version).to_pylist()
+    for rec in seeds:
+        if rec["id"] in alt:
+            texts.append(model_input(build_prompt(alt[rec["id"]])) + to_target_json(rec))
+    return texts
+
+
+def texts_hash(texts: list[str]) -> str:
+    h = hashlib.sha256()
+    for t in texts:
+        h.update(t.encode("utf-8", "surrogatepass"))
+        h.update(b"\x00")
+    return h.hexdigest()[:16]
+
+
+def tiny_lm_config(cfg: LMConfig, tokenizer) -> LlamaConfig:
+    if cfg.hidden_size % cfg.num_heads:
+        raise ValueError(f"config key 'lvlm.lm.hidden_size': {cfg.hidden_size} is not a multiple of "
+                         f"lvlm.lm.num_heads={cfg.num_heads}")
+    return LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, intermediate_size=4 * cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_heads,
+        max_position_embeddings=max(cfg.max_length, 256), tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id)
+
+
+def _text_batches(ids: list[list[int]], batch_size: int, pad_id: int, seed: int):
+    def batches(epoch: int):
+        order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
+        for start in range(0, len(order), batch_size):
+            rows = [ids[i] for i in order[start:start + batch_size]]
+            width = max(len(r) for r in rows)
+            input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for i, r in enumerate(rows):
+                input_ids[i, :len(r)] = torch.tensor(r)
+                mask[i, :len(r)] = 1
+            yield {"input_ids": input_ids, "attention_mask": mask,
+                   "labels": input_ids.masked_fill(mask == 0, -100)}
+    return batches
+
+
+def prepare_lm(cfg: LMConfig, texts: Iterable[str], out_dir: str | Path, seed: int = 0, progress: bool = True,
+               device: str = "cpu") -> Path | str:
+    """The LM directory for `build_lvlm`.
+
+    `cfg.name == "tiny"`: train the tokenizer and pretrain the LM on `texts`, save both as one HF directory
+    in `out_dir` and return it; a later call with the same config, texts and seed returns at once
+    (fingerprint file). Any other name is an HF model name or path and is returned unchanged.
+    """
+    if cfg.name != "tiny":
+        return cfg.name
+    texts = [t for t in texts if t and t.strip()]
+    if not texts:
+        raise ValueError("prepare_lm: no text to train the tiny LM's tokenizer on (empty samples and seed?)")
+    fp = fingerprint(cfg, {"texts": texts_hash(texts), "n": len(texts), "seed": seed})
+    if cached(out_dir, fp):
+        return Path(out_dir)
+    seed_everything(seed)
+    tokenizer = train_tokenizer(texts, cfg.vocab_size)
+    model = LlamaForCausalLM(tiny_lm_config(cfg, tokenizer))
+    dev = resolve_device(device)
+    model.to(dev)
+    ids = [enc[:cfg.max_length - 1] + [tokenizer.eos_token_id] for enc in tokenizer(texts).input_ids]
+    steps = (len(ids) + cfg.batch_size - 1) // cfg.batch_size
+    losses = train_loop(model, list(model.parameters()), _text_batches(ids, cfg.batch_size, tokenizer.pad_token_id, seed),
+                        cfg.pretrain_epochs, steps, cfg.pretrain_lr, warmup=min(50, steps), device=dev,
+                        desc="pretrain tiny LM", progress=progress, weight_decay=0.01)
+    tmp = staging_dir(out_dir)
+    model.to("cpu").save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    return finish(tmp, out_dir, fp, {"epoch_losses": losses, "texts": len(texts),
+                                     "tokens": sum(len(i) for i in ids), "vocab": len(tokenizer)})
