@@ -26,31 +26,6 @@ def data():
     """Build the built-in dataset, ingest your own, list what a run holds."""
 
 
-@data.command("build", context_settings={"ignore_unknown_options": True})
-@click.argument("dataset", type=click.Choice(["emoji-scenes"]))
-@click.argument("overrides", nargs=-1)
-@click.option("--out", required=True, type=click.Path(file_okay=False),
-              help="A run directory (the data goes to OUT/lance) or an existing LanceDB directory.")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="A run config (uses data.emoji).")
-def data_build(dataset, overrides, out, config_path):
-    """Build the built-in dataset into a store; the same command again finishes or confirms it.
-
-    OVERRIDES are key=value pairs, e.g. `data.emoji.n_train=500 data.emoji.image_size=32`.
-    """
-    from pathlib import Path
-
-    from .data.emoji.build import build_command
-    from .data.emoji.render import EmojiFontError
-
-    named = any(o.startswith("name=") for o in overrides)  # a run name is required but unused here
-    cfg = config_from(config_path, (() if named else (f"name={Path(out).name or 'data'}",)) + tuple(overrides))
-    try:
-        build_command(out, cfg.data.emoji)
-    except (ConfigError, EmojiFontError) as err:
-        raise click.ClickException(str(err)) from None
-
-
-
 def _data_settings(run_dir, config_path, overrides):
     """(data config, store config) from --config, else RUN/config.yaml, else the defaults."""
     from pathlib import Path
