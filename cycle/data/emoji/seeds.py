@@ -7,8 +7,8 @@
 
 `desc` is one sentence (short on purpose: a tiny annotator must learn to write the whole JSON).
 `neg_desc[i]` is one minimal edit of `desc[i]` (`object`, `relation` or `count`, see `edits`).
-`tags`: per object its name and one CLDR keyword (when it has a usable one), then the background colour:
-3 to 7 phrases. `neg_tags[i]` swaps `tags[i]`: a name for the sibling's name (`object`), a keyword for a
+`tags`: per object its name and one CLDR keyword (its category, "animal", "vehicle", ..., when it has no
+usable keyword), then the background colour: 3 to 7 phrases. `neg_tags[i]` swaps `tags[i]`: a name for the sibling's name (`object`), a keyword for a
 keyword of that sibling the object does not have (`keyword`), the colour for another (`color`); a
 negative tag is never one of the positive tags. The edits made are returned beside the formulas and kept
 in the training row's `meta["seed_edits"]`.
@@ -48,7 +48,8 @@ def seed_annotation(scene: dict, vocab: Vocab, rng: random.Random, max_count: in
         sibling = rng.choice(sibling_options or [n for n in vocab.names if n not in present])
         tags.append(obj["name"])
         pairs.append(("object", sibling))
-        keywords = [k for k in vocab.by_name[obj["name"]].keywords if k not in tags]
+        own = vocab.by_name[obj["name"]]
+        keywords = [k for k in own.keywords if k not in tags] or [c for c in (own.category,) if c not in tags]
         if keywords:
             tags.append(rng.choice(keywords))
             pairs.append(("keyword", (obj["name"], sibling)))

@@ -36,6 +36,12 @@ SUBGROUPS = (
     "transport-ground", "transport-water", "transport-air",
     "sport", "clothing", "musical-instrument", "tool", "household", "writing",
 )
+# A plain category word per subgroup: the tag of an object that has no usable CLDR keyword.
+CATEGORIES = {
+    "animal": "animal", "plant": "plant", "food": "food", "drink": "drink", "dishware": "tableware",
+    "transport": "vehicle", "sport": "sports equipment", "clothing": "clothing", "musical": "instrument",
+    "tool": "tool", "household": "household item", "writing": "stationery",
+}
 # Names that are scenes, signs or actions rather than one depictable object.
 NOT_OBJECTS = {
     "cooking", "construction", "motorway", "railway track", "station", "bus stop", "airplane departure",
@@ -59,6 +65,10 @@ class EmojiObject:
     @property
     def plural(self) -> str:
         return plural(self.name)
+
+    @property
+    def category(self) -> str:
+        return CATEGORIES[re.split(r"[-\s]", self.subgroup)[0]]
 
 
 @dataclass
