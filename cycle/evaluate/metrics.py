@@ -40,9 +40,9 @@ def zeroshot_metrics(image_embeddings: torch.Tensor, class_embeddings: torch.Ten
     ks = (1, 5) if c >= 5 else (1,)
     top = logits.topk(max(ks), dim=1, largest=True, sorted=True).indices
     hits = top.eq(targets[:, None])
-    out = {f"top{k}": float(hits[:, :k].any(dim=1).float().mean()) for k in ks}
+    out = {f"top{k}": _share(hits[:, :k].any(dim=1)) for k in ks}
     pred = logits.argmax(dim=1)
-    recalls = [float((pred[targets == cls] == cls).float().mean()) for cls in targets.unique().tolist()]
+    recalls = [_share(pred[targets == cls] == cls) for cls in targets.unique().tolist()]
     out["mean_per_class_recall"] = sum(recalls) / len(recalls)
     return out
 
@@ -51,7 +51,7 @@ def _recall_at_k(scores: torch.Tensor, positives: torch.Tensor, k: int) -> float
     """Share of rows (queries) with at least one positive among their top-k columns."""
     k = min(k, scores.shape[1])
     top = scores.topk(k, dim=1).indices
-    return float(positives.gather(1, top).any(dim=1).float().mean())
+    return _share(positives.gather(1, top).any(dim=1))
 
 
 def retrieval_metrics(image_embeddings: torch.Tensor, text_embeddings: torch.Tensor,
@@ -101,16 +101,21 @@ def negative_metrics(image_embeddings: torch.Tensor, positive_embeddings: torch.
     pos_sim = (img * F.normalize(positive_embeddings.float(), dim=-1)).sum(-1)
     neg_sim = (img[index] * F.normalize(negative_embeddings.float(), dim=-1)).sum(-1)
     won = pos_sim[index] > neg_sim
-    out = {"acc": float(won.float().mean())}
+    out = {"acc": _share(won)}
     by_edit: dict[str, list[int]] = defaultdict(list)
     for j, edit in enumerate(negative_edits):
         by_edit[_edit_key(edit)].append(j)
     for edit, rows in sorted(by_edit.items()):
-        out[f"acc_{edit}"] = float(won[rows].float().mean())
+        out[f"acc_{edit}"] = _share(won[rows])
     losses = torch.zeros(n_img, dtype=torch.long).index_add_(0, index, (~won).long())
     has_neg = torch.zeros(n_img, dtype=torch.bool).index_fill_(0, index.unique(), True)
-    out["acc_all"] = float((losses[has_neg] == 0).float().mean())
+    out["acc_all"] = _share(losses[has_neg] == 0)
     return out
+
+
+def _share(flags: torch.Tensor) -> float:
+    """Share of true flags as an exact ratio of counts (a float32 mean would round it)."""
+    return int(flags.sum()) / flags.numel()
 
 
 def _edit_key(edit: str) -> str:

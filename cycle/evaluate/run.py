@@ -61,12 +61,12 @@ def format_template(template: str, classname: str) -> str:
 def evaluate_set(model, tokenizer, preprocess, ev: EvalSet, cfg: EvalConfig, device="cpu",
                  progress: bool = True) -> dict[str, float]:
     """Every task the set supports, on one pass of image embeddings. Keys are not prefixed."""
+    if ev.labels is not None and not cfg.templates:
+        raise EvalDataError("eval.templates is empty: zero-shot classification needs at least one")
     device = resolve_device(device)
     images = embed_images(model, preprocess, ev, cfg.batch_size, device, progress)
     out: dict[str, float] = {"n_images": len(ev)}
     if ev.labels is not None:
-        if not cfg.templates:
-            raise EvalDataError("eval.templates is empty: zero-shot classification needs at least one")
         prompts = [format_template(t, c) for c in ev.classes for t in cfg.templates]
         feats = embed_texts(model, tokenizer, prompts, cfg.batch_size, device, f"{ev.name}: classes", progress)
         classes = class_vectors(feats.reshape(len(ev.classes), len(cfg.templates), -1))
