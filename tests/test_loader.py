@@ -207,3 +207,16 @@ def test_collate_keeps_texts_as_lists():
     assert batch["desc"] == [["x"], []] and batch["annotated"].tolist() == [True, False]
     mixed = collate_pairs([{"image": torch.zeros(3, 2, 2)}, {"image": torch.zeros(3, 4, 4)}])
     assert isinstance(mixed["image"], list)
+
+
+def test_built_in_dataset_loads_with_its_seed(tiny_store, tiny_cfg):
+    train = PairDataset(tiny_store.uri, split="train", use_seed=True, extra_columns=["meta"])
+    assert len(train) == tiny_cfg.data.emoji.n_train
+    batch = collate_pairs(train.__getitems__(list(range(16))))
+    size = tiny_cfg.data.emoji.image_size
+    assert batch["image"].shape == (16, 3, size, size)
+    seeded = PairDataset(tiny_store.uri, split="train", use_seed=True, only_annotated=True)
+    assert len(seeded) == tiny_store.count("seed") > 0
+    item = seeded[0]
+    assert item["annotated"] and item["text_source"] == "seed" and item["desc"] and item["tags"]
+    assert len(PairDataset(tiny_store.uri, split="val")) == tiny_cfg.data.emoji.n_val
