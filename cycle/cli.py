@@ -335,5 +335,11 @@ def export_clip_cmd(checkpoint, out, fmt, extras):
     click.echo(f"{fmt}: {out}")
 
 
+# ------------------------------------------------------------------------------------------ annotation
+from .annotate.cli import annotate  # noqa: E402  (the group's commands import their stages lazily)
+
+main.add_command(annotate)
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,0 +1,167 @@
+"""vLLM for annotation at scale: offline `vllm.LLM` in a worker process, or a vLLM OpenAI server.
+
+- `offline`: `vllm_worker.py` runs in the Python named by `annotate.vllm.python` (vLLM lives in its own
+  environment: its torch pins clash with this one; `scripts/build_vllm_cpu_env.sh` builds the CPU one),
+  loaded once and fed batches as JSON lines over pipes. Structured output keeps every answer inside the
+  four-formula JSON schema; a LoRA adapter directory is served with `LoRARequest`.
+- `server`: an already running `vllm serve` is an OpenAI-compatible endpoint: the `openai` backend's
+  code does the talking (`annotate.openai.base_url` / `.model` name it; it needs a chat template).
+
+The checkpoint is prepared once per model: transformers 5 saves the LLaVA vision tower's weights as
+`vision_tower.*`, vLLM reads `vision_tower.vision_model.*`.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import queue
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from ..schema import FORMULA_JSON_SCHEMA, IMAGE_TOKEN, model_input
+from .base import BackendError, BatchItem, FailedGeneration, dir_fingerprint, to_png_bytes
+
+WORKER = Path(__file__).with_name("vllm_worker.py")
+_TOWER, _TOWER_NESTED = "vision_tower.", "vision_tower.vision_model."
+
+
+def prepare_vllm_model(model_dir: str | Path, out_dir: str | Path) -> Path:
+    """A copy of the HF LLaVA directory whose vision-tower keys vLLM can load; reused when up to date."""
+    from safetensors.torch import load_file, save_file
+
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    stamp = dir_fingerprint(model_dir)
+    if (out_dir / ".source").is_file() and (out_dir / ".source").read_text() == stamp:
+        return out_dir
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for f in model_dir.iterdir():
+        if f.suffix == ".safetensors":
+            state = load_file(f)
+            renamed = {(_TOWER_NESTED + k[len(_TOWER):] if k.startswith(_TOWER) and not k.startswith(_TOWER_NESTED)
+                        else k): v for k, v in state.items()}
+            save_file(renamed, tmp / f.name, metadata={"format": "pt"})
+        elif f.name.endswith(".safetensors.index.json"):
+            index = json.loads(f.read_text())
+            index["weight_map"] = {(_TOWER_NESTED + k[len(_TOWER):] if k.startswith(_TOWER) and
+                                    not k.startswith(_TOWER_NESTED) else k): v for k, v in index["weight_map"].items()}
+            (tmp / f.name).write_text(json.dumps(index, indent=2))
+        elif f.is_file():
+            shutil.copy2(f, tmp / f.name)
+    (tmp / ".source").write_text(stamp)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+class VLLMBackend:
+    def __init__(self, cfg: Any, model_dir: Optional[str | Path], lora_dir: Optional[str | Path] = None,
+                 out_dir: Optional[str | Path] = None, structured: bool = True, min_new_tokens: int = 0,
+                 startup_timeout_s: float = 900.0, device: str = "auto"):
+        """`cfg` is an `AnnotateConfig`. `structured=False` leaves decoding unconstrained."""
+        self.inner = None
+        self.proc = None
+        self.generated_tokens = 0
+        vcfg = cfg.vllm
+        weights = dir_fingerprint(model_dir) if model_dir and Path(model_dir).is_dir() else "served"
+        adapter = dir_fingerprint(lora_dir) if lora_dir else "none"
+        if vcfg.mode == "server":
+            from .openai_backend import OpenAIBackend
+
+            log = Path(out_dir) / "requests.jsonl" if out_dir else None
+            self.inner = OpenAIBackend(cfg.openai, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                       request_log=log, use_schema=structured)
+            self.fingerprint = f"vllm-server:{cfg.openai.model}:{weights}:{adapter}"
+            return
+        if not model_dir or not (Path(model_dir) / "config.json").is_file():
+            raise BackendError(f"annotator model directory '{model_dir}' has no config.json")
+        out_dir = Path(out_dir) if out_dir else Path(model_dir).parent
+        out_dir.mkdir(parents=True, exist_ok=True)
+        served = prepare_vllm_model(model_dir, out_dir / "vllm-model")
+        self.temperature = cfg.temperature
+        self.fingerprint = f"vllm:{Path(model_dir).name}:{weights}:{adapter}"
+        python = vcfg.python or sys.executable
+        if not Path(python).exists() and shutil.which(python) is None:
+            raise BackendError(f"annotate.vllm.python '{python}' does not exist "
+                               "(build one with scripts/build_vllm_cpu_env.sh)")
+        worker_cfg = {"model": str(served), "lora": str(lora_dir) if lora_dir else None,
+                      "max_new_tokens": cfg.max_new_tokens, "min_new_tokens": min_new_tokens,
+                      "max_num_seqs": vcfg.max_num_seqs, "gpu_memory_utilization": vcfg.gpu_memory_utilization,
+                      "device": device, "schema": FORMULA_JSON_SCHEMA if structured else None}
+        (out_dir / "vllm-worker.json").write_text(json.dumps(worker_cfg, indent=1))
+        self.log_path = out_dir / "vllm-worker.log"
+        self.log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([python, str(WORKER), str(out_dir / "vllm-worker.json")], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=self.log, text=True, bufsize=1)
+        self.lines: queue.Queue = queue.Queue()
+        threading.Thread(target=self._pump, daemon=True).start()
+        hello = self._read(startup_timeout_s, "start")
+        if not hello.get("ready"):
+            self.close()
+            raise BackendError(f"vLLM worker did not start: {hello}")
+        self.vllm_version = hello.get("vllm")
+
+    def _pump(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def _read(self, timeout: float, what: str) -> dict:
+        try:
+            line = self.lines.get(timeout=timeout)
+        except queue.Empty:
+            line = "timeout"
+        if line is None or line == "timeout":
+            tail = self.log_path.read_text(errors="replace")[-3000:] if self.log_path.exists() else ""
+            self.close()
+            raise BackendError(f"vLLM worker {'timed out' if line else 'exited'} during {what}; "
+                               f"its log ({self.log_path}) ends:\n{tail}")
+        return json.loads(line)
+
+    def generate(self, batch: Sequence[BatchItem], seed: Optional[int] = None,
+                 temperature: Optional[float] = None, keys: Optional[Sequence[str]] = None) -> list[str]:
+        if self.inner is not None:
+            return self.inner.generate(batch, seed=seed, temperature=temperature, keys=keys)
+        outputs: list[str] = [FailedGeneration("not generated")] * len(batch)
+        prompts, images, where = [], [], []
+        for i, (image, prompt) in enumerate(batch):
+            try:
+                data, _ = to_png_bytes(image)
+            except ValueError as err:
+                outputs[i] = FailedGeneration(str(err))
+                continue
+            prompts.append(model_input(prompt, IMAGE_TOKEN))
+            images.append(base64.b64encode(data).decode())
+            where.append(i)
+        if not where:
+            return outputs
+        temperature = self.temperature if temperature is None else temperature
+        self.proc.stdin.write(json.dumps({"prompts": prompts, "images": images, "seed": seed,
+                                          "temperature": temperature}) + "\n")
+        self.proc.stdin.flush()
+        reply = self._read(3600, "generation")
+        if "error" in reply:
+            raise BackendError(f"vLLM worker failed on a batch: {reply['error']} (log: {self.log_path})")
+        self.generated_tokens += reply.get("tokens", 0)
+        for i, text in zip(where, reply["outputs"]):
+            outputs[i] = text
+        return outputs
+
+    def close(self) -> None:
+        if self.inner is not None:
+            self.inner.close()
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                self.proc.stdin.close()
+                self.proc.wait(timeout=60)
+            except (subprocess.TimeoutExpired, OSError):
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc is not None:
+            self.log.close()
+            self.proc = None

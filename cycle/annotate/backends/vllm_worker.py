@@ -1,0 +1,68 @@
+"""The vLLM side of the `vllm` backend: run as a script in vLLM's own Python environment.
+
+    python vllm_worker.py CONFIG.json
+
+Stand-alone on purpose (standard library, PIL and vllm only): the vLLM environment does not have this
+project installed. Protocol, one JSON object per line:
+- worker -> caller, once loaded: {"ready": true, "vllm": VERSION}
+- caller -> worker: {"prompts": [str], "images": [base64 PNG], "seed": int|null, "temperature": float}
+- worker -> caller: {"outputs": [str], "tokens": int} or {"error": str}
+vLLM's own logging goes to stderr; stdout carries the protocol alone.
+"""
+import base64
+import io
+import json
+import os
+import sys
+import traceback
+
+
+def main() -> int:
+    with open(sys.argv[1]) as fh:
+        cfg = json.load(fh)
+    proto = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)  # anything printed by vLLM lands on stderr
+
+    import vllm
+    from PIL import Image
+    from vllm import LLM, SamplingParams
+
+    kwargs = dict(model=cfg["model"], max_num_seqs=cfg["max_num_seqs"], seed=0, limit_mm_per_prompt={"image": 1},
+                  max_model_len=cfg.get("max_model_len") or None, enable_lora=bool(cfg.get("lora")))
+    if cfg.get("gpu_memory_utilization") and cfg.get("device") != "cpu":
+        kwargs["gpu_memory_utilization"] = cfg["gpu_memory_utilization"]
+    llm = LLM(**{k: v for k, v in kwargs.items() if v is not None})
+    lora = None
+    if cfg.get("lora"):
+        from vllm.lora.request import LoRARequest
+
+        lora = LoRARequest("annotator", 1, cfg["lora"])
+    structured = None
+    if cfg.get("schema"):
+        from vllm.sampling_params import StructuredOutputsParams
+
+        structured = StructuredOutputsParams(json=cfg["schema"])
+    proto.write(json.dumps({"ready": True, "vllm": vllm.__version__}) + "\n")
+
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        try:
+            req = json.loads(line)
+            inputs = [{"prompt": p, "multi_modal_data": {"image": Image.open(io.BytesIO(base64.b64decode(b))).convert("RGB")}}
+                      for p, b in zip(req["prompts"], req["images"])]
+            params = SamplingParams(max_tokens=cfg["max_new_tokens"], min_tokens=cfg.get("min_new_tokens", 0),
+                                    temperature=req.get("temperature") or 0.0, seed=req.get("seed"),
+                                    structured_outputs=structured)
+            results = llm.generate(inputs, params, lora_request=lora, use_tqdm=False)
+            outputs = [r.outputs[0].text for r in results]
+            tokens = sum(len(r.outputs[0].token_ids) for r in results)
+            proto.write(json.dumps({"outputs": outputs, "tokens": tokens}) + "\n")
+        except Exception as err:  # the caller decides; the worker stays up for the next batch
+            traceback.print_exc(file=sys.stderr)
+            proto.write(json.dumps({"error": f"{type(err).__name__}: {err}"}) + "\n")
+    return 0
+
+
+if __name__ == "__main__":  # vLLM starts helper processes: the guard is required
+    sys.exit(main())

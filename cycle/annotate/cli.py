@@ -1,0 +1,117 @@
+"""`hqclip annotate ...`: run one annotation pass, import teacher seeds, or ask a teacher endpoint.
+
+Registered on the root command in `cycle/cli.py`. Thin: settings, store, one call, a printed summary.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+
+def _settings(run_dir: str, config_path, overrides):
+    """(run config, store, samples version): --config, else RUN/config.yaml, else defaults named after RUN."""
+    from ..cli import config_from
+    from ..state import RunState
+    from ..store import Store
+
+    path = Path(config_path) if config_path else Path(run_dir) / "config.yaml"
+    cfg = config_from(path if path.is_file() else None, [f"name={Path(run_dir).name}", *overrides])
+    store = Store(cfg.store.uri or Path(run_dir) / "lance")
+    version = None
+    if (Path(run_dir) / "state.json").is_file():
+        version = RunState(run_dir).stage(0, "data").get("outputs", {}).get("samples_version")
+    if version is None:
+        if not store.has("samples") or store.count("samples") == 0:
+            raise click.ClickException(f"no samples in {store.uri}: build or ingest data first (hqclip data ...)")
+        version = store.pin("samples").version
+    return cfg, store, version
+
+
+_run_option = click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False),
+                           help="Run directory (store: RUN/lance unless store.uri is set).")
+_config_option = click.option("--config", "config_path", type=click.Path(dir_okay=False),
+                              help="Default: RUN/config.yaml if any.")
+_set_option = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                           help="e.g. annotate.batch_size=32 annotate.backend=vllm")
+
+
+@click.group()
+def annotate():
+    """Annotate samples into the four formulas; import or teach the seed set."""
+
+
+@annotate.command("run")
+@click.argument("model_dir", required=False, type=click.Path(file_okay=False))
+@_run_option
+@click.option("--gen", "generation", type=int, required=True, help="The generation the rows belong to.")
+@click.option("--split", "splits", multiple=True, default=["train"], show_default=True)
+@click.option("--score-clip", type=click.Path(file_okay=False), help="CLIP checkpoint dir to score desc vs neg_desc.")
+@click.option("--out", type=click.Path(file_okay=False), help="Default: RUN/gen-GGG/annotate.")
+@click.option("--device", default="auto", show_default=True)
+@_config_option
+@_set_option
+@click.option("--progress/--no-progress", default=True)
+def annotate_run(model_dir, run_dir, generation, splits, score_clip, out, device, config_path, overrides, progress):
+    """Annotate every sample of SPLIT with MODEL_DIR (a merged HF LLaVA dir; none for openai/vllm server)."""
+    from .backends.base import BackendError
+    from .run import annotate_generation
+
+    cfg, store, version = _settings(run_dir, config_path, overrides)
+    out = Path(out) if out else Path(run_dir) / f"gen-{generation:03d}" / "annotate"
+    try:
+        stats = annotate_generation(cfg.annotate, model_dir, store, version, generation, out,
+                                    score_clip=score_clip, progress=progress, splits=splits, device=device)
+    except (BackendError, ValueError, FileNotFoundError) as err:
+        raise click.ClickException(str(err)) from None
+    keys = ("rows", "by_status", "parse_rate", "sentences_per_image", "tags_per_image", "score_mean", "this_run")
+    for key in keys:
+        click.echo(f"{key}: {json.dumps(stats.get(key))}")
+    if "quality" in stats:
+        click.echo(f"quality: {json.dumps(stats['quality'])}")
+    click.echo(f"stats: {out / 'stats.json'}")
+
+
+@annotate.command("import-seed")
+@click.argument("path", type=click.Path())
+@_run_option
+@click.option("--origin", help="Recorded with every row (default: import:<name>).")
+@_config_option
+@_set_option
+@click.option("--progress/--no-progress", default=True)
+def annotate_import_seed(path, run_dir, origin, config_path, overrides, progress):
+    """Import teacher annotations (dir of <id>.json, .jsonl, or .json) in VLM-150M format into `seed`."""
+    from .teacher import import_seed
+
+    _, store, version = _settings(run_dir, config_path, overrides)
+    try:
+        stats = import_seed(path, store, samples_version=version, origin=origin, progress=progress)
+    except (FileNotFoundError, ValueError) as err:
+        raise click.ClickException(str(err)) from None
+    click.echo(json.dumps(stats, indent=1))
+
+
+@annotate.command("teach")
+@_run_option
+@click.option("--ids", "ids_file", type=click.Path(dir_okay=False), help="A file with one sample id per line.")
+@click.option("--count", type=int, help="Or: this many training samples, chosen with --seed.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", type=click.Path(file_okay=False), help="Default: RUN/teacher (request log, stats).")
+@_config_option
+@_set_option
+def annotate_teach(run_dir, ids_file, count, seed, out, config_path, overrides):
+    """Ask the teacher endpoint (annotate.openai.*) to annotate seed samples into `seed`."""
+    from .backends.base import BackendError
+    from .teacher import choose_seed_ids, teach_seed
+
+    if bool(ids_file) == bool(count):
+        raise click.ClickException("give exactly one of --ids FILE or --count N")
+    cfg, store, version = _settings(run_dir, config_path, overrides)
+    try:
+        ids = ([line.strip() for line in Path(ids_file).read_text().splitlines() if line.strip()] if ids_file
+               else choose_seed_ids(store, version, count, seed))
+        stats = teach_seed(cfg.annotate, store, version, ids, Path(out) if out else Path(run_dir) / "teacher")
+    except (BackendError, ValueError, OSError) as err:
+        raise click.ClickException(str(err)) from None
+    click.echo(json.dumps(stats, indent=1))
