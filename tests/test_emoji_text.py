@@ -84,7 +84,8 @@ def edit_kind(pos: set, neg: set) -> str:
     def table(facts, k):
         return {f[1]: f[2] for f in facts if f[0] == k}
     objs_p, objs_n = {f[1] for f in pos if f[0] == "object"}, {f[1] for f in neg if f[0] == "object"}
-    cnt_p, cnt_n, pos_p, pos_n = table(pos, "count"), table(neg, "count"), table(pos, "position"), table(neg, "position")
+    cnt_p, cnt_n = table(pos, "count"), table(neg, "count")
+    pos_p, pos_n = table(pos, "position"), table(neg, "position")
     if objs_p != objs_n:
         gone, new = objs_p - objs_n, objs_n - objs_p
         if len(gone) == len(new) == 1:

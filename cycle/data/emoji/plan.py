@@ -154,7 +154,8 @@ class _Planner:
 
     def compositional(self) -> None:
         c, plan = self.cfg, self.plan
-        sampler, rng, alt = self.sampler("test_compositional", set()), self.rng("compositional"), self.rng("test_compositional:alt")
+        sampler, rng = self.sampler("test_compositional", set()), self.rng("compositional")
+        alt = self.rng("test_compositional:alt")
         pairs = Deck(sorted(plan.heldout), rng)
 
         def draw() -> dict:

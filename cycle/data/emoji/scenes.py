@@ -75,8 +75,9 @@ def place(obj: dict, box: tuple[float, float, float, float], size_px: int, rng: 
     for k in range(count):
         side = max(2, int(min(cell_long, cell_short) * rng.uniform(lo, hi)))
         slack_long, slack_short = cell_long - side, cell_short - side
-        along = k * cell_long + slack_long / 2 + rng.uniform(-0.4, 0.4) * slack_long
-        across = slack_short / 2 + rng.uniform(-0.4, 0.4) * slack_short
+        # A little jitter, kept near the middle of the cell: a "left" object never looks "top left".
+        along = k * cell_long + slack_long / 2 + rng.uniform(-0.2, 0.2) * slack_long
+        across = slack_short / 2 + rng.uniform(-0.2, 0.2) * slack_short
         x, y = (x0 + along, y0 + across) if horizontal else (x0 + across, y0 + along)
         boxes.append([int(round(x)), int(round(y)), side])
     return boxes

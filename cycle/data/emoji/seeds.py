@@ -1,17 +1,17 @@
 """Teacher seeds from the scene graph, in the four-formula format of the released annotations.
 
     desc      ["the image shows two dogs on the left and a red apple on the right, on a blue background."]
-    neg_desc  ["the image shows two wolves on the left and a red apple on the right, on a blue background."]
+    neg_desc  ["the image shows two service dogs on the left and a red apple on the right, on a blue background."]
     tags      ["dog", "pet", "red apple", "fruit", "blue background"]
-    neg_tags  ["wolf", "face", "green apple", "sour", "pink background"]
+    neg_tags  ["gorilla", "ape", "green apple", "citrus", "red background"]
 
 `desc` is one sentence (short on purpose: a tiny annotator must learn to write the whole JSON).
 `neg_desc[i]` is one minimal edit of `desc[i]` (`object`, `relation` or `count`, see `edits`).
 `tags`: per object its name and one CLDR keyword (its category, "animal", "vehicle", ..., when it has no
-usable keyword), then the background colour: 3 to 7 phrases. `neg_tags[i]` swaps `tags[i]`: a name for the sibling's name (`object`), a keyword for a
-keyword of that sibling the object does not have (`keyword`), the colour for another (`color`); a
-negative tag is never one of the positive tags. The edits made are returned beside the formulas and kept
-in the training row's `meta["seed_edits"]`.
+usable keyword), then the background colour: 3 to 7 phrases. `neg_tags[i]` swaps `tags[i]`: a name for
+the sibling's name (`object`), a keyword for a keyword of that sibling the object does not have
+(`keyword`), the colour for another (`color`); a negative tag is never one of the positive tags. The
+edits made are returned beside the formulas and kept in the training row's `meta["seed_edits"]`.
 """
 from __future__ import annotations
 
