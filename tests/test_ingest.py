@@ -73,9 +73,10 @@ def test_check_image_accepts_the_supported_formats_and_leaves_pillow_global_alon
     for fmt, name in (("JPEG", "JPEG"), ("PNG", "PNG"), ("WEBP", "WEBP"), ("BMP", "BMP"), ("GIF", "GIF")):
         assert check_image(encode(fmt), CFG.max_pixels, CFG.min_side) == (24, 20, name)
     assert Image.MAX_IMAGE_PIXELS == before
-    # a limit above Pillow's own warning threshold is honoured per call, without touching the global
+    # Pillow's own hard cap (2 x MAX_IMAGE_PIXELS) still rejects, as too_large, under a looser limit of ours
     with pytest.raises(BadImage, match="too_large"):
-        check_image(bomb_png(20_000, 20_000), 10**9, 8)  # 400 MP > Pillow's hard cap even so
+        check_image(bomb_png(20_000, 20_000), 10**9, 8)
+    assert Image.MAX_IMAGE_PIXELS == before
 
 
 def test_decode_composites_alpha_on_white_and_takes_the_first_gif_frame():
@@ -153,6 +154,22 @@ def test_folder_with_txt_captions_and_every_bad_input(tmp_path):
     console = Console(file=io.StringIO(), width=120)
     console.print(report_table(again))
     assert "rejected: duplicate_id" in console.file.getvalue()
+
+
+def test_folder_file_names_that_are_not_utf8(tmp_path):
+    root = tmp_path / "names"
+    root.mkdir()
+    (root / "ok.png").write_bytes(encode("PNG", 1))
+    (root / "ok.txt").write_text("fine")
+    base = os.fsencode(root)
+    with open(base + b"/caf\xe9.png", "wb") as f:
+        f.write(encode("PNG", 2))
+    with open(base + b"/caf\xe9.txt", "wb") as f:
+        f.write(b"a latin-1 file name")
+    store = Store(tmp_path / "lance")
+    report = ingest(root, store, cfg=CFG, progress=False)
+    assert report.ingested == 1 and report.rejected == Counter({"non_utf8_key": 1})
+    assert rejects_by_key(store) == {"caf\\xe9.png": "non_utf8_key"}
 
 
 def test_folder_with_csv_and_jsonl_sidecars(tmp_path):

@@ -5,6 +5,10 @@ webdataset tar shards as img2dataset writes them, or parquet files with image by
 streams; writes are batched (`write_batch` rows per commit). Every pair that is not ingested goes to the
 `rejects` table with its reason and detail, and is counted in the returned `IngestReport`.
 
+Reject reasons: from the image check "empty_image", "corrupt_image", "too_large", "too_small",
+"unsupported_format"; from the text "empty_text", "non_utf8_text"; from the readers "missing_text",
+"missing_image", "bad_caption_record", "corrupt_shard"; and "duplicate_id", "non_utf8_key".
+
 Ids are stable and source-derived (see `cycle.data.readers`), with an optional prefix to keep several
 sources apart. An id already in `samples` (from this ingest or an earlier one) is rejected as
 "duplicate_id": the first wins, so ingesting the same source twice adds nothing to `samples`.
@@ -118,7 +122,8 @@ def ingest(source: str | Path, store: Store, kind: str = "auto", split: str = "t
         reason, detail, row = _check(pair, cfg, seen, id_prefix, split)
         if row is None:
             report.rejected[reason] += 1
-            rejects.append({"source": pair.source, "key": pair.key, "reason": reason, "detail": detail})
+            rejects.append({"source": _printable(pair.source), "key": _printable(pair.key), "reason": reason,
+                            "detail": _printable(detail)})
             bar.set_postfix(rejected=report.rejected_total, refresh=False)
         else:
             seen.add(row["id"])
@@ -139,6 +144,8 @@ def _check(pair: RawPair, cfg: DataConfig, seen: set, id_prefix: str, split: str
     if pair.error is not None:
         return pair.error[0], pair.error[1], None
     sample_id = id_prefix + pair.id
+    if _printable(sample_id) != sample_id:  # a file name that is not UTF-8 cannot be an id (nor a Lance string)
+        return "non_utf8_key", f"id {_printable(sample_id)!r} is not valid UTF-8", None
     if sample_id in seen:
         return "duplicate_id", f"id '{sample_id}' is already in samples (the first copy wins)", None
     try:
@@ -149,6 +156,11 @@ def _check(pair: RawPair, cfg: DataConfig, seen: set, id_prefix: str, split: str
     return None, None, {"id": sample_id, "image": pair.image, "alt_text": text, "source": pair.source,
                         "split": split, "width": width, "height": height,
                         "sha256": hashlib.sha256(pair.image).hexdigest(), "meta": pair.meta}
+
+
+def _printable(text: str) -> str:
+    """Non-UTF-8 file names arrive as lone surrogates; store them escaped rather than fail the write."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace") if text else text
 
 
 def report_table(report: IngestReport):

@@ -64,10 +64,10 @@ class PairDataset(Dataset):
         samples_version / annotations_version / seed_version: an int version, a tag ("gen-001"), or None
             for the latest version at construction time. Whatever they are, they are resolved to ints
             once (see `pins`), so the dataset never moves under a running job.
-        generation: join the `annotations` rows of this generation (requires nothing else; with
-            `annotations_version=None` the latest annotations version is pinned).
-        seed_version: join the teacher `seed` table (pass a version or tag; None means no seed join
-            unless `use_seed=True`).
+        generation: join the `annotations` rows of this generation (with `annotations_version=None`
+            the latest annotations version is pinned).
+        seed_version: join the teacher `seed` table at this version or tag; `use_seed=True` joins its
+            latest version (None alone means no seed join).
         transform: PIL RGB image -> tensor, run in the worker (default `image_to_tensor`).
         prefer: when a row has both, which formulas win: "annotations" (default) or "seed".
         only_annotated: keep only rows with a joined annotation (e.g. SFT over the seed ids).
