@@ -307,3 +307,16 @@ def test_cli_eval(micro, tmp_path):
     assert result.exit_code != 0 and "nothing to evaluate" in result.output
     result = CliRunner().invoke(main, ["eval", str(tmp_path / "nope"), "--dataset", str(tmp_path / "classes")])
     assert result.exit_code != 0 and "does not exist" in result.output
+
+
+def test_evaluate_on_the_built_in_emoji_splits(micro, tiny_store, tiny_cfg):
+    """The real held-out splits of the emoji-scenes builder carry the keys evaluation reads."""
+    version = tiny_store.pin("samples").version
+    metrics = evaluate_clip(micro[3], tiny_store, None, tiny_cfg.eval, samples_version=version, progress=False)
+    emoji = tiny_cfg.data.emoji
+    assert metrics["val/n_images"] == emoji.n_val and "val/retrieval_mean_r1" in metrics
+    assert metrics["test_retrieval/n_images"] == emoji.n_test_retrieval
+    assert metrics["test_negatives/n_negatives"] >= emoji.n_test_negatives
+    assert {"test_negatives/acc_object", "test_negatives/acc_relation", "test_negatives/acc_count"} <= set(metrics)
+    assert metrics["test_zeroshot/n_classes"] == emoji.vocab_size and "test_zeroshot/top5" in metrics
+    assert "test_compositional/retrieval_mean_r1" in metrics
