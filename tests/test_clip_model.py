@@ -157,3 +157,20 @@ def test_corrupt_extra_file_is_named(micro_ckpt, tmp_path):
     (copy / "stc_head.safetensors").write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="stc_head.safetensors"):
         load_clip(copy)
+
+
+def test_loaded_model_saves_again_without_a_registered_name(micro_ckpt, tmp_path):
+    """A checkpoint carries its own config: re-saving needs no registry entry for its name."""
+    import shutil
+
+    copy = tmp_path / "custom"
+    shutil.copytree(micro_ckpt[0], copy)
+    cfg = json.loads((copy / CONFIG_FILE).read_text())
+    cfg["model_name"] = "someone-elses-arch"
+    (copy / CONFIG_FILE).write_text(json.dumps(cfg))
+    model, _, tok, _ = load_clip(copy)
+    save_clip(model, None, tmp_path / "again")
+    again, _, _, _ = load_clip(tmp_path / "again")
+    assert json.loads((tmp_path / "again" / CONFIG_FILE).read_text())["model_name"] == "someone-elses-arch"
+    images = torch.randn(2, 3, 32, 32)
+    assert torch.equal(_embed(model, tok, images)[0], _embed(again, tok, images)[0])

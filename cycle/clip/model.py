@@ -95,14 +95,23 @@ def create_clip(name: str, pretrained: Optional[str] = None, device: str | torch
             nonscalar_logit_scale=True,
         )
     tokenizer = open_clip.get_tokenizer(name)
-    model.hqclip_model_name = name  # what save_clip records when no name is given
+    _remember(model, _plain_name(name), open_clip.get_model_config(name if schema else name.replace("/", "-")))
     return model, preprocess_train, preprocess_val, tokenizer
 
 
-def model_config_of(model: torch.nn.Module, model_name: str) -> dict:
-    """The open_clip model config that rebuilds `model`: the named config with the sizes the model has."""
+def _remember(model: torch.nn.Module, name: str, cfg: Optional[dict]) -> None:
+    """What `save_clip` records when not told: the architecture name and the exact config it was built from."""
+    model.hqclip_model_name = name
+    model.hqclip_model_cfg = deepcopy(cfg)
+
+
+def model_config_of(model: torch.nn.Module, model_name: Optional[str] = None) -> dict:
+    """The open_clip model config that rebuilds `model`: the config it was built from (else the named
+    one), with the image size and context length the model actually has."""
     register_model_configs()
-    cfg = open_clip.get_model_config(model_name.replace("/", "-") if ":" not in model_name else model_name)
+    cfg = getattr(model, "hqclip_model_cfg", None)
+    if cfg is None and model_name:
+        cfg = open_clip.get_model_config(model_name.replace("/", "-") if ":" not in model_name else model_name)
     if cfg is None:
         raise ValueError(f"unknown CLIP architecture '{model_name}'")
     cfg = deepcopy(cfg)
@@ -135,6 +144,7 @@ def save_clip(model: torch.nn.Module, model_name: Optional[str], path: str | Pat
     model_name = model_name or getattr(model, "hqclip_model_name", None)
     if not model_name:
         raise ValueError("save_clip needs the architecture name (model_name)")
+    model_cfg = model_config_of(model, model_name)
     reserved = {Path(CONFIG_FILE).stem, Path(WEIGHTS_FILE).stem}
     for stem in [*(extra_tensors or {}), *(extra_json or {})]:
         if stem in reserved or "/" in stem or stem.startswith("."):
@@ -152,7 +162,7 @@ def save_clip(model: torch.nn.Module, model_name: Optional[str], path: str | Pat
         preprocess = dict(getattr(model.visual, "preprocess_cfg", {}) or {})
         config = {
             "model_name": _plain_name(model_name),
-            "model_cfg": model_config_of(model, model_name),
+            "model_cfg": model_cfg,
             "preprocess_cfg": _jsonable(preprocess),
         }
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
@@ -191,7 +201,7 @@ def load_clip(path: str | Path, device: str | torch.device = "cpu"):
         raise CheckpointError(f"CLIP checkpoint '{path}' does not load: {str(err).splitlines()[0]}") from err
     model.to(device)
     tokenizer = open_clip.get_tokenizer(f"local-dir:{path}")
-    model.hqclip_model_name = config.get("model_name")
+    _remember(model, config.get("model_name") or str(path), config["model_cfg"])
     model.eval()
     extras: dict[str, Any] = {}
     for f in sorted(path.iterdir()):
