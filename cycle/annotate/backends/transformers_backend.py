@@ -82,6 +82,7 @@ class TransformersBackend:
         eos = self.tokenizer.eos_token_id
         pad = self.tokenizer.pad_token_id
         self.generated_tokens += int(((new != pad) & (new != eos)).sum()) if pad != eos else int((new != pad).sum())
+        self.last_token_ids = [[t for t in row if t not in (pad, eos)] for row in new.tolist()]
         decoded = self.tokenizer.batch_decode(new, skip_special_tokens=True)
         for i, text in zip(where, decoded):
             outputs[i] = text

@@ -148,6 +148,7 @@ class VLLMBackend:
         if "error" in reply:
             raise BackendError(f"vLLM worker failed on a batch: {reply['error']} (log: {self.log_path})")
         self.generated_tokens += reply.get("tokens", 0)
+        self.last_token_ids = reply.get("token_ids")
         for i, text in zip(where, reply["outputs"]):
             outputs[i] = text
         return outputs

@@ -6,7 +6,7 @@ Stand-alone on purpose (standard library, PIL and vllm only): the vLLM environme
 project installed. Protocol, one JSON object per line:
 - worker -> caller, once loaded: {"ready": true, "vllm": VERSION}
 - caller -> worker: {"prompts": [str], "images": [base64 PNG], "seed": int|null, "temperature": float}
-- worker -> caller: {"outputs": [str], "tokens": int} or {"error": str}
+- worker -> caller: {"outputs": [str], "tokens": int, "token_ids": [[int]]} or {"error": str}
 vLLM's own logging goes to stderr; stdout carries the protocol alone.
 """
 import base64
@@ -56,8 +56,9 @@ def main() -> int:
                                     structured_outputs=structured)
             results = llm.generate(inputs, params, lora_request=lora, use_tqdm=False)
             outputs = [r.outputs[0].text for r in results]
-            tokens = sum(len(r.outputs[0].token_ids) for r in results)
-            proto.write(json.dumps({"outputs": outputs, "tokens": tokens}) + "\n")
+            token_ids = [list(r.outputs[0].token_ids) for r in results]
+            proto.write(json.dumps({"outputs": outputs, "tokens": sum(map(len, token_ids)),
+                                    "token_ids": token_ids}) + "\n")
         except Exception as err:  # the caller decides; the worker stays up for the next batch
             traceback.print_exc(file=sys.stderr)
             proto.write(json.dumps({"error": f"{type(err).__name__}: {err}"}) + "\n")
