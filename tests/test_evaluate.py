@@ -320,3 +320,28 @@ def test_evaluate_on_the_built_in_emoji_splits(micro, tiny_store, tiny_cfg):
     assert {"test_negatives/acc_object", "test_negatives/acc_relation", "test_negatives/acc_count"} <= set(metrics)
     assert metrics["test_zeroshot/n_classes"] == emoji.vocab_size and "test_zeroshot/top5" in metrics
     assert "test_compositional/retrieval_mean_r1" in metrics
+
+
+def test_cli_eval_on_a_run(micro, tmp_path):
+    from click.testing import CliRunner
+
+    from cycle.cli import main
+    from cycle.config import load_config, save_config
+    from cycle.controller import store_of
+    from cycle.state import RunState
+
+    cfg = load_config(None, [f"root={tmp_path}", "name=run"])
+    save_config(cfg, cfg.run_dir)
+    store = store_of(cfg)
+    store.append("samples", [_sample(i, im, "val", m) for i, im, m in negative_rows(5, prefix="v")])
+    version = store.pin("samples").version
+    store.append("samples", [_sample("v99", png(5), "val", negative_rows(1)[0][2])])  # after the pin
+    RunState(cfg.run_dir).mark_done(0, "data", "fp", outputs={"samples_version": version})
+    out = tmp_path / "m.json"
+    result = CliRunner().invoke(main, ["eval", str(micro[3]), "--run", str(cfg.run_dir), "--split", "val",
+                                       "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(out.read_text())
+    assert metrics["val/n_images"] == 5 and "val/retrieval_mean_r1" in metrics  # the run's pinned version
+    result = CliRunner().invoke(main, ["eval", str(micro[3]), "--run", str(cfg.run_dir), "--split", "test_zeroshot"])
+    assert result.exit_code != 0 and "has no rows" in result.output
