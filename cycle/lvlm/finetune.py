@@ -41,12 +41,11 @@ def with_lora(model, cfg: LoraConfig):
 
     peft_cfg = PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, bias="none",
                               target_modules=lora_target_pattern(list(cfg.target_modules)))
-    peft_model = get_peft_model(model, peft_cfg)
-    touched = [n for n, p in peft_model.named_parameters() if p.requires_grad]
-    if not touched:
-        raise ValueError(f"config key 'lvlm.lora.target_modules': {list(cfg.target_modules)} match no module of "
-                         f"the LM")
-    return peft_model
+    try:
+        return get_peft_model(model, peft_cfg)
+    except ValueError as err:  # peft: "Target modules ... not found in the base model"
+        raise ValueError(f"config key 'lvlm.lora.target_modules': {list(cfg.target_modules)} match no module "
+                         f"of the LM ({str(err).splitlines()[0]})") from None
 
 
 def sft(lvlm_dir: str | Path, store: Store, samples_version, seed_version, cfg: RunConfig, out_dir: str | Path,

@@ -1,0 +1,260 @@
+"""LVLM training stages on a synthetic shapes store: projector alignment and SFT (LoRA and full LM)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from cycle.annotate.schema import build_prompt, model_input
+from cycle.config import load_config
+from conftest import TINY_YAML
+from lvlm_fixtures import shapes_rows
+
+TOWER, PROJECTOR, LM = "model.vision_tower.", "model.multi_modal_projector.", ("model.language_model.", "lm_head.")
+
+
+def run_cfg(*overrides: str):
+    return load_config(TINY_YAML, ["device=cpu", "lvlm.lm.pretrain_epochs=12", "lvlm.lm.pretrain_lr=3e-3",
+                                   "lvlm.lm.batch_size=16", "lvlm.align.epochs=2", "lvlm.align.lr=3e-3",
+                                   "lvlm.sft.epochs=4", "lvlm.sft.lr=3e-3", "lvlm.sft.warmup_steps=2", *overrides])
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Store with 32 shape samples (all seeded), a micro CLIP, the tiny LM and the base LLaVA."""
+    from cycle.clip.model import create_clip, save_clip
+    from cycle.lvlm import build_lvlm, prepare_lm, run_texts
+    from cycle.store import Store
+
+    root = tmp_path_factory.mktemp("lvlm-train")
+    store = Store(root / "lance")
+    samples, seeds = shapes_rows(32)
+    store.append("samples", samples)
+    store.insert_new("seed", seeds)
+    sv, seedv = store.pin("samples").version, store.pin("seed").version
+    torch.manual_seed(0)
+    clip, _, _, _ = create_clip("hqclip-micro")
+    clip_dir = save_clip(clip, "hqclip-micro", root / "clip")
+    cfg = run_cfg()
+    lm_dir = prepare_lm(cfg.lvlm.lm, run_texts(store, sv, seedv), root / "lm", progress=False)
+    base = build_lvlm(clip_dir, lm_dir, cfg.lvlm, root / "base")
+    return {"root": root, "store": store, "sv": sv, "seedv": seedv, "base": base, "samples": samples}
+
+
+@pytest.fixture(scope="module")
+def aligned(world):
+    from cycle.lvlm import align_projector
+
+    out, metrics = align_projector(world["base"], world["store"], world["sv"], world["seedv"], run_cfg(),
+                                   world["root"] / "aligned", progress=False)
+    return out, metrics
+
+
+@pytest.fixture(scope="module")
+def lora_sft(world, aligned):
+    from cycle.lvlm import sft
+
+    return sft(aligned[0], world["store"], world["sv"], world["seedv"], run_cfg(), world["root"] / "sft-lora",
+               progress=False)
+
+
+def state(directory):
+    from cycle.lvlm import load_lvlm
+
+    return {k: v.clone() for k, v in load_lvlm(directory)[0].state_dict().items()}
+
+
+def changed(a: dict, b: dict, prefixes) -> list[str]:
+    return [k for k in a if k.startswith(prefixes) and not torch.equal(a[k], b[k])]
+
+
+def unchanged(a: dict, b: dict, prefixes) -> list[str]:
+    return [k for k in a if k.startswith(prefixes) and torch.equal(a[k], b[k])]
+
+
+# ----------------------------------------------------------------------------------------------- align
+def test_align_trains_only_the_projector(world, aligned):
+    before, after = state(world["base"]), state(aligned[0])
+    assert not changed(before, after, (TOWER, *LM))
+    assert not unchanged(before, after, PROJECTOR)  # every projector tensor moved
+    metrics = aligned[1]
+    assert metrics["align/examples"] == 32 and metrics["align/truncated"] == 0
+    assert metrics["align/loss_after"] < metrics["align/loss_before"]
+
+
+def test_align_is_deterministic_and_cached(world, aligned, tmp_path):
+    from cycle.lvlm import align_projector
+
+    again, metrics = align_projector(world["base"], world["store"], world["sv"], world["seedv"], run_cfg(),
+                                     tmp_path / "again", progress=False)
+    a, b = state(aligned[0]), state(again)
+    assert all(torch.equal(a[k], b[k]) for k in a) and metrics == aligned[1]
+    stamp = (again / "model.safetensors").stat().st_mtime_ns
+    assert align_projector(world["base"], world["store"], world["sv"], world["seedv"], run_cfg(), again,
+                           progress=False)[0] == again
+    assert (again / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+# ----------------------------------------------------------------------------------------------- SFT data
+def test_sft_batches_put_the_loss_on_the_target_only(world, aligned):
+    from cycle.lvlm import load_lvlm
+    from cycle.lvlm.data import make_batches, sft_examples, sft_input
+
+    _, processor = load_lvlm(aligned[0])
+    examples = sft_examples(world["store"], world["sv"], world["seedv"])
+    batches, steps = make_batches(examples, processor, 8, 0, 400, sft_input())
+    batch = next(iter(batches(0)))
+    tok = processor.tokenizer
+    for row, labels, mask in zip(batch["input_ids"], batch["labels"], batch["attention_mask"]):
+        n = int(mask.sum())
+        target = labels[labels != -100]
+        assert target[-1] == tok.eos_token_id
+        text = tok.decode(target[:-1])
+        assert text.startswith('{"desc":["the image shows') and text.endswith('"]}')
+        assert torch.equal(row[n - len(target):n], target)  # the target is the end of the sequence
+        assert int((row == processor.image_token_id).sum()) == 17
+    assert steps == 4
+    orders = [[tok.decode(b["input_ids"][0][:40]) for b in batches(e)] for e in (0, 0, 1)]
+    assert orders[0] == orders[1] != orders[2]  # order is a function of (seed, epoch)
+
+
+def test_fresh_alt_text_per_epoch_reaches_the_input(world, aligned):
+    from cycle.lvlm import load_lvlm
+    from cycle.lvlm.data import make_batches, sft_examples, sft_input
+
+    _, processor = load_lvlm(aligned[0])
+    examples = sft_examples(world["store"], world["sv"], world["seedv"])[:4]
+    calls = []
+
+    def fresh(example, epoch):
+        calls.append((example.id, epoch))
+        return f"noisy alt text number {epoch}"
+
+    batches, _ = make_batches(examples, processor, 4, 0, 400, sft_input(fresh))
+    text = processor.tokenizer.decode(next(iter(batches(3)))["input_ids"][0], skip_special_tokens=True)
+    assert "reference: noisy alt text number 3" in text and len(calls) == 4 and calls[0][1] == 3
+
+
+# ----------------------------------------------------------------------------------------------- SFT
+def test_lora_touches_only_lm_projections(aligned):
+    from cycle.lvlm import load_lvlm
+    from cycle.lvlm.finetune import with_lora
+
+    model, _ = load_lvlm(aligned[0])
+    model.requires_grad_(False)
+    peft_model = with_lora(model, run_cfg().lvlm.lora)
+    trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n and ".language_model." in n for n in trainable)
+    wrapped = {n.rsplit(".lora_", 1)[0].split(".")[-1] for n in trainable}
+    assert wrapped == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert not any("lora_" in n for n, _ in peft_model.named_modules() if "vision_tower" in n or "projector" in n)
+
+
+def test_lora_sft_lowers_loss_and_keeps_tower_and_projector(aligned, lora_sft):
+    adapter, merged, metrics = lora_sft
+    assert adapter is not None and (adapter / "adapter_config.json").is_file()
+    assert metrics["sft/loss_after"] < metrics["sft/loss_before"] - 0.02, metrics  # LoRA: small steps
+    before, after = state(aligned[0]), state(merged)
+    assert not changed(before, after, (TOWER, PROJECTOR))
+    assert changed(before, after, "model.language_model.layers.")
+    assert not changed(before, after, ("model.language_model.embed_tokens.",))  # LoRA: projections only
+    log = [json.loads(line) for line in (merged.parent / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 4 * 2 and log[0]["step"] == 1 and log[-1]["loss"] > 0
+
+
+def test_merged_generates_what_model_plus_adapter_generates(world, aligned, lora_sft):
+    from peft import PeftModel
+
+    from cycle.lvlm import load_lvlm
+    from cycle.lvlm.data import decode
+
+    adapter, merged, _ = lora_sft
+    base, processor = load_lvlm(aligned[0])
+    with_adapter = PeftModel.from_pretrained(base, str(adapter)).eval()
+    merged_model, _ = load_lvlm(merged)
+    processor.tokenizer.padding_side = "left"
+    rows = world["samples"][:4]
+    inputs = processor(images=[decode(r["image"]) for r in rows],
+                       text=[model_input(build_prompt(r["alt_text"])) for r in rows], return_tensors="pt", padding=True)
+    kwargs = dict(max_new_tokens=16, do_sample=False)
+    a = with_adapter.generate(**inputs, **kwargs)
+    b = merged_model.generate(**inputs, **kwargs)
+    assert torch.equal(a, b)
+    assert (a[:, inputs.input_ids.shape[1]:] != processor.tokenizer.pad_token_id).any()
+
+
+def test_full_sft_trains_the_lm_only(world, aligned, tmp_path):
+    from cycle.lvlm import sft
+
+    adapter, merged, metrics = sft(aligned[0], world["store"], world["sv"], world["seedv"],
+                                   run_cfg("lvlm.lora.enabled=false"), tmp_path / "sft-full", progress=False)
+    assert adapter is None and not (tmp_path / "sft-full" / "adapter").exists()
+    assert metrics["sft/loss_after"] < metrics["sft/loss_before"] - 0.2, metrics
+    before, after = state(aligned[0]), state(merged)
+    assert not changed(before, after, (TOWER, PROJECTOR))
+    assert changed(before, after, ("model.language_model.embed_tokens.",))
+
+
+def test_sft_is_cached(world, aligned, lora_sft):
+    from cycle.lvlm import sft
+
+    adapter, merged, metrics = lora_sft
+    stamp = (merged / "model.safetensors").stat().st_mtime_ns
+    again = sft(aligned[0], world["store"], world["sv"], world["seedv"], run_cfg(), merged.parent, progress=False)
+    assert again == (adapter, merged, metrics)
+    assert (merged / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+# ----------------------------------------------------------------------------------------------- bad input
+def test_bad_seed_and_extra_records_are_refused(world, aligned, tmp_path):
+    from cycle.lvlm import sft
+    from cycle.lvlm.data import sft_examples
+    from cycle.store import Store
+
+    cfg = run_cfg()
+    good = {"id": "shape-000", "desc": ["a"], "neg_desc": ["b"], "tags": ["c"], "neg_tags": ["d"]}
+    with pytest.raises(ValueError, match="extra SFT record 'shape-000' is invalid.*'neg_desc' has 2"):
+        sft_examples(world["store"], world["sv"], world["seedv"], [{**good, "neg_desc": ["b", "e"]}])
+    with pytest.raises(ValueError, match="'tags' is empty"):
+        sft(aligned[0], world["store"], world["sv"], world["seedv"], cfg, tmp_path / "x",
+            extra_records=[{**good, "tags": [], "neg_tags": []}], progress=False)
+    other = Store(tmp_path / "lance")  # a seed table whose ids have no samples, and one invalid row
+    other.insert_new("seed", [{**good, "id": "nowhere", "origin": "t"}])
+    other.append("samples", world["samples"][:2])
+    with pytest.raises(ValueError, match="no SFT examples"):
+        sft_examples(other, None, None)
+    other.insert_new("seed", [{**good, "id": "shape-001", "neg_tags": ["d", "e"], "origin": "t"}])
+    with pytest.raises(ValueError, match="seed table has 1 invalid records, e.g. 'shape-001'"):
+        sft_examples(other, None, None)
+    assert not (tmp_path / "x").exists()
+
+
+def test_bad_lora_targets_and_missing_gpu_are_refused(world, aligned, tmp_path):
+    from cycle.lvlm import sft
+
+    with pytest.raises(ValueError, match="lvlm.lora.target_modules"):
+        sft(aligned[0], world["store"], world["sv"], world["seedv"], run_cfg("lvlm.lora.target_modules=[qkv]"),
+            tmp_path / "x", progress=False)
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="no CUDA GPU"):
+            sft(aligned[0], world["store"], world["sv"], world["seedv"], run_cfg("device=cuda"), tmp_path / "y",
+                progress=False)
+
+
+def test_best_previous_annotations_takes_the_top_share(tmp_path):
+    from cycle.lvlm import best_previous_annotations
+    from cycle.store import Store
+
+    store = Store(tmp_path / "lance")
+    rec = {"desc": ["a"], "neg_desc": ["b"], "tags": ["c"], "neg_tags": ["d"], "raw_output": "", "reason": "",
+           "attempts": 1, "annotator": "t", "prompt_hash": "h"}
+    rows = [{**rec, "id": f"s{i}", "generation": 1, "status": "ok", "score": float(i)} for i in range(10)]
+    rows += [{**rec, "id": "bad", "generation": 1, "status": "failed", "score": 99.0},
+             {**rec, "id": "s9", "generation": 2, "status": "ok", "score": 100.0},
+             {**rec, "id": "unscored", "generation": 1, "status": "ok", "score": None}]
+    store.insert_new("annotations", rows)
+    best = best_previous_annotations(store, None, 1, 0.3)
+    assert [r["id"] for r in best] == ["s9", "s8", "s7"] and set(best[0]) == {"id", "desc", "neg_desc", "tags",
+                                                                              "neg_tags"}
+    assert best_previous_annotations(store, None, 1, 0.0) == []
