@@ -168,6 +168,9 @@ class LVLMConfig:
     sft: StageConfig = field(default_factory=lambda: StageConfig(epochs=20, lr=5e-4))
     lora: LoraConfig = field(default_factory=LoraConfig)
     sft_add_best: float = 0.0  # gen >= 2: share of the previous generation's best annotations added to SFT
+    # emoji-scenes seeds: fresh alt-text noise every SFT epoch (from the scene graph), so the annotator
+    # learns to read the image rather than memorise one alt-text per seed (measured to help, ENV-FACTS)
+    sft_fresh_alt_text: bool = True
 
 
 @dataclass
