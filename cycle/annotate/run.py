@@ -47,6 +47,7 @@ def annotate_generation(cfg: Any, model_dir: Optional[str | Path], store, sample
     own_backend = backend is None
     backend = backend or make_backend(cfg, model_dir, out_dir, device=device)
     t0 = time.time()
+    tokens0 = getattr(backend, "generated_tokens", None)
     try:
         gen_where = f"generation = {int(generation)}"
         _check_annotator(store, gen_where, generation, backend.fingerprint)
@@ -68,7 +69,7 @@ def annotate_generation(cfg: Any, model_dir: Optional[str | Path], store, sample
         prompt_hash=prompt_hash(), scored_with=str(score_clip) if score_clip else None,
         this_run={"written": written, "already_done": len(done), "seconds": round(seconds, 2),
                   "rows_per_s": round(written / seconds, 2) if seconds > 0 else None,
-                  "generated_tokens": getattr(backend, "generated_tokens", None)},
+                  "generated_tokens": None if tokens0 is None else backend.generated_tokens - tokens0},
     )
     from .quality import annotation_quality
 

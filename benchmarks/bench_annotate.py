@@ -1,0 +1,127 @@
+"""Annotation throughput on this machine: batched generation against one image at a time.
+
+A LLaVA of the demo's size is built the way a run builds it (the demo config's CLIP as vision tower,
+its tiny Llama LM; weights untrained, which does not change the arithmetic), and every output is forced
+to the same length (min_new_tokens = max_new_tokens) so both ways generate the same number of tokens.
+Also timed: the whole annotation pass (`annotate_generation`: prompts, generation, parsing, store
+writes) at the batch size of the comparison.
+
+    python benchmarks/bench_annotate.py [--tokens 32] [--batch 64] [--single 16] [--pass-images 128]
+
+Prints a markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def build_demo_llava(work: Path) -> Path:
+    from cycle.annotate.schema import build_prompt, model_input, to_target_json
+    from cycle.clip.model import create_clip, save_clip
+    from cycle.config import load_config
+    from cycle.lvlm import build_lvlm, prepare_lm
+
+    cfg = load_config(REPO / "configs" / "emoji.yaml")
+    clip_dir = save_clip(create_clip(cfg.clip.name, image_size=cfg.data.emoji.image_size)[0], cfg.clip.name,
+                         work / "clip")
+    rng = random.Random(0)
+    words = ["apple", "dog", "cup", "bus", "left", "right", "top", "two", "three", "red", "blue", "green", "cat"]
+    texts = []
+    for _ in range(2000):  # text in the annotation format, for the tokenizer only
+        alt = " ".join(rng.sample(words, 4))
+        rec = {"desc": [f"the image shows {alt}."], "neg_desc": [f"the image shows {alt[::-1]}."],
+               "tags": alt.split()[:2], "neg_tags": alt.split()[2:]}
+        texts.append(model_input(build_prompt(alt)) + to_target_json(rec))
+    cfg.lvlm.lm.pretrain_epochs = 0
+    lm_dir = prepare_lm(cfg.lvlm.lm, texts, work / "lm", progress=False)
+    return build_lvlm(clip_dir, lm_dir, cfg.lvlm, work / "lvlm")
+
+
+def images(n: int, size: int) -> list[tuple[bytes, str]]:
+    from PIL import Image
+
+    from cycle.annotate.schema import build_prompt
+
+    rng = random.Random(1)
+    out = []
+    for i in range(n):
+        buf = io.BytesIO()
+        Image.new("RGB", (size, size), tuple(rng.randrange(256) for _ in range(3))).save(buf, format="PNG")
+        out.append((buf.getvalue(), build_prompt(f"IMG_{i:04d}.png two dogs left")))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=32, help="generated tokens per image (forced)")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--single", type=int, default=16, help="images generated one at a time")
+    ap.add_argument("--pass-images", type=int, default=128, help="images in the whole-pass timing")
+    args = ap.parse_args()
+
+    import torch
+
+    from cycle.annotate.backends.transformers_backend import TransformersBackend
+    from cycle.annotate.run import annotate_generation
+    from cycle.config import AnnotateConfig
+    from cycle.store import Store
+
+    work = Path(tempfile.mkdtemp(prefix="bench-annotate-"))
+    model_dir = build_demo_llava(work)
+    backend = TransformersBackend(model_dir, device="cpu", max_new_tokens=args.tokens, min_new_tokens=args.tokens)
+    params = sum(p.numel() for p in backend.model.parameters())
+    data = images(max(args.batch, args.single), 64)
+    backend.generate(data[:4])  # warm-up
+
+    rows = []
+
+    def timed(label: str, batches: list[list]) -> float:
+        start_tokens = backend.generated_tokens
+        t0 = time.perf_counter()
+        for b in batches:
+            backend.generate(b)
+        dt = time.perf_counter() - t0
+        n = sum(len(b) for b in batches)
+        tokens = backend.generated_tokens - start_tokens
+        rows.append((label, n, tokens, dt, n / dt, tokens / dt))
+        return n / dt
+
+    single = timed("one at a time (batch 1)", [[x] for x in data[: args.single]])
+    batched = timed(f"batched (batch {args.batch})", [data[: args.batch]])
+
+    store = Store(work / "lance")
+    store.append("samples", [{"id": f"b{i:05d}", "image": img, "alt_text": "two dogs left", "source": "bench",
+                              "split": "train", "width": 64, "height": 64, "sha256": "", "meta": None}
+                             for i, (img, _) in enumerate(images(args.pass_images, 64))])
+    cfg = AnnotateConfig(batch_size=args.batch, max_new_tokens=args.tokens, retries=0, write_batch=512)
+    t0 = time.perf_counter()
+    stats = annotate_generation(cfg, model_dir, store, store.pin("samples").version, 1, work / "out",
+                                backend=backend, progress=False)
+    dt = time.perf_counter() - t0
+    rows.append((f"whole pass (annotate_generation, batch {args.batch})", stats["rows"],
+                 stats["this_run"]["generated_tokens"], dt, stats["rows"] / dt, None))
+
+    print(f"\nAnnotation throughput, {model_dir.name}: {params / 1e6:.2f}M parameters (demo size), "
+          f"{args.tokens} tokens per image, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{os.cpu_count()} cores\n")
+    print("| mode | images | tokens | seconds | images/s | tokens/s |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for label, n, tokens, dt, ips, tps in rows:
+        tokens_s = "" if tps is None else f"{tps:.0f}"
+        print(f"| {label} | {n} | {tokens} | {dt:.2f} | {ips:.2f} | {tokens_s} |")
+    print(f"\nbatched / one at a time: {batched / single:.1f}x")
+
+
+if __name__ == "__main__":
+    main()
