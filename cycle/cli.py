@@ -330,8 +330,8 @@ def export_clip_cmd(checkpoint, out, fmt, extras):
     except (CheckpointError, ConversionError, ExportError) as err:
         raise click.ClickException(str(err)) from None
     if diffs:
-        click.echo("max abs difference to open_clip: " + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items()
-                                                                 if isinstance(v, float)))
+        click.echo("max abs difference to open_clip: " + ", ".join(f"{k} {diffs[k]:.1e}"
+                                                                 for k in ("image", "text", "logit_scale")))
     click.echo(f"{fmt}: {out}")
 
 
