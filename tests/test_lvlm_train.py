@@ -167,6 +167,7 @@ def test_merged_generates_what_model_plus_adapter_generates(world, aligned, lora
     from peft import PeftModel
 
     from cycle.lvlm import load_lvlm
+    from cycle.lvlm.common import cpu_threads_for
     from cycle.lvlm.data import decode
 
     adapter, merged, _ = lora_sft
@@ -178,8 +179,9 @@ def test_merged_generates_what_model_plus_adapter_generates(world, aligned, lora
     inputs = processor(images=[decode(r["image"]) for r in rows],
                        text=[model_input(build_prompt(r["alt_text"])) for r in rows], return_tensors="pt", padding=True)
     kwargs = dict(max_new_tokens=16, do_sample=False)
-    a = with_adapter.generate(**inputs, **kwargs)
-    b = merged_model.generate(**inputs, **kwargs)
+    with cpu_threads_for(merged_model, torch.device("cpu")):
+        a = with_adapter.generate(**inputs, **kwargs)
+        b = merged_model.generate(**inputs, **kwargs)
     assert torch.equal(a, b)
     assert (a[:, inputs.input_ids.shape[1]:] != processor.tokenizer.pad_token_id).any()
 
@@ -258,3 +260,20 @@ def test_best_previous_annotations_takes_the_top_share(tmp_path):
     assert [r["id"] for r in best] == ["s9", "s8", "s7"] and set(best[0]) == {"id", "desc", "neg_desc", "tags",
                                                                               "neg_tags"}
     assert best_previous_annotations(store, None, 1, 0.0) == []
+
+
+# ----------------------------------------------------------------------------------------------- emoji data
+def test_emoji_seeds_get_fresh_alt_text_each_epoch(tiny_store, tiny_cfg):
+    from cycle.lvlm import run_texts
+    from cycle.lvlm.data import emoji_alt_text_fn, sft_examples
+
+    examples = sft_examples(tiny_store, None, None)
+    assert len(examples) == tiny_store.count("seed") > 0
+    fresh = emoji_alt_text_fn(tiny_cfg.data.emoji, seed=0)
+    assert all(fresh(e, 0) is None for e in examples)  # epoch 0 shows the stored alt-text
+    per_epoch = [[fresh(e, epoch) for e in examples] for epoch in (1, 2)]
+    assert per_epoch[0] == [fresh(e, 1) for e in examples]  # a function of (seed, id, epoch)
+    assert sum(a != b for a, b in zip(*per_epoch)) > len(examples) // 4
+    assert all(isinstance(t, str) and t for t in per_epoch[0])
+    texts = run_texts(tiny_store, None, None)
+    assert len(texts) == tiny_store.count("samples", "split = 'train'") + len(examples)

@@ -8,6 +8,7 @@ the processor expands `<image>` to the tower's token count exactly as at annotat
 from __future__ import annotations
 
 import io
+import json
 import math
 import random
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ import torch
 from PIL import Image
 
 from ..annotate.schema import FORMULA_KEYS, IMAGE_TOKEN, build_prompt, model_input, to_target_json, validate
+from ..config import EmojiScenesConfig
 from ..store import Store
 
 ALIGN_INPUT = f"{IMAGE_TOKEN}\n"  # stage 1 shows the image alone; the answer is its description
@@ -147,6 +149,25 @@ def sft_input(alt_text_fn: Optional[Callable[[Example, int], Optional[str]]] = N
         alt = alt_text_fn(e, epoch) if alt_text_fn else None
         return model_input(build_prompt(e.alt_text if alt is None else alt))
     return text
+
+
+def emoji_alt_text_fn(cfg: EmojiScenesConfig, seed: int) -> Callable[[Example, int], Optional[str]]:
+    """Fresh web-like alt-text for emoji-scenes rows, drawn again every epoch from the scene graph with
+    the dataset's own noise (`cycle.data.emoji.altnoise`). Epoch 0 and rows without a scene keep theirs."""
+    from ..data.emoji.altnoise import corrupt
+    from ..data.emoji.vocab import load_vocab
+
+    vocab = load_vocab(cfg.vocab_size)
+
+    def fresh(e: Example, epoch: int) -> Optional[str]:
+        scene = json.loads(e.meta).get("scene") if e.meta and epoch > 0 else None
+        if not scene:
+            return None
+        rng = random.Random(f"{seed}:{e.id}:{epoch}")
+        return corrupt(scene, vocab, cfg.alt_noise, rng, cfg.max_count)[0]
+
+    fresh.__qualname__ = f"emoji_alt_text:{cfg.vocab_size}:{cfg.max_count}:{seed}"  # names it in fingerprints
+    return fresh
 
 
 def align_input(e: Example, epoch: int) -> str:

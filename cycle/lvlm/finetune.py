@@ -24,7 +24,7 @@ from .align import text_budget
 from .assemble import dir_identity, load_lvlm, write_lvlm
 from .common import FINGERPRINT_FILE, cached, eval_loss, finish, resolve_device, seed_everything, staging_dir, \
     train_loop
-from .data import Example, make_batches, sft_examples, sft_input
+from .data import Example, emoji_alt_text_fn, make_batches, sft_examples, sft_input
 
 LM_PREFIX = "model.language_model."
 
@@ -54,10 +54,13 @@ def sft(lvlm_dir: str | Path, store: Store, samples_version, seed_version, cfg: 
     """SFT of the aligned LLaVA in `lvlm_dir`. Returns (adapter dir or None, merged dir, metrics).
 
     `extra_records`: more (id + four formulas) targets beyond the seed table. `alt_text_fn(example, epoch)`
-    may return a fresh alt-text for an example each epoch (None keeps the stored one). Cached on inputs.
+    may return a fresh alt-text for an example each epoch (None keeps the stored one); by default, with
+    `lvlm.sft_fresh_alt_text` on emoji-scenes data, the dataset's own noise drawn anew. Cached on inputs.
     """
     stage, lora = cfg.lvlm.sft, cfg.lvlm.lora
     out_dir = Path(out_dir)
+    if alt_text_fn is None and cfg.lvlm.sft_fresh_alt_text and cfg.data.source == "emoji-scenes":
+        alt_text_fn = emoji_alt_text_fn(cfg.data.emoji, cfg.seed)
     extra_blob = json.dumps(extra_records or [], sort_keys=True, default=str)
     fp = fingerprint(stage, lora if lora.enabled else {"enabled": False},
                      {"base": dir_identity(lvlm_dir), "samples": samples_version, "seed_table": seed_version,
