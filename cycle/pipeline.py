@@ -169,10 +169,10 @@ def eval_inputs(ctx: Context, gen: int) -> dict:
 def eval_run(ctx: Context, gen: int):
     from .evaluate import evaluate_clip
 
-    splits = list(dict.fromkeys([ctx.cfg.eval.select_split, *ctx.cfg.eval.splits]))
     out = ctx.gen_dir(gen) / "metrics.json"
-    metrics = evaluate_clip(ctx.clip_of(gen), ctx.store, splits, ctx.cfg.eval,
-                            samples_version=ctx.data()["samples_version"], out_json=out)
+    # splits=None: eval.select_split + eval.splits, skipping those the data has not got (ingested data)
+    metrics = evaluate_clip(ctx.clip_of(gen), ctx.store, None, ctx.cfg.eval,
+                            samples_version=ctx.data()["samples_version"], out_json=out, progress=ctx.progress)
     return {"metrics": str(out)}, metrics
 
 
