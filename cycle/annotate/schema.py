@@ -22,10 +22,12 @@ FORMULA_KEYS: tuple[str, ...] = ("desc", "neg_desc", "tags", "neg_tags")
 # Each positive field and the negative field aligned with it, one to one.
 PAIRS: tuple[tuple[str, str], ...] = (("desc", "neg_desc"), ("tags", "neg_tags"))
 
-_string_list = {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1}
+_string_list = {"type": "array", "items": {"type": "string"}, "minItems": 1}
 
 # JSON schema for structured output (vLLM `StructuredOutputsParams(json=...)`, OpenAI `response_format`).
-# JSON schema cannot say "same length as another array"; `validate` checks the alignment.
+# Only keywords that strict-mode servers and grammar engines all accept (no minLength: empty strings are
+# dropped by the parser instead). JSON schema cannot say "same length as another array"; `validate` and
+# the parser check the alignment.
 FORMULA_JSON_SCHEMA: dict[str, Any] = {
     "type": "object",
     "properties": {key: dict(_string_list) for key in FORMULA_KEYS},
