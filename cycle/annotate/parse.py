@@ -25,6 +25,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from .lenient_json import LenientReader
 from .schema import FORMULA_KEYS, PAIRS
 
 _FENCE = re.compile(r"```[a-zA-Z0-9_-]*\s*\n?(.*?)(?:```|$)", re.S)
@@ -40,163 +41,6 @@ class ParseResult:
     @property
     def usable(self) -> bool:
         return self.record is not None
-
-
-class _Eof(Exception):
-    """The text ended inside a value."""
-
-
-class _LenientReader:
-    """A forgiving JSON reader: reads what a careless writer meant, noting each liberty it takes."""
-
-    _DELIMS = ",:]}"
-
-    def __init__(self, text: str, start: int):
-        self.s, self.i, self.n = text, start, len(text)
-        self.repairs: list[str] = []
-
-    def note(self, what: str) -> None:
-        if what not in self.repairs:
-            self.repairs.append(what)
-
-    def _ws(self) -> None:
-        while self.i < self.n and self.s[self.i].isspace():
-            self.i += 1
-
-    def _peek(self) -> str:
-        self._ws()
-        if self.i >= self.n:
-            raise _Eof
-        return self.s[self.i]
-
-    def value(self) -> Any:
-        c = self._peek()
-        if c == "{":
-            return self.obj()
-        if c == "[":
-            return self.arr()
-        if c in "\"'":
-            return self.string()
-        return self.bare()
-
-    def obj(self) -> dict:
-        self.i += 1
-        out: dict = {}
-        while True:
-            try:
-                c = self._peek()
-            except _Eof:
-                self.note("unterminated output closed")
-                return out
-            if c == "}":
-                self.i += 1
-                return out
-            if c == ",":
-                self.i += 1
-                try:
-                    if self._peek() == "}":
-                        self.note("trailing comma")
-                except _Eof:
-                    pass
-                continue
-            try:
-                key = self.string() if c in "\"'" else self.bare(stop=":,}")
-                if self._peek() != ":":
-                    self.note("missing colon")
-                else:
-                    self.i += 1
-                val = self.value()
-            except _Eof:
-                self.note("unterminated output closed")
-                return out  # the unfinished pair is dropped
-            out[str(key)] = val
-
-    def arr(self) -> list:
-        self.i += 1
-        out: list = []
-        expect_comma = False
-        while True:
-            try:
-                c = self._peek()
-            except _Eof:
-                self.note("unterminated output closed")
-                return out
-            if c == "]":
-                self.i += 1
-                return out
-            if c == "}":  # a list closed with the wrong bracket: let the object take it
-                self.note("mismatched bracket")
-                return out
-            if c == ",":
-                self.i += 1
-                expect_comma = False
-                try:
-                    if self._peek() == "]":
-                        self.note("trailing comma")
-                except _Eof:
-                    pass
-                continue
-            if expect_comma:
-                self.note("missing comma")
-            try:
-                out.append(self.value())
-            except _Eof:
-                self.note("unterminated output closed")
-                return out  # the unfinished item is dropped
-            expect_comma = True
-
-    def string(self) -> str:
-        quote = self.s[self.i]
-        if quote == "'":
-            self.note("single quotes")
-        self.i += 1
-        buf = []
-        while self.i < self.n:
-            c = self.s[self.i]
-            if c == "\\" and self.i + 1 < self.n:
-                nxt = self.s[self.i + 1]
-                if nxt == "u" and self.i + 6 <= self.n:
-                    try:
-                        buf.append(chr(int(self.s[self.i + 2:self.i + 6], 16)))
-                        self.i += 6
-                        continue
-                    except ValueError:
-                        pass
-                buf.append({"n": "\n", "t": "\t", "r": "\r", "b": "\b", "f": "\f"}.get(nxt, nxt))
-                self.i += 2
-                continue
-            if c == quote:
-                # A quote that is not followed by a delimiter is part of the text ("the cat's toy").
-                j = self.i + 1
-                while j < self.n and self.s[j] in " \t\r\n":
-                    j += 1
-                # A quote after a space that opens the next string means a missing comma.
-                if j >= self.n or self.s[j] in self._DELIMS or (self.s[j] == quote and j > self.i + 1):
-                    self.i += 1
-                    return "".join(buf)
-                self.note("stray quote in string")
-            buf.append(c)
-            self.i += 1
-        raise _Eof
-
-    def bare(self, stop: str = ",]}") -> Any:
-        start = self.i
-        while self.i < self.n and self.s[self.i] not in stop and self.s[self.i] not in "\n":
-            self.i += 1
-        word = self.s[start:self.i].strip()
-        if self.i >= self.n:
-            raise _Eof
-        if not word:
-            self.note("empty value")
-            return None
-        literal = {"true": True, "false": False, "null": None}
-        if word in literal:
-            return literal[word]
-        try:
-            return json.loads(word)
-        except ValueError:
-            self.note("unquoted text")
-            return word
 
 
 def _candidates(text: str) -> list[tuple[str, list[str]]]:
@@ -221,7 +65,7 @@ def _read_object(text: str) -> tuple[Optional[dict], list[str]]:
             try:
                 obj, end = json.JSONDecoder().raw_decode(body, start)
             except ValueError:
-                reader = _LenientReader(body, start)
+                reader = LenientReader(body, start)
                 obj, end = reader.value(), reader.i
                 repairs += reader.repairs
             if body[end:].strip():
@@ -234,7 +78,7 @@ def _read_object(text: str) -> tuple[Optional[dict], list[str]]:
     # The opening brace left out: the text starts at the first key.
     key = re.search(r"[\"']\s*(%s)\s*[\"']\s*:" % "|".join(FORMULA_KEYS), text)
     if key and (first_dict[0] is None or not _has_formula_key(first_dict[0])):
-        reader = _LenientReader("{" + text[key.start():], 0)
+        reader = LenientReader("{" + text[key.start():], 0)
         obj = reader.value()
         if isinstance(obj, dict) and _has_formula_key(obj):
             repairs = ["missing opening brace"] + (["text before JSON"] if text[:key.start()].strip() else [])
