@@ -4,7 +4,8 @@ It stands in for a remote paid API (the teacher), which cannot exist here. Reque
 strict server would (model, messages, content parts, image data URL that decodes to an image, optional
 bearer key, optional `response_format` support); answers come from a `responder(prompt, seed, body)`
 function. Faults are injected from a queue, one per incoming request: ("timeout", seconds) answers late,
-("429", retry_after) and ("500",) / ("503",) answer with that status.
+("429", retry_after) and ("500",) / ("503",) answer with that status, ("no-choices",) answers 200 with
+an empty `choices` list.
 """
 from __future__ import annotations
 
@@ -98,6 +99,8 @@ class ChatServer:
                 return self._error(h, 504, "late answer nobody waits for")
             if kind == "429":
                 return self._error(h, 429, "rate limit reached", {"Retry-After": str(fault[1])})
+            if kind == "no-choices":  # a 200 that breaks the protocol
+                return self._send(h, 200, {"id": "x", "object": "chat.completion", "choices": []})
             return self._error(h, int(kind), "server error")
         problem = self._check(body)
         if problem:

@@ -104,6 +104,27 @@ def test_structured_output_dropped_when_unsupported_and_bad_items(tmp_path):
             backend_for(server, base_url=server.base_url + "/wrong").generate(items(1))
 
 
+def test_protocol_breaking_answer_fails_the_item_only():
+    with ChatServer(echo) as server:
+        server.inject(("no-choices",))
+        backend = backend_for(server, concurrency=1)
+        out = backend.generate(items(2))
+        backend.close()
+        assert isinstance(out[0], FailedGeneration) and "choices[0].message.content" in out[0].reason
+        assert parse_output(out[1]).status == "ok"
+
+
+def test_retry_after_header_forms():
+    from email.utils import formatdate
+
+    from cycle.annotate.backends.openai_backend import _retry_after
+
+    assert _retry_after({"Retry-After": "3"}) == 3.0
+    assert _retry_after({"retry-after": "0.5"}) == 0.5
+    assert 5 <= _retry_after({"Retry-After": formatdate(time.time() + 10, usegmt=True)}) <= 11
+    assert _retry_after({"Retry-After": "soon"}) is None and _retry_after({}) is None
+
+
 def test_rate_limit_spaces_requests(tmp_path):
     with ChatServer(echo) as server:
         backend = backend_for(server, requests_per_minute=600, concurrency=4)  # one per 0.1 s
@@ -163,9 +184,9 @@ def test_teach_seed_and_import(tmp_path):
     rejects = store.read("rejects").to_pylist()
     assert {r["key"] for r in rejects} >= {"s00007", "s00008", "zzz"}
     jl = tmp_path / "more.jsonl"
-    jl.write_text(json.dumps({"id": "s00005", **rec}) + "\n" + json.dumps({"key": "s00009", **rec}) + "\n")
-    assert import_seed(jl, store, progress=False) | {} == {"read": 2, "valid": 2, "imported": 1,
-                                                              "already_present": 1, "seed_rows_before": 6,
-                                                              "rejected": {}}
+    jl.write_text(json.dumps({"id": "s00005", **rec}) + "\n" + json.dumps({"key": "s00009", **rec}) + "\n"
+                  + json.dumps(rec) + "\n")
+    assert import_seed(jl, store, progress=False) == {"read": 3, "valid": 2, "imported": 1, "already_present": 1,
+                                                      "seed_rows_before": 6, "rejected": {"missing_id": 1}}
     with pytest.raises(FileNotFoundError, match="do not exist"):
         import_seed(tmp_path / "absent", store)

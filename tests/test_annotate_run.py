@@ -85,6 +85,8 @@ def test_bad_inputs_are_clear_errors(tmp_path, llava_dir):
 
     with pytest.raises(BackendError, match="has no config.json"):
         annotate_generation(small_cfg(), tmp_path / "missing", store, v, 1, tmp_path / "o", progress=False)
+    with pytest.raises(ValueError, match="write_batch must be >= 1"):
+        annotate_generation(small_cfg(write_batch=0), llava_dir, store, v, 1, tmp_path / "o", progress=False)
     with pytest.raises(ValueError, match="unknown backend"):
         annotate_generation(small_cfg(backend="nope"), llava_dir, store, v, 1, tmp_path / "o", progress=False)
     assert store.count("annotations") == 0
