@@ -335,6 +335,63 @@ def export_clip_cmd(checkpoint, out, fmt, extras):
     click.echo(f"{fmt}: {out}")
 
 
+def _version_arg(value):
+    """A table version on the command line: an int, a tag such as gen-001, or None (latest)."""
+    return int(value) if value is not None and value.isdigit() else value
+
+
+@main.command("train", context_settings={"ignore_unknown_options": True})
+@click.argument("out", type=click.Path(file_okay=False))
+@click.argument("overrides", nargs=-1)
+@click.option("--run", "run_dir", type=click.Path(file_okay=False),
+              help="Train on this run's store, with its config and the versions its stages recorded.")
+@click.option("--store", "store_uri", help="A LanceDB store (instead of --run).")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="Default: RUN/config.yaml.")
+@click.option("--generation", type=int, default=0, show_default=True, help="0: alt-text only; g: gen-g annotations.")
+@click.option("--samples-version", help="Version or tag (default: the run's data stage, else latest).")
+@click.option("--annotations-version", help="Version or tag (default: the run's gen annotate stage, else latest).")
+@click.option("--seed-version", help="Also use the teacher seed annotations at this version or tag.")
+@click.option("--init-clip", type=click.Path(exists=True, file_okay=False), help="Start from this CLIP checkpoint.")
+@click.option("--progress/--no-progress", default=True)
+def train_cmd(out, overrides, run_dir, store_uri, config_path, generation, samples_version, annotations_version,
+              seed_version, init_clip, progress):
+    """Train a CLIP with the HQ-CLIP loss into OUT (OUT/model); the same command again resumes.
+
+    OVERRIDES are key=value pairs, e.g. `train.epochs=5 train.world_size=2 loss.hni_mode=pair`.
+    """
+    from pathlib import Path
+
+    from .clip.checkpoint import ResumeError
+    from .clip.train import train_clip
+
+    if bool(run_dir) == bool(store_uri):
+        raise click.ClickException("give exactly one of --run RUN_DIR or --store URI")
+    if run_dir:
+        from .controller import store_of
+        from .state import RunState
+
+        run_dir = _run_dir_arg(run_dir)
+        cfg = config_from(config_path or run_dir / "config.yaml", overrides)
+        store_uri = store_of(cfg).uri
+        state = RunState(run_dir)
+        samples_version = samples_version or state.stage(0, "data").get("outputs", {}).get("samples_version")
+        if generation:
+            annotations_version = annotations_version or state.stage(generation, "annotate").get(
+                "outputs", {}).get("annotations_version")
+    else:
+        named = any(o.startswith("name=") for o in overrides)
+        cfg = config_from(config_path, (() if named else (f"name={Path(out).name or 'train'}",)) + tuple(overrides))
+    try:
+        model_dir = train_clip(cfg, store_uri, out, _version_arg(samples_version),
+                               annotations_version=_version_arg(annotations_version) if generation else None,
+                               generation=generation or None, init_clip=init_clip, progress=progress,
+                               seed_version=_version_arg(seed_version))
+    except (ValueError, FileNotFoundError, ResumeError) as err:
+        raise click.ClickException(str(err)) from None
+    click.echo(f"clip: {model_dir}")
+    click.echo(f"log: {Path(out) / 'log.jsonl'}")
+
+
 # ------------------------------------------------------------------------------------------ annotation
 from .annotate.cli import annotate  # noqa: E402  (the group's commands import their stages lazily)
 

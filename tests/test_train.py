@@ -1,0 +1,378 @@
+"""The CLIP trainer: texts per sample, feature-cache accumulation, DeepSpeed runs (resume after SIGKILL,
+two ranks against one), generation 0, and every bad input it refuses."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cycle.clip.text import TextDrawer, build_tag_vocab, multi_hot, normalise_tag
+from cycle.config import LossConfig, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_YAML = REPO / "configs" / "tiny.yaml"
+N_TRAIN = 64
+COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40)}
+SHAPES = ["circle", "square"]
+# 64 samples, batch 16, 6 epochs: 24 steps; checkpoints every 4; feature-cache accumulation (micro 8).
+RUN_OVERRIDES = ["clip.name=hqclip-micro", "train.batch_size=16", "train.micro_batch_size=8", "train.epochs=6",
+                 "train.checkpoint_every=4", "train.log_every=1", "train.warmup_steps=3", "loss.stc_min_count=1"]
+
+
+# ----------------------------------------------------------------------------------------------- data
+def _png(color: str, shape: str, background) -> bytes:
+    from PIL import Image, ImageDraw
+
+    im = Image.new("RGB", (32, 32), background)
+    draw = ImageDraw.Draw(im)
+    (draw.ellipse if shape == "circle" else draw.rectangle)([6, 6, 26, 26], fill=COLORS[color])
+    buf = io.BytesIO()
+    im.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _annotation(i: int, color: str, shape: str) -> dict:
+    other = list(COLORS)[(list(COLORS).index(color) + 1) % 4]
+    desc = [f"the image shows a {color} {shape}.", f"the {shape} is in the middle of a dark background.",
+            f"there is exactly one {shape} in this {color} picture with nothing else around it."]
+    neg = [f"the image shows a {other} {shape}.", f"the {shape} is in the corner of a dark background.",
+           f"there are exactly two {shape}s in this {other} picture with nothing else around it."]
+    tags, neg_tags = [f"{color} {shape}s", color, "dark background"], [f"{other} {shape}", other, "bright background"]
+    if i == 6:  # a broken annotation whose negatives equal its positives: no usable negative
+        neg, neg_tags = desc, tags
+    return dict(id=f"s{i:03d}", generation=1, desc=desc, neg_desc=neg, tags=tags, neg_tags=neg_tags, raw_output="",
+                status="failed" if i == 5 else "ok", reason="", attempts=1, annotator="test", prompt_hash="",
+                score=None)
+
+
+@pytest.fixture(scope="module")
+def pair_store(tmp_path_factory):
+    """64 train + 8 val coloured shapes; generation-1 annotations for 3 in 4 train rows (one failed)."""
+    from cycle.store import Store
+
+    store = Store(tmp_path_factory.mktemp("train-store") / "lance")
+    rng = np.random.default_rng(0)
+    samples, annotations = [], []
+    for i in range(N_TRAIN + 8):
+        color, shape = list(COLORS)[i % 4], SHAPES[(i // 4) % 2]
+        background = tuple(int(v) for v in rng.integers(0, 60, 3))
+        split = "train" if i < N_TRAIN else "val"
+        samples.append(dict(id=f"s{i:03d}", image=_png(color, shape, background), source="test", split=split,
+                            alt_text=["pic", f"{color} thing", f"IMG_{i}.png"][i % 3], width=32, height=32,
+                            sha256=str(i), meta=None))
+        if split == "train" and i % 4 != 3:
+            annotations.append(_annotation(i, color, shape))
+    store.append("samples", samples)
+    store.insert_new("annotations", annotations)
+    return store
+
+
+def _cfg(*extra: str):
+    return load_config(TINY_YAML, ["name=train-test", *RUN_OVERRIDES, *extra])
+
+
+def _versions(store):
+    return store.table("samples").version, store.table("annotations").version
+
+
+@pytest.fixture
+def one_thread():
+    """Runs compared bit for bit use the same thread count as the subprocesses they are compared with."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _log(out: Path) -> tuple[list[dict], list[dict]]:
+    lines = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    return [r for r in lines if "event" not in r], [r for r in lines if "event" in r]
+
+
+def _weights(model_dir: Path) -> dict:
+    out = {f"clip.{k}": v for k, v in load_file(model_dir / "open_clip_model.safetensors").items()}
+    if (model_dir / "stc_head.safetensors").is_file():
+        out.update({f"stc.{k}": v for k, v in load_file(model_dir / "stc_head.safetensors").items()})
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference_run(pair_store, tmp_path_factory):
+    """Generation 1, one rank, in this process, uninterrupted: what the other runs must reproduce."""
+    from cycle.clip.train import train_clip
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = tmp_path_factory.mktemp("reference") / "clip"
+        samples, annotations = _versions(pair_store)
+        model_dir = train_clip(_cfg(), pair_store.uri, out, samples, annotations_version=annotations, generation=1,
+                               progress=False)
+    finally:
+        torch.set_num_threads(before)
+    return out, model_dir
+
+
+# ------------------------------------------------------------------------------------ texts per sample
+def _text_batch(n=4, **overrides):
+    desc = [f"the image shows a big red apple number {k} sitting on a wooden table near the window." for k in range(8)]
+    neg = [s.replace("red", "green") for s in desc]
+    batch = {"id": [f"s{i}" for i in range(n)], "alt_text": [f"alt {i}" for i in range(n)],
+             "desc": [desc] * n, "neg_desc": [neg] * n, "tags": [["Red Apples", "table"]] * n,
+             "neg_tags": [["green apple", "chair"]] * n, "annotated": [True] * n}
+    batch.update(overrides)
+    return batch
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    import open_clip
+
+    return open_clip.get_tokenizer("ViT-B-32")
+
+
+def _decode(tokenizer, row) -> str:
+    ids = [int(t) for t in row if int(t) not in (0, 49406, 49407)]
+    return tokenizer.decode(ids).strip()
+
+
+def test_long_descriptions_fit_the_context_by_whole_aligned_sentences(tokenizer):
+    cfg = replace(LossConfig(), long_text_prob=1.0, neg_tags_prob=0.0)
+    out = TextDrawer(cfg, tokenizer, seed=3)(_text_batch(), step=0)
+    assert out["stats"]["truncated"] == 0 and out["stats"]["long_text"] == 4
+    for pos_row, neg_row in zip(out["texts"], out["neg_texts"]):
+        assert int(pos_row[-1]) == 0  # fits with room to spare: nothing cut
+        pos, neg = _decode(tokenizer, pos_row), _decode(tokenizer, neg_row)
+        numbers = [int(k) for k in re.findall(r"number (\d+)", pos)]
+        assert 1 <= len(numbers) < 8 and numbers == sorted(numbers)  # a subset of whole sentences, in order
+        assert neg == pos.replace("red", "green")  # the negative uses the same sentences
+    assert bool(out["neg_valid"].all())
+
+
+def test_draws_depend_on_seed_step_and_id_only(tokenizer):
+    cfg = replace(LossConfig(), long_text_prob=0.5, neg_tags_prob=0.5)
+    drawer = TextDrawer(cfg, tokenizer, seed=1, tag_vocab=["red apple", "table"])
+    whole = drawer(_text_batch(n=8), step=5)
+    halves = [drawer({k: v[i:i + 4] for k, v in _text_batch(n=8).items()}, step=5) for i in (0, 4)]
+    for key in ("texts", "neg_texts", "neg_valid", "tag_targets"):
+        assert torch.equal(whole[key], torch.cat([h[key] for h in halves]))  # as one rank or as two
+    assert not torch.equal(whole["texts"], drawer(_text_batch(n=8), step=6)["texts"])
+
+
+def test_alt_text_only_without_annotation_or_in_generation_0(tokenizer):
+    cfg = replace(LossConfig(), long_text_prob=1.0)
+    batch = _text_batch(annotated=[True, False, True, False])
+    out = TextDrawer(cfg, tokenizer)(batch, step=0)
+    assert _decode(tokenizer, out["texts"][1]) == "alt 1"
+    assert out["neg_valid"].tolist() == [True, False, True, False]
+    assert "tag_targets" not in out  # no vocabulary given: STC off
+    gen0 = TextDrawer(cfg, tokenizer, use_annotations=False, tag_vocab=["table"])(batch, step=0)
+    assert [_decode(tokenizer, r) for r in gen0["texts"]] == [f"alt {i}" for i in range(4)]
+    assert "neg_texts" not in gen0 and "tag_targets" not in gen0
+
+
+def test_a_negative_identical_to_its_positive_is_dropped(tokenizer):
+    cfg = replace(LossConfig(), long_text_prob=1.0, neg_tags_prob=0.0)
+    same = _text_batch(n=2)
+    same["neg_desc"] = same["desc"]
+    out = TextDrawer(cfg, tokenizer)(same, step=0)
+    assert not bool(out["neg_valid"].any()) and out["stats"]["neg_same_as_pos"] == 2
+
+
+def test_what_cannot_fit_is_counted_not_silently_cut(tokenizer):
+    long_sentence = " ".join(["word"] * 120) + "."
+    batch = _text_batch(n=2, desc=[[long_sentence]] * 2, neg_desc=[[long_sentence.replace("word", "term")]] * 2)
+    out = TextDrawer(replace(LossConfig(), long_text_prob=1.0, neg_tags_prob=0.0), tokenizer)(batch, step=0)
+    assert out["stats"]["truncated"] == 4  # two positives and two negatives were cut by the tokenizer
+    trunc = TextDrawer(replace(LossConfig(), long_text_prob=1.0, text_fit="truncate"), tokenizer)(_text_batch(n=1), 0)
+    assert trunc["stats"]["truncated"] >= 1 and "number 0" in _decode(tokenizer, trunc["texts"][0])
+
+
+def test_tag_vocabulary_and_multi_hot_targets():
+    assert normalise_tag("  Red   Apples. ") == "red apple"
+    assert [normalise_tag(t) for t in ("boxes", "berries", "glass", "bus", "cactus")] == \
+        ["box", "berry", "glass", "bus", "cactus"]
+    lists = [["Red Apples", "box"], ["red apple", "boxes", "cat"], ["cats", "red apple", "dog"], []]
+    assert build_tag_vocab(lists, size=10, min_count=2) == ["red apple", "box", "cat"]
+    assert build_tag_vocab(lists, size=2, min_count=1) == ["red apple", "box"]
+    targets = multi_hot([["Boxes", "unknown"], []], {"red apple": 0, "box": 1})
+    assert targets.tolist() == [[0.0, 1.0], [0.0, 0.0]]
+    with pytest.raises(ValueError, match="size"):
+        build_tag_vocab(lists, size=0)
+
+
+# ------------------------------------------------------------------------------------ accumulation
+def test_feature_cache_accumulation_gives_the_full_batch_gradients(tokenizer, one_thread):
+    from cycle.clip.loss import HQClipLoss
+    from cycle.clip.model import create_clip
+    from cycle.clip.step import forward_backward, split_micro_batches
+    from cycle.clip.train_module import ClipWithTagHead
+
+    torch.manual_seed(0)
+    clip, _, _, tok = create_clip("hqclip-micro")
+    module = ClipWithTagHead(clip, num_tags=3)
+    drawer = TextDrawer(replace(LossConfig(), long_text_prob=0.5), tok, tag_vocab=["red apple", "table", "chair"])
+    inputs = drawer(_text_batch(n=8, annotated=[True] * 6 + [False] * 2), step=0)
+    inputs.pop("stats")
+    inputs["images"] = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    loss_fn = HQClipLoss(replace(LossConfig(), hni_weight=0.5, stc_weight=0.5))
+
+    def grads(micro):
+        module.zero_grad(set_to_none=True)
+        losses = forward_backward(module, loss_fn, split_micro_batches(inputs, micro), lambda l: l.backward())
+        return losses, {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+
+    full_losses, full = grads(8)
+    acc_losses, acc = grads(2)
+    assert set(full) == set(acc) and len(full) == len(list(module.parameters()))
+    for name in full:
+        assert float((full[name] - acc[name]).abs().max()) <= 1e-6 * float(full[name].abs().max()) + 1e-7, name
+    for name in full_losses:
+        assert acc_losses[name].item() == pytest.approx(full_losses[name].item(), abs=1e-6)
+
+
+# ------------------------------------------------------------------------------------ DeepSpeed runs
+def test_reference_run_writes_model_vocab_and_log(reference_run):
+    out, model_dir = reference_run
+    from cycle.clip.model import load_clip
+
+    clip, _, _, extras = load_clip(model_dir)
+    assert extras["tag_vocab"][0] == "dark background" and len(extras["tag_vocab"]) == 10
+    assert extras["stc_head"]["weight"].shape == (10, 64)
+    assert float(clip.logit_scale.detach().exp()) <= 100.0 + 1e-4
+    steps, events = _log(out)
+    assert [r["step"] for r in steps] == list(range(1, 25))
+    assert events[0]["plan"]["accum_steps"] == 2 and events[0]["stc_weight"] == 1.0
+    assert {"clip_loss", "hni_loss", "stc_loss", "lr", "samples_per_s", "logit_scale"} <= set(steps[0])
+    assert steps[-1]["clip_loss"] < steps[0]["clip_loss"]
+    assert max(r["lr"] for r in steps) == pytest.approx(5e-4) and steps[-1]["lr"] < 1e-5  # warmup, cosine
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_ends_with_the_uninterrupted_weights(pair_store, reference_run, tmp_path, one_thread):
+    from cycle.clip.train import train_clip
+
+    out = tmp_path / "clip"
+    samples, annotations = _versions(pair_store)
+    cmd = [sys.executable, "-m", "cycle.cli", "train", str(out), "--store", pair_store.uri, "--config", str(TINY_YAML),
+           "--generation", "1", "--samples-version", str(samples), "--annotations-version", str(annotations),
+           "--no-progress", "name=train-test", *RUN_OVERRIDES]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu")
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    latest = out / "checkpoints" / "latest"
+    deadline = time.time() + 120
+    while not latest.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    _, err = proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, err.decode()[-2000:]
+    assert not (out / "model").exists()  # killed mid-run
+
+    model_dir = train_clip(_cfg(), pair_store.uri, out, samples, annotations_version=annotations, generation=1,
+                           progress=False)
+    steps, events = _log(out)
+    resumed_at = [e["step"] for e in events if e["event"] == "resume"]
+    assert len(resumed_at) == 1 and 0 < resumed_at[0] < 24
+    assert [r["step"] for r in steps] == list(range(1, 25))  # no step lost, none twice
+    ref, got = _weights(reference_run[1]), _weights(model_dir)
+    assert set(ref) == set(got)
+    for name in ref:
+        assert torch.equal(ref[name], got[name]), name  # bitwise
+    assert not list((out / "checkpoints").glob("tmp-*"))
+
+
+@pytest.mark.slow
+def test_two_ranks_give_the_losses_and_weights_of_one_rank(pair_store, reference_run, tmp_path):
+    from cycle.clip.train import train_clip
+
+    samples, annotations = _versions(pair_store)
+    out = tmp_path / "clip"
+    # 2 ranks x 8 samples, each in micro-batches of 4: gather across ranks and feature cache together.
+    model_dir = train_clip(_cfg("train.world_size=2", "train.micro_batch_size=4"), pair_store.uri, out, samples,
+                           annotations_version=annotations, generation=1, progress=False)
+    ref_steps, _ = _log(reference_run[0])
+    steps, _ = _log(out)
+    assert len(steps) == len(ref_steps) == 24
+    for a, b in zip(ref_steps, steps):
+        for term in ("clip_loss", "hni_loss", "stc_loss"):
+            assert b[term] == pytest.approx(a[term], abs=1e-5), (a["step"], term)
+    ref, got = _weights(reference_run[1]), _weights(model_dir)
+    assert max(float((ref[k] - got[k]).abs().max()) for k in ref) < 1e-4
+
+
+def test_generation_0_trains_on_alt_text_without_hni_or_stc(pair_store, tmp_path):
+    from cycle.clip.train import train_clip
+
+    samples, _ = _versions(pair_store)
+    model_dir = train_clip(_cfg("train.epochs=1", "train.micro_batch_size=0"), pair_store.uri, tmp_path / "clip",
+                           samples, progress=False)
+    steps, events = _log(tmp_path / "clip")
+    assert events[0]["hni_weight"] == 0.0 and events[0]["stc_weight"] == 0.0
+    assert len(steps) == 4 and "hni_loss" not in steps[0] and "stc_loss" not in steps[0]
+    assert all(r["long_text_share"] == 0.0 for r in steps)
+    assert not (model_dir / "stc_head.safetensors").exists() and not (model_dir / "tag_vocab.json").exists()
+
+
+# ------------------------------------------------------------------------------------ bad inputs
+@pytest.mark.parametrize("overrides,message", [
+    (["train.world_size=3"], "train.batch_size"),
+    (["train.micro_batch_size=5"], "train.micro_batch_size"),
+    (["train.batch_size=128", "train.micro_batch_size=0"], "fewer than one batch"),
+    (["train.zero_stage=3"], "train.zero_stage"),
+])
+def test_bad_sizes_are_refused_before_anything_starts(pair_store, tmp_path, overrides, message):
+    from cycle.clip.train import train_clip
+
+    with pytest.raises(ValueError, match=message):
+        train_clip(_cfg(*overrides), pair_store.uri, tmp_path / "clip", _versions(pair_store)[0], progress=False)
+    assert not (tmp_path / "clip" / "checkpoints").exists()
+
+
+def test_a_generation_without_annotations_is_refused(pair_store, tmp_path):
+    from cycle.clip.train import train_clip
+
+    samples, annotations = _versions(pair_store)
+    with pytest.raises(ValueError, match="generation 2 has no usable annotations"):
+        train_clip(_cfg(), pair_store.uri, tmp_path / "clip", samples, annotations_version=annotations, generation=2)
+
+
+def test_resuming_into_another_runs_directory_is_refused(pair_store, reference_run):
+    from cycle.clip.checkpoint import ResumeError
+    from cycle.clip.train import train_clip
+
+    samples, annotations = _versions(pair_store)
+    before = (reference_run[0] / "checkpoints" / "run.json").read_text()
+    with pytest.raises(ResumeError, match="train.lr"):
+        train_clip(_cfg("train.lr=0.001"), pair_store.uri, reference_run[0], samples,
+                   annotations_version=annotations, generation=1)
+    assert (reference_run[0] / "checkpoints" / "run.json").read_text() == before
+
+
+def test_missing_init_clip_and_store_are_clear_errors(pair_store, tmp_path):
+    from cycle.clip.train import train_clip
+
+    with pytest.raises(FileNotFoundError, match="init_clip"):
+        train_clip(_cfg(), pair_store.uri, tmp_path / "a", 1, init_clip=tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="no LanceDB store"):
+        train_clip(_cfg(), tmp_path / "no-store", tmp_path / "b", 1)
+
+
+def test_cli_needs_one_data_source(tmp_path):
+    from click.testing import CliRunner
+
+    from cycle.cli import main
+
+    result = CliRunner().invoke(main, ["train", str(tmp_path / "out")])
+    assert result.exit_code != 0 and "exactly one of --run" in result.output
