@@ -397,6 +397,11 @@ from .annotate.cli import annotate  # noqa: E402  (the group's commands import t
 
 main.add_command(annotate)
 
+# ------------------------------------------------------------------------------------------ LVLM
+from .lvlm.cli import lvlm  # noqa: E402  (the group's commands import their stages lazily)
+
+main.add_command(lvlm)
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -55,11 +55,22 @@ def tiny_lm_config(cfg: LMConfig, tokenizer) -> LlamaConfig:
         pad_token_id=tokenizer.pad_token_id)
 
 
+def _length_grouped(ids: list[list[int]], batch_size: int, gen: torch.Generator) -> list[list[int]]:
+    """Shuffled batches of similar lengths: short alt-texts and long seed sequences mixed in one batch
+    would be mostly padding. Sort within random windows of 32 batches, then shuffle the batches."""
+    order = torch.randperm(len(ids), generator=gen).tolist()
+    window = 32 * batch_size
+    groups = []
+    for w in range(0, len(order), window):
+        chunk = sorted(order[w:w + window], key=lambda i: len(ids[i]))
+        groups += [chunk[s:s + batch_size] for s in range(0, len(chunk), batch_size)]
+    return [groups[i] for i in torch.randperm(len(groups), generator=gen).tolist()]
+
+
 def _text_batches(ids: list[list[int]], batch_size: int, pad_id: int, seed: int):
     def batches(epoch: int):
-        order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
-        for start in range(0, len(order), batch_size):
-            rows = [ids[i] for i in order[start:start + batch_size]]
+        for group in _length_grouped(ids, batch_size, torch.Generator().manual_seed(seed * 1000 + epoch)):
+            rows = [ids[i] for i in group]
             width = max(len(r) for r in rows)
             input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
             mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -93,7 +104,7 @@ def prepare_lm(cfg: LMConfig, texts: Iterable[str], out_dir: str | Path, seed: i
     dev = resolve_device(device)
     model.to(dev)
     ids = [enc[:cfg.max_length - 1] + [tokenizer.eos_token_id] for enc in tokenizer(texts).input_ids]
-    steps = (len(ids) + cfg.batch_size - 1) // cfg.batch_size
+    steps = len(_length_grouped(ids, cfg.batch_size, torch.Generator()))
     losses = train_loop(model, list(model.parameters()), _text_batches(ids, cfg.batch_size, tokenizer.pad_token_id, seed),
                         cfg.pretrain_epochs, steps, cfg.pretrain_lr, warmup=min(50, steps), device=dev,
                         desc="pretrain tiny LM", progress=progress, weight_decay=0.01)

@@ -1,0 +1,105 @@
+"""`hqclip lvlm ...`: build and train one generation's LVLM by hand, or ask it about images.
+
+Registered on the root command in `cycle/cli.py`. Thin: settings, store, the stage functions, a summary.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+STAGES = ("lm", "build", "align", "sft")
+
+
+def _settings(run_dir: str, config_path, overrides):
+    """(config, store, samples version, seed version): the data stage's pinned versions when the run has
+    them, else the tables' current versions."""
+    from ..cli import config_from
+    from ..state import RunState
+    from ..store import Store
+
+    path = Path(config_path) if config_path else Path(run_dir) / "config.yaml"
+    cfg = config_from(path if path.is_file() else None, [f"name={Path(run_dir).name}", *overrides])
+    store = Store(cfg.store.uri or Path(run_dir) / "lance")
+    outputs = {}
+    if (Path(run_dir) / "state.json").is_file():
+        outputs = RunState(run_dir).stage(0, "data").get("outputs", {})
+    if not store.has("seed") or store.count("seed") == 0:
+        raise click.ClickException(f"no seed annotations in {store.uri}: build the data or import a seed set first")
+    return (cfg, store, outputs.get("samples_version", store.pin("samples").version),
+            outputs.get("seed_version", store.pin("seed").version))
+
+
+@click.group()
+def lvlm():
+    """The LVLM annotator: a LLaVA whose vision tower is a CLIP checkpoint."""
+
+
+@lvlm.command("train")
+@click.argument("clip_dir", type=click.Path(file_okay=False, exists=True))
+@click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False), help="Run directory.")
+@click.option("--out", type=click.Path(file_okay=False), help="Default: RUN/lvlm-manual.")
+@click.option("--stop-after", type=click.Choice(STAGES), default="sft", show_default=True)
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="Default: RUN/config.yaml if any.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="e.g. lvlm.lora.enabled=false")
+@click.option("--progress/--no-progress", default=True)
+def lvlm_train(clip_dir, run_dir, out, stop_after, config_path, overrides, progress):
+    """LM -> LLaVA on CLIP_DIR -> projector alignment -> SFT, each cached in OUT; prints the metrics."""
+    from . import align_projector, build_lvlm, prepare_lm, run_texts, sft
+
+    cfg, store, sv, seedv = _settings(run_dir, config_path, overrides)
+    out = Path(out) if out else Path(run_dir) / "lvlm-manual"
+    last = STAGES.index(stop_after)
+    metrics: dict = {}
+    try:
+        lm = prepare_lm(cfg.lvlm.lm, run_texts(store, sv, seedv), out / "lm", seed=cfg.seed, progress=progress,
+                        device=cfg.device)
+        click.echo(f"lm: {lm}")
+        if last >= 1:
+            model = build_lvlm(clip_dir, lm, cfg.lvlm, out / "base", seed=cfg.seed)
+            click.echo(f"base: {model}")
+        if last >= 2:
+            model, m = align_projector(model, store, sv, seedv, cfg, out / "aligned", progress=progress)
+            metrics.update(m)
+            click.echo(f"aligned: {model}")
+        if last >= 3:
+            adapter, merged, m = sft(model, store, sv, seedv, cfg, out / "sft", progress=progress)
+            metrics.update(m)
+            click.echo(f"adapter: {adapter}\nmerged: {merged}")
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        raise click.ClickException(str(err)) from None
+    for key, value in metrics.items():
+        click.echo(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
+
+
+@lvlm.command("ask")
+@click.argument("model_dir", type=click.Path(file_okay=False, exists=True))
+@click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False, exists=True))
+@click.option("--alt", "alt_text", default="", help="The alt-text given as the reference.")
+@click.option("--max-new-tokens", default=96, show_default=True)
+def lvlm_ask(model_dir, images, alt_text, max_new_tokens):
+    """Greedy answers of an LVLM directory for IMAGES, with the annotation prompt; one JSON line each."""
+    import torch
+    from PIL import Image, UnidentifiedImageError
+
+    from ..annotate.schema import build_prompt, model_input
+    from .assemble import load_lvlm
+    from .common import cpu_threads_for
+
+    try:
+        pictures = [Image.open(p).convert("RGB") for p in images]
+    except (UnidentifiedImageError, OSError) as err:
+        raise click.ClickException(f"cannot read image: {err}") from None
+    try:
+        model, processor = load_lvlm(model_dir)
+    except (OSError, ValueError) as err:
+        raise click.ClickException(str(err).splitlines()[0]) from None
+    processor.tokenizer.padding_side = "left"
+    inputs = processor(images=pictures, text=[model_input(build_prompt(alt_text))] * len(pictures),
+                       return_tensors="pt", padding=True)
+    with torch.no_grad(), cpu_threads_for(model, torch.device("cpu")):
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    answers = processor.batch_decode(out[:, inputs.input_ids.shape[1]:], skip_special_tokens=True)
+    for path, answer in zip(images, answers):
+        click.echo(json.dumps({"image": str(path), "answer": answer}, ensure_ascii=False))
