@@ -189,6 +189,7 @@ class VLLMBackendConfig:
     python: str = ""  # python of a separate vLLM environment; empty: import vllm here
     mode: str = "offline"  # "offline" (vllm.LLM) or "server" (OpenAI-compatible server)
     gpu_memory_utilization: float = 0.85
+    cpu_memory_utilization: float = 0.2  # vLLM on a CPU: share of RAM it reserves (its gpu_memory_utilization there)
     max_num_seqs: int = 256
 
 

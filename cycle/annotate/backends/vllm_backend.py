@@ -62,8 +62,12 @@ def prepare_vllm_model(model_dir: str | Path, out_dir: str | Path) -> Path:
 class VLLMBackend:
     def __init__(self, cfg: Any, model_dir: Optional[str | Path], lora_dir: Optional[str | Path] = None,
                  out_dir: Optional[str | Path] = None, structured: bool = True, min_new_tokens: int = 0,
-                 startup_timeout_s: float = 900.0, device: str = "auto"):
-        """`cfg` is an `AnnotateConfig`. `structured=False` leaves decoding unconstrained."""
+                 startup_timeout_s: float = 900.0, device: str = "auto", logprobs: int = 0,
+                 schema: Optional[dict] = None, dtype: str = "auto"):
+        """`cfg` is an `AnnotateConfig`. `structured=False` leaves decoding unconstrained (also settable per
+        call through the `structured` attribute); `schema` replaces the four-formula JSON schema;
+        `logprobs=k` keeps the top-k log-probabilities of every generated token in `last_logprobs`; `dtype`
+        is vLLM's ("auto": bfloat16 on a CPU, the checkpoint's on a GPU)."""
         self.inner = None
         self.proc = None
         self.generated_tokens = 0
@@ -83,7 +87,7 @@ class VLLMBackend:
         out_dir = Path(out_dir) if out_dir else Path(model_dir).parent
         out_dir.mkdir(parents=True, exist_ok=True)
         served = prepare_vllm_model(model_dir, out_dir / "vllm-model")
-        self.temperature = cfg.temperature
+        self.temperature, self.structured = cfg.temperature, structured
         self.fingerprint = f"vllm:{Path(model_dir).name}:{weights}:{adapter}"
         python = vcfg.python or sys.executable
         if not Path(python).exists() and shutil.which(python) is None:
@@ -92,7 +96,9 @@ class VLLMBackend:
         worker_cfg = {"model": str(served), "lora": str(lora_dir) if lora_dir else None,
                       "max_new_tokens": cfg.max_new_tokens, "min_new_tokens": min_new_tokens,
                       "max_num_seqs": vcfg.max_num_seqs, "gpu_memory_utilization": vcfg.gpu_memory_utilization,
-                      "device": device, "schema": FORMULA_JSON_SCHEMA if structured else None}
+                      "cpu_memory_utilization": vcfg.cpu_memory_utilization,
+                      "device": device, "schema": schema or FORMULA_JSON_SCHEMA,
+                      "logprobs": logprobs, "dtype": dtype}
         (out_dir / "vllm-worker.json").write_text(json.dumps(worker_cfg, indent=1))
         self.log_path = out_dir / "vllm-worker.log"
         self.log = open(self.log_path, "ab")
@@ -142,13 +148,15 @@ class VLLMBackend:
             return outputs
         temperature = self.temperature if temperature is None else temperature
         self.proc.stdin.write(json.dumps({"prompts": prompts, "images": images, "seed": seed,
-                                          "temperature": temperature}) + "\n")
+                                          "temperature": temperature, "structured": self.structured}) + "\n")
         self.proc.stdin.flush()
         reply = self._read(3600, "generation")
         if "error" in reply:
             raise BackendError(f"vLLM worker failed on a batch: {reply['error']} (log: {self.log_path})")
         self.generated_tokens += reply.get("tokens", 0)
         self.last_token_ids = reply.get("token_ids")
+        self.last_prompt_token_ids = reply.get("prompt_token_ids")
+        self.last_logprobs = reply.get("logprobs")
         for i, text in zip(where, reply["outputs"]):
             outputs[i] = text
         return outputs
