@@ -275,5 +275,18 @@ def test_emoji_seeds_get_fresh_alt_text_each_epoch(tiny_store, tiny_cfg):
     assert per_epoch[0] == [fresh(e, 1) for e in examples]  # a function of (seed, id, epoch)
     assert sum(a != b for a, b in zip(*per_epoch)) > len(examples) // 4
     assert all(isinstance(t, str) and t for t in per_epoch[0])
-    texts = run_texts(tiny_store, None, None)
+    texts = list(run_texts(tiny_store, None, None))
     assert len(texts) == tiny_store.count("samples", "split = 'train'") + len(examples)
+
+
+def test_samples_by_id_fetches_in_chunks_and_quotes_ids(tmp_path):
+    from cycle.lvlm.data import samples_by_id
+    from cycle.store import Store
+
+    store = Store(tmp_path / "lance")
+    samples, _ = shapes_rows(5)
+    samples[2]["id"] = "it's \"odd\""
+    store.append("samples", samples)
+    got = samples_by_id(store, None, [s["id"] for s in samples[1:]] + ["absent"], chunk=2)
+    assert sorted(got) == sorted(s["id"] for s in samples[1:])
+    assert got["it's \"odd\""]["image"] == samples[2]["image"]

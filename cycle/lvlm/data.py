@@ -34,10 +34,16 @@ class Example:
     meta: Optional[str] = field(default=None, repr=False)
 
 
-def _samples_by_id(store: Store, samples_version, ids: Optional[set] = None) -> dict[str, dict]:
-    table = store.read("samples", ["id", "image", "alt_text", "meta"], version=samples_version)
-    rows = table.to_pylist()
-    return {r["id"]: r for r in rows if ids is None or r["id"] in ids}
+def samples_by_id(store: Store, samples_version, ids, columns=("id", "image", "alt_text", "meta"),
+                  chunk: int = 1000) -> dict[str, dict]:
+    """The `samples` rows of `ids` at a version, fetched by filter in chunks (never the whole table)."""
+    ids = sorted(set(ids))
+    out: dict[str, dict] = {}
+    for start in range(0, len(ids), chunk):
+        quoted = ", ".join("'" + i.replace("'", "''") + "'" for i in ids[start:start + chunk])
+        rows = store.read("samples", list(columns), f"id IN ({quoted})", version=samples_version).to_pylist()
+        out.update((r["id"], r) for r in rows)
+    return out
 
 
 def seed_records(store: Store, seed_version) -> list[dict]:
@@ -54,7 +60,7 @@ def align_examples(store: Store, samples_version, seed_version, extra_ids=None) 
     samples with their own alt-text as the caption (LLaVA's stage 1 used filtered web captions)."""
     recs = seed_records(store, seed_version)
     extra_ids = set(extra_ids or ()) - {r["id"] for r in recs}
-    samples = _samples_by_id(store, samples_version, {r["id"] for r in recs} | extra_ids)
+    samples = samples_by_id(store, samples_version, {r["id"] for r in recs} | extra_ids)
     out = [Example(r["id"], samples[r["id"]]["image"], samples[r["id"]]["alt_text"] or "", " ".join(r["desc"]),
                    meta=samples[r["id"]]["meta"]) for r in recs if r["id"] in samples]
     out += [Example(i, samples[i]["image"], samples[i]["alt_text"], samples[i]["alt_text"], meta=samples[i]["meta"])
@@ -75,7 +81,7 @@ def sft_examples(store: Store, samples_version, seed_version, extra_records=None
         if r["id"] not in seen:
             seen.add(r["id"])
             recs.append(r)
-    samples = _samples_by_id(store, samples_version, seen)
+    samples = samples_by_id(store, samples_version, seen)
     out = []
     for r in recs:
         s = samples.get(r["id"])

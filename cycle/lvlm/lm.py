@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -19,20 +19,22 @@ from ..annotate.schema import FORMULA_KEYS, build_prompt, model_input, to_target
 from ..config import LMConfig, fingerprint
 from ..store import Store
 from .common import cached, finish, resolve_device, seed_everything, staging_dir, train_loop
+from .data import samples_by_id
 from .tokenizer import train_tokenizer
 
 
-def run_texts(store: Store, samples_version: int | str | None, seed_version: int | str | None) -> list[str]:
-    """The run's text the tiny LM learns from: every training alt-text, and for each seed row the whole
-    model input (prompt with its alt-text) followed by the teacher's answer JSON, as SFT will show it."""
-    samples = store.read("samples", ["id", "alt_text"], "split = 'train'", version=samples_version)
-    alt = dict(zip(samples.column("id").to_pylist(), samples.column("alt_text").to_pylist()))
-    texts = [a for a in alt.values() if a]
+def run_texts(store: Store, samples_version: int | str | None, seed_version: int | str | None) -> Iterator[str]:
+    """The run's text the tiny LM learns from: every training alt-text, and for each seed row of the
+    training split the whole model input (prompt with its alt-text) followed by the teacher's answer
+    JSON, as SFT will show it. Lazy: nothing is read until iterated (a hub LM never iterates it)."""
+    for batch in store.scan("samples", ["alt_text"], "split = 'train'", version=samples_version):
+        yield from (a for a in batch.column("alt_text").to_pylist() if a)
     seeds = store.read("seed", ["id", *FORMULA_KEYS], version=seed_version).to_pylist()
+    rows = samples_by_id(store, samples_version, [r["id"] for r in seeds], columns=("id", "alt_text", "split"))
     for rec in seeds:
-        if rec["id"] in alt:
-            texts.append(model_input(build_prompt(alt[rec["id"]])) + to_target_json(rec))
-    return texts
+        row = rows.get(rec["id"])
+        if row is not None and row["split"] == "train":
+            yield model_input(build_prompt(row["alt_text"])) + to_target_json(rec)
 
 
 def texts_hash(texts: list[str]) -> str:
