@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def build_demo_llava(work: Path) -> Path:
+def build_demo_llava(work: Path, num_heads: int = 0) -> Path:
     from cycle.annotate.schema import build_prompt, model_input, to_target_json
     from cycle.clip.model import create_clip, save_clip
     from cycle.config import load_config
@@ -44,6 +44,8 @@ def build_demo_llava(work: Path) -> Path:
                "tags": alt.split()[:2], "neg_tags": alt.split()[2:]}
         texts.append(model_input(build_prompt(alt)) + to_target_json(rec))
     cfg.lvlm.lm.pretrain_epochs = 0
+    if num_heads:
+        cfg.lvlm.lm.num_heads = num_heads
     lm_dir = prepare_lm(cfg.lvlm.lm, texts, work / "lm", progress=False)
     return build_lvlm(clip_dir, lm_dir, cfg.lvlm, work / "lvlm")
 
@@ -72,6 +74,8 @@ def main() -> None:
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                     help="bfloat16 pays off on CPUs with AVX512-BF16/AMX (greedy outputs may differ from float32)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--vllm-python", default="", help="also time the vllm backend with this python (its CPU "
+                    "attention needs head_dim 32/64/80/...: the LM then gets 3 heads of 64 instead of 4 of 48)")
     args = ap.parse_args()
 
     import torch
@@ -84,7 +88,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="bench-annotate-"))
-    model_dir = build_demo_llava(work)
+    model_dir = build_demo_llava(work, num_heads=3 if args.vllm_python else 0)
     backend = TransformersBackend(model_dir, device="cpu", max_new_tokens=args.tokens, min_new_tokens=args.tokens,
                                   dtype=getattr(torch, args.dtype))
     params = sum(p.numel() for p in backend.model.parameters())
@@ -94,7 +98,7 @@ def main() -> None:
 
     rows = []
 
-    def timed(label: str, batches: list[list]) -> float:
+    def timed(label: str, batches: list[list], backend=backend) -> float:
         """Best of `args.repeats` (other jobs share these cores: the fastest run is the least disturbed)."""
         best = None
         for _ in range(args.repeats):
@@ -124,6 +128,22 @@ def main() -> None:
     dt = time.perf_counter() - t0
     rows.append((f"whole pass (annotate_generation, batch {args.batch})", stats["rows"],
                  stats["this_run"]["generated_tokens"], dt, stats["rows"] / dt, None))
+
+    if args.vllm_python:
+        from cycle.annotate.backends.vllm_backend import VLLMBackend
+
+        vcfg = AnnotateConfig(backend="vllm", max_new_tokens=args.tokens, temperature=0.0)
+        vcfg.vllm.python = args.vllm_python
+        t0 = time.perf_counter()
+        vllm = VLLMBackend(vcfg, model_dir, out_dir=work / "vllm", structured=False, min_new_tokens=args.tokens,
+                           device="cpu", dtype=args.dtype)
+        start = time.perf_counter() - t0
+        try:
+            vllm.generate(data[: args.batch])  # warm-up
+            timed(f"vllm offline, batch {args.batch} (start {start:.0f} s)", [data[: args.batch]], vllm)
+            timed("vllm offline, one at a time", [[x] for x in data[: args.single]], vllm)
+        finally:
+            vllm.close()
 
     print(f"\nAnnotation throughput, {model_dir.name}: {params / 1e6:.2f}M parameters (demo size), "
           f"{args.tokens} tokens per image, {args.dtype}, torch {torch.__version__}, {torch.get_num_threads()} threads, "

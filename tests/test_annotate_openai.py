@@ -166,6 +166,14 @@ def test_teach_seed_and_import(tmp_path):
         with pytest.raises(ValueError, match="not in samples"):
             teach_seed(cfg, store, v, ["nope"], tmp_path / "teach", progress=False)
 
+    with ChatServer(lambda prompt, seed, body: "no idea") as server:  # a teacher that never answers usefully
+        cfg.openai.base_url = server.base_url
+        stats = teach_seed(cfg, store, v, ["s00004"], tmp_path / "teach2", progress=False)
+        assert stats == stats | {"asked": 1, "written": 0, "failed": 1} and len(server.requests) == 2
+    rejected = [r for r in store.read("rejects").to_pylist() if r["source"] == "teacher"]
+    assert [(r["key"], r["reason"]) for r in rejected] == [("s00004", "teacher_output_unusable")]
+    assert "no JSON object" in rejected[0]["detail"] and "no idea" in rejected[0]["detail"]
+
     # Import: a directory of <id>.json, a JSONL file; bad documents land in rejects with a reason.
     rec = {"desc": ["the image shows a cup."], "neg_desc": ["the image shows a bowl."], "tags": ["cup"],
            "neg_tags": ["bowl"]}
@@ -181,8 +189,8 @@ def test_teach_seed_and_import(tmp_path):
     assert stats["imported"] == 2 and stats["read"] == 6
     assert stats["rejected"] == {"unreadable_json": 1, "invalid_annotation": 1, "failed_annotation": 1,
                                  "unknown_id": 1}
-    rejects = store.read("rejects").to_pylist()
-    assert {r["key"] for r in rejects} >= {"s00007", "s00008", "zzz"}
+    rejects = [r for r in store.read("rejects").to_pylist() if r["source"].startswith("seed-import:")]
+    assert {r["key"] for r in rejects} == {"s00007", "s00008", "s00009", "zzz"}
     jl = tmp_path / "more.jsonl"
     jl.write_text(json.dumps({"id": "s00005", **rec}) + "\n" + json.dumps({"key": "s00009", **rec}) + "\n"
                   + json.dumps(rec) + "\n")
