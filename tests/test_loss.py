@@ -252,3 +252,13 @@ def test_two_ranks_give_the_loss_and_gradients_of_one_rank():
         for k in FEATURES:
             both = torch.tensor(results[cfg.hni_mode, 0][1][k] + results[cfg.hni_mode, 1][1][k])
             assert torch.allclose(both, one[k].grad, atol=1e-6), (cfg.hni_mode, k)
+
+
+def test_text_tower_cut_to_length_buckets_gives_the_full_context_features(micro_clip):
+    from cycle.clip.train_module import encode_text
+
+    clip, tokenizer = micro_clip
+    texts = ["a cat", "two red apples on a table", " ".join(["word"] * 90), "", "a b c d e f g h", "dog!"]
+    tokens = tokenizer(texts)
+    ours, full = encode_text(clip, tokens), clip.encode_text(tokens, normalize=True)
+    assert torch.allclose(ours, full, atol=1e-6)
