@@ -312,16 +312,18 @@ def test_two_ranks_give_the_losses_and_weights_of_one_rank(pair_store, reference
     assert max(float((ref[k] - got[k]).abs().max()) for k in ref) < 1e-4
 
 
-def test_generation_0_trains_on_alt_text_without_hni_or_stc(pair_store, tmp_path):
+def test_generation_0_trains_on_alt_text_without_hni_or_stc(pair_store, reference_run, tmp_path):
     from cycle.clip.train import train_clip
 
     samples, _ = _versions(pair_store)
+    # Started from a trained CLIP (the controller's clip.init=previous): its first loss is already low.
     model_dir = train_clip(_cfg("train.epochs=1", "train.micro_batch_size=0"), pair_store.uri, tmp_path / "clip",
-                           samples, progress=False)
+                           samples, init_clip=reference_run[1], progress=False)
     steps, events = _log(tmp_path / "clip")
     assert events[0]["hni_weight"] == 0.0 and events[0]["stc_weight"] == 0.0
     assert len(steps) == 4 and "hni_loss" not in steps[0] and "stc_loss" not in steps[0]
     assert all(r["long_text_share"] == 0.0 for r in steps)
+    assert steps[0]["clip_loss"] < 0.9 * np.log(16)  # chance level of a batch of 16
     assert not (model_dir / "stc_head.safetensors").exists() and not (model_dir / "tag_vocab.json").exists()
 
 
@@ -367,6 +369,15 @@ def test_missing_init_clip_and_store_are_clear_errors(pair_store, tmp_path):
         train_clip(_cfg(), pair_store.uri, tmp_path / "a", 1, init_clip=tmp_path / "nope")
     with pytest.raises(FileNotFoundError, match="no LanceDB store"):
         train_clip(_cfg(), tmp_path / "no-store", tmp_path / "b", 1)
+
+
+def test_an_initial_clip_of_another_architecture_is_refused(pair_store, tmp_path):
+    from cycle.clip.model import create_clip, save_clip
+    from cycle.clip.train import train_clip
+
+    other = save_clip(create_clip("hqclip-micro")[0], "hqclip-micro", tmp_path / "micro")
+    with pytest.raises(ValueError, match="clip.name"):
+        train_clip(_cfg("clip.name=hqclip-tiny"), pair_store.uri, tmp_path / "clip", 1, init_clip=other)
 
 
 def test_cli_needs_one_data_source(tmp_path):

@@ -101,20 +101,19 @@ def prepare(cfg: RunConfig, store_uri, out_dir, samples_version, annotations_ver
             init_clip=None, progress=True, seed_version=None) -> TrainJob:
     from ..data.loader import PairDataset
     from . import checkpoint
-    from .model import create_clip
     from .text import build_tag_vocab
 
     out_dir = Path(out_dir)
     use_annotations = bool(generation)
-    if init_clip is not None and not Path(init_clip).is_dir():
-        raise FileNotFoundError(f"init_clip '{init_clip}' is not a CLIP checkpoint directory")
+    if init_clip is not None:
+        _check_init_clip(init_clip, cfg.clip.name)
     if use_annotations:
         _require_annotations(store_uri, generation, annotations_version)
-    _, _, preprocess_val, _ = create_clip(cfg.clip.name)  # the deterministic transform; crops come later
+    # The CLIP's (deterministic) transform is set by each rank once it has built the model.
     dataset = PairDataset(store_uri, "train", samples_version=samples_version,
                           annotations_version=annotations_version if use_annotations else None,
                           generation=generation if use_annotations else None,
-                          seed_version=seed_version if use_annotations else None, transform=preprocess_val)
+                          seed_version=seed_version if use_annotations else None)
     plan = TrainPlan.make(cfg, len(dataset))
     hni = cfg.loss.hni_weight if use_annotations else 0.0
     stc = cfg.loss.stc_weight if use_annotations else 0.0
@@ -146,6 +145,19 @@ def prepare(cfg: RunConfig, store_uri, out_dir, samples_version, annotations_ver
     identity["fingerprint"] = fingerprint(identity)
     checkpoint.check_run(out_dir / "checkpoints", identity)
     return job
+
+
+def _check_init_clip(init_clip, name: str) -> None:
+    from .model import CheckpointError, read_checkpoint_config
+
+    if not Path(init_clip).is_dir():
+        raise FileNotFoundError(f"init_clip '{init_clip}' is not a CLIP checkpoint directory")
+    try:
+        arch = read_checkpoint_config(init_clip).get("model_name")
+    except CheckpointError as err:
+        raise FileNotFoundError(str(err)) from None
+    if arch != name:
+        raise ValueError(f"init_clip '{init_clip}' is a {arch} but config key 'clip.name' asks for {name}")
 
 
 def _require_annotations(store_uri, generation: int, annotations_version) -> None:
@@ -213,7 +225,8 @@ def worker(job: TrainJob) -> None:
 
         bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank (and rank 0's are broadcast)
-        clip, _, _, tokenizer = create_clip(cfg.clip.name, pretrained=job.init_clip or cfg.clip.pretrained)
+        clip, _, preprocess_val, tokenizer = create_clip(cfg.clip.name, pretrained=job.init_clip or cfg.clip.pretrained)
+        job.dataset.transform = preprocess_val  # deterministic; the random crops are drawn per sample later
         module = ClipWithTagHead(clip, num_tags=len(job.tag_vocab) if job.stc_weight else 0)
         module.init_tag_prior(job.tag_positive_rate)
         engine, optimizer, _, _ = deepspeed.initialize(
