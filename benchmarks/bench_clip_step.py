@@ -49,7 +49,7 @@ def bench_step(model_name: str, batch: int, steps: int, neg_share: float, num_ta
 
     from cycle.clip.loss import HQClipLoss
     from cycle.clip.model import create_clip
-    from cycle.clip.optim import clamp_logit_scale, make_optimizer
+    from cycle.clip.optim import make_optimizer
     from cycle.clip.train_module import ClipWithTagHead
     from cycle.config import LossConfig, TrainConfig
 

@@ -101,7 +101,7 @@ def prepare(cfg: RunConfig, store_uri, out_dir, samples_version, annotations_ver
             init_clip=None, progress=True, seed_version=None) -> TrainJob:
     from ..data.loader import PairDataset
     from . import checkpoint
-    from .text import build_tag_vocab
+    from .text import build_tag_vocab, normalise_tag
 
     out_dir = Path(out_dir)
     use_annotations = bool(generation)
@@ -131,8 +131,6 @@ def prepare(cfg: RunConfig, store_uri, out_dir, samples_version, annotations_ver
                 job.notes.append(f"STC off: no tag reaches loss.stc_min_count={cfg.loss.stc_min_count}")
             else:
                 vocab = set(job.tag_vocab)
-                from .text import normalise_tag
-
                 hits = sum(len({normalise_tag(t) for t in tags} & vocab) for tags in tag_lists)
                 job.tag_positive_rate = hits / (len(tag_lists) * len(job.tag_vocab))
     identity = {
@@ -282,6 +280,3 @@ def _summary(job: TrainJob) -> dict:
             "hni_weight": job.hni_weight, "stc_weight": job.stc_weight, "tag_vocab_size": len(job.tag_vocab),
             "notes": job.notes, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
-
-def summary_json(path) -> dict:
-    return json.loads((Path(path) / "train_summary.json").read_text())
