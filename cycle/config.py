@@ -134,7 +134,7 @@ class LMConfig:
     num_layers: int = 3
     num_heads: int = 4
     vocab_size: int = 4096  # BPE trained on the run's text
-    max_length: int = 192
+    max_length: int = 192  # text tokens per training sequence; the image's tokens come on top
     pretrain_epochs: int = 3
     pretrain_lr: float = 1e-3
     batch_size: int = 32
