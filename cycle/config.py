@@ -220,6 +220,7 @@ class RunConfig:
     root: str = "generations"
     seed: int = 0
     device: str = "auto"  # "auto", "cpu", "cuda"
+    cpu_threads: int = 0  # torch intra-op threads on the CPU; 0: torch's default. 1 is steadier on shared cores
     data: DataConfig = field(default_factory=DataConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     clip: ClipModelConfig = field(default_factory=ClipModelConfig)

@@ -53,6 +53,10 @@ def run_cycle(cfg: RunConfig, redo_from: Optional[str] = None, progress: bool = 
               log: Callable[[str], None] = print, stop_after: Optional[str] = None) -> RunState:
     """Run (or resume) generation 0 and `cfg.cycle.generations` more. `stop_after='1:sft'` stops early."""
     run_dir = Path(cfg.run_dir)
+    if cfg.cpu_threads > 0:
+        import torch
+
+        torch.set_num_threads(cfg.cpu_threads)
     with RunLock(run_dir) as lock:
         if lock.took_over_from:
             log(f"took over the stale lock of pid {lock.took_over_from.get('pid')} (it is no longer running)")

@@ -7,12 +7,15 @@ which plain stage function it calls. No sequencing here and no state: that is th
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from .config import RunConfig, to_dict
 from .store import Store, gen_tag
+
+log = logging.getLogger(__name__)
 
 GEN0_STAGES = ["data", "train", "eval"]
 GEN_STAGES = ["lvlm", "align", "sft", "annotate", "train", "eval"]
@@ -156,10 +159,16 @@ def train_run(ctx: Context, gen: int):
     d = ctx.data()
     ann = ctx.outputs(gen, "annotate")["annotations_version"] if gen > 0 else None
     init = ctx.clip_of(gen - 1) if gen > 0 and ctx.cfg.clip.init == "previous" else None
+    usable = 0
+    if gen > 0:
+        usable = ctx.store.count("annotations", f"generation = {gen} AND status != 'failed'", version=ann)
+        if usable == 0:  # the annotator wrote nothing usable: CLIP_g sees raw alt-text only, like gen 0
+            log.warning("generation %d has no usable annotation: CLIP_%d trains on raw alt-text only", gen, gen)
     clip_dir = train_clip(ctx.cfg, ctx.store.uri, ctx.gen_dir(gen) / "clip", d["samples_version"],
-                          annotations_version=ann, generation=gen if gen > 0 else None, init_clip=init,
-                          progress=ctx.progress)
-    return {"clip": str(clip_dir), "log": str(ctx.gen_dir(gen) / "clip" / "log.jsonl")}, {}
+                          annotations_version=ann if usable else None, generation=gen if usable else None,
+                          init_clip=init, progress=ctx.progress)
+    return ({"clip": str(clip_dir), "log": str(ctx.gen_dir(gen) / "clip" / "log.jsonl")},
+            {"usable_annotations": usable} if gen > 0 else {})
 
 
 def eval_inputs(ctx: Context, gen: int) -> dict:

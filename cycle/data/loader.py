@@ -191,6 +191,8 @@ def _positions_of(ids: pa.Array, table_ids: pa.ChunkedArray, usable: Optional[pa
     candidates = np.arange(len(table_ids), dtype=np.int64)
     if usable is not None:
         candidates = np.flatnonzero(usable.to_numpy(zero_copy_only=False))
+    if len(candidates) == 0:  # nothing usable (e.g. every annotation failed): no sample has a match
+        return np.full(len(ids), -1, dtype=np.int64)
     values = table_ids.take(pa.array(candidates, pa.int64()))
     found = pc.index_in(ids, value_set=values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values)
     found = pc.fill_null(found, -1).to_numpy(zero_copy_only=False).astype(np.int64)
