@@ -229,6 +229,11 @@ def test_bad_seed_and_extra_records_are_refused(world, aligned, tmp_path):
     other.insert_new("seed", [{**good, "id": "shape-001", "neg_tags": ["d", "e"], "origin": "t"}])
     with pytest.raises(ValueError, match="seed table has 1 invalid records, e.g. 'shape-001'"):
         sft_examples(other, None, None)
+    broken = Store(tmp_path / "broken")  # a seed whose image bytes are not an image
+    broken.append("samples", [{**world["samples"][0], "image": b"\x89PNG garbage"}])
+    broken.insert_new("seed", [{**good, "origin": "t"}])
+    with pytest.raises(ValueError, match="SFT example 'shape-000': its image does not decode"):
+        sft_examples(broken, None, None)
     assert not (tmp_path / "x").exists()
 
 

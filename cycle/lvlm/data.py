@@ -95,6 +95,12 @@ def sft_examples(store: Store, samples_version, seed_version, extra_records=None
 def _check_found(out: list, wanted: int, what: str) -> None:
     if not out:
         raise ValueError(f"no {what} examples: the seed table is empty or its ids are not in the samples version")
+    for e in out:  # a broken image fails here, named, rather than in the middle of training
+        try:
+            with Image.open(io.BytesIO(e.image or b"")) as im:
+                im.verify()
+        except Exception as err:
+            raise ValueError(f"{what} example '{e.id}': its image does not decode ({type(err).__name__}: {err})") from None
     if len(out) < wanted:
         import logging
 
