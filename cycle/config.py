@@ -137,6 +137,10 @@ class LMConfig:
     max_length: int = 192  # text tokens per training sequence; the image's tokens come on top
     pretrain_epochs: int = 3
     pretrain_lr: float = 1e-3
+    # emoji-scenes: each seed sequence is also pretrained on with this many fresh noisy alt-texts, so the
+    # tiny LM learns to read, copy and repair the reference (measured on the demo data: fact-F1 of the
+    # annotator on val 0.08-0.14 without, 0.25 with 4)
+    pretrain_seed_variants: int = 4
     batch_size: int = 32
 
 

@@ -281,7 +281,14 @@ def test_emoji_seeds_get_fresh_alt_text_each_epoch(tiny_store, tiny_cfg):
     assert sum(a != b for a, b in zip(*per_epoch)) > len(examples) // 4
     assert all(isinstance(t, str) and t for t in per_epoch[0])
     texts = list(run_texts(tiny_store, None, None))
-    assert len(texts) == tiny_store.count("samples", "split = 'train'") + len(examples)
+    n_train = tiny_store.count("samples", "split = 'train'")
+    assert len(texts) == n_train + len(examples)
+    with_variants = list(run_texts(tiny_store, None, None, tiny_cfg))  # + pretrain_seed_variants per seed
+    variants = tiny_cfg.lvlm.lm.pretrain_seed_variants
+    assert variants > 0 and len(with_variants) == n_train + len(examples) * (1 + variants)
+    first = with_variants[n_train:n_train + 1 + variants]  # one seed: stored alt-text, then fresh ones
+    assert len({t.split('answer:')[1] for t in first}) == 1  # the same answer ...
+    assert len({t.split('answer:')[0] for t in first}) > 1  # ... after different references
 
 
 def test_samples_by_id_fetches_in_chunks_and_quotes_ids(tmp_path):

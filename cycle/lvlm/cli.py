@@ -53,7 +53,7 @@ def lvlm_train(clip_dir, run_dir, out, stop_after, config_path, overrides, progr
     last = STAGES.index(stop_after)
     metrics: dict = {}
     try:
-        lm = prepare_lm(cfg.lvlm.lm, run_texts(store, sv, seedv), out / "lm", seed=cfg.seed, progress=progress,
+        lm = prepare_lm(cfg.lvlm.lm, run_texts(store, sv, seedv, cfg), out / "lm", seed=cfg.seed, progress=progress,
                         device=cfg.device)
         click.echo(f"lm: {lm}")
         if last >= 1:

@@ -10,31 +10,50 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Optional
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from ..annotate.schema import FORMULA_KEYS, build_prompt, model_input, to_target_json
-from ..config import LMConfig, fingerprint
+from ..config import LMConfig, RunConfig, fingerprint
 from ..store import Store
 from .common import cached, finish, resolve_device, seed_everything, staging_dir, train_loop
-from .data import samples_by_id
+from .data import Example, emoji_alt_text_fn, samples_by_id
 from .tokenizer import train_tokenizer
 
 
-def run_texts(store: Store, samples_version: int | str | None, seed_version: int | str | None) -> Iterator[str]:
+def run_texts(store: Store, samples_version: int | str | None, seed_version: int | str | None,
+              cfg: Optional[RunConfig] = None) -> Iterator[str]:
     """The run's text the tiny LM learns from: every training alt-text, and for each seed row of the
     training split the whole model input (prompt with its alt-text) followed by the teacher's answer
-    JSON, as SFT will show it. Lazy: nothing is read until iterated (a hub LM never iterates it)."""
+    JSON, as SFT will show it. Lazy: nothing is read until iterated (a hub LM never iterates it).
+
+    With `cfg` on emoji-scenes data, each seed sequence also comes `lvlm.lm.pretrain_seed_variants` more
+    times with fresh noisy alt-text: text where the answer must be read, copied and repaired from the
+    reference, which a tiny LM trained from scratch otherwise barely learns (an LM pretrained elsewhere
+    already can).
+    """
     for batch in store.scan("samples", ["alt_text"], "split = 'train'", version=samples_version):
         yield from (a for a in batch.column("alt_text").to_pylist() if a)
+    variants, fresh = 0, None
+    if cfg is not None and cfg.data.source == "emoji-scenes" and cfg.lvlm.lm.pretrain_seed_variants > 0:
+        variants = cfg.lvlm.lm.pretrain_seed_variants
+        fresh = emoji_alt_text_fn(cfg.data.emoji, seed=cfg.seed + 7919)  # other draws than SFT's epochs
     seeds = store.read("seed", ["id", *FORMULA_KEYS], version=seed_version).to_pylist()
-    rows = samples_by_id(store, samples_version, [r["id"] for r in seeds], columns=("id", "alt_text", "split"))
+    rows = samples_by_id(store, samples_version, [r["id"] for r in seeds],
+                         columns=("id", "alt_text", "split", "meta"))
     for rec in seeds:
         row = rows.get(rec["id"])
-        if row is not None and row["split"] == "train":
-            yield model_input(build_prompt(row["alt_text"])) + to_target_json(rec)
+        if row is None or row["split"] != "train":
+            continue
+        target = to_target_json(rec)
+        yield model_input(build_prompt(row["alt_text"])) + target
+        example = Example(row["id"], b"", row["alt_text"] or "", target, meta=row["meta"])
+        for k in range(1, variants + 1):
+            alt = fresh(example, k)
+            if alt is not None:
+                yield model_input(build_prompt(alt)) + target
 
 
 def texts_hash(texts: list[str]) -> str:
