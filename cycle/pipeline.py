@@ -82,8 +82,9 @@ def lvlm_run(ctx: Context, gen: int):
     from .lvlm import build_lvlm, prepare_lm, run_texts
 
     d = ctx.data()
-    texts = run_texts(ctx.store, d["samples_version"], d["seed_version"])
-    lm_dir = prepare_lm(ctx.cfg.lvlm.lm, texts, ctx.run_dir / "lm", seed=ctx.cfg.seed, progress=ctx.progress)
+    texts = run_texts(ctx.store, d["samples_version"], d["seed_version"], ctx.cfg)
+    lm_dir = prepare_lm(ctx.cfg.lvlm.lm, texts, ctx.run_dir / "lm", seed=ctx.cfg.seed, progress=ctx.progress,
+                        device=_device(ctx.cfg))
     out = build_lvlm(ctx.clip_of(gen - 1), lm_dir, ctx.cfg.lvlm, ctx.gen_dir(gen) / "lvlm" / "base")
     return {"lm": str(lm_dir), "lvlm": str(out)}, {}
 
@@ -105,7 +106,8 @@ def align_run(ctx: Context, gen: int):
 
 def sft_inputs(ctx: Context, gen: int) -> dict:
     return {"lvlm.sft": to_dict(ctx.cfg.lvlm.sft), "lvlm.lora": to_dict(ctx.cfg.lvlm.lora),
-            "lvlm.sft_add_best": ctx.cfg.lvlm.sft_add_best, "aligned": ctx.outputs(gen, "align"),
+            "lvlm.sft_add_best": ctx.cfg.lvlm.sft_add_best, "lvlm.sft_fresh_alt_text": ctx.cfg.lvlm.sft_fresh_alt_text,
+            "lvlm.lm.max_length": ctx.cfg.lvlm.lm.max_length, "aligned": ctx.outputs(gen, "align"),
             "previous": ctx.outputs(gen - 1, "annotate") if gen >= 2 and ctx.cfg.lvlm.sft_add_best > 0 else None,
             "data": ctx.data(), "seed": ctx.cfg.seed}
 
@@ -194,6 +196,14 @@ STAGES: dict[str, tuple[Callable, Callable]] = {
     "train": (train_inputs, train_run),
     "eval": (eval_inputs, eval_run),
 }
+
+
+def _device(cfg: RunConfig) -> str:
+    if cfg.device != "auto":
+        return cfg.device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
