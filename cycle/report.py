@@ -30,6 +30,12 @@ th{background:#f4f4f4}td.l,th.l{text-align:left}img.plot{max-width:560px;margin:
 """
 
 
+# What tells whether the annotator beat the alt-text it was given; the rest goes under "all".
+ANNOTATION_KEYS = ["rows", "parse_rate", "ok_rate", "quality/schema_valid_share", "quality/annotation/f1",
+                   "quality/alt_text/f1", "quality/f1_gain_over_alt_text", "quality/neg_desc_false_share",
+                   "score_mean", "this_run/rows_per_s"]
+
+
 def image_ext(data: bytes) -> str:
     fmt = (Image.open(io.BytesIO(data)).format or "png").lower()
     return {"jpeg": "jpg"}.get(fmt, fmt)
@@ -50,10 +56,14 @@ def plot_metrics(state: RunState, out: Path) -> Path | None:
     for label, key in KEY_METRICS.items():
         if key in names:
             ax.plot(gens, [metrics[g].get(key) for g in gens], marker="o", label=label)
-    ax.set_xlabel("generation")
     ax.set_xticks(gens)
-    ax.set_ylabel("held-out metric")
-    ax.set_title("CLIP_g on held-out sets")
+    return _save(fig, ax, out, "generation", "held-out metric", "CLIP_g on held-out sets")
+
+
+def _save(fig, ax, out: Path, xlabel: str, ylabel: str, title: str) -> Path:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -70,23 +80,17 @@ def plot_losses(run_dir: Path, state: RunState, out: Path) -> Path | None:
         if not log.exists():
             continue
         rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-        rows = [r for r in rows if "step" in r and ("loss" in r or "total_loss" in r)]
-        if rows:
-            key = "loss" if "loss" in rows[0] else "total_loss"
-            ax.plot([r["step"] for r in rows], [r[key] for r in rows], label=f"gen {gen}")
+        rows = [r for r in rows if "step" in r and "clip_loss" in r]
+        if rows:  # the CLIP term compares across generations; the other terms exist from gen 1 on
+            line, = ax.plot([r["step"] for r in rows], [r["clip_loss"] for r in rows], label=f"gen {gen} clip")
+            if any("hni_loss" in r or "stc_loss" in r for r in rows):
+                ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], ls="--", color=line.get_color(),
+                        label=f"gen {gen} total")
             drawn = True
     if not drawn:
         plt.close(fig)
         return None
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss (sum of terms)")
-    ax.set_title("CLIP training loss")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return _save(fig, ax, out, "step", "loss", "CLIP training loss")
 
 
 def _annotation_stats(state: RunState) -> dict[int, dict]:
@@ -144,21 +148,28 @@ def write_report(run_dir: str | Path, store: Store, gallery: int = 12, seed: int
     gens, names, metrics = _metric_rows(state)
     parts.append("<h2>Held-out metrics per generation</h2>")
     if gens:
+        keys = [(label, key) for label, key in KEY_METRICS.items() if key in names]
         parts.append(_table(["metric"] + [f"gen {g}" for g in gens],
-                            [[n] + [metrics[g].get(n) for g in gens] for n in names]))
+                            [[f"{label} ({key})"] + [metrics[g].get(key) for g in gens] for label, key in keys]))
+        parts.append("<details><summary>all metrics</summary>"
+                     + _table(["metric"] + [f"gen {g}" for g in gens],
+                              [[n] + [metrics[g].get(n) for g in gens] for n in names]) + "</details>")
     else:
         parts.append("<p class='muted'>no generation evaluated yet</p>")
-    for name, fn in (("metrics.png", lambda p: plot_metrics(state, p)),
-                     ("loss.png", lambda p: plot_losses(run_dir, state, p))):
-        if fn(out / name):
-            parts.append(f"<img class='plot' src='{name}' alt='{name}'>")
+    plots = [name for name, fn in (("metrics.png", lambda p: plot_metrics(state, p)),
+                                   ("loss.png", lambda p: plot_losses(run_dir, state, p))) if fn(out / name)]
+    parts.append("<div>" + "".join(f"<img class='plot' src='{n}' alt='{n}'>" for n in plots) + "</div>")
 
     stats = _annotation_stats(state)
     if stats:
         flat = {g: _flat(s) for g, s in stats.items()}
         keys = sorted({k for f in flat.values() for k in f})
         parts.append("<h2>Annotation statistics</h2>")
-        parts.append(_table(["statistic"] + [f"gen {g}" for g in flat], [[k] + [flat[g].get(k) for g in flat] for k in keys]))
+        main_keys = [k for k in ANNOTATION_KEYS if k in keys]
+        parts.append(_table(["statistic"] + [f"gen {g}" for g in flat], [[k] + [flat[g].get(k) for g in flat] for k in main_keys]))
+        parts.append("<details><summary>all annotation statistics</summary>"
+                     + _table(["statistic"] + [f"gen {g}" for g in flat], [[k] + [flat[g].get(k) for g in flat] for k in keys])
+                     + "</details>")
 
     stage_rows = []
     for g in state.generations:
