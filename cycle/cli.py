@@ -157,10 +157,10 @@ def run(config_path, overrides, redo_from, stop_after):
 
     from .controller import ConfigChanged, run_cycle
     from .state import RunLocked
-    from .status import print_status
+    from .status import print_status, wide_console
 
     cfg = config_from(config_path, overrides)
-    console = Console()
+    console = wide_console()
     try:
         run_cycle(cfg, redo_from=redo_from, stop_after=stop_after, log=lambda m: console.print(f"[bold]{m}[/]"))
     except (ConfigChanged, RunLocked, ValueError) as err:

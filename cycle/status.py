@@ -61,8 +61,15 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.0f}s" if seconds < 90 else f"{seconds / 60:.1f}m"
 
 
+def wide_console() -> Console:
+    """A terminal's own width; 200 columns when piped, so tables are not squeezed into 80."""
+    import sys
+
+    return Console() if sys.stdout.isatty() else Console(width=200)
+
+
 def print_status(run_dir: str | Path, console: Optional[Console] = None) -> None:
-    (console or Console()).print(status_table(run_dir))
+    (console or wide_console()).print(status_table(run_dir))
 
 
 def samples_across_generations(store: Store, state: RunState, ids: Optional[Iterable[str]] = None,
@@ -108,7 +115,7 @@ def _by_id(store: Store, name: str, ids: list[str], version, extra: Optional[str
 
 
 def print_samples(rows: list[dict], console: Optional[Console] = None, image_out: Optional[Path] = None) -> None:
-    console = console or Console()
+    console = console or wide_console()
     for r in rows:
         table = Table(title=f"{r['id']}  [{r['split']}]", show_header=True, expand=True)
         table.add_column("source", style="bold")

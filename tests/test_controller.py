@@ -126,10 +126,10 @@ def test_changed_config_refused_then_redo_from(finished_run, tmp_path):
     with pytest.raises(ConfigChanged, match=r"generation 1 stage 'train'.*loss\.hni_weight: 1\.0 -> 0\.5.*--from 1:train"):
         run_cycle(cfg, progress=False, log=lambda m: None)
     before = RunState(run_dir)
-    state = run_cycle(cfg, redo_from="2:train", progress=False, log=lambda m: None, stop_after="2:train")
-    assert state.stage(2, "train")["finished"] > before.stage(2, "train")["finished"]
-    assert state.stage(2, "annotate")["finished"] == before.stage(2, "annotate")["finished"]
-    assert not state.is_done(2, "eval")
+    state = run_cycle(cfg, redo_from="1:train", progress=False, log=lambda m: None, stop_after="1:train")
+    assert state.stage(1, "train")["finished"] > before.stage(1, "train")["finished"]
+    assert state.stage(1, "annotate")["finished"] == before.stage(1, "annotate")["finished"]
+    assert not state.is_done(1, "eval") and not state.is_done(2, "train")  # later stages are redone too
 
 
 def test_second_controller_refused(finished_run):
