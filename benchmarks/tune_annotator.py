@@ -108,7 +108,9 @@ def run(label: str, overrides: list[str], clip_epochs: int, root: Path, limit: i
     times["clip_s"] = time.time() - t
     out = base_dir / ("lvlm-" + label)
     t = time.time()
-    lm = prepare_lm(cfg.lvlm.lm, run_texts(store, None, None, cfg), out / "lm", progress=True)
+    # the LM depends on the data and lvlm.lm only: shared by settings that differ elsewhere
+    lm_key = hashlib.sha1(json.dumps(dataclasses.asdict(cfg.lvlm.lm), sort_keys=True).encode()).hexdigest()[:10]
+    lm = prepare_lm(cfg.lvlm.lm, run_texts(store, None, None, cfg), base_dir / ("lm-" + lm_key), progress=True)
     times["lm_s"] = time.time() - t
     t = time.time()
     base = build_lvlm(clip_dir, lm, cfg.lvlm, out / "base")
