@@ -17,7 +17,8 @@ TOWER, PROJECTOR, LM = "model.vision_tower.", "model.multi_modal_projector.", ("
 def run_cfg(*overrides: str):
     return load_config(TINY_YAML, ["device=cpu", "lvlm.lm.pretrain_epochs=12", "lvlm.lm.pretrain_lr=3e-3",
                                    "lvlm.lm.batch_size=16", "lvlm.align.epochs=2", "lvlm.align.lr=3e-3",
-                                   "lvlm.sft.epochs=4", "lvlm.sft.lr=3e-3", "lvlm.sft.warmup_steps=2", *overrides])
+                                   "lvlm.sft.epochs=4", "lvlm.sft.lr=3e-3", "lvlm.sft.warmup_steps=2",
+                                   "lvlm.lora.enabled=true", *overrides])  # LoRA unless a test says otherwise
 
 
 @pytest.fixture(scope="module")
