@@ -131,14 +131,16 @@ def _annotate(cfg, backend, store, samples_version, where, todo: set[str], gener
     return written
 
 
-def annotate_batch(backend: Backend, samples: list[dict], cfg: Any, generation: int, scorer=None) -> list[dict]:
-    """Annotation rows for `samples` (dicts with id, image, alt_text), retries included."""
-    items = [(s["image"], build_prompt(s["alt_text"])) for s in samples]
-    keys = [s["id"] for s in samples]
-    outputs = backend.generate(items, keys=keys)
-    results: list[ParseResult] = [_parse(o) for o in outputs]
-    raws = list(outputs)
-    attempts = [1] * len(samples)
+def generate_with_retries(backend: Backend, items: list, keys: list[str], cfg: Any
+                          ) -> tuple[list, list[ParseResult], list[int]]:
+    """Generate, parse, and retry the unusable outputs `cfg.retries` times with another seed (sampling).
+
+    Returns the raw outputs, their parse results and the attempts each took. A backend failure marked
+    not retryable (e.g. an image that cannot be read) is not asked again.
+    """
+    raws = list(backend.generate(items, keys=keys))
+    results: list[ParseResult] = [_parse(o) for o in raws]
+    attempts = [1] * len(items)
     for attempt in range(1, cfg.retries + 1):
         again = [i for i, (r, o) in enumerate(zip(results, raws))
                  if not r.usable and not (isinstance(o, FailedGeneration) and not o.retryable)]
@@ -149,9 +151,14 @@ def annotate_batch(backend: Backend, samples: list[dict], cfg: Any, generation: 
                                  keys=[keys[i] for i in again])
         for i, out in zip(again, retry):
             attempts[i] += 1
-            res = _parse(out)
-            raws[i] = out
-            results[i] = res
+            raws[i], results[i] = out, _parse(out)
+    return raws, results, attempts
+
+
+def annotate_batch(backend: Backend, samples: list[dict], cfg: Any, generation: int, scorer=None) -> list[dict]:
+    """Annotation rows for `samples` (dicts with id, image, alt_text), retries included."""
+    items = [(s["image"], build_prompt(s["alt_text"])) for s in samples]
+    raws, results, attempts = generate_with_retries(backend, items, [s["id"] for s in samples], cfg)
     scores = scorer.score([s["image"] for s in samples], [r.record for r in results]) if scorer else [None] * len(samples)
     fingerprint, ph = backend.fingerprint, prompt_hash()
     rows = []

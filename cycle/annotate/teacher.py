@@ -16,7 +16,8 @@ from typing import Any, Iterable, Iterator, Optional
 from tqdm.auto import tqdm
 
 from .backends.base import Backend
-from .parse import normalize_record, parse_output
+from .parse import normalize_record
+from .run import generate_with_retries
 from .schema import FORMULA_KEYS, build_teacher_prompt
 
 _ID_KEYS = ("uid", "id", "key")
@@ -167,18 +168,7 @@ def teach_seed(cfg: Any, store, samples_version: int | str, ids: Iterable[str], 
 
 def _teach_batch(backend: Backend, samples: list[dict], cfg: Any, store, origin: str) -> tuple[int, int]:
     items = [(s["image"], build_teacher_prompt(s["alt_text"])) for s in samples]
-    keys = [s["id"] for s in samples]
-    outputs = backend.generate(items, keys=keys)
-    results = [parse_output(o) for o in outputs]
-    for attempt in range(1, cfg.retries + 1):
-        again = [i for i, r in enumerate(results) if not r.usable]
-        if not again:
-            break
-        temperature = cfg.temperature if cfg.temperature > 0 else cfg.retry_temperature
-        retry = backend.generate([items[i] for i in again], seed=attempt, temperature=temperature,
-                                 keys=[keys[i] for i in again])
-        for i, out in zip(again, retry):
-            outputs[i], results[i] = out, parse_output(out)
+    outputs, results, _ = generate_with_retries(backend, items, [s["id"] for s in samples], cfg)
     rows = [{"id": s["id"], **r.record, "origin": origin} for s, r in zip(samples, results) if r.usable]
     bad = [("teacher_output_unusable", s["id"], f"{getattr(o, 'reason', '') or r.reason}: {str(o)[:1500]}")
            for s, r, o in zip(samples, results, outputs) if not r.usable]
