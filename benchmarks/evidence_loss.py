@@ -1,8 +1,10 @@
 """Evidence for the HQ-CLIP loss (issue 3): which terms help a CLIP trained on good annotations?
 
     python benchmarks/evidence_loss.py [--config configs/emoji.yaml] [--seeds 0,1,2] [--variants a,b,c,d,e]
-                                       [--work generations/evidence-loss] [--out benchmarks/results/evidence_loss.md]
-                                       [--threads 1] [key=value ...]
+                                       [--work generations/evidence-loss] [--runs runs] [--threads 1]
+                                       [--out benchmarks/results/evidence_loss.md] [key=value ...]
+
+The figures in benchmarks/results/evidence_loss.md: `--threads 1 train.epochs=10` (about 40 min here).
 
 Five CLIPs per seed, all on the same emoji-scenes build (`data.emoji.seed_share=1.0`, so every training
 scene has a teacher annotation written by the scene-graph teacher, the perfect annotator of this data):
@@ -19,21 +21,20 @@ as generation 1 (status "ok", annotator "teacher:scene-graph", the schema's prom
 `gen-001`, read pinned by the trainer. A seed sets `seed` and `train.seed` (weights, batch order, text
 draws, crops); the dataset is one build. Each run is evaluated on `val` and the held-out splits.
 
-Every run writes `<work>/runs/<variant>-s<seed>/result.json` last; a rerun skips finished runs (and a killed
-training resumes from its checkpoint), and refuses results made with another config. Prints the markdown
-table and writes it to `--out`. Tune on `val` only, never on the test splits.
+Every run writes `<work>/<runs>/<variant>-s<seed>/result.json` last; a rerun skips finished runs (and a killed
+training resumes from its checkpoint), and refuses results made with another config: a probe with other
+settings over the same data build takes its own `--runs` folder. Prints the markdown table and writes it
+to `--out`. Tune on `val` only, never on the test splits.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
-import statistics
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -41,42 +42,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the report helper beside this file
 
 from cycle.config import RunConfig, fingerprint, load_config, to_dict  # noqa: E402
+from evidence_loss_report import (  # noqa: E402,F401  (re-exported: the script's core is importable from here)
+    COMPARISONS, METRICS, VARIANT_BY_KEY, VARIANTS, Variant, markdown_report, mean_std, paired_differences, summarise)
 
 TEACHER = "teacher:scene-graph"
 GENERATION = 1
-
-
-@dataclass(frozen=True)
-class Variant:
-    key: str
-    label: str
-    teacher: bool  # train on the teacher annotations (generation 1); False: raw alt-text only
-    hni: bool
-    stc: bool
-
-
-VARIANTS = (
-    Variant("a", "alt-text only", False, False, False),
-    Variant("b", "teacher, L_clip", True, False, False),
-    Variant("c", "teacher, L_clip + HNI", True, True, False),
-    Variant("d", "teacher, L_clip + STC", True, False, True),
-    Variant("e", "teacher, all (HNI + STC)", True, True, True),
-)
-VARIANT_BY_KEY = {v.key: v for v in VARIANTS}
-
-# (metric key, column title): what the issue asks for, held-out first, val last.
-METRICS = (
-    ("test_zeroshot/top1", "zero-shot top-1"),
-    ("test_retrieval/retrieval_mean_r1", "retrieval R@1"),
-    ("test_negatives/acc", "neg. acc"),
-    ("test_negatives/acc_object", "neg. object"),
-    ("test_negatives/acc_relation", "neg. relation"),
-    ("test_negatives/acc_count", "neg. count"),
-    ("test_compositional/retrieval_mean_r1", "compositional R@1"),
-    ("val/retrieval_mean_r1", "val R@1"),
-)
 
 
 # ----------------------------------------------------------------------------------------------- config
@@ -159,6 +132,19 @@ def prepare_store(cfg: RunConfig, store_uri: str | Path, progress: bool = True) 
 
 
 # ----------------------------------------------------------------------------------------------- runs
+def run_identity(cfg: RunConfig) -> dict:
+    """The config sections a run's result depends on (a new LVLM setting does not make old runs stale)."""
+    return {"data": to_dict(cfg.data), "clip": to_dict(cfg.clip), "loss": to_dict(cfg.loss),
+            "train": to_dict(cfg.train), "eval": to_dict(cfg.eval), "seed": cfg.seed, "device": cfg.device}
+
+
+def shared_sections(cfg: RunConfig) -> dict:
+    """The parts of the config every run shares, as plain dicts (what the report shows)."""
+    return {"data": {"source": cfg.data.source, "emoji": to_dict(cfg.data.emoji)}, "clip": to_dict(cfg.clip),
+            "loss": to_dict(cfg.loss), "train": to_dict(cfg.train), "eval": to_dict(cfg.eval),
+            "cpu_threads": cfg.cpu_threads}
+
+
 def run_variant(cfg: RunConfig, store_uri: str | Path, pins: dict, variant: Variant, seed: int,
                 run_dir: str | Path, progress: bool = True) -> dict:
     """Train and evaluate one (variant, seed); returns `result.json`'s content (reused when already there)."""
@@ -169,7 +155,8 @@ def run_variant(cfg: RunConfig, store_uri: str | Path, pins: dict, variant: Vari
 
     run_cfg = variant_config(cfg, variant, seed)
     run_dir = Path(run_dir)
-    fp = fingerprint(run_cfg, {k: pins[k] for k in ("samples_version", "annotations_version")}, variant.key)
+    fp = fingerprint(run_identity(run_cfg), {k: pins[k] for k in ("samples_version", "annotations_version")},
+                     variant.key)
     done = run_dir / "result.json"
     if done.is_file():
         result = json.loads(done.read_text())
@@ -196,81 +183,21 @@ def run_variant(cfg: RunConfig, store_uri: str | Path, pins: dict, variant: Vari
 
 
 def run_ablation(cfg: RunConfig, work: str | Path, variants: Iterable[Variant], seeds: Sequence[int],
-                 progress: bool = True, log: Callable[[str], None] = print) -> tuple[dict, list[dict]]:
+                 progress: bool = True, log: Callable[[str], None] = print,
+                 runs: str = "runs") -> tuple[dict, list[dict]]:
     """Every (seed, variant) run, one at a time, seed-major (a cut-short ablation still has whole seeds)."""
     work = Path(work)
     pins = prepare_store(cfg, work / "lance", progress)
     results = []
     for seed in seeds:
         for v in variants:
-            result = run_variant(cfg, work / "lance", pins, v, seed, work / "runs" / f"{v.key}-s{seed}", progress)
+            result = run_variant(cfg, work / "lance", pins, v, seed, work / runs / f"{v.key}-s{seed}", progress)
             log(f"({v.key}) {v.label}, seed {seed}: train {result['train_s']:.0f} s, "
                 + ", ".join(f"{title} {result['metrics'].get(key, float('nan')):.3f}" for key, title in METRICS[:3]))
             results.append(result)
     return pins, results
 
 
-# ----------------------------------------------------------------------------------------------- report
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (n - 1); the deviation is nan for a single value."""
-    values = [float(v) for v in values]
-    if not values:
-        return math.nan, math.nan
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else math.nan
-
-
-def summarise(results: Sequence[dict]) -> dict[str, dict]:
-    """Per variant: seeds, mean and std of each metric, mean train / eval seconds."""
-    out: dict[str, dict] = {}
-    for v in VARIANTS:
-        runs = sorted((r for r in results if r["variant"] == v.key), key=lambda r: r["seed"])
-        if not runs:
-            continue
-        row = {"seeds": [r["seed"] for r in runs], "train_s": statistics.fmean(r["train_s"] for r in runs),
-               "eval_s": statistics.fmean(r["eval_s"] for r in runs)}
-        for key, _ in METRICS:
-            row[key] = mean_std([r["metrics"][key] for r in runs if key in r["metrics"]])
-        out[v.key] = row
-    return out
-
-
-def _cell(mean: float, std: float) -> str:
-    if math.isnan(mean):
-        return "n/a"
-    return f"{mean:.3f}" if math.isnan(std) else f"{mean:.3f} ± {std:.3f}"
-
-
-def markdown_report(cfg: RunConfig, pins: dict, results: Sequence[dict], wall_s: float,
-                    command: str = "") -> str:
-    summary = summarise(results)
-    lines = ["# Loss ablation on emoji scenes (issue 3)", ""]
-    if command:
-        lines += [f"Command: `{command}`", ""]
-    seeds = sorted({r["seed"] for r in results})
-    lines += [f"Mean ± sample std over seeds {', '.join(map(str, seeds))} (seed = `seed` = `train.seed`; one "
-              f"dataset build). {pins['n_train']} training scenes, every one with a teacher annotation "
-              f"(samples@v{pins['samples_version']}, annotations@v{pins['annotations_version']} = gen-001). "
-              f"Wall time of the whole ablation: {wall_s / 60:.1f} min ({len(results)} runs, "
-              f"{cfg.cpu_threads or 'default'} torch thread(s)).", ""]
-    head = ["variant", *[title for _, title in METRICS], "train s"]
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for v in VARIANTS:
-        if v.key in summary:
-            row = summary[v.key]
-            lines.append(f"| ({v.key}) {v.label} | " + " | ".join(_cell(*row[k]) for k, _ in METRICS)
-                         + f" | {row['train_s']:.0f} |")
-    lines += ["", "Per seed:", "", "| variant | seed | " + " | ".join(t for _, t in METRICS) + " |",
-              "|---|---|" + "---|" * len(METRICS)]
-    for r in sorted(results, key=lambda r: (r["variant"], r["seed"])):
-        lines.append(f"| ({r['variant']}) | {r['seed']} | "
-                     + " | ".join(f"{r['metrics'].get(k, math.nan):.3f}" for k, _ in METRICS) + " |")
-    sections = {"data": {"source": cfg.data.source, "emoji": to_dict(cfg.data.emoji)}, "clip": to_dict(cfg.clip),
-                "loss": to_dict(cfg.loss), "train": to_dict(cfg.train), "eval": to_dict(cfg.eval),
-                "cpu_threads": cfg.cpu_threads}
-    lines += ["", "Config shared by every run (a variant sets `loss.hni_weight` / `loss.stc_weight` to 0 for the "
-              "terms it leaves out; (a) trains with `generation=None`, which turns both off):", "", "```json",
-              json.dumps(sections, indent=1), "```", ""]
-    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -279,6 +206,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--variants", default="a,b,c,d,e")
     ap.add_argument("--work", default=str(REPO / "generations" / "evidence-loss"))
+    ap.add_argument("--runs", default="runs", help="folder of the runs under --work (one per set of settings)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "evidence_loss.md"))
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: the config's cpu_threads)")
     ap.add_argument("--no-progress", action="store_true")
@@ -290,12 +218,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ValueError as err:
         ap.error(str(err))
     start = time.perf_counter()
-    pins, results = run_ablation(cfg, args.work, variants, seeds, progress=not args.no_progress)
+    pins, results = run_ablation(cfg, args.work, variants, seeds, progress=not args.no_progress,
+                                 runs=args.runs)
     wall = time.perf_counter() - start
-    # A resumed ablation reports the summed run times, not the time of this last call.
-    wall = max(wall, sum(r["train_s"] + r["eval_s"] for r in results))
     command = "python benchmarks/evidence_loss.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    text = markdown_report(cfg, pins, results, wall, command.strip())
+    text = markdown_report(shared_sections(cfg), pins, results, wall, cfg.cpu_threads, command.strip())
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)
     print(text)

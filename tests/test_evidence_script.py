@@ -89,10 +89,16 @@ def test_seeds_change_the_run_and_the_report_shows_their_spread(ablation):
     for metric, _ in ev.METRICS:
         values = [r["metrics"][metric] for r in results if r["variant"] == "b"]
         assert summary["b"][metric] == pytest.approx((statistics.fmean(values), statistics.stdev(values)))
-    text = ev.markdown_report(cfg, pins, results, wall_s=60.0)
+    by_run = {(r["variant"], r["seed"]): r["metrics"] for r in results}
+    diff = ev.paired_differences(results, "c", "b")["test_negatives/acc"]  # seed 0 is the only one both have
+    delta = by_run[("c", 0)]["test_negatives/acc"] - by_run[("b", 0)]["test_negatives/acc"]
+    assert diff[0] == pytest.approx(delta) and math.isnan(diff[1]) and diff[2:] == (int(delta > 0), int(delta < 0))
+
+    text = ev.markdown_report(ev.shared_sections(cfg), pins, results, wall_s=60.0, threads=1)
     mean, std = summary["b"]["test_zeroshot/top1"]
     assert f"| (b) teacher, L_clip | {mean:.3f} ± {std:.3f} |" in text
-    assert sum(line.startswith("| (") for line in text.splitlines()) == 5 + len(results)
+    # 5 variant rows, 5 paired comparisons, one row per run
+    assert sum(line.startswith("| (") for line in text.splitlines()) == 5 + len(ev.COMPARISONS) + len(results)
 
 
 @pytest.mark.slow
@@ -104,6 +110,19 @@ def test_rerun_reuses_finished_runs_and_refuses_other_configs(ablation, tmp_path
     assert again == [r for r in results if (r["variant"], r["seed"]) == ("c", 0)]
     assert done.stat().st_mtime_ns == stamp
 
+    # the command line over finished runs: nothing is trained again, the report is written and printed
+    out = tmp_path / "report.md"
+    ev.main(["--config", str(TINY_YAML), "--work", str(work), "--seeds", "0", "--variants", "a,c", "--threads", "1",
+             "--out", str(out), "--no-progress", *MICRO])
+    assert done.stat().st_mtime_ns == stamp
+    assert "| (c) - (b) |" not in out.read_text() and "| (c) teacher, L_clip + HNI |" in out.read_text()
+    with pytest.raises(SystemExit):
+        ev.main(["--config", str(TINY_YAML), "--work", str(work), "--variants", "a,x", *MICRO])
+
+    # a setting the runs do not depend on (the LVLM's) keeps them; one they depend on is refused
+    unrelated = ev.base_config(TINY_YAML, [*MICRO, "lvlm.lm.hidden_size=32"], threads=1)
+    reused = ev.run_variant(unrelated, work / "lance", pins, ev.VARIANT_BY_KEY["c"], 0, work / "runs" / "c-s0")
+    assert reused == again[0] and done.stat().st_mtime_ns == stamp
     other = ev.base_config(TINY_YAML, [*MICRO, "train.lr=1e-3"])
     with pytest.raises(ValueError, match="another config"):
         ev.run_variant(other, work / "lance", pins, ev.VARIANT_BY_KEY["c"], 0, work / "runs" / "c-s0")
