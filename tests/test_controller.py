@@ -180,3 +180,21 @@ def test_report_renders_in_headless_chromium(finished_run, tmp_path):
     images = int(dom.split('data-images="')[1].split('"')[0])
     loaded = int(dom.split('data-images-loaded="')[1].split('"')[0])
     assert images >= 3 and loaded == images  # both plots and every gallery picture
+
+
+def test_early_stop_when_the_selection_metric_stops_improving(finished_run, tmp_path):
+    """Asked for more generations with patience 1, the controller stops without building generation 3
+    when the chosen metric did not improve in generation 1 or 2 (a metric picked from the run so)."""
+    run_dir = tmp_path / "more"
+    shutil.copytree(finished_run.run_dir, run_dir)
+    state = RunState(run_dir)
+    metrics = [state.stage(g, "eval")["metrics"] for g in (0, 1, 2)]
+    flat = [k for k, v in metrics[0].items() if isinstance(v, float)
+            and metrics[1].get(k, v) <= v and metrics[2].get(k, v) <= v and not k.endswith(("n_images", "n_texts"))]
+    assert flat, "no metric got worse or stayed equal: nothing to test early stopping with"
+    cfg = tiny(tmp_path, "more", "cycle.generations=3", "cycle.early_stop_patience=1",
+               f"cycle.early_stop_metric={flat[0]}")
+    messages = []
+    state = run_cycle(cfg, progress=False, log=messages.append)
+    assert 3 not in state.generations
+    assert any("stopping early" in m and flat[0] in m for m in messages)
