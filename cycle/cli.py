@@ -5,14 +5,7 @@ import sys
 
 import click
 
-from .config import ConfigError, load_config
-
-
-def config_from(config_path, overrides):
-    try:
-        return load_config(config_path, list(overrides))
-    except ConfigError as err:
-        raise click.ClickException(str(err)) from None
+from .cli_common import config_from
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -20,118 +13,6 @@ def config_from(config_path, overrides):
 def main():
     """Run generations of the HQ-CLIP cycle: CLIP -> LVLM annotator -> better data -> better CLIP."""
 
-
-@main.group()
-def data():
-    """Build the built-in dataset, ingest your own, list what a run holds."""
-
-
-def _data_settings(run_dir, config_path, overrides):
-    """(data config, store config) from --config, else RUN/config.yaml, else the defaults."""
-    from pathlib import Path
-
-    from .config import DataConfig, StoreConfig
-
-    path = Path(config_path) if config_path else Path(run_dir) / "config.yaml"
-    if config_path or path.is_file() or overrides:
-        cfg = config_from(path if path.is_file() or config_path else None,
-                          [f"name={Path(run_dir).name}", *overrides])
-        return cfg.data, cfg.store
-    return DataConfig(), StoreConfig()
-
-
-@data.command("ingest")
-@click.argument("source")
-@click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False), help="Run directory (store: RUN/lance).")
-@click.option("--kind", type=click.Choice(["auto", "folder", "wds", "parquet"]), default="auto", show_default=True)
-@click.option("--split", default="train", show_default=True)
-@click.option("--id-prefix", default="", help="Prepended to every id (keeps several sources apart).")
-@click.option("--image-column", help="Parquet: the image bytes or path column (default: detected).")
-@click.option("--text-column", help="Parquet: the alt-text column (default: detected).")
-@click.option("--id-column", help="Parquet: the id column (default: id, uid or key if present).")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="Default: RUN/config.yaml if any.")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="e.g. data.max_pixels=20000000")
-@click.option("--progress/--no-progress", default=True)
-def data_ingest(source, run_dir, kind, split, id_prefix, image_column, text_column, id_column, config_path,
-                overrides, progress):
-    """Ingest SOURCE (image folder, webdataset shards, parquet) into the run's samples table."""
-    from pathlib import Path
-
-    from rich.console import Console
-
-    from .data.ingest import ingest, report_table
-    from .store import Store
-
-    data_cfg, store_cfg = _data_settings(run_dir, config_path, overrides)
-    store = Store(store_cfg.uri or Path(run_dir) / "lance")
-    try:
-        report = ingest(source, store, kind, split, data_cfg, progress, write_batch=store_cfg.write_batch,
-                        id_prefix=id_prefix, image_column=image_column, text_column=text_column,
-                        id_column=id_column)
-    except (FileNotFoundError, ValueError) as err:
-        raise click.ClickException(str(err)) from None
-    Console().print(report_table(report))
-
-
-@data.command("list")
-@click.argument("run_dir", type=click.Path(file_okay=False))
-def data_list(run_dir):
-    """Rows per table and split, versions, tags, and rejects by reason."""
-    from pathlib import Path
-
-    from rich.console import Console
-    from rich.table import Table
-
-    from .store import SCHEMAS, Store
-
-    lance_dir = Path(run_dir) / "lance"
-    if not lance_dir.is_dir():
-        raise click.ClickException(f"no store at {lance_dir}")
-    store, console = Store(lance_dir), Console()
-    tables = Table(title=f"tables of {lance_dir}")
-    for column in ("table", "rows", "by", "version", "versions kept", "tags"):
-        tables.add_column(column, justify="right" if column in ("rows", "version", "versions kept") else "left")
-    by_column = {"samples": "split", "annotations": "generation", "rejects": "reason"}
-    for name in SCHEMAS:
-        if not store.has(name):
-            continue
-        parts = store.count_by(name, by_column[name]) if name in by_column else {}
-        tags = ", ".join(f"{t}=v{v}" for t, v in sorted(store.tags(name).items()))
-        tables.add_row(name, str(store.count(name)), ", ".join(f"{k}: {v}" for k, v in parts.items()),
-                       str(store.table(name).version), str(len(store.versions(name))), tags)
-    console.print(tables)
-    if store.has("rejects") and store.count("rejects"):
-        rejects = Table(title="rejects by source and reason")
-        for column in ("source", "reason", "rows"):
-            rejects.add_column(column, justify="right" if column == "rows" else "left")
-        counts = store.read("rejects", ["source", "reason"]).group_by(["source", "reason"]).aggregate([([], "count_all")])
-        for row in sorted(counts.to_pylist(), key=lambda r: (r["source"], -r["count_all"])):
-            rejects.add_row(row["source"], row["reason"], str(row["count_all"]))
-        console.print(rejects)
-
-
-@data.command("build", context_settings={"ignore_unknown_options": True})
-@click.argument("dataset", type=click.Choice(["emoji-scenes"]))
-@click.argument("overrides", nargs=-1)
-@click.option("--out", required=True, type=click.Path(file_okay=False),
-              help="A run directory (the data goes to OUT/lance) or an existing LanceDB directory.")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="A run config (uses data.emoji).")
-def data_build(dataset, overrides, out, config_path):
-    """Build the built-in dataset into a store; the same command again finishes or confirms it.
-
-    OVERRIDES are key=value pairs, e.g. `data.emoji.n_train=500 data.emoji.image_size=32`.
-    """
-    from pathlib import Path
-
-    from .data.emoji.build import build_command
-    from .data.emoji.render import EmojiFontError
-
-    named = any(o.startswith("name=") for o in overrides)  # a run name is required but unused here
-    cfg = config_from(config_path, (() if named else (f"name={Path(out).name or 'data'}",)) + tuple(overrides))
-    try:
-        build_command(out, cfg.data.emoji)
-    except (ConfigError, EmojiFontError) as err:
-        raise click.ClickException(str(err)) from None
 
 # ------------------------------------------------------------------------------------------ the cycle
 def _run_dir_arg(run):
@@ -391,6 +272,11 @@ def train_cmd(out, overrides, run_dir, store_uri, config_path, generation, sampl
     click.echo(f"clip: {model_dir}")
     click.echo(f"log: {Path(out) / 'log.jsonl'}")
 
+
+# ------------------------------------------------------------------------------------------ data
+from .data.cli import data  # noqa: E402  (the group's commands import their stages lazily)
+
+main.add_command(data)
 
 # ------------------------------------------------------------------------------------------ annotation
 from .annotate.cli import annotate  # noqa: E402  (the group's commands import their stages lazily)

@@ -12,16 +12,12 @@ import click
 
 def _settings(run_dir: str, config_path, overrides):
     """(run config, store, samples version): --config, else RUN/config.yaml, else defaults named after RUN."""
-    from ..cli import config_from
-    from ..state import RunState
+    from ..cli_common import pinned_data, run_config
     from ..store import Store
 
-    path = Path(config_path) if config_path else Path(run_dir) / "config.yaml"
-    cfg = config_from(path if path.is_file() else None, [f"name={Path(run_dir).name}", *overrides])
+    cfg = run_config(run_dir, config_path, overrides)
     store = Store(cfg.store.uri or Path(run_dir) / "lance")
-    version = None
-    if (Path(run_dir) / "state.json").is_file():
-        version = RunState(run_dir).stage(0, "data").get("outputs", {}).get("samples_version")
+    version = pinned_data(run_dir).get("samples_version")
     if version is None:
         if not store.has("samples") or store.count("samples") == 0:
             raise click.ClickException(f"no samples in {store.uri}: build or ingest data first (hqclip data ...)")

@@ -15,16 +15,12 @@ STAGES = ("lm", "build", "align", "sft")
 def _settings(run_dir: str, config_path, overrides):
     """(config, store, samples version, seed version): the data stage's pinned versions when the run has
     them, else the tables' current versions."""
-    from ..cli import config_from
-    from ..state import RunState
+    from ..cli_common import pinned_data, run_config
     from ..store import Store
 
-    path = Path(config_path) if config_path else Path(run_dir) / "config.yaml"
-    cfg = config_from(path if path.is_file() else None, [f"name={Path(run_dir).name}", *overrides])
+    cfg = run_config(run_dir, config_path, overrides)
     store = Store(cfg.store.uri or Path(run_dir) / "lance")
-    outputs = {}
-    if (Path(run_dir) / "state.json").is_file():
-        outputs = RunState(run_dir).stage(0, "data").get("outputs", {})
+    outputs = pinned_data(run_dir)
     if not store.has("seed") or store.count("seed") == 0:
         raise click.ClickException(f"no seed annotations in {store.uri}: build the data or import a seed set first")
     return (cfg, store, outputs.get("samples_version", store.pin("samples").version),
