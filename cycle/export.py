@@ -18,6 +18,7 @@ from typing import Iterator
 
 from tqdm import tqdm
 
+from .data.images import image_ext
 from .state import RunState
 from .store import FORMULAS, Store
 
@@ -61,8 +62,6 @@ def export_dataset(store: Store, run_dir: Path, gen: int, out: Path, fmt: str = 
                     tar.close()
                 tar = tarfile.open(out / f"shard-{shard:05d}.tar", "w")
                 shard += 1
-            from .report import image_ext
-
             members = {f"{row['id']}.{image_ext(row['image'])}": row["image"],
                        f"{row['id']}.txt": row["alt_text"].encode(),
                        f"{row['id']}.json": json.dumps(doc, ensure_ascii=False).encode()}

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from .config import RunConfig, to_dict
+from .state import flat_numbers
 from .store import Store, gen_tag
 
 log = logging.getLogger(__name__)
@@ -141,7 +142,7 @@ def annotate_run(ctx: Context, gen: int):
                                 d["samples_version"], gen, ctx.gen_dir(gen) / "annotate",
                                 score_clip=ctx.clip_of(gen - 1), progress=ctx.progress)
     version = ctx.store.tag("annotations", gen_tag(gen))
-    metrics = {k: v for k, v in _flat(stats).items() if isinstance(v, (int, float))}
+    metrics = flat_numbers(stats)
     return {"annotations_version": version, "stats": str(ctx.gen_dir(gen) / "annotate" / "stats.json")}, metrics
 
 
@@ -204,13 +205,3 @@ def _device(cfg: RunConfig) -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}/"))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out

@@ -6,7 +6,6 @@ gallery of images with their alt-text and each generation's four formulas.
 from __future__ import annotations
 
 import html
-import io
 import json
 from pathlib import Path
 
@@ -14,9 +13,9 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from PIL import Image  # noqa: E402
 
-from .state import RunState, read_json  # noqa: E402
+from .data.images import image_ext  # noqa: E402
+from .state import RunState, flat_numbers, read_json  # noqa: E402
 from .status import KEY_METRICS, samples_across_generations  # noqa: E402
 from .store import Store  # noqa: E402
 
@@ -34,11 +33,6 @@ th{background:#f4f4f4}td.l,th.l{text-align:left}img.plot{max-width:560px;margin:
 ANNOTATION_KEYS = ["rows", "parse_rate", "ok_rate", "quality/schema_valid_share", "quality/annotation/f1",
                    "quality/alt_text/f1", "quality/f1_gain_over_alt_text", "quality/neg_desc_false_share",
                    "score_mean", "this_run/rows_per_s"]
-
-
-def image_ext(data: bytes) -> str:
-    fmt = (Image.open(io.BytesIO(data)).format or "png").lower()
-    return {"jpeg": "jpg"}.get(fmt, fmt)
 
 
 def _metric_rows(state: RunState) -> tuple[list[int], list[str], dict]:
@@ -102,16 +96,6 @@ def _annotation_stats(state: RunState) -> dict[int, dict]:
     return out
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}/"))
-        elif isinstance(v, (int, float)) and not isinstance(v, bool):
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def _table(headers: list[str], rows: list[list], left: int = 1) -> str:
     def cell(tag, value, i):
         cls = ' class="l"' if i < left else ""
@@ -162,7 +146,7 @@ def write_report(run_dir: str | Path, store: Store, gallery: int = 12, seed: int
 
     stats = _annotation_stats(state)
     if stats:
-        flat = {g: _flat(s) for g, s in stats.items()}
+        flat = {g: flat_numbers(s) for g, s in stats.items()}
         keys = sorted({k for f in flat.values() for k in f})
         parts.append("<h2>Annotation statistics</h2>")
         main_keys = [k for k in ANNOTATION_KEYS if k in keys]

@@ -46,6 +46,17 @@ def read_json(path: str | Path, default: Any = None) -> Any:
     return json.loads(path.read_text())
 
 
+def flat_numbers(d: dict, prefix: str = "") -> dict[str, float]:
+    """Nested stats -> {"a/b/c": number}, numbers only (how stage metrics are recorded and shown)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flat_numbers(v, f"{prefix}{k}/"))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 class RunState:
     """`state.json` of one run. Mutations are saved immediately and atomically."""
 

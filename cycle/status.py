@@ -8,6 +8,7 @@ from typing import Iterable, Optional
 from rich.console import Console
 from rich.table import Table
 
+from .data.images import image_ext
 from .pipeline import ALL_STAGES
 from .state import RunState
 from .store import Store
@@ -133,6 +134,4 @@ def print_samples(rows: list[dict], console: Optional[Console] = None, image_out
         console.print(table)
         if image_out:
             image_out.mkdir(parents=True, exist_ok=True)
-            from .report import image_ext
-
             (image_out / f"{r['id']}.{image_ext(r['image'])}").write_bytes(r["image"])

@@ -92,6 +92,12 @@ def check_image(data: bytes, max_pixels: int, min_side: int) -> tuple[int, int, 
     return width, height, fmt
 
 
+def image_ext(data: bytes) -> str:
+    """File extension for encoded image bytes ("png", "jpg", ...), from the bytes themselves."""
+    fmt = (Image.open(io.BytesIO(data)).format or "png").lower()
+    return {"jpeg": "jpg"}.get(fmt, fmt)
+
+
 def decode_image(data: bytes) -> Image.Image:
     """Decode to an RGB image (first frame; alpha composited on white). Raises `BadImage` if undecodable."""
     im = _open_header(data)
