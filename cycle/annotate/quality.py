@@ -6,7 +6,9 @@ alt-text the annotator was given. An annotator worth its cost beats its own inpu
 too: a `neg_desc` sentence should state something false, or it is no hard negative.
 
 Facts are read with `cycle.data.emoji.facts` over every object the dataset can name (not only the run's
-vocabulary), so an alt-text naming a sibling object counts as the wrong fact it is.
+vocabulary), so an alt-text naming a sibling object counts as the wrong fact it is. `by_alt_noise` splits
+both F1s by the corruption the alt-text got (samples.meta["alt_noise"]): where the annotator reads the
+image (generic, filename: the alt-text states nothing) and where it only has to keep what it was given.
 """
 from __future__ import annotations
 
@@ -28,12 +30,14 @@ def annotation_quality(store, samples_version: int | str, generation: int,
 
     scenes = {}
     alts = {}
+    kinds = {}
     for rb in store.scan("samples", ["id", "alt_text", "meta"], split_filter(splits), version=samples_version):
         for row in rb.to_pylist():
             if row["meta"] and '"scene"' in row["meta"]:
                 meta = json.loads(row["meta"])
                 if isinstance(meta, dict) and "scene" in meta:
                     scenes[row["id"]], alts[row["id"]] = meta["scene"], row["alt_text"]
+                    kinds[row["id"]] = meta.get("alt_noise", "unknown")
     if not scenes:
         return None
     from ..data.emoji.facts import fact_prf, scene_facts, text_facts
@@ -43,6 +47,7 @@ def annotation_quality(store, samples_version: int | str, generation: int,
     ann = {r["id"]: r for r in store.read("annotations", ["id", "status", "desc", "neg_desc", "tags"],
                                           f"generation = {int(generation)}").to_pylist()}
     scores: dict[str, list[float]] = defaultdict(list)
+    by_kind: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     neg_false, neg_total, usable = 0, 0, 0
     for sid, scene in scenes.items():
         row = ann.get(sid)
@@ -57,6 +62,7 @@ def annotation_quality(store, samples_version: int | str, generation: int,
             prf = fact_prf(facts, true)
             for m in ("precision", "recall", "f1"):
                 scores[f"{who}.{m}"].append(prf[m])
+            by_kind[kinds[sid]][f"{who}_f1"].append(prf["f1"])
             for kind in KINDS:
                 if any(f[0] == kind for f in true):
                     scores[f"{who}.f1_{kind}"].append(fact_prf(facts, true, kind)["f1"])
@@ -72,6 +78,9 @@ def annotation_quality(store, samples_version: int | str, generation: int,
     for key, values in sorted(scores.items()):
         who, metric = key.split(".")
         out.setdefault(who, {})[metric] = _mean(values)
+    # Where the annotator helps and where it hurts: the same F1s per kind of alt-text corruption.
+    out["by_alt_noise"] = {kind: {"n": len(v["alt_text_f1"]), **{k: _mean(x) for k, x in sorted(v.items())}}
+                           for kind, v in sorted(by_kind.items())}
     if out.get("annotation", {}).get("f1") is not None and out.get("alt_text", {}).get("f1") is not None:
         out["f1_gain_over_alt_text"] = round(out["annotation"]["f1"] - out["alt_text"]["f1"], 4)
     return out
