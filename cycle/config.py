@@ -169,6 +169,9 @@ class LVLMConfig:
     vision_feature_layer: int = -2
     keep_cls_token: bool = True  # "full" feature select: keep the CLS image token
     align: StageConfig = field(default_factory=lambda: StageConfig(epochs=2, lr=1e-3))
+    # share of the non-seed training samples also used for alignment, captioned by their raw alt-text
+    # (LLaVA's stage 1 aligns on web captions): more images to learn image -> words from than the seeds
+    align_alt_text_share: float = 0.0
     sft: StageConfig = field(default_factory=lambda: StageConfig(epochs=20, lr=5e-4))
     lora: LoraConfig = field(default_factory=LoraConfig)
     sft_add_best: float = 0.0  # gen >= 2: share of the previous generation's best annotations added to SFT
@@ -252,7 +255,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "device": ("auto", "cpu", "cuda"),
 }
 PROBABILITIES = ("loss.long_text_prob", "loss.neg_tags_prob", "data.emoji.seed_share",
-                 "data.emoji.single_object_share", "data.emoji.heldout_pair_share", "lvlm.sft_add_best")
+                 "data.emoji.single_object_share", "data.emoji.heldout_pair_share", "lvlm.sft_add_best",
+                 "lvlm.align_alt_text_share")
 
 
 def _one_line(err: OmegaConfBaseException) -> str:

@@ -91,17 +91,20 @@ def lvlm_run(ctx: Context, gen: int):
 
 
 def align_inputs(ctx: Context, gen: int) -> dict:
-    return {"lvlm.align": to_dict(ctx.cfg.lvlm.align), "base": ctx.outputs(gen, "lvlm"), "data": ctx.data(),
-            "seed": ctx.cfg.seed}
+    return {"lvlm.align": to_dict(ctx.cfg.lvlm.align), "lvlm.align_alt_text_share": ctx.cfg.lvlm.align_alt_text_share,
+            "base": ctx.outputs(gen, "lvlm"), "data": ctx.data(), "seed": ctx.cfg.seed}
 
 
 def align_run(ctx: Context, gen: int):
     from .lvlm import align_projector
+    from .lvlm.data import alt_text_caption_ids
 
     d = ctx.data()
+    extra = alt_text_caption_ids(ctx.store, d["samples_version"], d["seed_version"],
+                                 ctx.cfg.lvlm.align_alt_text_share, ctx.cfg.seed)
     out, metrics = align_projector(ctx.outputs(gen, "lvlm")["lvlm"], ctx.store, d["samples_version"],
                                    d["seed_version"], ctx.cfg, ctx.gen_dir(gen) / "lvlm" / "aligned",
-                                   progress=ctx.progress)
+                                   extra_ids=extra, progress=ctx.progress)
     return {"lvlm": str(out)}, metrics
 
 

@@ -303,3 +303,21 @@ def test_samples_by_id_fetches_in_chunks_and_quotes_ids(tmp_path):
     got = samples_by_id(store, None, [s["id"] for s in samples[1:]] + ["absent"], chunk=2)
     assert sorted(got) == sorted(s["id"] for s in samples[1:])
     assert got["it's \"odd\""]["image"] == samples[2]["image"]
+
+
+def test_alignment_adds_a_seeded_share_of_alt_text_captions(tiny_store):
+    from cycle.lvlm.data import align_examples, alt_text_caption_ids
+
+    seeds = {r["id"] for r in tiny_store.read("seed", ["id"]).to_pylist()}
+    rows = tiny_store.read("samples", ["id", "alt_text", "split"]).to_pylist()
+    alt = {r["id"]: r["alt_text"] for r in rows}
+    eligible = {r["id"] for r in rows if r["split"] == "train" and r["id"] not in seeds and r["alt_text"].strip()}
+    assert alt_text_caption_ids(tiny_store, None, None, 0.0, 0) == []
+    assert set(alt_text_caption_ids(tiny_store, None, None, 1.0, 0)) == eligible
+    half = alt_text_caption_ids(tiny_store, None, None, 0.5, 0)
+    assert len(half) == round(0.5 * len(eligible)) and set(half) <= eligible
+    assert half == alt_text_caption_ids(tiny_store, None, None, 0.5, 0)  # a pure function of the seed
+    assert half != alt_text_caption_ids(tiny_store, None, None, 0.5, 1)
+    examples = align_examples(tiny_store, None, None, half)
+    extra = [e for e in examples if e.id not in seeds]
+    assert len(examples) == len(seeds) + len(half) and all(e.target == alt[e.id] for e in extra)

@@ -69,6 +69,19 @@ def align_examples(store: Store, samples_version, seed_version, extra_ids=None) 
     return out
 
 
+def alt_text_caption_ids(store: Store, samples_version, seed_version, share: float, seed: int) -> list[str]:
+    """A seeded `share` of the non-seed training samples with a non-empty alt-text: extra alignment data
+    captioned by that alt-text (noisy, like LLaVA stage 1's web captions, but 2-3x the seed set's images)."""
+    if share <= 0:
+        return []
+    seeds = {r["id"] for r in store.read("seed", ["id"], version=seed_version).to_pylist()}
+    ids = sorted(r["id"] for r in store.read("samples", ["id", "alt_text"], "split = 'train'",
+                                             version=samples_version).to_pylist()
+                 if r["id"] not in seeds and (r["alt_text"] or "").strip())
+    random.Random(f"align-alt-text:{seed}").shuffle(ids)
+    return sorted(ids[:round(share * len(ids))])
+
+
 def sft_examples(store: Store, samples_version, seed_version, extra_records=None) -> list[Example]:
     """(image + alt-text -> four formulas) for every seed row, then `extra_records` (dicts with `id` and
     the four formulas, e.g. the previous generation's best annotations) whose ids are not seeds."""
