@@ -32,10 +32,11 @@ METRICS = {
 }
 
 
-def run_seed(seed: int, root: Path, overrides: list[str]) -> dict:
+def run_seed(seed: int, root: Path, overrides: list[str], threads: int = 0) -> dict:
     name = f"demo-seed-{seed}"
     cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "cycle.cli", "run", str(REPO / "configs" / "emoji.yaml"),
-           f"root={root}", f"name={name}", f"seed={seed}", f"train.seed={seed}", *overrides]
+           f"root={root}", f"name={name}", f"seed={seed}", f"train.seed={seed}",
+           *([f"cpu_threads={threads}"] if threads else []), *overrides]
     start = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     wall = time.time() - start
@@ -107,8 +108,10 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
+    # seeds sharing the cores get one torch thread each: two threads per process on contended cores spin-wait
+    threads = 1 if args.parallel > 1 else 0
     with ThreadPoolExecutor(args.parallel) as pool:
-        results = list(pool.map(lambda s: run_seed(s, Path(args.root), args.overrides), seeds))
+        results = list(pool.map(lambda s: run_seed(s, Path(args.root), args.overrides, threads), seeds))
     OUT.mkdir(parents=True, exist_ok=True)
     text = summarise(results)
     if args.parallel > 1:

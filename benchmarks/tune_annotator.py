@@ -63,14 +63,13 @@ def evaluate(merged: Path, store: Store, cfg, limit: int) -> dict:
     from cycle.annotate.schema import build_prompt, model_input
     from cycle.data.emoji import fact_prf, load_vocab, scene_facts, text_facts
     from cycle.lvlm import load_lvlm
-    from cycle.lvlm.common import cpu_threads_for
     from cycle.lvlm.data import decode
     vocab = load_vocab(cfg.data.emoji.vocab_size)
     model, proc = load_lvlm(merged)
     proc.tokenizer.padding_side = "left"
     rows = store.read("samples", ["id", "image", "alt_text", "meta"], "split = 'val'").to_pylist()[:limit]
     outs = []
-    with cpu_threads_for(model, torch.device("cpu")), torch.no_grad():
+    with torch.no_grad():
         for s in range(0, len(rows), 64):
             b = rows[s:s + 64]
             inp = proc(images=[decode(r["image"]) for r in b],

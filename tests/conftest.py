@@ -11,6 +11,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# One torch thread, like configs/tiny.yaml: the suite's models are tiny, and with two threads their steps
+# slow down 20-50x whenever another process competes for the two cores (OpenMP threads spin-wait).
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
 REPO = Path(__file__).resolve().parents[1]
 TINY_YAML = REPO / "configs" / "tiny.yaml"
 

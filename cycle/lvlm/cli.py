@@ -81,7 +81,6 @@ def lvlm_ask(model_dir, images, alt_text, max_new_tokens):
 
     from ..annotate.schema import build_prompt, model_input
     from .assemble import load_lvlm
-    from .common import cpu_threads_for
 
     try:
         pictures = [Image.open(p).convert("RGB") for p in images]
@@ -94,7 +93,7 @@ def lvlm_ask(model_dir, images, alt_text, max_new_tokens):
     processor.tokenizer.padding_side = "left"
     inputs = processor(images=pictures, text=[model_input(build_prompt(alt_text))] * len(pictures),
                        return_tensors="pt", padding=True)
-    with torch.no_grad(), cpu_threads_for(model, torch.device("cpu")):
+    with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     answers = processor.batch_decode(out[:, inputs.input_ids.shape[1]:], skip_special_tokens=True)
     for path, answer in zip(images, answers):

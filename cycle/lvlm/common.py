@@ -7,7 +7,6 @@ import math
 import os
 import random
 import shutil
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
@@ -65,29 +64,6 @@ def finish(tmp: Path, out_dir: str | Path, fp: str, info: Optional[dict] = None)
     return out_dir
 
 
-SMALL_MODEL_PARAMS = 20_000_000
-
-
-@contextmanager
-def cpu_threads_for(model: torch.nn.Module, device: torch.device):
-    """One intra-op thread for a small model on the CPU, restored afterwards.
-
-    Measured on 2 shared cores: steps of a 64-wide LM took 0.1-0.25 s with two threads while another
-    process ran, 0.01 s with one (OpenMP threads spin-wait for a busy core); tiny matrices gain nothing
-    from a second thread anyway.
-    """
-    small = sum(p.numel() for p in model.parameters()) < SMALL_MODEL_PARAMS
-    if device.type != "cpu" or not small:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def _autocast(device: torch.device):
     """bf16 autocast on GPU (weights stay fp32); plain fp32 on CPU."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -99,13 +75,12 @@ def eval_loss(model: torch.nn.Module, batches: Iterable[dict], device: torch.dev
     was_training = model.training
     model.eval()
     total, tokens = 0.0, 0
-    with cpu_threads_for(model, device):
-        for batch in batches:
-            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            with _autocast(device):
-                loss = model(**batch).loss
-            n = int((batch["labels"][:, 1:] != -100).sum())
-            total, tokens = total + loss.item() * n, tokens + n
+    for batch in batches:
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        with _autocast(device):
+            loss = model(**batch).loss
+        n = int((batch["labels"][:, 1:] != -100).sum())
+        total, tokens = total + loss.item() * n, tokens + n
     model.train(was_training)
     return total / max(1, tokens)
 
@@ -135,7 +110,7 @@ def train_loop(model: torch.nn.Module, params: list[torch.nn.Parameter], batches
     model.train()
     epoch_losses: list[float] = []
     step = 0
-    with cpu_threads_for(model, device), open(log_path or os.devnull, "w") as log, \
+    with open(log_path or os.devnull, "w") as log, \
             tqdm(total=epochs * steps_per_epoch, desc=desc, disable=not progress, unit="step") as bar:
         for epoch in range(epochs):
             total, n = 0.0, 0
