@@ -26,15 +26,15 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def build_demo_llava(work: Path, num_heads: int = 0) -> Path:
+def build_demo_llava(work: Path, num_heads: int = 0, clip_name: str = "") -> Path:
     from cycle.annotate.schema import build_prompt, model_input, to_target_json
     from cycle.clip.model import create_clip, save_clip
     from cycle.config import load_config
     from cycle.lvlm import build_lvlm, prepare_lm
 
     cfg = load_config(REPO / "configs" / "emoji.yaml")
-    clip_dir = save_clip(create_clip(cfg.clip.name, image_size=cfg.data.emoji.image_size)[0], cfg.clip.name,
-                         work / "clip")
+    clip_name = clip_name or cfg.clip.name
+    clip_dir = save_clip(create_clip(clip_name, image_size=cfg.data.emoji.image_size)[0], clip_name, work / "clip")
     rng = random.Random(0)
     words = ["apple", "dog", "cup", "bus", "left", "right", "top", "two", "three", "red", "blue", "green", "cat"]
     texts = []
@@ -74,6 +74,8 @@ def main() -> None:
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                     help="bfloat16 pays off on CPUs with AVX512-BF16/AMX (greedy outputs may differ from float32)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--clip", default="", help="CLIP architecture of the vision tower (default: the demo config's; "
+                    "hqclip-tiny is the patch-8 tower: 65 image tokens, hqclip-tiny-p16 gives 17)")
     ap.add_argument("--vllm-python", default="", help="also time the vllm backend with this python (its CPU "
                     "attention needs head_dim 32/64/80/...: the LM then gets 3 heads of 64 instead of 4 of 48)")
     args = ap.parse_args()
@@ -88,7 +90,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="bench-annotate-"))
-    model_dir = build_demo_llava(work, num_heads=3 if args.vllm_python else 0)
+    model_dir = build_demo_llava(work, num_heads=3 if args.vllm_python else 0, clip_name=args.clip)
     backend = TransformersBackend(model_dir, device="cpu", max_new_tokens=args.tokens, min_new_tokens=args.tokens,
                                   dtype=getattr(torch, args.dtype))
     params = sum(p.numel() for p in backend.model.parameters())
@@ -145,7 +147,11 @@ def main() -> None:
         finally:
             vllm.close()
 
+    from transformers import AutoConfig
+
+    image_tokens = AutoConfig.from_pretrained(model_dir).image_seq_length
     print(f"\nAnnotation throughput, {model_dir.name}: {params / 1e6:.2f}M parameters (demo size), "
+          f"tower {args.clip or 'of configs/emoji.yaml'} ({image_tokens} image tokens), "
           f"{args.tokens} tokens per image, {args.dtype}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{os.cpu_count()} cores\n")
     print("| mode | images | tokens | seconds | images/s | tokens/s |")
