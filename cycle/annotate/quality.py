@@ -46,6 +46,10 @@ def annotation_quality(store, samples_version: int | str, generation: int,
     names = tuple(o.name for o in candidates())
     ann = {r["id"]: r for r in store.read("annotations", ["id", "status", "desc", "neg_desc", "tags"],
                                           f"generation = {int(generation)}").to_pylist()}
+    # Seed images were the annotator's SFT data: their annotations are partly recall, so the images it
+    # never trained on are scored apart too (`unseen`).
+    seeds = {r["id"] for r in store.read("seed", ["id"]).to_pylist()} if store.has("seed") else set()
+    unseen: dict[str, list[float]] = defaultdict(list)
     scores: dict[str, list[float]] = defaultdict(list)
     by_kind: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     neg_false, neg_total, usable = 0, 0, 0
@@ -63,6 +67,8 @@ def annotation_quality(store, samples_version: int | str, generation: int,
             for m in ("precision", "recall", "f1"):
                 scores[f"{who}.{m}"].append(prf[m])
             by_kind[kinds[sid]][f"{who}_f1"].append(prf["f1"])
+            if sid not in seeds:
+                unseen[f"{who}_f1"].append(prf["f1"])
             for kind in KINDS:
                 if any(f[0] == kind for f in true):
                     scores[f"{who}.f1_{kind}"].append(fact_prf(facts, true, kind)["f1"])
@@ -81,6 +87,8 @@ def annotation_quality(store, samples_version: int | str, generation: int,
     # Where the annotator helps and where it hurts: the same F1s per kind of alt-text corruption.
     out["by_alt_noise"] = {kind: {"n": len(v["alt_text_f1"]), **{k: _mean(x) for k, x in sorted(v.items())}}
                            for kind, v in sorted(by_kind.items())}
+    if seeds and unseen:
+        out["unseen"] = {"scenes": len(unseen["alt_text_f1"]), **{k: _mean(v) for k, v in sorted(unseen.items())}}
     if out.get("annotation", {}).get("f1") is not None and out.get("alt_text", {}).get("f1") is not None:
         out["f1_gain_over_alt_text"] = round(out["annotation"]["f1"] - out["alt_text"]["f1"], 4)
     return out
