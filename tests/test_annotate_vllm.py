@@ -66,12 +66,6 @@ def test_vllm_reads_the_checkpoint_like_transformers(tmp_path, llava_dir):
     next-token distribution as transformers; constrained by the schema, even a random model writes valid
     JSON. Later unconstrained tokens are not compared: a random model's greedy loops break at near-ties,
     which two correct engines may resolve differently."""
-    import torch
-
-    from cycle.annotate.backends.base import to_pil
-    from cycle.annotate.backends.transformers_backend import TransformersBackend
-    from cycle.annotate.schema import model_input
-
     rows = sample_rows(4)
     batch = [(r["image"], build_prompt(r["alt_text"])) for r in rows]
     cfg = AnnotateConfig(backend="vllm", max_new_tokens=60)
@@ -91,7 +85,19 @@ def test_vllm_reads_the_checkpoint_like_transformers(tmp_path, llava_dir):
     for text in structured:
         assert parse_output(text).status == "ok", text
 
-    hf = TransformersBackend(llava_dir, device="cpu")
+    assert_first_token_like_transformers(llava_dir, batch, first)
+
+
+def assert_first_token_like_transformers(model_dir, batch, first, tol: float = 1e-3) -> None:
+    """vLLM's prompt tokens, top first-token log-probabilities and greedy first token (`first`) equal
+    what transformers computes with the LLaVA in `model_dir`."""
+    import torch
+
+    from cycle.annotate.backends.base import to_pil
+    from cycle.annotate.backends.transformers_backend import TransformersBackend
+    from cycle.annotate.schema import model_input
+
+    hf = TransformersBackend(model_dir, device="cpu")
     prompt_token_ids, top_logprobs, token_ids = first
     for i, ((image, prompt), prompt_ids, top) in enumerate(zip(batch, prompt_token_ids, top_logprobs)):
         inputs = hf.processor(images=[to_pil(image)], text=[model_input(prompt)], return_tensors="pt")
@@ -99,5 +105,41 @@ def test_vllm_reads_the_checkpoint_like_transformers(tmp_path, llava_dir):
         with torch.inference_mode():
             logprobs = torch.log_softmax(hf.model(**inputs).logits[0, -1].float(), -1)
         for token, value in top[0].items():
-            assert abs(logprobs[int(token)].item() - value) < 1e-3, (token, value)
+            assert abs(logprobs[int(token)].item() - value) < tol, (token, value)
         assert int(logprobs.argmax()) == token_ids[i][0]  # greedy: the same first token
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not VLLM_PYTHON or not Path(VLLM_PYTHON).exists(), reason=SKIP_REASON)
+def test_vllm_serves_a_lora_adapter_like_the_merged_model(tmp_path, llava_dir):
+    """The base LLaVA + our peft adapter (LM projections only, saved as SFT saves it) through vLLM's
+    `LoRARequest` computes what transformers computes with the merged model, and not what the base does."""
+    import torch
+
+    from cycle.config import LoraConfig
+    from cycle.lvlm.assemble import load_lvlm, write_lvlm
+    from cycle.lvlm.finetune import with_lora
+
+    base, processor = load_lvlm(llava_dir)
+    model = with_lora(base, LoraConfig(r=8, alpha=16, dropout=0.0))
+    torch.manual_seed(1)
+    for name, param in model.named_parameters():  # a trained adapter, not peft's no-op initialisation
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.3)
+    model.save_pretrained(tmp_path / "adapter")
+    merged = write_lvlm(model.merge_and_unload(), processor, tmp_path / "merged")
+
+    rows = sample_rows(4)
+    batch = [(r["image"], build_prompt(r["alt_text"])) for r in rows]
+    cfg = AnnotateConfig(backend="vllm", max_new_tokens=8)
+    cfg.vllm.python = VLLM_PYTHON
+    backend = VLLMBackend(cfg, llava_dir, lora_dir=tmp_path / "adapter", out_dir=tmp_path / "vllm",
+                          structured=False, device="cpu", logprobs=5, dtype="float32")
+    try:
+        backend.generate(batch)
+        first = (backend.last_prompt_token_ids, backend.last_logprobs, backend.last_token_ids)
+    finally:
+        backend.close()
+    assert_first_token_like_transformers(merged, batch, first)
+    with pytest.raises(AssertionError):  # the adapter changes the model: the base alone does not match
+        assert_first_token_like_transformers(llava_dir, batch, first)
