@@ -31,7 +31,8 @@ th{background:#f4f4f4}td.l,th.l{text-align:left}img.plot{max-width:560px;margin:
 
 # What tells whether the annotator beat the alt-text it was given; the rest goes under "all".
 ANNOTATION_KEYS = ["rows", "parse_rate", "ok_rate", "quality/schema_valid_share", "quality/annotation/f1",
-                   "quality/alt_text/f1", "quality/f1_gain_over_alt_text", "quality/neg_desc_false_share",
+                   "quality/alt_text/f1", "quality/f1_gain_over_alt_text", "quality/unseen/annotation_f1",
+                   "quality/unseen/alt_text_f1", "quality/neg_desc_false_share",
                    "score_mean", "this_run/rows_per_s"]
 
 
