@@ -53,6 +53,22 @@ def test_vision_tower_hidden_states_match(micro):
 
 
 @torch.no_grad()
+def test_demo_patch16_tower_converts_exactly():
+    from cycle.clip.model import create_clip
+
+    torch.manual_seed(0)
+    model = create_clip("hqclip-tiny-p16")[0].eval()  # the demo's tower: 64 px, 4 x 4 patches of 16
+    hf = openclip_vit_to_hf_vision(model.visual)
+    assert (hf.config.image_size, hf.config.patch_size) == (64, 16)
+    images = torch.randn(2, 3, 64, 64)
+    out = hf(pixel_values=images, output_hidden_states=True)
+    last = model.visual.forward_intermediates(images, output_fmt="NLC", output_extra_tokens=True)
+    tokens = torch.cat([last["image_intermediates_prefix"][-1], last["image_intermediates"][-1]], dim=1)
+    assert out.hidden_states[-1].shape[1] == 17 and _max_diff(out.hidden_states[-1], tokens) < TOL
+    assert _max_diff(out.pooler_output @ model.visual.proj, model.encode_image(images)) < TOL
+
+
+@torch.no_grad()
 def test_quick_gelu_maps_to_quick_gelu():
     register_model_configs()
     model = open_clip.create_model("hqclip-micro", force_quick_gelu=True).eval()
