@@ -74,6 +74,8 @@ def main() -> None:
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                     help="bfloat16 pays off on CPUs with AVX512-BF16/AMX (greedy outputs may differ from float32)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--kv-cache", choices=["dynamic", "static"], default="dynamic",
+                    help="the transformers backend's KV cache (annotate.kv_cache)")
     ap.add_argument("--clip", default="", help="CLIP architecture of the vision tower (default: the demo config's; "
                     "hqclip-tiny is the patch-8 tower: 65 image tokens, hqclip-tiny-p16 gives 17)")
     ap.add_argument("--vllm-python", default="", help="also time the vllm backend with this python (its CPU "
@@ -92,7 +94,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-annotate-"))
     model_dir = build_demo_llava(work, num_heads=3 if args.vllm_python else 0, clip_name=args.clip)
     backend = TransformersBackend(model_dir, device="cpu", max_new_tokens=args.tokens, min_new_tokens=args.tokens,
-                                  dtype=getattr(torch, args.dtype))
+                                  dtype=getattr(torch, args.dtype), kv_cache=args.kv_cache)
     params = sum(p.numel() for p in backend.model.parameters())
     data = images(max(args.batch, args.single), 64)
     backend.generate(data[:1])  # warm-up, both shapes
@@ -152,7 +154,7 @@ def main() -> None:
     image_tokens = AutoConfig.from_pretrained(model_dir).image_seq_length
     print(f"\nAnnotation throughput, {model_dir.name}: {params / 1e6:.2f}M parameters (demo size), "
           f"tower {args.clip or 'of configs/emoji.yaml'} ({image_tokens} image tokens), "
-          f"{args.tokens} tokens per image, {args.dtype}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{args.tokens} tokens per image, {args.dtype}, {args.kv_cache} KV cache, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{os.cpu_count()} cores\n")
     print("| mode | images | tokens | seconds | images/s | tokens/s |")
     print("|---|---:|---:|---:|---:|---:|")

@@ -209,6 +209,9 @@ class AnnotateConfig:
     retries: int = 2  # extra attempts with another seed before a row is kept as failed
     retry_temperature: float = 0.7  # retries sample (a greedy retry would repeat the same output)
     write_batch: int = 512
+    # transformers backend: "dynamic" grows the KV cache by concatenation every step; "static"
+    # preallocates it (no per-step copy of the whole cache: see README, annotation throughput)
+    kv_cache: str = "dynamic"
     openai: OpenAIBackendConfig = field(default_factory=OpenAIBackendConfig)
     vllm: VLLMBackendConfig = field(default_factory=VLLMBackendConfig)
 
@@ -252,6 +255,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.precision": ("auto", "fp32", "bf16"),
     "annotate.backend": ("transformers", "vllm", "openai"),
     "annotate.vllm.mode": ("offline", "server"),
+    "annotate.kv_cache": ("dynamic", "static"),
     "device": ("auto", "cpu", "cuda"),
 }
 PROBABILITIES = ("loss.long_text_prob", "loss.neg_tags_prob", "data.emoji.seed_share",

@@ -181,3 +181,21 @@ def test_annotation_over_http_with_retries_and_clip_scores(tmp_path):
     assert stats["by_status"].get("failed", 0) == sum("dog" in w for w in alts.values())
     assert stats["score_mean"] is not None and stats["scored_with"] == str(clip_dir)
     assert sum(stats["by_status"].values()) == 20 and stats["tags_per_image"] == 3.0
+
+
+def test_static_kv_cache_generates_what_the_dynamic_one_does(llava_dir):
+    """`annotate.kv_cache: static` preallocates the cache; left-padded batched greedy output is unchanged."""
+    from cycle.annotate.backends.base import BackendError
+    from cycle.annotate.backends.transformers_backend import TransformersBackend
+    from cycle.annotate.schema import build_prompt
+
+    rows = sample_rows(6)
+    batch = [(r["image"], build_prompt(r["alt_text"] * (1 + i % 3))) for i, r in enumerate(rows)]  # unequal lengths
+    outputs, ids = {}, {}
+    for cache in ("dynamic", "static"):
+        backend = TransformersBackend(llava_dir, device="cpu", max_new_tokens=12, min_new_tokens=12, kv_cache=cache)
+        outputs[cache], ids[cache] = backend.generate(batch), backend.last_token_ids
+    assert ids["static"] == ids["dynamic"] and outputs["static"] == outputs["dynamic"]
+    assert all(len(t) == 12 for t in ids["static"])
+    with pytest.raises(BackendError, match="annotate.kv_cache"):
+        TransformersBackend(llava_dir, device="cpu", kv_cache="paged")

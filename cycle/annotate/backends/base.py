@@ -100,7 +100,7 @@ def make_backend(cfg: Any, model_dir: Optional[str | Path], out_dir: Optional[st
         from .transformers_backend import TransformersBackend
 
         return TransformersBackend(model_dir, device=device, max_new_tokens=cfg.max_new_tokens,
-                                   temperature=cfg.temperature)
+                                   temperature=cfg.temperature, kv_cache=cfg.kv_cache)
     if cfg.backend == "openai":
         from .openai_backend import OpenAIBackend
 

@@ -26,7 +26,8 @@ class TransformersBackend:
     """`LlavaForConditionalGeneration` + `AutoProcessor` loaded from `model_dir` (an HF LLaVA directory)."""
 
     def __init__(self, model_dir: str | Path, device: str = "auto", max_new_tokens: int = 96,
-                 temperature: float = 0.0, min_new_tokens: int = 0, dtype: Optional[torch.dtype] = None):
+                 temperature: float = 0.0, min_new_tokens: int = 0, dtype: Optional[torch.dtype] = None,
+                 kv_cache: str = "dynamic"):
         from transformers import AutoProcessor, LlavaForConditionalGeneration
 
         model_dir = Path(model_dir) if model_dir else None
@@ -48,6 +49,9 @@ class TransformersBackend:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.image_token = getattr(self.processor, "image_token", None) or IMAGE_TOKEN
         self.max_new_tokens, self.min_new_tokens, self.temperature = max_new_tokens, min_new_tokens, temperature
+        if kv_cache not in ("dynamic", "static"):
+            raise BackendError(f"config key 'annotate.kv_cache': got {kv_cache!r}, expected dynamic or static")
+        self.kv_cache = kv_cache
         self.fingerprint = f"transformers:{model_dir.name}:{dir_fingerprint(model_dir)}"
         self.generated_tokens = 0  # running count, for throughput figures
 
@@ -77,6 +81,7 @@ class TransformersBackend:
             **inputs, max_new_tokens=self.max_new_tokens, min_new_tokens=self.min_new_tokens or None,
             do_sample=sample, temperature=temperature if sample else None, top_p=None, top_k=None,
             pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
+            **({"cache_implementation": "static"} if self.kv_cache == "static" else {}),
         )
         new = gen[:, inputs["input_ids"].shape[1]:]
         eos = self.tokenizer.eos_token_id
