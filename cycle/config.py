@@ -172,6 +172,7 @@ class LVLMConfig:
     # share of the non-seed training samples also used for alignment, captioned by their raw alt-text
     # (LLaVA's stage 1 aligns on web captions): more images to learn image -> words from than the seeds
     align_alt_text_share: float = 0.0
+    align_add_best: float = 0.0  # gen >= 2: share of the previous generation's best annotations added to alignment
     sft: StageConfig = field(default_factory=lambda: StageConfig(epochs=20, lr=5e-4))
     lora: LoraConfig = field(default_factory=LoraConfig)
     sft_add_best: float = 0.0  # gen >= 2: share of the previous generation's best annotations added to SFT
@@ -260,7 +261,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 PROBABILITIES = ("loss.long_text_prob", "loss.neg_tags_prob", "data.emoji.seed_share",
                  "data.emoji.single_object_share", "data.emoji.heldout_pair_share", "lvlm.sft_add_best",
-                 "lvlm.align_alt_text_share")
+                 "lvlm.align_alt_text_share", "lvlm.align_add_best")
 
 
 def _one_line(err: OmegaConfBaseException) -> str:

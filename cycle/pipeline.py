@@ -92,19 +92,25 @@ def lvlm_run(ctx: Context, gen: int):
 
 def align_inputs(ctx: Context, gen: int) -> dict:
     return {"lvlm.align": to_dict(ctx.cfg.lvlm.align), "lvlm.align_alt_text_share": ctx.cfg.lvlm.align_alt_text_share,
-            "base": ctx.outputs(gen, "lvlm"), "data": ctx.data(), "seed": ctx.cfg.seed}
+            "lvlm.align_add_best": ctx.cfg.lvlm.align_add_best, "base": ctx.outputs(gen, "lvlm"),
+            "previous": ctx.outputs(gen - 1, "annotate") if gen >= 2 and ctx.cfg.lvlm.align_add_best > 0 else None,
+            "data": ctx.data(), "seed": ctx.cfg.seed}
 
 
 def align_run(ctx: Context, gen: int):
-    from .lvlm import align_projector
+    from .lvlm import align_projector, best_previous_annotations
     from .lvlm.data import alt_text_caption_ids
 
     d = ctx.data()
     extra = alt_text_caption_ids(ctx.store, d["samples_version"], d["seed_version"],
                                  ctx.cfg.lvlm.align_alt_text_share, ctx.cfg.seed)
+    best = None
+    if gen >= 2 and ctx.cfg.lvlm.align_add_best > 0:  # images whose previous annotation scored well
+        best = best_previous_annotations(ctx.store, ctx.outputs(gen - 1, "annotate")["annotations_version"],
+                                         gen - 1, ctx.cfg.lvlm.align_add_best)
     out, metrics = align_projector(ctx.outputs(gen, "lvlm")["lvlm"], ctx.store, d["samples_version"],
                                    d["seed_version"], ctx.cfg, ctx.gen_dir(gen) / "lvlm" / "aligned",
-                                   extra_ids=extra, progress=ctx.progress)
+                                   extra_ids=extra, extra_records=best, progress=ctx.progress)
     return {"lvlm": str(out)}, metrics
 
 

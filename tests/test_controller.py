@@ -61,6 +61,11 @@ def test_every_stage_done_with_outputs_and_finite_metrics(finished_run):
     for gen in (1, 2):
         ids = store.read("annotations", ["id"], f"generation = {gen}", version=f"gen-{gen:03d}").column("id").to_pylist()
         assert len(ids) == len(set(ids)) == n_train  # every training image annotated exactly once
+    # gen 2 also learns from gen 1's best-scored annotations (lvlm.align_add_best, lvlm.sft_add_best)
+    align = [state.stage(g, "align")["metrics"] for g in (1, 2)]
+    assert align[0]["align/examples_previous"] == 0 < align[1]["align/examples_previous"]
+    assert align[0]["align/examples_alt_text"] > 0 and align[1]["align/examples_seed"] == align[0]["align/examples_seed"]
+    assert state.stage(2, "sft")["metrics"]["sft/examples"] > state.stage(1, "sft")["metrics"]["sft/examples"]
 
 
 def _wait_for(pred, timeout, proc=None):

@@ -255,7 +255,8 @@ def test_best_previous_annotations_takes_the_top_share(tmp_path):
     store = Store(tmp_path / "lance")
     rec = {"desc": ["a"], "neg_desc": ["b"], "tags": ["c"], "neg_tags": ["d"], "raw_output": "", "reason": "",
            "attempts": 1, "annotator": "t", "prompt_hash": "h"}
-    rows = [{**rec, "id": f"s{i}", "generation": 1, "status": "ok", "score": float(i)} for i in range(10)]
+    rows = [{**rec, "id": f"s{i}", "generation": 1, "status": "repaired" if i == 8 else "ok", "score": float(i)}
+            for i in range(10)]
     rows += [{**rec, "id": "bad", "generation": 1, "status": "failed", "score": 99.0},
              {**rec, "id": "s9", "generation": 2, "status": "ok", "score": 100.0},
              {**rec, "id": "unscored", "generation": 1, "status": "ok", "score": None}]
@@ -319,3 +320,19 @@ def test_alignment_adds_a_seeded_share_of_alt_text_captions(tiny_store):
     examples = align_examples(tiny_store, None, None, half)
     extra = [e for e in examples if e.id not in seeds]
     assert len(examples) == len(seeds) + len(half) and all(e.target == alt[e.id] for e in extra)
+
+
+def test_alignment_adds_the_previous_generations_best_annotations(tiny_store):
+    from cycle.lvlm.data import align_examples
+
+    seeds = {r["id"] for r in tiny_store.read("seed", ["id"]).to_pylist()}
+    others = sorted(r["id"] for r in tiny_store.read("samples", ["id"], "split = 'train'").to_pylist()
+                    if r["id"] not in seeds)
+    best = [{"id": i, "desc": [f"the image shows thing {n}.", "more."]} for n, i in enumerate(others[:3])]
+    best.append({"id": sorted(seeds)[0], "desc": ["a seed keeps its teacher caption."]})
+    examples = {e.id: e for e in align_examples(tiny_store, None, None, extra_ids=others[:5], extra_records=best)}
+    assert len(examples) == len(seeds) + 5  # 3 annotated + 2 alt-text captioned, seeds once each
+    assert [examples[i].target for i in others[:3]] == [f"the image shows thing {n}. more." for n in range(3)]
+    assert examples[sorted(seeds)[0]].target != "a seed keeps its teacher caption."
+    sources = [e.source for e in examples.values()]
+    assert (sources.count("seed"), sources.count("previous"), sources.count("alt_text")) == (len(seeds), 3, 2)

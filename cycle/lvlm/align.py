@@ -2,7 +2,8 @@
 
 Only the projector trains; the vision tower and the LM stay frozen (as in LLaVA's stage 1). The data is
 (image -> description) over the seed set, `desc` sentences joined, plus optionally `extra_ids` samples
-captioned by their own alt-text.
+captioned by their own alt-text and `extra_records` (the previous generation's best-scored annotations)
+captioned by their `desc`.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ def text_budget(cfg: RunConfig, model) -> int:
 
 def align_projector(lvlm_dir: str | Path, store: Store, samples_version, seed_version, cfg: RunConfig,
                     out_dir: str | Path, extra_ids: Optional[Iterable[str]] = None,
+                    extra_records: Optional[list[dict]] = None,
                     progress: bool = True) -> tuple[Path, dict]:
     """Train the projector of the LLaVA in `lvlm_dir`; save the whole LLaVA to `out_dir`.
 
@@ -34,6 +36,8 @@ def align_projector(lvlm_dir: str | Path, store: Store, samples_version, seed_ve
     extra = sorted(set(extra_ids or ()))
     fp = fingerprint(stage, {"base": dir_identity(lvlm_dir), "samples": samples_version, "seed_table": seed_version,
                              "extra": hashlib.sha256("\n".join(extra).encode()).hexdigest()[:16],
+                             "extra_records": hashlib.sha256(json.dumps(extra_records or [], sort_keys=True,
+                                                                        default=str).encode()).hexdigest()[:16],
                              "max_length": cfg.lvlm.lm.max_length, "seed": cfg.seed})
     if cached(out_dir, fp):
         return Path(out_dir), json.loads((Path(out_dir) / FINGERPRINT_FILE).read_text())["metrics"]
@@ -43,14 +47,15 @@ def align_projector(lvlm_dir: str | Path, store: Store, samples_version, seed_ve
     model.requires_grad_(False)
     projector = model.model.multi_modal_projector
     projector.requires_grad_(True)
-    examples = align_examples(store, samples_version, seed_version, extra)
+    examples = align_examples(store, samples_version, seed_version, extra, extra_records)
     batches, steps = make_batches(examples, processor, stage.batch_size, cfg.seed, text_budget(cfg, model),
                                   align_input)
     before = eval_loss(model, batches(0), device)
     losses = train_loop(model, list(projector.parameters()), batches, stage.epochs, steps, stage.lr,
                         stage.warmup_steps, device, "align projector", progress)
     after = eval_loss(model, batches(0), device)
-    metrics = {"align/examples": len(examples), "align/loss_before": before, "align/loss_after": after,
+    metrics = {"align/examples": len(examples),
+               **{f"align/examples_{s}": sum(e.source == s for e in examples) for s in ("seed", "previous", "alt_text")}, "align/loss_before": before, "align/loss_after": after,
                "align/epoch_loss_first": losses[0], "align/epoch_loss_last": losses[-1],
                "align/truncated": len(batches.state["truncated"])}
     out = save_lvlm(model.to("cpu"), processor, out_dir, fp,

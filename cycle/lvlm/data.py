@@ -32,6 +32,7 @@ class Example:
     target: str  # stage 1: the description; stage 2: the formulas' compact JSON
     record: Optional[dict] = None  # stage 2: the four formulas
     meta: Optional[str] = field(default=None, repr=False)
+    source: str = "seed"  # where the target comes from: "seed", "previous" (best annotations), "alt_text"
 
 
 def samples_by_id(store: Store, samples_version, ids, columns=("id", "image", "alt_text", "meta"),
@@ -55,15 +56,24 @@ def seed_records(store: Store, seed_version) -> list[dict]:
     return recs
 
 
-def align_examples(store: Store, samples_version, seed_version, extra_ids=None) -> list[Example]:
-    """(image -> description) pairs: each seed row's `desc` sentences joined; with `extra_ids`, those
-    samples with their own alt-text as the caption (LLaVA's stage 1 used filtered web captions)."""
-    recs = seed_records(store, seed_version)
-    extra_ids = set(extra_ids or ()) - {r["id"] for r in recs}
-    samples = samples_by_id(store, samples_version, {r["id"] for r in recs} | extra_ids)
+def align_examples(store: Store, samples_version, seed_version, extra_ids=None,
+                   extra_records=None) -> list[Example]:
+    """(image -> description) pairs: each seed row's `desc` sentences joined; with `extra_records` (id +
+    `desc`, e.g. the previous generation's best annotations), theirs, for ids that are not seeds; with
+    `extra_ids`, those samples with their own alt-text as the caption (LLaVA's stage 1 used filtered web
+    captions)."""
+    recs = [(r, "seed") for r in seed_records(store, seed_version)]
+    seen = {r["id"] for r, _ in recs}
+    for r in extra_records or ():
+        if r["id"] not in seen and r.get("desc"):
+            seen.add(r["id"])
+            recs.append((r, "previous"))
+    extra_ids = set(extra_ids or ()) - seen
+    samples = samples_by_id(store, samples_version, seen | extra_ids)
     out = [Example(r["id"], samples[r["id"]]["image"], samples[r["id"]]["alt_text"] or "", " ".join(r["desc"]),
-                   meta=samples[r["id"]]["meta"]) for r in recs if r["id"] in samples]
-    out += [Example(i, samples[i]["image"], samples[i]["alt_text"], samples[i]["alt_text"], meta=samples[i]["meta"])
+                   meta=samples[r["id"]]["meta"], source=source) for r, source in recs if r["id"] in samples]
+    out += [Example(i, samples[i]["image"], samples[i]["alt_text"], samples[i]["alt_text"], meta=samples[i]["meta"],
+                    source="alt_text")
             for i in sorted(extra_ids) if i in samples and (samples[i]["alt_text"] or "").strip()]
     _check_found(out, len(recs) + len(extra_ids), "alignment")
     return out
@@ -87,6 +97,7 @@ def sft_examples(store: Store, samples_version, seed_version, extra_records=None
     the four formulas, e.g. the previous generation's best annotations) whose ids are not seeds."""
     recs = seed_records(store, seed_version)
     seen = {r["id"] for r in recs}
+    n_seeds = len(recs)
     for r in extra_records or ():
         problems = validate({k: r.get(k) for k in FORMULA_KEYS})
         if problems:
@@ -96,11 +107,12 @@ def sft_examples(store: Store, samples_version, seed_version, extra_records=None
             recs.append(r)
     samples = samples_by_id(store, samples_version, seen)
     out = []
-    for r in recs:
+    for i, r in enumerate(recs):
         s = samples.get(r["id"])
         if s is not None:
             record = {k: list(r[k]) for k in FORMULA_KEYS}
-            out.append(Example(r["id"], s["image"], s["alt_text"] or "", to_target_json(record), record, s["meta"]))
+            out.append(Example(r["id"], s["image"], s["alt_text"] or "", to_target_json(record), record, s["meta"],
+                               source="seed" if i < n_seeds else "previous"))
     _check_found(out, len(recs), "SFT")
     return out
 
@@ -200,8 +212,9 @@ def align_input(e: Example, epoch: int) -> str:
 
 
 def best_previous_annotations(store: Store, annotations_version, generation: int, share: float) -> list[dict]:
-    """The best-scored `share` of generation `generation`'s ok annotations (rows without a score skipped)."""
-    where = f"generation = {int(generation)} AND status = 'ok' AND score IS NOT NULL"
+    """The best-scored `share` of generation `generation`'s usable annotations (ok, or repaired by the
+    parser: both are schema-valid); failed and unscored rows are skipped."""
+    where = f"generation = {int(generation)} AND status IN ('ok', 'repaired') AND score IS NOT NULL"
     rows = store.read("annotations", ["id", *FORMULA_KEYS, "score"], where, version=annotations_version).to_pylist()
     rows.sort(key=lambda r: (-r["score"], r["id"]))
     keep = rows[:math.ceil(share * len(rows))] if share > 0 else []
