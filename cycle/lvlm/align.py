@@ -54,8 +54,8 @@ def align_projector(lvlm_dir: str | Path, store: Store, samples_version, seed_ve
     losses = train_loop(model, list(projector.parameters()), batches, stage.epochs, steps, stage.lr,
                         stage.warmup_steps, device, "align projector", progress)
     after = eval_loss(model, batches(0), device)
-    metrics = {"align/examples": len(examples),
-               **{f"align/examples_{s}": sum(e.source == s for e in examples) for s in ("seed", "previous", "alt_text")}, "align/loss_before": before, "align/loss_after": after,
+    by_source = {f"align/examples_{s}": sum(e.source == s for e in examples) for s in ("seed", "previous", "alt_text")}
+    metrics = {"align/examples": len(examples), **by_source, "align/loss_before": before, "align/loss_after": after,
                "align/epoch_loss_first": losses[0], "align/epoch_loss_last": losses[-1],
                "align/truncated": len(batches.state["truncated"])}
     out = save_lvlm(model.to("cpu"), processor, out_dir, fp,
