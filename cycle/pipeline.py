@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 from .config import RunConfig, to_dict
 from .state import flat_numbers
@@ -90,24 +90,34 @@ def lvlm_run(ctx: Context, gen: int):
     return {"lm": str(lm_dir), "lvlm": str(out)}, {}
 
 
+def previous_annotate(ctx: Context, gen: int, share: float) -> Optional[dict]:
+    """The previous generation's annotate outputs when `share` of its best annotations is asked for (gen >= 2)."""
+    return ctx.outputs(gen - 1, "annotate") if gen >= 2 and share > 0 else None
+
+
+def previous_best(ctx: Context, gen: int, share: float) -> Optional[list[dict]]:
+    """Our step beyond the paper: the best-scored `share` of the previous generation's annotations."""
+    from .lvlm import best_previous_annotations
+
+    prev = previous_annotate(ctx, gen, share)
+    return best_previous_annotations(ctx.store, prev["annotations_version"], gen - 1, share) if prev else None
+
+
 def align_inputs(ctx: Context, gen: int) -> dict:
     return {"lvlm.align": to_dict(ctx.cfg.lvlm.align), "lvlm.align_alt_text_share": ctx.cfg.lvlm.align_alt_text_share,
             "lvlm.align_add_best": ctx.cfg.lvlm.align_add_best, "base": ctx.outputs(gen, "lvlm"),
-            "previous": ctx.outputs(gen - 1, "annotate") if gen >= 2 and ctx.cfg.lvlm.align_add_best > 0 else None,
+            "previous": previous_annotate(ctx, gen, ctx.cfg.lvlm.align_add_best),
             "data": ctx.data(), "seed": ctx.cfg.seed}
 
 
 def align_run(ctx: Context, gen: int):
-    from .lvlm import align_projector, best_previous_annotations
+    from .lvlm import align_projector
     from .lvlm.data import alt_text_caption_ids
 
     d = ctx.data()
     extra = alt_text_caption_ids(ctx.store, d["samples_version"], d["seed_version"],
                                  ctx.cfg.lvlm.align_alt_text_share, ctx.cfg.seed)
-    best = None
-    if gen >= 2 and ctx.cfg.lvlm.align_add_best > 0:  # images whose previous annotation scored well
-        best = best_previous_annotations(ctx.store, ctx.outputs(gen - 1, "annotate")["annotations_version"],
-                                         gen - 1, ctx.cfg.lvlm.align_add_best)
+    best = previous_best(ctx, gen, ctx.cfg.lvlm.align_add_best)
     out, metrics = align_projector(ctx.outputs(gen, "lvlm")["lvlm"], ctx.store, d["samples_version"],
                                    d["seed_version"], ctx.cfg, ctx.gen_dir(gen) / "lvlm" / "aligned",
                                    extra_ids=extra, extra_records=best, progress=ctx.progress)
@@ -118,19 +128,15 @@ def sft_inputs(ctx: Context, gen: int) -> dict:
     return {"lvlm.sft": to_dict(ctx.cfg.lvlm.sft), "lvlm.lora": to_dict(ctx.cfg.lvlm.lora),
             "lvlm.sft_add_best": ctx.cfg.lvlm.sft_add_best, "lvlm.sft_fresh_alt_text": ctx.cfg.lvlm.sft_fresh_alt_text,
             "lvlm.lm.max_length": ctx.cfg.lvlm.lm.max_length, "aligned": ctx.outputs(gen, "align"),
-            "previous": ctx.outputs(gen - 1, "annotate") if gen >= 2 and ctx.cfg.lvlm.sft_add_best > 0 else None,
+            "previous": previous_annotate(ctx, gen, ctx.cfg.lvlm.sft_add_best),
             "data": ctx.data(), "seed": ctx.cfg.seed}
 
 
 def sft_run(ctx: Context, gen: int):
-    from .lvlm import best_previous_annotations, sft
+    from .lvlm import sft
 
     d = ctx.data()
-    extra = None
-    if gen >= 2 and ctx.cfg.lvlm.sft_add_best > 0:  # our step beyond the paper: the previous round's best
-        prev = ctx.outputs(gen - 1, "annotate")
-        extra = best_previous_annotations(ctx.store, prev["annotations_version"], gen - 1,
-                                          ctx.cfg.lvlm.sft_add_best)
+    extra = previous_best(ctx, gen, ctx.cfg.lvlm.sft_add_best)
     adapter, merged, metrics = sft(ctx.outputs(gen, "align")["lvlm"], ctx.store, d["samples_version"],
                                    d["seed_version"], ctx.cfg, ctx.gen_dir(gen) / "lvlm" / "sft",
                                    extra_records=extra, progress=ctx.progress)
