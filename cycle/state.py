@@ -57,6 +57,13 @@ def flat_numbers(d: dict, prefix: str = "") -> dict[str, float]:
     return out
 
 
+def gen_dir(run_dir: str | Path, gen: int) -> Path:
+    """`<run>/gen-002`: where generation `gen` keeps its files (the same name as its table tag)."""
+    from .store import gen_tag
+
+    return Path(run_dir) / gen_tag(gen)
+
+
 class RunState:
     """`state.json` of one run. Mutations are saved immediately and atomically."""
 
@@ -69,6 +76,10 @@ class RunState:
 
     def stage(self, gen: int, stage: str) -> dict:
         return self.data["generations"].get(str(gen), {}).get(stage, {})
+
+    def outputs(self, gen: int, stage: str) -> dict:
+        """What a finished stage recorded as its outputs (paths, table versions); {} before that."""
+        return self.stage(gen, stage).get("outputs", {})
 
     def is_done(self, gen: int, stage: str) -> bool:
         return self.stage(gen, stage).get("status") == "done"

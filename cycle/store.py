@@ -62,6 +62,22 @@ SCHEMAS = {"samples": SAMPLES, "seed": SEED, "annotations": ANNOTATIONS, "reject
 KEYS = {"samples": ["id"], "seed": ["id"], "annotations": ["id", "generation"]}
 
 
+# The one definition of an annotation that training, alignment, SFT, quality and export may use: parsed
+# (possibly repaired). A NULL status is not usable: every writer sets one (imports write "ok").
+USABLE_STATUSES = ("ok", "repaired")
+USABLE = "status IN ('ok', 'repaired')"
+
+
+def is_usable(status: Optional[str]) -> bool:
+    return status in USABLE_STATUSES
+
+
+def sql_in(column: str, values: Iterable[str]) -> str:
+    """`column IN ('a', 'b')` with each value quoted as an SQL string literal (ids are data, not SQL)."""
+    quoted = ", ".join("'" + str(v).replace("'", "''") + "'" for v in values)
+    return f"{column} IN ({quoted})" if quoted else "FALSE"
+
+
 def gen_tag(generation: int) -> str:
     return f"gen-{generation:03d}"
 
