@@ -6,7 +6,8 @@ the figures recorded from an earlier commit.
 
 The jobs, both with one torch thread (float reductions depend on the thread count):
 1. the whole tiny cycle (`configs/tiny.yaml`, generation 0 + 2): every numeric metric that any stage
-   records in `state.json` (evaluation, annotation quality, training summaries), wall-clock figures left out;
+   records in `state.json` (evaluation, annotation quality, training summaries), wall-clock figures left out,
+   and each generation's last logged training step (loss terms, logit scale);
 2. the first 20 training steps of `configs/emoji.yaml` generation 0, logged every step: each loss term and
    the logit scale (the run is stopped once step 20 is in its log).
 
@@ -66,6 +67,11 @@ def tiny_cycle(root: Path) -> dict:
     for gen, stages in state["generations"].items():
         for stage, entry in stages.items():
             figures.update(numbers(entry.get("metrics", {}), f"gen{gen}/{stage}/"))
+        log = Path(stages.get("train", {}).get("outputs", {}).get("log", ""))
+        if log.is_file():  # the last logged training step: its loss terms and logit scale
+            last = [json.loads(line) for line in log.read_text().splitlines() if '"loss"' in line][-1]
+            figures.update({f"gen{gen}/train/last_step/{k}": v for k, v in last.items()
+                            if k.endswith("loss") or k in ("logit_scale", "step", "lr")})
     return {"figures": figures, "wall_s": round(time.time() - start, 1)}
 
 

@@ -43,7 +43,7 @@ def run(config_path, overrides, redo_from, stop_after):
     cfg = config_from(config_path, overrides)
     console = wide_console()
     try:
-        run_cycle(cfg, redo_from=redo_from, stop_after=stop_after, log=lambda m: console.print(f"[bold]{m}[/]"))
+        run_cycle(cfg, redo_from=redo_from, stop_after=stop_after)
     except (ConfigChanged, RunLocked, ValueError) as err:
         raise click.ClickException(str(err)) from None
     print_status(cfg.run_dir, console)

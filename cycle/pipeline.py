@@ -1,222 +1,231 @@
-"""The stages of a generation, as the controller sees them: what each reads (for its fingerprint) and
-which plain stage function it calls. No sequencing here and no state: that is the controller's job.
+"""The stages of a generation, as the controller sees them. No sequencing here and no state.
 
-    gen 0:   data -> train -> eval                     (CLIP_0 on raw alt-text: the baseline)
-    gen g:   lvlm -> align -> sft -> annotate -> train -> eval
+    gen 0:   data -> train -> eval                          (CLIP_0 on raw alt-text: the baseline)
+    gen 1:   lm -> lvlm -> align -> sft -> annotate -> train -> eval
+    gen g:         lvlm -> align -> sft -> annotate -> train -> eval
              LLaVA on CLIP_{g-1}; its annotations of every training image train CLIP_g.
+
+Every stage has one shape: `run(cfg, pins, out_dir, progress) -> StageResult`. `pins` is everything it reads of
+earlier stages (table versions, model folders), gathered by its `pins(record, gen)` from the controller's
+record; `out_dir` is its own folder, which the controller clears when the stage is redone. What a stage
+depends on is its `keys(gen)` (dotted config keys) plus its pins: the controller fingerprints exactly
+that, so a refused resume names the key that changed (`loss.hni_weight: 1.0 -> 0.5`).
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Protocol
 
 from .config import RunConfig, to_dict
 from .state import flat_numbers
-from .store import Store, gen_tag
+from .store import USABLE, Store, gen_tag
 
 log = logging.getLogger(__name__)
 
-GEN0_STAGES = ["data", "train", "eval"]
-GEN_STAGES = ["lvlm", "align", "sft", "annotate", "train", "eval"]
-ALL_STAGES = ["data", "lvlm", "align", "sft", "annotate", "train", "eval"]
+
+class Record(Protocol):
+    """What a stage may read of the run's record: the outputs of a finished stage."""
+
+    def outputs(self, gen: int, stage: str) -> dict: ...
 
 
-def stages_of(gen: int) -> list[str]:
-    return GEN0_STAGES if gen == 0 else GEN_STAGES
+@dataclass(frozen=True)
+class StageResult:
+    outputs: dict  # what later stages pin: table versions, folders (paths inside the run)
+    metrics: dict = field(default_factory=dict)  # numbers for status, report, early stopping
 
 
-@dataclass
-class Context:
-    """What every stage may read: the config, the run directory, the store, earlier stages' outputs."""
-
-    cfg: RunConfig
-    run_dir: Path
-    store: Store
-    outputs: Callable[[int, str], dict]  # (gen, stage) -> recorded outputs of a finished stage
-    progress: bool = True
-
-    def gen_dir(self, gen: int) -> Path:
-        return self.run_dir / gen_tag(gen)
-
-    def data(self) -> dict:
-        return self.outputs(0, "data")
-
-    def clip_of(self, gen: int) -> str:
-        return self.outputs(gen, "train")["clip"]
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    keys: Callable[[int], tuple[str, ...]]  # config keys (dotted) that change what it writes, per generation
+    pins: Callable[[Record, int], dict]  # what it reads of earlier stages
+    run: Callable[..., StageResult]  # (cfg, pins, out_dir, progress=...) -> StageResult
+    folder: str  # its out_dir inside the generation's folder
+    table_rows: Optional[str] = None  # a table whose rows of this generation it writes (dropped on redo)
 
 
-# Each stage: inputs(ctx, gen) -> JSON-able dict that fingerprints it; run(ctx, gen) -> (outputs, metrics).
-# Inputs name config sections by their dotted key so a refused resume can say which key changed.
-
-def data_inputs(ctx: Context, gen: int) -> dict:
-    return {"data": to_dict(ctx.cfg.data), "seed": ctx.cfg.seed}
+def store_of(cfg: RunConfig) -> Store:
+    return Store(cfg.store.uri or cfg.run_dir / "lance")
 
 
-def data_run(ctx: Context, gen: int):
-    cfg = ctx.cfg
+def config_inputs(cfg: RunConfig, keys: tuple[str, ...]) -> dict:
+    """{dotted key: plain value} of the config keys a stage depends on; "-a.b" leaves sub-key b out of a."""
+    out = {}
+    for key in keys:
+        if key.startswith("-"):
+            section, _, sub = key[1:].rpartition(".")
+            out[section].pop(sub, None)
+            continue
+        value = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        out[key] = to_dict(value)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ pins
+def data_pins(record: Record, gen: int) -> dict:
+    """The pinned tables of generation 0's data stage: every later stage reads these versions."""
+    return {"data": record.outputs(0, "data")}
+
+
+def clip_of(record: Record, gen: int) -> str:
+    return record.outputs(gen, "train")["clip"]
+
+
+def previous_annotate(record: Record, gen: int, share: float) -> Optional[dict]:
+    """The previous generation's annotate outputs when `share` of its best annotations is asked for (gen >= 2)."""
+    return record.outputs(gen - 1, "annotate") if gen >= 2 and share > 0 else None
+
+
+# ------------------------------------------------------------------------------------------------ stages
+def data_run(cfg: RunConfig, pins: dict, out_dir: Path, progress: bool = True) -> StageResult:
+    store = store_of(cfg)
     counts: dict = {}
     if cfg.data.source == "emoji-scenes":
         from .data.emoji import build_emoji_scenes
 
-        counts = build_emoji_scenes(cfg.data.emoji, ctx.store, progress=ctx.progress)
-    elif ctx.store.count("samples") == 0:
+        counts = build_emoji_scenes(cfg.data.emoji, store, progress=progress)
+    elif store.count("samples") == 0:
         raise RuntimeError(f"data.source=store but the run's samples table is empty: ingest first "
-                           f"(hqclip data ingest SOURCE --run {ctx.run_dir})")
-    samples = ctx.store.tag("samples", gen_tag(0))
-    seed = ctx.store.tag("seed", gen_tag(0))
-    n_train = ctx.store.count("samples", "split = 'train'", version=samples)
-    return ({"samples_version": samples, "seed_version": seed},
-            {"rows": ctx.store.count("samples", version=samples), "train_rows": n_train,
-             "seed_rows": ctx.store.count("seed", version=seed), **{f"split/{k}": v for k, v in counts.items()
-                                                                   if isinstance(v, int)}})
+                           f"(hqclip data ingest SOURCE --run {cfg.run_dir})")
+    samples = store.tag("samples", gen_tag(0))
+    seed = store.tag("seed", gen_tag(0))
+    n_train = store.count("samples", "split = 'train'", version=samples)
+    return StageResult({"samples_version": samples, "seed_version": seed},
+                       {"rows": store.count("samples", version=samples), "train_rows": n_train,
+                        "seed_rows": store.count("seed", version=seed),
+                        **{f"split/{k}": v for k, v in counts.items() if isinstance(v, int)}})
 
 
-def lvlm_inputs(ctx: Context, gen: int) -> dict:
-    return {"lvlm.lm": to_dict(ctx.cfg.lvlm.lm), "lvlm.vision_feature_layer": ctx.cfg.lvlm.vision_feature_layer,
-            "lvlm.keep_cls_token": ctx.cfg.lvlm.keep_cls_token, "clip": ctx.clip_of(gen - 1),
-            "data": ctx.data(), "seed": ctx.cfg.seed}
+def lm_run(cfg: RunConfig, pins: dict, out_dir: Path, progress: bool = True) -> StageResult:
+    """The LLaVA's language model, once per run: pretrained here ("tiny") or named (an HF model)."""
+    from .lvlm import prepare_lm, run_texts
+
+    d = pins["data"]
+    texts = run_texts(store_of(cfg), d["samples_version"], d["seed_version"], cfg)
+    lm_dir = prepare_lm(cfg.lvlm.lm, texts, out_dir, seed=cfg.seed, progress=progress, device=cfg.device)
+    return StageResult({"lm": str(lm_dir)})
 
 
-def lvlm_run(ctx: Context, gen: int):
-    from .lvlm import build_lvlm, prepare_lm, run_texts
+def lvlm_run(cfg: RunConfig, pins: dict, out_dir: Path, progress: bool = True) -> StageResult:
+    from .lvlm import build_lvlm
 
-    d = ctx.data()
-    texts = run_texts(ctx.store, d["samples_version"], d["seed_version"], ctx.cfg)
-    lm_dir = prepare_lm(ctx.cfg.lvlm.lm, texts, ctx.run_dir / "lm", seed=ctx.cfg.seed, progress=ctx.progress,
-                        device=_device(ctx.cfg))
-    out = build_lvlm(ctx.clip_of(gen - 1), lm_dir, ctx.cfg.lvlm, ctx.gen_dir(gen) / "lvlm" / "base")
-    return {"lm": str(lm_dir), "lvlm": str(out)}, {}
+    return StageResult({"lvlm": str(build_lvlm(pins["clip"], pins["lm"], cfg.lvlm, out_dir, seed=cfg.seed))})
 
 
-def previous_annotate(ctx: Context, gen: int, share: float) -> Optional[dict]:
-    """The previous generation's annotate outputs when `share` of its best annotations is asked for (gen >= 2)."""
-    return ctx.outputs(gen - 1, "annotate") if gen >= 2 and share > 0 else None
-
-
-def previous_best(ctx: Context, gen: int, share: float) -> Optional[list[dict]]:
+def previous_best(cfg: RunConfig, pins: dict, share: float) -> Optional[list[dict]]:
     """Our step beyond the paper: the best-scored `share` of the previous generation's annotations."""
     from .lvlm import best_previous_annotations
 
-    prev = previous_annotate(ctx, gen, share)
-    return best_previous_annotations(ctx.store, prev["annotations_version"], gen - 1, share) if prev else None
+    prev = pins.get("previous")
+    return (best_previous_annotations(store_of(cfg), prev["annotations_version"], pins["generation"] - 1, share)
+            if prev else None)
 
 
-def align_inputs(ctx: Context, gen: int) -> dict:
-    return {"lvlm.align": to_dict(ctx.cfg.lvlm.align), "lvlm.align_alt_text_share": ctx.cfg.lvlm.align_alt_text_share,
-            "lvlm.align_add_best": ctx.cfg.lvlm.align_add_best, "base": ctx.outputs(gen, "lvlm"),
-            "previous": previous_annotate(ctx, gen, ctx.cfg.lvlm.align_add_best),
-            "data": ctx.data(), "seed": ctx.cfg.seed}
-
-
-def align_run(ctx: Context, gen: int):
+def align_run(cfg: RunConfig, pins: dict, out_dir: Path, progress: bool = True) -> StageResult:
     from .lvlm import align_projector
     from .lvlm.data import alt_text_caption_ids
 
-    d = ctx.data()
-    extra = alt_text_caption_ids(ctx.store, d["samples_version"], d["seed_version"],
-                                 ctx.cfg.lvlm.align_alt_text_share, ctx.cfg.seed)
-    best = previous_best(ctx, gen, ctx.cfg.lvlm.align_add_best)
-    out, metrics = align_projector(ctx.outputs(gen, "lvlm")["lvlm"], ctx.store, d["samples_version"],
-                                   d["seed_version"], ctx.cfg, ctx.gen_dir(gen) / "lvlm" / "aligned",
-                                   extra_ids=extra, extra_records=best, progress=ctx.progress)
-    return {"lvlm": str(out)}, metrics
+    d, store = pins["data"], store_of(cfg)
+    extra = alt_text_caption_ids(store, d["samples_version"], d["seed_version"], cfg.lvlm.align_alt_text_share,
+                                 cfg.seed)
+    out, metrics = align_projector(pins["base"]["lvlm"], store, d["samples_version"], d["seed_version"], cfg, out_dir,
+                                   extra_ids=extra, extra_records=previous_best(cfg, pins, cfg.lvlm.align_add_best),
+                                   progress=progress)
+    return StageResult({"lvlm": str(out)}, metrics)
 
 
-def sft_inputs(ctx: Context, gen: int) -> dict:
-    return {"lvlm.sft": to_dict(ctx.cfg.lvlm.sft), "lvlm.lora": to_dict(ctx.cfg.lvlm.lora),
-            "lvlm.sft_add_best": ctx.cfg.lvlm.sft_add_best, "lvlm.sft_fresh_alt_text": ctx.cfg.lvlm.sft_fresh_alt_text,
-            "lvlm.lm.max_length": ctx.cfg.lvlm.lm.max_length, "aligned": ctx.outputs(gen, "align"),
-            "previous": previous_annotate(ctx, gen, ctx.cfg.lvlm.sft_add_best),
-            "data": ctx.data(), "seed": ctx.cfg.seed}
-
-
-def sft_run(ctx: Context, gen: int):
+def sft_run(cfg: RunConfig, pins: dict, out_dir: Path, progress: bool = True) -> StageResult:
     from .lvlm import sft
 
-    d = ctx.data()
-    extra = previous_best(ctx, gen, ctx.cfg.lvlm.sft_add_best)
-    adapter, merged, metrics = sft(ctx.outputs(gen, "align")["lvlm"], ctx.store, d["samples_version"],
-                                   d["seed_version"], ctx.cfg, ctx.gen_dir(gen) / "lvlm" / "sft",
-                                   extra_records=extra, progress=ctx.progress)
-    return {"adapter": str(adapter) if adapter else None, "merged": str(merged)}, metrics
+    d = pins["data"]
+    adapter, merged, metrics = sft(pins["aligned"]["lvlm"], store_of(cfg), d["samples_version"], d["seed_version"],
+                                   cfg, out_dir, extra_records=previous_best(cfg, pins, cfg.lvlm.sft_add_best),
+                                   progress=progress)
+    return StageResult({"adapter": str(adapter) if adapter else None, "merged": str(merged)}, metrics)
 
 
-def annotate_inputs(ctx: Context, gen: int) -> dict:
-    a = to_dict(ctx.cfg.annotate)
-    a.pop("openai", None), a.pop("vllm", None)  # where it runs does not change what it writes
-    return {"annotate": a, "model": ctx.outputs(gen, "sft"), "clip": ctx.clip_of(gen - 1), "data": ctx.data()}
-
-
-def annotate_run(ctx: Context, gen: int):
+def annotate_run(cfg: RunConfig, pins: dict, out_dir: Path, progress: bool = True) -> StageResult:
     from .annotate.run import annotate_generation
 
-    d = ctx.data()
-    stats = annotate_generation(ctx.cfg.annotate, ctx.outputs(gen, "sft")["merged"], ctx.store,
-                                d["samples_version"], gen, ctx.gen_dir(gen) / "annotate",
-                                score_clip=ctx.clip_of(gen - 1), progress=ctx.progress)
-    version = ctx.store.tag("annotations", gen_tag(gen))
-    metrics = flat_numbers(stats)
-    return {"annotations_version": version, "stats": str(ctx.gen_dir(gen) / "annotate" / "stats.json")}, metrics
+    gen, store = pins["generation"], store_of(cfg)
+    stats = annotate_generation(cfg.annotate, pins["model"]["merged"], store, pins["data"]["samples_version"], gen,
+                                out_dir, score_clip=pins["clip"], progress=progress, device=cfg.device)
+    version = store.tag("annotations", gen_tag(gen))
+    return StageResult({"annotations_version": version, "stats": str(out_dir / "stats.json")}, flat_numbers(stats))
 
 
-def train_inputs(ctx: Context, gen: int) -> dict:
-    inputs = {"clip": to_dict(ctx.cfg.clip), "train": to_dict(ctx.cfg.train), "data": ctx.data(),
-              "seed": ctx.cfg.seed}
-    if gen > 0:
-        inputs.update(loss=to_dict(ctx.cfg.loss), annotations=ctx.outputs(gen, "annotate")["annotations_version"])
-        if ctx.cfg.clip.init == "previous":
-            inputs["init"] = ctx.clip_of(gen - 1)
-    return inputs
-
-
-def train_run(ctx: Context, gen: int):
+def train_run(cfg: RunConfig, pins: dict, out_dir: Path, progress: bool = True) -> StageResult:
     from .clip.train import train_clip
 
-    d = ctx.data()
-    ann = ctx.outputs(gen, "annotate")["annotations_version"] if gen > 0 else None
-    init = ctx.clip_of(gen - 1) if gen > 0 and ctx.cfg.clip.init == "previous" else None
+    gen, ann = pins["generation"], pins.get("annotations")
     usable = 0
     if gen > 0:
-        usable = ctx.store.count("annotations", f"generation = {gen} AND status != 'failed'", version=ann)
+        usable = store_of(cfg).count("annotations", f"generation = {gen} AND {USABLE}", version=ann)
         if usable == 0:  # the annotator wrote nothing usable: CLIP_g sees raw alt-text only, like gen 0
             log.warning("generation %d has no usable annotation: CLIP_%d trains on raw alt-text only", gen, gen)
-    clip_dir = train_clip(ctx.cfg, ctx.store.uri, ctx.gen_dir(gen) / "clip", d["samples_version"],
+    clip_dir = train_clip(cfg, store_of(cfg).uri, out_dir, pins["data"]["samples_version"],
                           annotations_version=ann if usable else None, generation=gen if usable else None,
-                          init_clip=init, progress=ctx.progress)
-    return ({"clip": str(clip_dir), "log": str(ctx.gen_dir(gen) / "clip" / "log.jsonl")},
-            {"usable_annotations": usable} if gen > 0 else {})
+                          init_clip=pins.get("init"), progress=progress)
+    return StageResult({"clip": str(clip_dir), "log": str(out_dir / "log.jsonl")},
+                       {"usable_annotations": usable} if gen > 0 else {})
 
 
-def eval_inputs(ctx: Context, gen: int) -> dict:
-    return {"eval": to_dict(ctx.cfg.eval), "clip": ctx.clip_of(gen), "data": ctx.data()}
-
-
-def eval_run(ctx: Context, gen: int):
+def eval_run(cfg: RunConfig, pins: dict, out_dir: Path, progress: bool = True) -> StageResult:
     from .evaluate import evaluate_clip
 
-    out = ctx.gen_dir(gen) / "metrics.json"
+    out = out_dir / "metrics.json"
     # splits=None: eval.select_split + eval.splits, skipping those the data has not got (ingested data)
-    metrics = evaluate_clip(ctx.clip_of(gen), ctx.store, None, ctx.cfg.eval,
-                            samples_version=ctx.data()["samples_version"], out_json=out, progress=ctx.progress)
-    return {"metrics": str(out)}, metrics
+    metrics = evaluate_clip(pins["clip"], store_of(cfg), None, cfg.eval, device=cfg.device,
+                            samples_version=pins["data"]["samples_version"], out_json=out, progress=progress)
+    return StageResult({"metrics": str(out)}, metrics)
 
 
-STAGES: dict[str, tuple[Callable, Callable]] = {
-    "data": (data_inputs, data_run),
-    "lvlm": (lvlm_inputs, lvlm_run),
-    "align": (align_inputs, align_run),
-    "sft": (sft_inputs, sft_run),
-    "annotate": (annotate_inputs, annotate_run),
-    "train": (train_inputs, train_run),
-    "eval": (eval_inputs, eval_run),
-}
+def _train_pins(record: Record, gen: int) -> dict:
+    pins = {**data_pins(record, gen), "generation": gen}
+    if gen > 0:
+        pins["annotations"] = record.outputs(gen, "annotate")["annotations_version"]
+    return pins
 
 
-def _device(cfg: RunConfig) -> str:
-    if cfg.device != "auto":
-        return cfg.device
-    import torch
+def _train_init(cfg_init: str) -> Callable[[Record, int], dict]:
+    return lambda record, gen: ({"init": clip_of(record, gen - 1)} if gen > 0 and cfg_init == "previous" else {})
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+
+def make_stages(cfg: RunConfig) -> dict[str, Stage]:
+    """The stages of a run. Some pins depend on config values (which previous outputs a stage reads)."""
+    lv = cfg.lvlm
+    init = _train_init(cfg.clip.init)
+    return {s.name: s for s in [
+        Stage("data", lambda g: ("data", "seed"), lambda r, g: {}, data_run, "data"),
+        Stage("lm", lambda g: ("lvlm.lm", "seed"), data_pins, lm_run, "lm"),
+        Stage("lvlm", lambda g: ("lvlm.vision_feature_layer", "lvlm.keep_cls_token", "seed"),
+              lambda r, g: {"clip": clip_of(r, g - 1), "lm": r.outputs(1, "lm")["lm"]}, lvlm_run, "lvlm/base"),
+        Stage("align", lambda g: ("lvlm.align", "lvlm.align_alt_text_share", "lvlm.align_add_best", "seed"),
+              lambda r, g: {**data_pins(r, g), "generation": g, "base": r.outputs(g, "lvlm"),
+                            "previous": previous_annotate(r, g, lv.align_add_best)}, align_run, "lvlm/aligned"),
+        Stage("sft", lambda g: ("lvlm.sft", "lvlm.lora", "lvlm.sft_add_best", "lvlm.sft_fresh_alt_text",
+                                "lvlm.lm.max_length", "seed"),
+              lambda r, g: {**data_pins(r, g), "generation": g, "aligned": r.outputs(g, "align"),
+                            "previous": previous_annotate(r, g, lv.sft_add_best)}, sft_run, "lvlm/sft"),
+        # where the annotator runs (annotate.openai, annotate.vllm) does not change what it writes
+        Stage("annotate", lambda g: ("annotate", "-annotate.openai", "-annotate.vllm"),
+              lambda r, g: {**data_pins(r, g), "generation": g, "model": r.outputs(g, "sft"),
+                            "clip": clip_of(r, g - 1)}, annotate_run, "annotate", table_rows="annotations"),
+        Stage("train", lambda g: ("clip", "train", "seed") + (("loss",) if g > 0 else ()),
+              lambda r, g: {**_train_pins(r, g), **init(r, g)}, train_run, "clip"),
+        Stage("eval", lambda g: ("eval",), lambda r, g: {**data_pins(r, g), "clip": clip_of(r, g)}, eval_run, "eval"),
+    ]}
+
+
+def stages_of(gen: int) -> list[str]:
+    if gen == 0:
+        return ["data", "train", "eval"]
+    return (["lm"] if gen == 1 else []) + ["lvlm", "align", "sft", "annotate", "train", "eval"]
+
+
+ALL_STAGES = ["data", "lm", "lvlm", "align", "sft", "annotate", "train", "eval"]

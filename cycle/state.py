@@ -11,39 +11,13 @@ import fcntl
 import json
 import os
 import socket
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
-
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    """Write temp file in the same directory, fsync, rename: readers see the old or the new file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True, default=str)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def read_json(path: str | Path, default: Any = None) -> Any:
-    path = Path(path)
-    if not path.exists():
-        return default
-    return json.loads(path.read_text())
+from .errors import HQClipError
+from .files import read_json, write_json_atomic
 
 
 def flat_numbers(d: dict, prefix: str = "") -> dict[str, float]:
@@ -116,8 +90,8 @@ class RunState:
         return sorted(int(k) for k in self.data["generations"])
 
 
-class RunLocked(RuntimeError):
-    pass
+class RunLocked(HQClipError):
+    """Another live controller holds the run."""
 
 
 @dataclass

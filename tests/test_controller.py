@@ -35,7 +35,7 @@ def finished_run(tmp_path_factory):
     """One uninterrupted tiny cycle (generation 0 + 2), shared by the tests that only read it."""
     root = tmp_path_factory.mktemp("runs")
     cfg = tiny(root, "ref")
-    run_cycle(cfg, progress=False, log=lambda m: None)
+    run_cycle(cfg, progress=False)
     return cfg
 
 
@@ -129,9 +129,9 @@ def test_changed_config_refused_then_redo_from(finished_run, tmp_path):
     shutil.copytree(finished_run.run_dir, run_dir)
     cfg = tiny(tmp_path, "copy", "loss.hni_weight=0.5")
     with pytest.raises(ConfigChanged, match=r"generation 1 stage 'train'.*loss\.hni_weight: 1\.0 -> 0\.5.*--from 1:train"):
-        run_cycle(cfg, progress=False, log=lambda m: None)
+        run_cycle(cfg, progress=False)
     before = RunState(run_dir)
-    state = run_cycle(cfg, redo_from="1:train", progress=False, log=lambda m: None, stop_after="1:train")
+    state = run_cycle(cfg, redo_from="1:train", progress=False, stop_after="1:train")
     assert state.stage(1, "train")["finished"] > before.stage(1, "train")["finished"]
     assert state.stage(1, "annotate")["finished"] == before.stage(1, "annotate")["finished"]
     assert not state.is_done(1, "eval") and not state.is_done(2, "train")  # later stages are redone too
@@ -144,7 +144,7 @@ def test_second_controller_refused(finished_run):
     try:
         assert holder.stdout.readline().strip() == "x"
         with pytest.raises(RunLocked, match="in use by another controller"):
-            run_cycle(finished_run, progress=False, log=lambda m: None)
+            run_cycle(finished_run, progress=False)
     finally:
         holder.kill()
         holder.wait()
@@ -187,7 +187,7 @@ def test_report_renders_in_headless_chromium(finished_run, tmp_path):
     assert images >= 3 and loaded == images  # both plots and every gallery picture
 
 
-def test_early_stop_when_the_selection_metric_stops_improving(finished_run, tmp_path):
+def test_early_stop_when_the_selection_metric_stops_improving(finished_run, tmp_path, caplog):
     """Asked for more generations with patience 1, the controller stops without building generation 3
     when the chosen metric did not improve in generation 1 or 2 (a metric picked from the run so)."""
     run_dir = tmp_path / "more"
@@ -199,7 +199,7 @@ def test_early_stop_when_the_selection_metric_stops_improving(finished_run, tmp_
     assert flat, "no metric got worse or stayed equal: nothing to test early stopping with"
     cfg = tiny(tmp_path, "more", "cycle.generations=3", "cycle.early_stop_patience=1",
                f"cycle.early_stop_metric={flat[0]}")
-    messages = []
-    state = run_cycle(cfg, progress=False, log=messages.append)
+    with caplog.at_level("INFO", logger="cycle.controller"):
+        state = run_cycle(cfg, progress=False)
     assert 3 not in state.generations
-    assert any("stopping early" in m and flat[0] in m for m in messages)
+    assert any("stopping early" in m and flat[0] in m for m in caplog.messages)
