@@ -18,6 +18,7 @@ from click.testing import CliRunner
 from cycle.cli import main
 from cycle.config import load_config
 from cycle.controller import ConfigChanged, run_cycle, store_of
+from cycle.errors import HQClipError
 from cycle.pipeline import stages_of
 from cycle.state import RunLocked, RunState
 
@@ -203,3 +204,41 @@ def test_early_stop_when_the_selection_metric_stops_improving(finished_run, tmp_
         state = run_cycle(cfg, progress=False)
     assert 3 not in state.generations
     assert any("stopping early" in m and flat[0] in m for m in caplog.messages)
+
+
+@pytest.mark.parametrize("option,ref,message", [
+    ("redo_from", "-1:train", "generations 0 to 2"),
+    ("redo_from", "9:train", "generations 0 to 2"),
+    ("redo_from", "x", "expected GEN:STAGE"),
+    ("stop_after", "1:anotate", "generation 1 has stages"),
+    ("redo_from", "0:annotate", "generation 0 has stages"),
+])
+def test_stage_refs_checked_before_anything_happens(finished_run, option, ref, message):
+    state_before = (finished_run.run_dir / "state.json").read_bytes()
+    with pytest.raises(HQClipError, match=message):
+        run_cycle(finished_run, progress=False, **{option: ref})
+    assert (finished_run.run_dir / "state.json").read_bytes() == state_before
+    assert store_of(finished_run).count("annotations") > 0  # nothing dropped
+
+
+def test_refused_run_leaves_config_yaml_as_it_was(finished_run, tmp_path):
+    run_dir = tmp_path / "keep"
+    shutil.copytree(finished_run.run_dir, run_dir)
+    before = (run_dir / "config.yaml").read_text()
+    with pytest.raises(ConfigChanged):
+        run_cycle(tiny(tmp_path, "keep", "loss.hni_weight=0.25"), progress=False)
+    assert (run_dir / "config.yaml").read_text() == before
+
+
+def test_missing_output_of_a_done_stage_is_redone(finished_run, caplog):
+    """A stage recorded as done whose output folder was deleted reruns (and every stage after it)."""
+    eval_dir = finished_run.run_dir / "gen-002" / "eval"
+    before = RunState(finished_run.run_dir).stage(2, "eval")
+    shutil.rmtree(eval_dir)
+    with caplog.at_level("WARNING", logger="cycle.controller"):
+        state = run_cycle(finished_run, progress=False)
+    assert any("stage 'eval' is recorded as done but" in m for m in caplog.messages)
+    assert (eval_dir / "metrics.json").is_file()
+    assert state.stage(2, "eval")["finished"] > before["finished"]
+    assert state.stage(2, "eval")["metrics"] == before["metrics"]
+    assert state.stage(2, "train")["finished"] == RunState(finished_run.run_dir).stage(2, "train")["finished"]
