@@ -44,6 +44,9 @@ class Stage:
     pins: Callable[[Record, int], dict]  # what it reads of earlier stages
     run: Callable[..., StageResult]  # (cfg, pins, out_dir, progress=...) -> StageResult
     folder: str  # its out_dir inside the generation's folder
+    # what it left on disk, read back without rerunning it (`hqclip doctor` rebuilding a lost state.json);
+    # None where its outputs are not all there
+    recover: Callable[[RunConfig, dict, Path], Optional[StageResult]]
     table_rows: Optional[str] = None  # a table whose rows of this generation it writes (dropped on redo)
 
 
@@ -185,6 +188,62 @@ def eval_run(cfg: RunConfig, pins: dict, out_dir: Path, progress: bool = True) -
     return StageResult({"metrics": str(out)}, metrics)
 
 
+# ------------------------------------------------------------------------- recovery (hqclip doctor)
+def _has_model(path: Path) -> bool:
+    return (path / "config.json").is_file()
+
+
+def data_recover(cfg: RunConfig, pins: dict, out_dir: Path) -> Optional[StageResult]:
+    store = store_of(cfg)
+    tags = {name: store.tags(name).get(gen_tag(0)) if store.has(name) else None for name in ("samples", "seed")}
+    if None in tags.values():
+        return None
+    return StageResult({"samples_version": tags["samples"], "seed_version": tags["seed"]})
+
+
+def lm_recover(cfg: RunConfig, pins: dict, out_dir: Path) -> Optional[StageResult]:
+    if cfg.lvlm.lm.name != "tiny":
+        return StageResult({"lm": cfg.lvlm.lm.name})
+    return StageResult({"lm": str(out_dir)}) if _has_model(out_dir) else None
+
+
+def lvlm_recover(cfg: RunConfig, pins: dict, out_dir: Path) -> Optional[StageResult]:
+    return StageResult({"lvlm": str(out_dir)}) if _has_model(out_dir) else None
+
+
+def sft_recover(cfg: RunConfig, pins: dict, out_dir: Path) -> Optional[StageResult]:
+    if not _has_model(out_dir / "merged"):
+        return None
+    adapter = out_dir / "adapter"
+    return StageResult({"adapter": str(adapter) if adapter.is_dir() else None, "merged": str(out_dir / "merged")})
+
+
+def annotate_recover(cfg: RunConfig, pins: dict, out_dir: Path) -> Optional[StageResult]:
+    from .files import read_json
+
+    store, stats = store_of(cfg), out_dir / "stats.json"
+    version = store.tags("annotations").get(gen_tag(pins["generation"])) if store.has("annotations") else None
+    if version is None or not stats.is_file():
+        return None
+    return StageResult({"annotations_version": version, "stats": str(stats)}, flat_numbers(read_json(stats)))
+
+
+def train_recover(cfg: RunConfig, pins: dict, out_dir: Path) -> Optional[StageResult]:
+    if not (out_dir / "model").is_dir():
+        return None
+    gen, ann = pins["generation"], pins.get("annotations")
+    usable = store_of(cfg).count("annotations", f"generation = {gen} AND {USABLE}", version=ann) if gen > 0 else 0
+    return StageResult({"clip": str(out_dir / "model"), "log": str(out_dir / "log.jsonl")},
+                       {"usable_annotations": usable} if gen > 0 else {})
+
+
+def eval_recover(cfg: RunConfig, pins: dict, out_dir: Path) -> Optional[StageResult]:
+    from .files import read_json
+
+    out = out_dir / "metrics.json"
+    return StageResult({"metrics": str(out)}, read_json(out)) if out.is_file() else None
+
+
 def _train_pins(record: Record, gen: int) -> dict:
     pins = {**data_pins(record, gen), "generation": gen}
     if gen > 0:
@@ -201,24 +260,25 @@ def make_stages(cfg: RunConfig) -> dict[str, Stage]:
     lv = cfg.lvlm
     init = _train_init(cfg.clip.init)
     return {s.name: s for s in [
-        Stage("data", lambda g: ("data", "seed"), lambda r, g: {}, data_run, "data"),
-        Stage("lm", lambda g: ("lvlm.lm", "seed"), data_pins, lm_run, "lm"),
+        Stage("data", lambda g: ("data", "seed"), lambda r, g: {}, data_run, "data", data_recover),
+        Stage("lm", lambda g: ("lvlm.lm", "seed"), data_pins, lm_run, "lm", lm_recover),
         Stage("lvlm", lambda g: ("lvlm.vision_feature_layer", "lvlm.keep_cls_token", "seed"),
-              lambda r, g: {"clip": clip_of(r, g - 1), "lm": r.outputs(1, "lm")["lm"]}, lvlm_run, "lvlm/base"),
+              lambda r, g: {"clip": clip_of(r, g - 1), "lm": r.outputs(1, "lm")["lm"]}, lvlm_run, "lvlm/base", lvlm_recover),
         Stage("align", lambda g: ("lvlm.align", "lvlm.align_alt_text_share", "lvlm.align_add_best", "seed"),
               lambda r, g: {**data_pins(r, g), "generation": g, "base": r.outputs(g, "lvlm"),
-                            "previous": previous_annotate(r, g, lv.align_add_best)}, align_run, "lvlm/aligned"),
+                            "previous": previous_annotate(r, g, lv.align_add_best)}, align_run, "lvlm/aligned", lvlm_recover),
         Stage("sft", lambda g: ("lvlm.sft", "lvlm.lora", "lvlm.sft_add_best", "lvlm.sft_fresh_alt_text",
                                 "lvlm.lm.max_length", "seed"),
               lambda r, g: {**data_pins(r, g), "generation": g, "aligned": r.outputs(g, "align"),
-                            "previous": previous_annotate(r, g, lv.sft_add_best)}, sft_run, "lvlm/sft"),
+                            "previous": previous_annotate(r, g, lv.sft_add_best)}, sft_run, "lvlm/sft", sft_recover),
         # where the annotator runs (annotate.openai, annotate.vllm) does not change what it writes
         Stage("annotate", lambda g: ("annotate", "-annotate.openai", "-annotate.vllm"),
               lambda r, g: {**data_pins(r, g), "generation": g, "model": r.outputs(g, "sft"),
-                            "clip": clip_of(r, g - 1)}, annotate_run, "annotate", table_rows="annotations"),
+                            "clip": clip_of(r, g - 1)}, annotate_run, "annotate", annotate_recover,
+              table_rows="annotations"),
         Stage("train", lambda g: ("clip", "train", "seed") + (("loss",) if g > 0 else ()),
-              lambda r, g: {**_train_pins(r, g), **init(r, g)}, train_run, "clip"),
-        Stage("eval", lambda g: ("eval",), lambda r, g: {**data_pins(r, g), "clip": clip_of(r, g)}, eval_run, "eval"),
+              lambda r, g: {**_train_pins(r, g), **init(r, g)}, train_run, "clip", train_recover),
+        Stage("eval", lambda g: ("eval",), lambda r, g: {**data_pins(r, g), "clip": clip_of(r, g)}, eval_run, "eval", eval_recover),
     ]}
 
 

@@ -38,12 +38,26 @@ def gen_dir(run_dir: str | Path, gen: int) -> Path:
     return Path(run_dir) / gen_tag(gen)
 
 
+class StateError(HQClipError):
+    """`state.json` cannot be read as a run record."""
+
+
 class RunState:
     """`state.json` of one run. Mutations are saved immediately and atomically."""
 
-    def __init__(self, run_dir: str | Path):
+    def __init__(self, run_dir: str | Path, data: Optional[dict] = None):
         self.path = Path(run_dir) / "state.json"
-        self.data: dict = read_json(self.path, default={"generations": {}})
+        self.data: dict = data if data is not None else self._read()
+
+    def _read(self) -> dict:
+        fix = f"`hqclip doctor {self.path.parent} --repair` rebuilds it from the run's tables and folders"
+        try:
+            data = read_json(self.path, default={})
+        except (ValueError, UnicodeDecodeError) as err:
+            raise StateError(f"{self.path} is corrupt ({str(err).splitlines()[0]}): {fix}") from None
+        if not isinstance(data, dict) or not isinstance(data.setdefault("generations", {}), dict):
+            raise StateError(f"{self.path} is not a run record: {fix}")
+        return data
 
     def save(self) -> None:
         write_json_atomic(self.path, self.data)
