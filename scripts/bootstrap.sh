@@ -39,11 +39,12 @@ if [ ! -f "$venv/.complete" ]; then
   "$venv/bin/pip" install -q -e ".[test]"
   touch "$venv/.complete"
 fi
-# Point the (cached) venv's editable install at this clone; cheap, and right after a clone moves.
-"$venv/bin/python" - "$here" <<'PY' || "$venv/bin/pip" install -q --no-deps -e . >/dev/null
-import sys, cycle, os
-sys.exit(0 if os.path.dirname(os.path.dirname(os.path.abspath(cycle.__file__))) == sys.argv[1] else 1)
-PY
+# Point the (cached) venv's editable install at this clone; cheap, and right after a clone moves. The check
+# runs from / with -P, so a `cycle/` folder in the current directory cannot answer for the venv.
+if ! (cd / && "$venv/bin/python" -P "$here/scripts/venv_points_at.py" "$here"); then
+  echo "[bootstrap] pointing $venv at $here"
+  "$venv/bin/pip" install -q --no-deps -e . >/dev/null
+fi
 export PATH="$venv/bin:$PATH"
 export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$venv/torch_extensions}

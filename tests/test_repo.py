@@ -20,3 +20,17 @@ def test_bootstrap_installs_what_the_project_needs():
     for need in ("fonts-noto-color-emoji", "ninja-build", "chromium", 'pip" install -q -e ".[test]"'):
         assert need in script
     assert "hqclip demo" in script and "pytest" in script
+
+
+def test_venv_check_is_not_fooled_by_a_cycle_folder_in_the_current_directory(tmp_path):
+    """bootstrap.sh re-points a shared venv at the clone it runs in unless the venv already imports that
+    clone's `cycle`; a `cycle/` in the current folder must not answer for the venv (issue 13)."""
+    import subprocess
+    import sys
+
+    (tmp_path / "cycle").mkdir()
+    (tmp_path / "cycle" / "__init__.py").write_text("")
+    check = [sys.executable, "-P", str(REPO / "scripts" / "venv_points_at.py")]
+    assert subprocess.run([*check, str(REPO)], cwd=tmp_path).returncode == 0
+    assert subprocess.run([*check, str(tmp_path)], cwd=tmp_path).returncode == 1
+    assert 'cd / && "$venv/bin/python" -P' in (REPO / "scripts" / "bootstrap.sh").read_text()
