@@ -29,10 +29,11 @@ class LVLMError(HQClipError, ValueError):
     Also a ValueError, so callers that caught the plain ValueError these used to be still do."""
 
 
-def seed_everything(seed: int) -> torch.Generator:
+def seed_everything(seed: int) -> None:
+    """Seed Python's and torch's global generators, explicitly, at the start of a stage: weight init,
+    dropout and LoRA init draw from them (batch order uses its own seeded generators)."""
     random.seed(seed)
     torch.manual_seed(seed)
-    return torch.Generator().manual_seed(seed)
 
 
 def staging_dir(out_dir: str | Path) -> Path:
