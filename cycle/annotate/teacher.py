@@ -32,6 +32,7 @@ SCAN_ROWS = 256  # samples read per store batch
 class SeedFileNotFound(HQClipError, FileNotFoundError):
     """The seed annotations path does not exist (also a FileNotFoundError, as it was)."""
 
+
 _ID_KEYS = ("uid", "id", "key")
 _META_KEYS = {*_ID_KEYS, "alt_text", "status", "url", "caption", "reason", "source"}  # ignored on import
 
@@ -84,7 +85,7 @@ def import_seed(path: str | Path, store, samples_version: Optional[int | str] = 
     path = Path(path)
     if not path.exists():
         raise SeedFileNotFound(f"seed annotations '{path}' do not exist (expected a directory of <id>.json, "
-                                "a .jsonl file or a .json file)")
+                               "a .jsonl file or a .json file)")
     known = store.ids("samples", version=samples_version)
     origin = origin or f"import:{path.name}"
     rows, rejects, read = [], [], 0
