@@ -286,6 +286,23 @@ def _validate(cfg: DictConfig) -> None:
                 "data.emoji.max_objects", "annotate.batch_size"):
         if OmegaConf.select(cfg, key) < 1:
             raise ConfigError(f"config key '{key}': got {OmegaConf.select(cfg, key)!r}, expected >= 1")
+    _validate_lvlm_annotate(cfg)
+
+
+# --- lvlm / annotate: checks that depend on config values only (the stages and backends trust them)
+def _validate_lvlm_annotate(cfg: DictConfig) -> None:
+    for key in ("lvlm.lm.num_heads", "annotate.write_batch"):
+        if OmegaConf.select(cfg, key) < 1:
+            raise ConfigError(f"config key '{key}': got {OmegaConf.select(cfg, key)!r}, expected >= 1")
+    if cfg.annotate.retries < 0:
+        raise ConfigError(f"config key 'annotate.retries': got {cfg.annotate.retries!r}, expected >= 0")
+    lm = cfg.lvlm.lm
+    if lm.name == "tiny" and lm.hidden_size % lm.num_heads:
+        raise ConfigError(f"config key 'lvlm.lm.hidden_size': {lm.hidden_size} is not a multiple of "
+                          f"lvlm.lm.num_heads={lm.num_heads}")
+    if cfg.lvlm.lora.enabled and not cfg.lvlm.lora.target_modules:
+        raise ConfigError("config key 'lvlm.lora.target_modules': empty, expected LM projection names")
+# --- end lvlm / annotate
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:

@@ -77,18 +77,38 @@ def test_resume_refuses_a_different_annotator(tmp_path, llava_dir):
 
 
 def test_bad_inputs_are_clear_errors(tmp_path, llava_dir):
+    from cycle.annotate.backends.base import BackendError
+    from cycle.config import ConfigError, load_config
+    from cycle.errors import HQClipError
+
     store = make_store(tmp_path / "lance", n_train=2, n_val=0)
     v = store.pin("samples").version
-    with pytest.raises(ValueError, match="no rows in splits"):
+    with pytest.raises(HQClipError, match="no rows in splits"):
         annotate_generation(small_cfg(), llava_dir, store, v, 1, tmp_path / "o", splits=("nope",), progress=False)
-    from cycle.annotate.backends.base import BackendError
-
     with pytest.raises(BackendError, match="has no config.json"):
         annotate_generation(small_cfg(), tmp_path / "missing", store, v, 1, tmp_path / "o", progress=False)
-    with pytest.raises(ValueError, match="write_batch must be >= 1"):
-        annotate_generation(small_cfg(write_batch=0), llava_dir, store, v, 1, tmp_path / "o", progress=False)
-    with pytest.raises(ValueError, match="unknown backend"):
-        annotate_generation(small_cfg(backend="nope"), llava_dir, store, v, 1, tmp_path / "o", progress=False)
+    assert issubclass(BackendError, HQClipError)
+    # settings that are wrong whatever the data: refused when the config loads, naming the key
+    for override, key in (("annotate.write_batch=0", "annotate.write_batch"), ("annotate.retries=-1", "annotate.retries"),
+                          ("annotate.backend=nope", "annotate.backend"), ("annotate.kv_cache=paged", "annotate.kv_cache")):
+        with pytest.raises(ConfigError, match=f"config key '{key}'"):
+            load_config(None, ["name=t", override])
+    assert store.count("annotations") == 0
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without a GPU")
+def test_the_device_setting_reaches_the_backend_and_the_scorer(tmp_path, llava_dir):
+    from cycle.annotate.backends.transformers_backend import TransformersBackend
+    from cycle.errors import HQClipError
+
+    store = make_store(tmp_path / "lance", n_train=2, n_val=0)
+    v = store.pin("samples").version
+    with pytest.raises(HQClipError, match="'cuda' was asked for"):  # the backend the config names
+        annotate_generation(small_cfg(), llava_dir, store, v, 1, tmp_path / "o", device="cuda", progress=False)
+    backend = TransformersBackend(llava_dir, device="cpu", max_new_tokens=4)
+    with pytest.raises(HQClipError, match="'cuda' was asked for"):  # the CLIP scorer
+        annotate_generation(small_cfg(), llava_dir, store, v, 1, tmp_path / "o", backend=backend,
+                            score_clip=tmp_path / "any-clip", device="cuda", progress=False)
     assert store.count("annotations") == 0
 
 
@@ -185,7 +205,6 @@ def test_annotation_over_http_with_retries_and_clip_scores(tmp_path):
 
 def test_static_kv_cache_generates_what_the_dynamic_one_does(llava_dir):
     """`annotate.kv_cache: static` preallocates the cache; left-padded batched greedy output is unchanged."""
-    from cycle.annotate.backends.base import BackendError
     from cycle.annotate.backends.transformers_backend import TransformersBackend
     from cycle.annotate.schema import build_prompt
 
@@ -197,5 +216,3 @@ def test_static_kv_cache_generates_what_the_dynamic_one_does(llava_dir):
         outputs[cache], ids[cache] = backend.generate(batch), backend.last_token_ids
     assert ids["static"] == ids["dynamic"] and outputs["static"] == outputs["dynamic"]
     assert all(len(t) == 12 for t in ids["static"])
-    with pytest.raises(BackendError, match="annotate.kv_cache"):
-        TransformersBackend(llava_dir, device="cpu", kv_cache="paged")

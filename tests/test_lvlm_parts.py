@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 import torch
 from safetensors import safe_open
 
 from cycle.annotate.schema import build_prompt, model_input, to_target_json
-from cycle.config import LMConfig, LVLMConfig, load_config
+from cycle.config import ConfigError, LMConfig, LVLMConfig, load_config
 from lvlm_fixtures import shapes_rows
 from conftest import TINY_YAML
 
@@ -76,34 +75,35 @@ def test_tokenizer_round_trips_and_keeps_json_skeleton_whole(texts):
 
 
 # ----------------------------------------------------------------------------------------------- LM
-def test_prepare_lm_trains_saves_and_caches(lm_dir, texts):
+def test_prepare_lm_trains_saves_and_is_reproducible(lm_dir, texts, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from cycle.lvlm import prepare_lm
 
-    info = json.loads((lm_dir / "fingerprint.json").read_text())
+    info = json.loads((lm_dir / "info.json").read_text())
     losses = info["epoch_losses"]
     assert len(losses) == 3 and losses[-1] < losses[0] - 0.5, losses
+    assert not (lm_dir / "fingerprint.json").exists()  # the controller's state.json is the only record
     lm = AutoModelForCausalLM.from_pretrained(lm_dir)
     tok = AutoTokenizer.from_pretrained(lm_dir)
     assert lm.config.hidden_size == 64 and lm.config.num_hidden_layers == 2
     assert lm.get_input_embeddings().num_embeddings == len(tok)
-    stamp = (lm_dir / "model.safetensors").stat().st_mtime_ns
-    start = time.perf_counter()
-    assert prepare_lm(LMConfig(**LM_CFG), texts, lm_dir, progress=False) == lm_dir
-    assert time.perf_counter() - start < 1.0
-    assert (lm_dir / "model.safetensors").stat().st_mtime_ns == stamp  # not retrained
+    again = prepare_lm(LMConfig(**LM_CFG), texts, tmp_path / "lm", progress=False)  # same inputs, same seed
+    assert (again / "model.safetensors").read_bytes() == (lm_dir / "model.safetensors").read_bytes()
+    assert json.loads((again / "info.json").read_text())["epoch_losses"] == losses
 
 
-def test_prepare_lm_retrains_when_inputs_change(tmp_path, texts):
-    from cycle.lvlm import prepare_lm
+def test_pretrain_lm_always_trains_and_replaces_the_folder_whole(tmp_path, texts):
+    from cycle.lvlm import pretrain_lm
 
     cfg = LMConfig(**{**LM_CFG, "pretrain_epochs": 1})
-    out = prepare_lm(cfg, texts[:20], tmp_path / "lm", progress=False)
-    first = json.loads((out / "fingerprint.json").read_text())["fingerprint"]
-    prepare_lm(cfg, texts[:21], tmp_path / "lm", progress=False)
-    assert json.loads((out / "fingerprint.json").read_text())["fingerprint"] != first
-    assert not list(tmp_path.glob(".lm.*"))  # no staging directory left behind
+    out = pretrain_lm(cfg, texts[:20], tmp_path / "lm", progress=False)
+    assert json.loads((out / "info.json").read_text())["texts"] == 20
+    stamp = (out / "model.safetensors").stat().st_mtime_ns
+    assert pretrain_lm(cfg, texts[:21], tmp_path / "lm", progress=False) == out
+    assert json.loads((out / "info.json").read_text())["texts"] == 21
+    assert (out / "model.safetensors").stat().st_mtime_ns != stamp
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lm"]  # no staging or old directory left behind
 
 
 def test_prepare_lm_passes_hub_names_through(tmp_path):
@@ -115,12 +115,17 @@ def test_prepare_lm_passes_hub_names_through(tmp_path):
 
 
 def test_prepare_lm_bad_inputs(tmp_path):
+    from cycle.errors import HQClipError
     from cycle.lvlm import prepare_lm
 
-    with pytest.raises(ValueError, match="no text"):
+    with pytest.raises(HQClipError, match="no text"):
         prepare_lm(LMConfig(**LM_CFG), ["", "   "], tmp_path / "lm", progress=False)
-    with pytest.raises(ValueError, match="lvlm.lm.hidden_size"):
-        prepare_lm(LMConfig(**{**LM_CFG, "hidden_size": 65}), ["a dog"], tmp_path / "lm", progress=False)
+    with pytest.raises(ConfigError, match="'lvlm.lm.hidden_size': 65 is not a multiple of lvlm.lm.num_heads=4"):
+        load_config(TINY_YAML, ["lvlm.lm.hidden_size=65", "lvlm.lm.num_heads=4"])
+    with pytest.raises(ConfigError, match="lvlm.lm.num_heads"):
+        load_config(TINY_YAML, ["lvlm.lm.num_heads=0"])
+    load_config(TINY_YAML, ["lvlm.lm.name=some/hub-lm", "lvlm.lm.hidden_size=65"])  # a hub LM has its own sizes
+    assert not (tmp_path / "lm").exists()
 
 
 # ----------------------------------------------------------------------------------------------- LLaVA
@@ -178,12 +183,12 @@ def test_llava_reloads_offline_and_generates(lvlm_dir):
     assert out.shape == (2, inputs.input_ids.shape[1] + 6)
 
 
-def test_default_strategy_drops_the_cls_token_and_build_is_cached(tmp_path, clip_dir, lm_dir, lvlm_dir):
+def test_default_strategy_drops_the_cls_token_and_build_is_reproducible(tmp_path, clip_dir, lm_dir, lvlm_dir):
     from cycle.lvlm import build_lvlm, load_lvlm
 
-    stamp = (lvlm_dir / "model.safetensors").stat().st_mtime_ns
-    assert build_lvlm(clip_dir, lm_dir, LVLMConfig(), lvlm_dir) == lvlm_dir
-    assert (lvlm_dir / "model.safetensors").stat().st_mtime_ns == stamp
+    again = build_lvlm(clip_dir, lm_dir, LVLMConfig(), tmp_path / "again")  # the same seeded projector
+    assert (again / "model.safetensors").read_bytes() == (lvlm_dir / "model.safetensors").read_bytes()
+    assert json.loads((again / "info.json").read_text())["seed"] == 0
     out = build_lvlm(clip_dir, lm_dir, LVLMConfig(keep_cls_token=False, vision_feature_layer=-1), tmp_path / "b")
     model, processor = load_lvlm(out)
     assert model.config.vision_feature_select_strategy == "default" and model.config.image_seq_length == 16

@@ -84,17 +84,16 @@ def test_align_trains_only_the_projector(world, aligned):
     assert metrics["align/loss_after"] < metrics["align/loss_before"]
 
 
-def test_align_is_deterministic_and_cached(world, aligned, tmp_path):
+def test_align_is_deterministic_and_records_its_metrics(world, aligned, tmp_path):
     from cycle.lvlm import align_projector
 
     again, metrics = align_projector(world["base"], world["store"], world["sv"], world["seedv"], run_cfg(),
                                      tmp_path / "again", progress=False)
     a, b = state(aligned[0]), state(again)
     assert all(torch.equal(a[k], b[k]) for k in a) and metrics == aligned[1]
-    stamp = (again / "model.safetensors").stat().st_mtime_ns
-    assert align_projector(world["base"], world["store"], world["sv"], world["seedv"], run_cfg(), again,
-                           progress=False)[0] == again
-    assert (again / "model.safetensors").stat().st_mtime_ns == stamp
+    info = json.loads((again / "info.json").read_text())
+    assert info["metrics"] == metrics and len(info["epoch_losses"]) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["again"]  # staged aside, renamed whole
 
 
 # ----------------------------------------------------------------------------------------------- SFT data
@@ -197,18 +196,18 @@ def test_full_sft_trains_the_lm_only(world, aligned, tmp_path):
     assert changed(before, after, ("model.language_model.embed_tokens.",))
 
 
-def test_sft_is_cached(world, aligned, lora_sft):
-    from cycle.lvlm import sft
-
+def test_sft_output_is_whole_and_records_its_metrics(world, aligned, lora_sft):
     adapter, merged, metrics = lora_sft
-    stamp = (merged / "model.safetensors").stat().st_mtime_ns
-    again = sft(aligned[0], world["store"], world["sv"], world["seedv"], run_cfg(), merged.parent, progress=False)
-    assert again == (adapter, merged, metrics)
-    assert (merged / "model.safetensors").stat().st_mtime_ns == stamp
+    out = merged.parent
+    assert adapter == out / "adapter" and (merged / "config.json").is_file()
+    assert json.loads((out / "info.json").read_text())["metrics"] == metrics
+    assert not list(out.rglob("fingerprint.json"))  # the controller's state.json is the only record
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".sft-lora")]
 
 
 # ----------------------------------------------------------------------------------------------- bad input
 def test_bad_seed_and_extra_records_are_refused(world, aligned, tmp_path):
+    from cycle.errors import HQClipError
     from cycle.lvlm import sft
     from cycle.lvlm.data import sft_examples
     from cycle.store import Store
@@ -226,7 +225,7 @@ def test_bad_seed_and_extra_records_are_refused(world, aligned, tmp_path):
     with pytest.raises(ValueError, match="no SFT examples"):
         sft_examples(other, None, None)
     other.insert_new("seed", [{**good, "id": "shape-001", "neg_tags": ["d", "e"], "origin": "t"}])
-    with pytest.raises(ValueError, match="seed table has 1 invalid records, e.g. 'shape-001'"):
+    with pytest.raises(HQClipError, match="seed table has 1 invalid records, e.g. 'shape-001'"):
         sft_examples(other, None, None)
     broken = Store(tmp_path / "broken")  # a seed whose image bytes are not an image
     broken.append("samples", [{**world["samples"][0], "image": b"\x89PNG garbage"}])
@@ -237,13 +236,18 @@ def test_bad_seed_and_extra_records_are_refused(world, aligned, tmp_path):
 
 
 def test_bad_lora_targets_and_missing_gpu_are_refused(world, aligned, tmp_path):
+    from cycle.config import ConfigError
+    from cycle.errors import HQClipError
     from cycle.lvlm import sft
 
-    with pytest.raises(ValueError, match="lvlm.lora.target_modules"):
+    with pytest.raises(HQClipError, match="lvlm.lora.target_modules.*match no module"):
         sft(aligned[0], world["store"], world["sv"], world["seedv"], run_cfg("lvlm.lora.target_modules=[qkv]"),
             tmp_path / "x", progress=False)
+    with pytest.raises(ConfigError, match="lvlm.lora.target_modules': empty"):
+        run_cfg("lvlm.lora.target_modules=[]")
+    run_cfg("lvlm.lora.target_modules=[]", "lvlm.lora.enabled=false")  # unused without LoRA
     if not torch.cuda.is_available():
-        with pytest.raises(RuntimeError, match="no CUDA GPU"):
+        with pytest.raises(HQClipError, match="no CUDA GPU"):
             sft(aligned[0], world["store"], world["sv"], world["seedv"], run_cfg("device=cuda"), tmp_path / "y",
                 progress=False)
 

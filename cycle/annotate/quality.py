@@ -16,6 +16,8 @@ import json
 from collections import defaultdict
 from typing import Optional, Sequence
 
+from ..store import is_usable, sql_in
+
 KINDS = ("object", "count", "position")
 
 
@@ -26,12 +28,10 @@ def _mean(values: list[float]) -> Optional[float]:
 def annotation_quality(store, samples_version: int | str, generation: int,
                        splits: Sequence[str] = ("train",)) -> Optional[dict]:
     """Fact precision/recall/F1 of annotations and of alt-text against scene graphs; None without scenes."""
-    from .run import split_filter
-
     scenes = {}
     alts = {}
     kinds = {}
-    for rb in store.scan("samples", ["id", "alt_text", "meta"], split_filter(splits), version=samples_version):
+    for rb in store.scan("samples", ["id", "alt_text", "meta"], sql_in("split", splits), version=samples_version):
         for row in rb.to_pylist():
             if row["meta"] and '"scene"' in row["meta"]:
                 meta = json.loads(row["meta"])
@@ -59,7 +59,7 @@ def annotation_quality(store, samples_version: int | str, generation: int,
             continue
         true = scene_facts(scene)
         alt_pred = text_facts(alts[sid], names)
-        ok = row["desc"] is not None
+        ok = is_usable(row["status"])
         usable += ok
         pred = text_facts(list(row["desc"]) + list(row["tags"]), names) if ok else set()
         for who, facts in (("annotation", pred), ("alt_text", alt_pred)):

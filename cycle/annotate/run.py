@@ -8,7 +8,6 @@ seed, then kept as a failed row with its raw output and the reason (never droppe
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections import Counter
 from pathlib import Path
@@ -16,14 +15,22 @@ from typing import Any, Optional, Sequence
 
 from tqdm.auto import tqdm
 
-from .backends.base import Backend, FailedGeneration, make_backend
+from ..errors import HQClipError
+from ..files import write_text_atomic
+from ..store import is_usable, sql_in
+from .backends import Backend, FailedGeneration, make_backend
 from .parse import ParseResult, parse_output
+from .quality import annotation_quality
 from .schema import FORMULA_KEYS, build_prompt, prompt_hash
 
+SCAN_ROWS_MIN = 256  # samples read per store batch at least: small annotation batches still scan in bulk
+TOP_REASONS = 10  # repairs and failures listed in the stats, most common first
 
-def split_filter(splits: Sequence[str]) -> str:
-    quoted = ", ".join("'" + s.replace("'", "''") + "'" for s in splits)
-    return f"split IN ({quoted})"
+
+class AnnotateError(HQClipError, ValueError):
+    """An annotation pass that cannot run as asked (no samples, a generation begun by another annotator).
+
+    Also a ValueError, so callers that caught the plain ValueError these used to be still do."""
 
 
 def annotate_generation(cfg: Any, model_dir: Optional[str | Path], store, samples_version: int | str,
@@ -32,18 +39,17 @@ def annotate_generation(cfg: Any, model_dir: Optional[str | Path], store, sample
                         splits: Sequence[str] = ("train",), device: str = "auto") -> dict:
     """Annotate the samples of `splits` at `samples_version` into `annotations` (generation `generation`).
 
-    `cfg` is an `AnnotateConfig`; `backend` overrides the one it names (tests, the teacher). With
-    `score_clip` (a CLIP checkpoint dir, CLIP_{g-1}) each row gets its desc-vs-neg_desc margin as `score`.
+    `cfg` is an `AnnotateConfig` (checked by `cycle.config`); `backend` overrides the one it names (tests,
+    the teacher). With `score_clip` (a CLIP checkpoint dir, CLIP_{g-1}) each row gets its desc-vs-neg_desc
+    margin as `score`. `device` (the run's `device` setting) places the backend's model and the scorer.
     Returns the stats also written to `out_dir/stats.json`.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.batch_size < 1 or cfg.write_batch < 1 or cfg.retries < 0:
-        raise ValueError("annotate: batch_size and write_batch must be >= 1 and retries >= 0")
-    where = split_filter(splits)
+    where = sql_in("split", splits)
     todo = store.ids("samples", where, version=samples_version)
     if not todo:
-        raise ValueError(f"annotate: samples@{samples_version} has no rows in splits {list(splits)}")
+        raise AnnotateError(f"annotate: samples@{samples_version} has no rows in splits {list(splits)}")
     own_backend = backend is None
     backend = backend or make_backend(cfg, model_dir, out_dir, device=device)
     t0 = time.time()
@@ -71,12 +77,10 @@ def annotate_generation(cfg: Any, model_dir: Optional[str | Path], store, sample
                   "rows_per_s": round(written / seconds, 2) if seconds > 0 else None,
                   "generated_tokens": None if tokens0 is None else backend.generated_tokens - tokens0},
     )
-    from .quality import annotation_quality
-
     quality = annotation_quality(store, samples_version, generation, splits)
     if quality is not None:
         stats["quality"] = quality
-    _write_json(out_dir / "stats.json", stats)
+    write_text_atomic(out_dir / "stats.json", json.dumps(stats, indent=2, default=str))
     return stats
 
 
@@ -87,7 +91,7 @@ def _check_annotator(store, gen_where: str, generation: int, fingerprint: str) -
     found = set(store.read("annotations", ["annotator"], gen_where).column("annotator").to_pylist())
     others = found - {fingerprint}
     if others:
-        raise ValueError(f"annotations of generation {generation} were begun by annotator {sorted(others)[0]}, "
+        raise AnnotateError(f"annotations of generation {generation} were begun by annotator {sorted(others)[0]}, "
                          f"this pass uses {fingerprint}: finish with the same model, or delete that "
                          "generation's annotations first")
 
@@ -117,7 +121,7 @@ def _annotate(cfg, backend, store, samples_version, where, todo: set[str], gener
 
     try:
         for rb in store.scan("samples", ["id", "image", "alt_text"], where, version=samples_version,
-                             batch_size=max(cfg.batch_size, 256)):
+                             batch_size=max(cfg.batch_size, SCAN_ROWS_MIN)):
             for row in rb.to_pylist():
                 if row["id"] in todo:
                     batch.append(row)
@@ -184,7 +188,7 @@ def generation_stats(store, generation: int) -> dict:
     rows = store.read("annotations", cols, f"generation = {int(generation)}").to_pylist()
     n = len(rows)
     status = Counter(r["status"] for r in rows)
-    usable = [r for r in rows if r["desc"] is not None]
+    usable = [r for r in rows if is_usable(r["status"])]
     sentences = [s for r in usable for s in r["desc"]]
     tags = [t for r in usable for t in r["tags"]]
     pairs = [(p, q) for r in usable for k, nk in (("desc", "neg_desc"), ("tags", "neg_tags"))
@@ -208,14 +212,5 @@ def generation_stats(store, generation: int) -> dict:
         "words_per_tag": mean([len(t.split()) for t in tags]),
         "identical_negative_share": mean([float(p.strip().lower() == q.strip().lower()) for p, q in pairs]),
         "score_mean": mean(scores), "score_positive_share": mean([float(s > 0) for s in scores]),
-        "repairs": dict(repairs.most_common(10)), "failures": dict(failures.most_common(10)),
+        "repairs": dict(repairs.most_common(TOP_REASONS)), "failures": dict(failures.most_common(TOP_REASONS)),
     }
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=2, default=str)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)

@@ -12,15 +12,17 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..device import resolve_device
 from .backends.base import ImageLike, to_pil
+
+TEXT_BATCH = 256  # sentences per text-encoder call: bounded memory whatever the annotation batch
 
 
 class ClipScorer:
-    def __init__(self, clip_dir: str | Path, device: str = "cpu", text_batch: int = 256):
+    def __init__(self, clip_dir: str | Path, device: str = "cpu", text_batch: int = TEXT_BATCH):
         from ..clip.model import load_clip
 
-        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                                   ("cpu" if device == "auto" else device))
+        self.device = resolve_device(device)
         self.model, self.preprocess, self.tokenizer, _ = load_clip(clip_dir, device=self.device)
         self.text_batch = text_batch
         self.clip_dir = str(clip_dir)

@@ -4,7 +4,8 @@
 JSON file holding a list or an id -> record mapping) into the `seed` table. `teach_seed(...)` has a
 teacher model (GPT-4o in the paper) annotate chosen samples. Whatever cannot be used (unreadable file,
 unknown id, an annotation that does not repair into the four formulas) goes to the `rejects` table with
-its reason: nothing is silently dropped.
+its reason: nothing is silently dropped. Seed rows carry no status: a seed row is a usable record by
+construction (a document whose own `status` is not usable, `store.is_usable`, is rejected on import).
 """
 from __future__ import annotations
 
@@ -15,10 +16,22 @@ from typing import Any, Iterable, Iterator, Optional
 
 from tqdm.auto import tqdm
 
-from .backends.base import Backend
+from ..errors import HQClipError
+from ..files import write_text_atomic
+from ..store import is_usable
+from .backends import Backend
 from .parse import normalize_record
-from .run import generate_with_retries
+from .run import AnnotateError, generate_with_retries
 from .schema import FORMULA_KEYS, build_teacher_prompt
+
+REJECT_DETAIL_CHARS = 2000  # of a reject's detail kept in the table
+RAW_OUTPUT_CHARS = 1500  # of an unusable teacher output quoted in its reject
+SCAN_ROWS = 256  # samples read per store batch
+
+
+class SeedFileNotFound(HQClipError, FileNotFoundError):
+    """The seed annotations path does not exist (also a FileNotFoundError, as it was)."""
+
 
 _ID_KEYS = ("uid", "id", "key")
 _META_KEYS = {*_ID_KEYS, "alt_text", "status", "url", "caption", "reason", "source"}  # ignored on import
@@ -71,8 +84,8 @@ def import_seed(path: str | Path, store, samples_version: Optional[int | str] = 
     """Import teacher annotations into `seed`. Returns counts: read, imported, already_present, rejected."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"seed annotations '{path}' do not exist (expected a directory of <id>.json, "
-                                "a .jsonl file or a .json file)")
+        raise SeedFileNotFound(f"seed annotations '{path}' do not exist (expected a directory of <id>.json, "
+                               "a .jsonl file or a .json file)")
     known = store.ids("samples", version=samples_version)
     origin = origin or f"import:{path.name}"
     rows, rejects, read = [], [], 0
@@ -82,7 +95,7 @@ def import_seed(path: str | Path, store, samples_version: Optional[int | str] = 
         if error:
             rejects.append(("unreadable_json", key or where, error))
             continue
-        if isinstance(doc, dict) and doc.get("status") not in (None, "ok", "repaired"):
+        if isinstance(doc, dict) and doc.get("status") is not None and not is_usable(doc["status"]):
             rejects.append(("failed_annotation", key or where, f"status {doc.get('status')!r}"))
             continue
         if key is None:
@@ -109,7 +122,7 @@ def import_seed(path: str | Path, store, samples_version: Optional[int | str] = 
 
 def _reject(store, source: str, rejects: list[tuple[str, str, str]]) -> None:
     if rejects:
-        store.append("rejects", [{"source": source, "key": k, "reason": r, "detail": d[:2000]}
+        store.append("rejects", [{"source": source, "key": k, "reason": r, "detail": d[:REJECT_DETAIL_CHARS]}
                                  for r, k, d in rejects])
 
 
@@ -117,7 +130,7 @@ def choose_seed_ids(store, samples_version: int | str, n: int, seed: int = 0, sp
     """A seeded random choice of `n` ids of `split` (the paper's 10k of 150M), in a stable order."""
     ids = sorted(store.ids("samples", f"split = '{split}'", version=samples_version))
     if n > len(ids):
-        raise ValueError(f"asked for {n} seed ids but split '{split}' has {len(ids)} samples")
+        raise AnnotateError(f"asked for {n} seed ids but split '{split}' has {len(ids)} samples")
     return sorted(random.Random(seed).sample(ids, n))
 
 
@@ -133,7 +146,7 @@ def teach_seed(cfg: Any, store, samples_version: int | str, ids: Iterable[str], 
     wanted = set(ids) - store.ids("seed")
     unknown = wanted - store.ids("samples", version=samples_version)
     if unknown:
-        raise ValueError(f"{len(unknown)} seed ids are not in samples@{samples_version}, e.g. {sorted(unknown)[0]}")
+        raise AnnotateError(f"{len(unknown)} seed ids are not in samples@{samples_version}, e.g. {sorted(unknown)[0]}")
     own = backend is None
     if own:
         from .backends.openai_backend import OpenAIBackend
@@ -145,7 +158,7 @@ def teach_seed(cfg: Any, store, samples_version: int | str, ids: Iterable[str], 
     bar = tqdm(total=len(wanted), desc="teach seed", unit="img", disable=not progress)
     try:
         batch: list[dict] = []
-        scan = store.scan("samples", ["id", "image", "alt_text"], version=samples_version, batch_size=256)
+        scan = store.scan("samples", ["id", "image", "alt_text"], version=samples_version, batch_size=SCAN_ROWS)
         for rb in scan:
             batch += [r for r in rb.to_pylist() if r["id"] in wanted]
             while len(batch) >= cfg.batch_size:
@@ -162,7 +175,7 @@ def teach_seed(cfg: Any, store, samples_version: int | str, ids: Iterable[str], 
         if own:
             backend.close()
     stats = {"asked": len(wanted), "written": written, "failed": failed, "teacher": backend.fingerprint}
-    (out_dir / "teach_stats.json").write_text(json.dumps(stats, indent=2))
+    write_text_atomic(out_dir / "teach_stats.json", json.dumps(stats, indent=2))
     return stats
 
 
@@ -170,7 +183,7 @@ def _teach_batch(backend: Backend, samples: list[dict], cfg: Any, store, origin:
     items = [(s["image"], build_teacher_prompt(s["alt_text"])) for s in samples]
     outputs, results, _ = generate_with_retries(backend, items, [s["id"] for s in samples], cfg)
     rows = [{"id": s["id"], **r.record, "origin": origin} for s, r in zip(samples, results) if r.usable]
-    bad = [("teacher_output_unusable", s["id"], f"{getattr(o, 'reason', '') or r.reason}: {str(o)[:1500]}")
+    bad = [("teacher_output_unusable", s["id"], f"{getattr(o, 'reason', '') or r.reason}: {str(o)[:RAW_OUTPUT_CHARS]}")
            for s, r, o in zip(samples, results, outputs) if not r.usable]
     _reject(store, "teacher", bad)
     return store.insert_new("seed", rows), len(bad)

@@ -7,15 +7,14 @@ captioned by their `desc`.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Iterable, Optional
 
-from ..config import RunConfig, fingerprint
+from ..config import RunConfig
+from ..device import resolve_device
 from ..store import Store
-from .assemble import dir_identity, load_lvlm, save_lvlm
-from .common import FINGERPRINT_FILE, cached, eval_loss, resolve_device, seed_everything, train_loop
+from .assemble import load_lvlm, save_lvlm
+from .common import eval_loss, seed_everything, train_loop
 from .data import align_examples, align_input, make_batches
 
 
@@ -30,17 +29,10 @@ def align_projector(lvlm_dir: str | Path, store: Store, samples_version, seed_ve
                     progress: bool = True) -> tuple[Path, dict]:
     """Train the projector of the LLaVA in `lvlm_dir`; save the whole LLaVA to `out_dir`.
 
-    Returns (out_dir, metrics). Cached: same inputs, config section and seed return at once.
+    Returns (out_dir, metrics); `out_dir` is replaced atomically, its `info.json` holds the metrics.
     """
     stage = cfg.lvlm.align
     extra = sorted(set(extra_ids or ()))
-    fp = fingerprint(stage, {"base": dir_identity(lvlm_dir), "samples": samples_version, "seed_table": seed_version,
-                             "extra": hashlib.sha256("\n".join(extra).encode()).hexdigest()[:16],
-                             "extra_records": hashlib.sha256(json.dumps(extra_records or [], sort_keys=True,
-                                                                        default=str).encode()).hexdigest()[:16],
-                             "max_length": cfg.lvlm.lm.max_length, "seed": cfg.seed})
-    if cached(out_dir, fp):
-        return Path(out_dir), json.loads((Path(out_dir) / FINGERPRINT_FILE).read_text())["metrics"]
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     model, processor = load_lvlm(lvlm_dir, device)
@@ -57,7 +49,7 @@ def align_projector(lvlm_dir: str | Path, store: Store, samples_version, seed_ve
     by_source = {f"align/examples_{s}": sum(e.source == s for e in examples) for s in ("seed", "previous", "alt_text")}
     metrics = {"align/examples": len(examples), **by_source, "align/loss_before": before, "align/loss_after": after,
                "align/epoch_loss_first": losses[0], "align/epoch_loss_last": losses[-1],
-               "align/truncated": len(batches.state["truncated"])}
-    out = save_lvlm(model.to("cpu"), processor, out_dir, fp,
+               "align/truncated": len(batches.truncated)}
+    out = save_lvlm(model.to("cpu"), processor, out_dir,
                     {"base": str(lvlm_dir), "metrics": metrics, "epoch_losses": losses})
     return out, metrics

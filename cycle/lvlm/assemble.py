@@ -5,10 +5,8 @@
 `prepare_lm`, and a fresh 2-layer GELU MLP projector. With `keep_cls_token` the image tokens are all the
 tower's tokens (feature select "full": CLS + patches), else the patches only ("default").
 
-Saved layout. transformers 5 writes the tower's weights as `vision_tower.<...>`; vLLM's LLaVA (and
-transformers 4) load `vision_tower.vision_model.<...>`, the llava-hf layout. `save_lvlm` rewrites the
-saved keys into that layout (transformers 5 loads it too, through its own key conversion), so one
-directory serves the transformers backend, vLLM and older transformers alike:
+Saved layout: the llava-hf one (`keys.rewrite_keys`), so one directory serves the transformers backend,
+vLLM and older transformers alike:
 
     language_model.model.*   language_model.lm_head.weight   multi_modal_projector.linear_{1,2}.*
     vision_tower.vision_model.{embeddings,pre_layrnorm,encoder,post_layernorm}.*
@@ -18,20 +16,24 @@ serving (an OpenAI-compatible vLLM server) feeds the model what SFT trained it o
 """
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Optional
 
 import torch
-from safetensors.torch import load_file, save_file
 from transformers import (AutoModelForCausalLM, AutoProcessor, AutoTokenizer, CLIPImageProcessor, LlavaConfig,
                           LlavaForConditionalGeneration, LlavaProcessor)
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
 from ..annotate.schema import IMAGE_TOKEN
-from ..config import LVLMConfig, fingerprint
-from .common import FINGERPRINT_FILE, cached, finish, seed_everything, staging_dir
+from ..config import LVLMConfig
+from ..errors import HQClipError
+from .common import LVLMError, finish, seed_everything, staging_dir
+from .keys import rewrite_keys
+
+# open_clip's OpenAI-CLIP defaults, for a tower whose preprocess config does not say
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+PIL_BICUBIC, PIL_BILINEAR = 3, 2  # CLIPImageProcessor's `resample` takes PIL's numeric codes
 
 # Renders `schema.model_input(prompt)` = "<image>\n{prompt}\nanswer:" from chat messages.
 CHAT_TEMPLATE = (
@@ -51,33 +53,14 @@ CHAT_TEMPLATE = (
 )
 
 
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
-
-
-def dir_identity(path: str | Path) -> str:
-    """What a directory holds, for fingerprints: its recorded fingerprint, else a digest of its weights."""
-    path = Path(path)
-    fp_file = path / FINGERPRINT_FILE
-    if fp_file.is_file():
-        return json.loads(fp_file.read_text())["fingerprint"]
-    weights = sorted(path.glob("*.safetensors")) if path.is_dir() else []
-    return "|".join(f"{w.name}:{file_digest(w)}" for w in weights) or str(path)
-
-
 def image_processor_for(visual) -> CLIPImageProcessor:
     """The CLIP's own eval preprocessing (open_clip: resize shortest side, centre crop, normalise)."""
     pre = dict(getattr(visual, "preprocess_cfg", {}) or {})
     size = visual.image_size[0] if isinstance(visual.image_size, (tuple, list)) else visual.image_size
     return CLIPImageProcessor(
         size={"shortest_edge": size}, crop_size={"height": size, "width": size},
-        image_mean=list(pre.get("mean", (0.48145466, 0.4578275, 0.40821073))),
-        image_std=list(pre.get("std", (0.26862954, 0.26130258, 0.27577711))),
-        resample=3 if pre.get("interpolation", "bicubic") == "bicubic" else 2)  # PIL BICUBIC / BILINEAR
+        image_mean=list(pre.get("mean", CLIP_MEAN)), image_std=list(pre.get("std", CLIP_STD)),
+        resample=PIL_BICUBIC if pre.get("interpolation", "bicubic") == "bicubic" else PIL_BILINEAR)
 
 
 def _lm_with_image_token(lm_dir: str | Path):
@@ -97,21 +80,16 @@ def build_lvlm(clip_dir: str | Path, lm_dir: str | Path, cfg: LVLMConfig, out_di
                seed: int = 0) -> Path:
     """CLIP_{g-1} (a `save_clip` directory) + LM (`prepare_lm`'s output or an HF name) -> LLaVA directory.
 
-    Cached: the same CLIP weights, LM, config and seed return the existing `out_dir` at once.
+    Always builds (the controller decides reuse); `out_dir` appears whole or not at all.
     """
     from ..clip.convert import openclip_vit_to_hf_vision
     from ..clip.model import load_clip
 
-    fp = fingerprint({"clip": dir_identity(clip_dir), "lm": dir_identity(lm_dir),
-                      "vision_feature_layer": cfg.vision_feature_layer, "keep_cls_token": cfg.keep_cls_token,
-                      "seed": seed})
-    if cached(out_dir, fp):
-        return Path(out_dir)
     clip, _, _, _ = load_clip(clip_dir)
     tower = openclip_vit_to_hf_vision(clip.visual)
     n_layers = tower.config.num_hidden_layers
     if not -(n_layers + 1) <= cfg.vision_feature_layer <= n_layers:
-        raise ValueError(f"config key 'lvlm.vision_feature_layer': {cfg.vision_feature_layer} is outside the "
+        raise LVLMError(f"config key 'lvlm.vision_feature_layer': {cfg.vision_feature_layer} is outside the "
                          f"tower's hidden states (-{n_layers + 1}..{n_layers})")
     lm, tokenizer = _lm_with_image_token(lm_dir)
     strategy = "full" if cfg.keep_cls_token else "default"
@@ -137,50 +115,35 @@ def build_lvlm(clip_dir: str | Path, lm_dir: str | Path, cfg: LVLMConfig, out_di
         image_processor=image_processor_for(clip.visual), tokenizer=tokenizer,
         patch_size=tower.config.patch_size, vision_feature_select_strategy=strategy,
         chat_template=CHAT_TEMPLATE, image_token=IMAGE_TOKEN, num_additional_image_tokens=1)
-    return save_lvlm(model, processor, out_dir, fp, {"clip": str(clip_dir), "lm": str(lm_dir)})
-
-
-def vllm_key(key: str) -> str:
-    """transformers 5 saved key -> llava-hf layout key (what vLLM loads)."""
-    if key.startswith("vision_tower.") and not key.startswith("vision_tower.vision_model."):
-        return "vision_tower.vision_model." + key[len("vision_tower."):]
-    return key
-
-
-def _rewrite_keys(directory: Path) -> None:
-    for shard in sorted(directory.glob("*.safetensors")):
-        tensors = load_file(shard)
-        if any(vllm_key(k) != k for k in tensors):
-            save_file({vllm_key(k): v for k, v in tensors.items()}, shard, metadata={"format": "pt"})
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        data = json.loads(index.read_text())
-        data["weight_map"] = {vllm_key(k): v for k, v in data["weight_map"].items()}
-        index.write_text(json.dumps(data, indent=2))
+    return save_lvlm(model, processor, out_dir, {"clip": str(clip_dir), "lm": str(lm_dir), "seed": seed})
 
 
 def write_lvlm(model: LlavaForConditionalGeneration, processor, directory: str | Path) -> Path:
-    """Model + processor into `directory`, keys in the llava-hf layout (no fingerprint: see `save_lvlm`)."""
+    """Model + processor into `directory`, keys in the llava-hf layout (in place: see `save_lvlm`)."""
     directory = Path(directory)
     model.save_pretrained(directory)
     processor.save_pretrained(directory)
-    _rewrite_keys(directory)
+    rewrite_keys(directory)
     return directory
 
 
-def save_lvlm(model: LlavaForConditionalGeneration, processor, out_dir: str | Path, fp: str,
+def save_lvlm(model: LlavaForConditionalGeneration, processor, out_dir: str | Path,
               info: Optional[dict] = None) -> Path:
-    """`write_lvlm` into `out_dir` atomically: written aside, fingerprint last, then renamed into place."""
+    """`write_lvlm` into `out_dir` atomically: written aside (with `info.json`), then renamed into place."""
     tmp = staging_dir(out_dir)
     write_lvlm(model, processor, tmp)
-    return finish(tmp, out_dir, fp, info)
+    return finish(tmp, out_dir, info)
+
+
+class LVLMNotFound(HQClipError, FileNotFoundError):
+    """A path given as an LVLM directory holds none (also a FileNotFoundError, as it was)."""
 
 
 def load_lvlm(lvlm_dir: str | Path, device: str | torch.device = "cpu"):
     """(model in eval mode, processor) from a directory written by `save_lvlm`; offline."""
     lvlm_dir = Path(lvlm_dir)
     if not (lvlm_dir / "config.json").is_file():
-        raise FileNotFoundError(f"'{lvlm_dir}' is not an LVLM directory (no config.json); build it first")
+        raise LVLMNotFound(f"'{lvlm_dir}' is not an LVLM directory (no config.json); build it first")
     model = LlavaForConditionalGeneration.from_pretrained(str(lvlm_dir), dtype=torch.float32).to(device).eval()
     processor = AutoProcessor.from_pretrained(str(lvlm_dir))
     return model, processor

@@ -1,9 +1,12 @@
-"""Small pieces every LVLM stage shares: device choice, seeding, stage fingerprints, atomic output
-directories, and one training loop (AdamW, linear warmup + cosine decay, progress bar, loss log)."""
+"""Small pieces every LVLM stage shares: seeding, the stage error, atomic output directories, and one
+training loop (AdamW, `cycle.schedule.cosine_lr`, progress bar, loss log).
+
+Stages keep no completion record of their own: the controller's `state.json` is the only one. A stage
+writes its whole output into a staging sibling and renames it into place, so a kill never leaves half.
+"""
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import shutil
@@ -13,33 +16,24 @@ from typing import Callable, Iterable, Optional
 import torch
 from tqdm.auto import tqdm
 
-FINGERPRINT_FILE = "fingerprint.json"
+from ..errors import HQClipError
+from ..files import write_json_atomic
+from ..schedule import cosine_lr
+
+INFO_FILE = "info.json"  # what a stage saw and measured, for people; not a completion record
 
 
-def resolve_device(device: str = "cpu") -> torch.device:
-    """"auto" takes CUDA when present; "cuda" without a GPU is an error rather than a silent CPU run."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' was asked for but no CUDA GPU is available (set device=cpu or auto)")
-    return torch.device(device)
+class LVLMError(HQClipError, ValueError):
+    """Bad input to an LVLM stage (empty text, invalid seed records, an image that does not decode).
+
+    Also a ValueError, so callers that caught the plain ValueError these used to be still do."""
 
 
-def seed_everything(seed: int) -> torch.Generator:
+def seed_everything(seed: int) -> None:
+    """Seed Python's and torch's global generators, explicitly, at the start of a stage: weight init,
+    dropout and LoRA init draw from them (batch order uses its own seeded generators)."""
     random.seed(seed)
     torch.manual_seed(seed)
-    return torch.Generator().manual_seed(seed)
-
-
-def cached(out_dir: str | Path, fp: str) -> bool:
-    """True when `out_dir` holds a finished output whose recorded fingerprint is `fp`."""
-    path = Path(out_dir) / FINGERPRINT_FILE
-    if not path.is_file():
-        return False
-    try:
-        return json.loads(path.read_text()).get("fingerprint") == fp
-    except (OSError, json.JSONDecodeError):
-        return False
 
 
 def staging_dir(out_dir: str | Path) -> Path:
@@ -51,10 +45,11 @@ def staging_dir(out_dir: str | Path) -> Path:
     return tmp
 
 
-def finish(tmp: Path, out_dir: str | Path, fp: str, info: Optional[dict] = None) -> Path:
-    """Write the fingerprint last, then swap the staging directory in: a kill leaves no half output."""
+def finish(tmp: Path, out_dir: str | Path, info: Optional[dict] = None) -> Path:
+    """Write `info.json` (when given), then swap the staging directory in: a kill leaves no half output."""
     out_dir = Path(out_dir)
-    (tmp / FINGERPRINT_FILE).write_text(json.dumps({"fingerprint": fp, **(info or {})}, indent=2, default=str))
+    if info is not None:
+        write_json_atomic(tmp / INFO_FILE, info)
     old = out_dir.with_name(f".{out_dir.name}.old")
     shutil.rmtree(old, ignore_errors=True)
     if out_dir.exists():
@@ -86,13 +81,8 @@ def eval_loss(model: torch.nn.Module, batches: Iterable[dict], device: torch.dev
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / max(1, warmup)
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    """The shared schedule as a factor on the optimizer's lr (LambdaLR multiplies, as before)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: cosine_lr(step, 1.0, warmup, total))
 
 
 def train_loop(model: torch.nn.Module, params: list[torch.nn.Parameter], batches: Callable[[int], Iterable[dict]],
@@ -104,7 +94,7 @@ def train_loop(model: torch.nn.Module, params: list[torch.nn.Parameter], batches
     Returns the mean loss of every epoch; with `log_path`, one JSON line per step (epoch, step, loss, lr).
     """
     if not params:
-        raise ValueError(f"{desc}: no trainable parameters")
+        raise ValueError(f"{desc}: no trainable parameters")  # a bug in the caller, not a user input
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     scheduler = warmup_cosine(optimizer, warmup, epochs * steps_per_epoch)
     model.train()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 import random
 from dataclasses import dataclass, field
@@ -19,9 +20,14 @@ from PIL import Image
 
 from ..annotate.schema import FORMULA_KEYS, IMAGE_TOKEN, build_prompt, model_input, to_target_json, validate
 from ..config import EmojiScenesConfig
-from ..store import Store
+from ..store import USABLE, Store, sql_in
+from .common import LVLMError
+
+log = logging.getLogger(__name__)
 
 ALIGN_INPUT = f"{IMAGE_TOKEN}\n"  # stage 1 shows the image alone; the answer is its description
+IDS_PER_QUERY = 1000  # ids per `id IN (...)` filter: bounded filter strings, few queries
+SHUFFLE_SEED_STRIDE = 1_000_003  # epoch e of seed s shuffles with s * 1_000_003 + e (a prime: distinct per (s, e))
 
 
 @dataclass
@@ -36,13 +42,13 @@ class Example:
 
 
 def samples_by_id(store: Store, samples_version, ids, columns=("id", "image", "alt_text", "meta"),
-                  chunk: int = 1000) -> dict[str, dict]:
+                  chunk: int = IDS_PER_QUERY) -> dict[str, dict]:
     """The `samples` rows of `ids` at a version, fetched by filter in chunks (never the whole table)."""
     ids = sorted(set(ids))
     out: dict[str, dict] = {}
     for start in range(0, len(ids), chunk):
-        quoted = ", ".join("'" + i.replace("'", "''") + "'" for i in ids[start:start + chunk])
-        rows = store.read("samples", list(columns), f"id IN ({quoted})", version=samples_version).to_pylist()
+        rows = store.read("samples", list(columns), sql_in("id", ids[start:start + chunk]),
+                          version=samples_version).to_pylist()
         out.update((r["id"], r) for r in rows)
     return out
 
@@ -52,7 +58,7 @@ def seed_records(store: Store, seed_version) -> list[dict]:
     bad = [(r["id"], validate({k: r[k] for k in FORMULA_KEYS})) for r in recs]
     bad = [(i, p) for i, p in bad if p]
     if bad:
-        raise ValueError(f"seed table has {len(bad)} invalid records, e.g. '{bad[0][0]}': {'; '.join(bad[0][1])}")
+        raise LVLMError(f"seed table has {len(bad)} invalid records, e.g. '{bad[0][0]}': {'; '.join(bad[0][1])}")
     return recs
 
 
@@ -101,7 +107,7 @@ def sft_examples(store: Store, samples_version, seed_version, extra_records=None
     for r in extra_records or ():
         problems = validate({k: r.get(k) for k in FORMULA_KEYS})
         if problems:
-            raise ValueError(f"extra SFT record '{r.get('id')}' is invalid: {'; '.join(problems)}")
+            raise LVLMError(f"extra SFT record '{r.get('id')}' is invalid: {'; '.join(problems)}")
         if r["id"] not in seen:
             seen.add(r["id"])
             recs.append(r)
@@ -119,51 +125,55 @@ def sft_examples(store: Store, samples_version, seed_version, extra_records=None
 
 def _check_found(out: list, wanted: int, what: str) -> None:
     if not out:
-        raise ValueError(f"no {what} examples: the seed table is empty or its ids are not in the samples version")
+        raise LVLMError(f"no {what} examples: the seed table is empty or its ids are not in the samples version")
     for e in out:  # a broken image fails here, named, rather than in the middle of training
         try:
             with Image.open(io.BytesIO(e.image or b"")) as im:
                 im.verify()
         except Exception as err:
-            raise ValueError(f"{what} example '{e.id}': its image does not decode ({type(err).__name__}: {err})") from None
+            raise LVLMError(f"{what} example '{e.id}': its image does not decode ({type(err).__name__}: {err})") from None
     if len(out) < wanted:
-        import logging
-
-        logging.getLogger(__name__).warning("%s: %d of %d ids have no sample row at this version; skipped",
-                                            what, wanted - len(out), wanted)
+        log.warning("%s: %d of %d ids have no sample row at this version; skipped", what, wanted - len(out), wanted)
 
 
 def decode(image: bytes) -> Image.Image:
     return Image.open(io.BytesIO(image)).convert("RGB")
 
 
-def make_batches(examples: list[Example], processor, batch_size: int, seed: int, max_length: int,
-                 input_text: Callable[[Example, int], str]) -> tuple[Callable[[int], Iterator[dict]], int]:
-    """`batches(epoch)` in an order that is a pure function of (seed, epoch), and steps per epoch.
+class Batches:
+    """`batches(epoch)`: the batches of one epoch, in an order that is a pure function of (seed, epoch).
 
-    `input_text(example, epoch)` gives the model input (it may change per epoch: fresh alt-text noise).
-    Sequences longer than `max_length` lose their end (`batches.state["truncated"]`: which examples).
+    `truncated` collects the indices of examples whose sequence lost its end to `max_length` (filled as
+    batches are made: read it after an epoch).
     """
-    tokenizer = processor.tokenizer
-    targets = [tokenizer(e.target, add_special_tokens=False).input_ids + [tokenizer.eos_token_id] for e in examples]
-    steps = math.ceil(len(examples) / batch_size)
-    state = {"truncated": set()}  # indices of examples that lost their end
 
-    def batches(epoch: int) -> Iterator[dict]:
+    def __init__(self, examples: list[Example], processor, batch_size: int, seed: int, max_length: int,
+                 input_text: Callable[[Example, int], str]):
+        self.examples, self.processor, self.batch_size = examples, processor, batch_size
+        self.seed, self.max_length, self.input_text = seed, max_length, input_text
+        tokenizer = processor.tokenizer
+        self.targets = [tokenizer(e.target, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+                        for e in examples]
+        self.steps = math.ceil(len(examples) / batch_size)
+        self.truncated: set[int] = set()
+
+    def __call__(self, epoch: int) -> Iterator[dict]:
+        examples, tokenizer, targets = self.examples, self.processor.tokenizer, self.targets
         order = list(range(len(examples)))
-        random.Random(seed * 1_000_003 + epoch).shuffle(order)
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            enc = processor(images=[decode(examples[i].image) for i in idx],
-                            text=[input_text(examples[i], epoch) for i in idx], return_tensors="pt", padding=True)
+        random.Random(self.seed * SHUFFLE_SEED_STRIDE + epoch).shuffle(order)
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start:start + self.batch_size]
+            enc = self.processor(images=[decode(examples[i].image) for i in idx],
+                                 text=[self.input_text(examples[i], epoch) for i in idx], return_tensors="pt",
+                                 padding=True)
             rows, labels = [], []
             for ids, keep, i in zip(enc["input_ids"], enc["attention_mask"], idx):
                 prompt_ids = ids[keep.bool()].tolist()
                 seq = prompt_ids + targets[i]
                 lab = [-100] * len(prompt_ids) + targets[i]
-                if len(seq) > max_length:
-                    state["truncated"].add(i)
-                    seq, lab = seq[:max_length], lab[:max_length]
+                if len(seq) > self.max_length:
+                    self.truncated.add(i)
+                    seq, lab = seq[:self.max_length], lab[:self.max_length]
                 rows.append(seq)
                 labels.append(lab)
             width = max(len(r) for r in rows)
@@ -176,8 +186,13 @@ def make_batches(examples: list[Example], processor, batch_size: int, seed: int,
             yield {"input_ids": input_ids, "attention_mask": mask, "labels": label_t,
                    "pixel_values": enc["pixel_values"]}
 
-    batches.state = state
-    return batches, steps
+
+def make_batches(examples: list[Example], processor, batch_size: int, seed: int, max_length: int,
+                 input_text: Callable[[Example, int], str]) -> tuple[Batches, int]:
+    """(`Batches`, steps per epoch). `input_text(example, epoch)` gives the model input (it may change per
+    epoch: fresh alt-text noise); sequences longer than `max_length` lose their end (`Batches.truncated`)."""
+    batches = Batches(examples, processor, batch_size, seed, max_length, input_text)
+    return batches, batches.steps
 
 
 def sft_input(alt_text_fn: Optional[Callable[[Example, int], Optional[str]]] = None):
@@ -203,7 +218,6 @@ def emoji_alt_text_fn(cfg: EmojiScenesConfig, seed: int) -> Callable[[Example, i
         rng = random.Random(f"{seed}:{e.id}:{epoch}")
         return corrupt(scene, vocab, cfg.alt_noise, rng, cfg.max_count)[0]
 
-    fresh.__qualname__ = f"emoji_alt_text:{cfg.vocab_size}:{cfg.max_count}:{seed}"  # names it in fingerprints
     return fresh
 
 
@@ -212,9 +226,9 @@ def align_input(e: Example, epoch: int) -> str:
 
 
 def best_previous_annotations(store: Store, annotations_version, generation: int, share: float) -> list[dict]:
-    """The best-scored `share` of generation `generation`'s usable annotations (ok, or repaired by the
-    parser: both are schema-valid); failed and unscored rows are skipped."""
-    where = f"generation = {int(generation)} AND status IN ('ok', 'repaired') AND score IS NOT NULL"
+    """The best-scored `share` of generation `generation`'s usable annotations (`store.USABLE`); failed
+    and unscored rows are skipped."""
+    where = f"generation = {int(generation)} AND {USABLE} AND score IS NOT NULL"
     rows = store.read("annotations", ["id", *FORMULA_KEYS, "score"], where, version=annotations_version).to_pylist()
     rows.sort(key=lambda r: (-r["score"], r["id"]))
     keep = rows[:math.ceil(share * len(rows))] if share > 0 else []

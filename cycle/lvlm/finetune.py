@@ -8,31 +8,28 @@ would hit them); otherwise the whole LM trains (better at tiny sizes, see ENV-FA
 
 Output `out_dir/`: `adapter/` (peft adapter over the aligned LLaVA, for vLLM's LoRA path; only with
 LoRA), `merged/` (a complete LLaVA directory with the adapter merged in: what annotation serves),
-`log.jsonl` (per step loss) and `fingerprint.json` (inputs and metrics).
+`log.jsonl` (per step loss) and `info.json` (base and metrics).
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 from pathlib import Path
 from typing import Callable, Optional
 
-from ..config import LoraConfig, RunConfig, fingerprint
+from ..config import LoraConfig, RunConfig
+from ..device import resolve_device
 from ..store import Store
 from .align import text_budget
-from .assemble import dir_identity, load_lvlm, write_lvlm
-from .common import FINGERPRINT_FILE, cached, eval_loss, finish, resolve_device, seed_everything, staging_dir, \
-    train_loop
+from .assemble import load_lvlm, write_lvlm
+from .common import LVLMError, eval_loss, finish, seed_everything, staging_dir, train_loop
 from .data import Example, emoji_alt_text_fn, make_batches, sft_examples, sft_input
 
 LM_PREFIX = "model.language_model."
 
 
 def lora_target_pattern(names: list[str]) -> str:
-    """A peft `target_modules` regex (full match on module names) for the LM's projections only."""
-    if not names:
-        raise ValueError("config key 'lvlm.lora.target_modules': empty, expected LM projection names")
+    """A peft `target_modules` regex (full match on module names) for the LM's projections only
+    (`names` non-empty: checked by `cycle.config`)."""
     return re.escape(LM_PREFIX) + r".*\.(" + "|".join(re.escape(n) for n in names) + r")"
 
 
@@ -44,7 +41,7 @@ def with_lora(model, cfg: LoraConfig):
     try:
         return get_peft_model(model, peft_cfg)
     except ValueError as err:  # peft: "Target modules ... not found in the base model"
-        raise ValueError(f"config key 'lvlm.lora.target_modules': {list(cfg.target_modules)} match no module "
+        raise LVLMError(f"config key 'lvlm.lora.target_modules': {list(cfg.target_modules)} match no module "
                          f"of the LM ({str(err).splitlines()[0]})") from None
 
 
@@ -55,22 +52,13 @@ def sft(lvlm_dir: str | Path, store: Store, samples_version, seed_version, cfg: 
 
     `extra_records`: more (id + four formulas) targets beyond the seed table. `alt_text_fn(example, epoch)`
     may return a fresh alt-text for an example each epoch (None keeps the stored one); by default, with
-    `lvlm.sft_fresh_alt_text` on emoji-scenes data, the dataset's own noise drawn anew. Cached on inputs.
+    `lvlm.sft_fresh_alt_text` on emoji-scenes data, the dataset's own noise drawn anew. Always trains;
+    `out_dir` is replaced atomically.
     """
     stage, lora = cfg.lvlm.sft, cfg.lvlm.lora
     out_dir = Path(out_dir)
     if alt_text_fn is None and cfg.lvlm.sft_fresh_alt_text and cfg.data.source == "emoji-scenes":
         alt_text_fn = emoji_alt_text_fn(cfg.data.emoji, cfg.seed)
-    extra_blob = json.dumps(extra_records or [], sort_keys=True, default=str)
-    fp = fingerprint(stage, lora if lora.enabled else {"enabled": False},
-                     {"base": dir_identity(lvlm_dir), "samples": samples_version, "seed_table": seed_version,
-                      "extra": hashlib.sha256(extra_blob.encode()).hexdigest()[:16],
-                      "alt_text_fn": getattr(alt_text_fn, "__qualname__", None),
-                      "max_length": cfg.lvlm.lm.max_length, "seed": cfg.seed})
-    if cached(out_dir, fp):
-        info = json.loads((out_dir / FINGERPRINT_FILE).read_text())
-        adapter = out_dir / "adapter"
-        return (adapter if adapter.is_dir() else None), out_dir / "merged", info["metrics"]
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     base, processor = load_lvlm(lvlm_dir, device)
@@ -94,7 +82,7 @@ def sft(lvlm_dir: str | Path, store: Store, samples_version, seed_version, cfg: 
     after = eval_loss(model, plain(0), device)
     metrics = {"sft/examples": len(examples), "sft/trainable_params": sum(p.numel() for p in params),
                "sft/loss_before": before, "sft/loss_after": after, "sft/epoch_loss_first": losses[0],
-               "sft/epoch_loss_last": losses[-1], "sft/truncated": len(batches.state["truncated"])}
+               "sft/epoch_loss_last": losses[-1], "sft/truncated": len(batches.truncated)}
     model.to("cpu")
     if lora.enabled:
         model.save_pretrained(tmp / "adapter")
@@ -102,6 +90,5 @@ def sft(lvlm_dir: str | Path, store: Store, samples_version, seed_version, cfg: 
     else:
         merged = model
     write_lvlm(merged, processor, tmp / "merged")
-    (tmp / "merged" / FINGERPRINT_FILE).write_text(json.dumps({"fingerprint": fp, "base": str(lvlm_dir)}))
-    finish(tmp, out_dir, fp, {"base": str(lvlm_dir), "metrics": metrics, "epoch_losses": losses})
+    finish(tmp, out_dir, {"base": str(lvlm_dir), "metrics": metrics, "epoch_losses": losses})
     return (out_dir / "adapter" if lora.enabled else None), out_dir / "merged", metrics

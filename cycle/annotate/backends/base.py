@@ -8,22 +8,24 @@ A backend turns a batch of (image, prompt) pairs into one output text each:
 used by backends that keep a request log. An item that cannot be generated at all (an unreadable image,
 a request the server refuses) comes back as a `FailedGeneration`: a str (empty) that carries the reason,
 so the row is kept as failed rather than the whole pass stopping. `backend.fingerprint` names the
-annotator (model and weights) and is stored with every row.
+annotator (model and weights) and is stored with every row. `make_backend` (in the package) picks one.
 """
 from __future__ import annotations
 
 import hashlib
 import io
 from pathlib import Path
-from typing import Any, Optional, Protocol, Sequence, Union
+from typing import Optional, Protocol, Sequence, Union
 
 from PIL import Image
+
+from ...errors import HQClipError
 
 ImageLike = Union[bytes, "Image.Image"]
 BatchItem = tuple[ImageLike, str]
 
 
-class BackendError(RuntimeError):
+class BackendError(HQClipError):
     """The backend cannot work at all (server down after all retries, bad credentials, missing model)."""
 
 
@@ -75,6 +77,9 @@ def to_png_bytes(image: ImageLike) -> tuple[bytes, str]:
     return buf.getvalue(), "image/png"
 
 
+WHOLE_FILE_CHUNKS = 64  # files up to 64 chunks (64 MiB) are hashed whole; bigger ones by head and tail
+
+
 def dir_fingerprint(path: str | Path, chunk: int = 1 << 20) -> str:
     """Content fingerprint of a model directory. Small files are hashed whole; big weight files by size,
     head and tail (hashing tens of GB per annotation pass would cost minutes)."""
@@ -84,31 +89,10 @@ def dir_fingerprint(path: str | Path, chunk: int = 1 << 20) -> str:
         size = f.stat().st_size
         h.update(f"{f.relative_to(path)}:{size}".encode())
         with open(f, "rb") as fh:
-            if size <= 64 * chunk:
+            if size <= WHOLE_FILE_CHUNKS * chunk:
                 h.update(fh.read())
             else:
                 h.update(fh.read(chunk))
                 fh.seek(size - chunk)
                 h.update(fh.read(chunk))
     return h.hexdigest()[:16]
-
-
-def make_backend(cfg: Any, model_dir: Optional[str | Path], out_dir: Optional[str | Path] = None,
-                 device: str = "auto", lora_dir: Optional[str | Path] = None) -> Backend:
-    """The backend `cfg.backend` names (an `AnnotateConfig`), for the model in `model_dir`."""
-    if cfg.backend == "transformers":
-        from .transformers_backend import TransformersBackend
-
-        return TransformersBackend(model_dir, device=device, max_new_tokens=cfg.max_new_tokens,
-                                   temperature=cfg.temperature, kv_cache=cfg.kv_cache)
-    if cfg.backend == "openai":
-        from .openai_backend import OpenAIBackend
-
-        log = Path(out_dir) / "requests.jsonl" if out_dir else None
-        return OpenAIBackend(cfg.openai, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                             request_log=log)
-    if cfg.backend == "vllm":
-        from .vllm_backend import VLLMBackend
-
-        return VLLMBackend(cfg, model_dir, lora_dir=lora_dir, out_dir=out_dir)
-    raise ValueError(f"annotate.backend: unknown backend '{cfg.backend}' (transformers, openai, vllm)")

@@ -2,6 +2,10 @@
 
 Prompts are left-padded so every sequence ends at the same position and the KV cache serves the whole
 batch; greedy by default (the format is learned, sampling only adds defects), sampling for retries.
+
+Sampling seeds torch's global generator: `generate` has no generator argument (it draws with
+`torch.multinomial` on the default one), so a retry with `seed` calls `torch.manual_seed(seed)` first,
+explicitly (`_seed_sampling`). Later unseeded draws in the process continue from that state.
 """
 from __future__ import annotations
 
@@ -10,16 +14,15 @@ from typing import Optional, Sequence
 
 import torch
 
+from ...device import resolve_device
 from ..schema import IMAGE_TOKEN, model_input
 from .base import BackendError, BatchItem, FailedGeneration, dir_fingerprint, to_pil
 
 
-def pick_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise BackendError(f"device '{device}' was asked for but no CUDA GPU is available")
-    return torch.device(device)
+def _seed_sampling(seed: Optional[int]) -> None:
+    """Seed the global torch generator that HF `generate` samples from (it takes no generator)."""
+    if seed is not None:
+        torch.manual_seed(seed)
 
 
 class TransformersBackend:
@@ -34,7 +37,7 @@ class TransformersBackend:
         if model_dir is None or not (model_dir / "config.json").is_file():
             raise BackendError(f"annotator model directory '{model_dir}' has no config.json "
                                "(expected a merged LlavaForConditionalGeneration directory)")
-        self.device = pick_device(device)
+        self.device = resolve_device(device)
         if dtype is None:
             dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         try:
@@ -49,9 +52,7 @@ class TransformersBackend:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.image_token = getattr(self.processor, "image_token", None) or IMAGE_TOKEN
         self.max_new_tokens, self.min_new_tokens, self.temperature = max_new_tokens, min_new_tokens, temperature
-        if kv_cache not in ("dynamic", "static"):
-            raise BackendError(f"config key 'annotate.kv_cache': got {kv_cache!r}, expected dynamic or static")
-        self.kv_cache = kv_cache
+        self.kv_cache = kv_cache  # "dynamic" or "static": `annotate.kv_cache`, checked by cycle.config
         self.fingerprint = f"transformers:{model_dir.name}:{dir_fingerprint(model_dir)}"
         self.generated_tokens = 0  # running count, for throughput figures
 
@@ -75,8 +76,7 @@ class TransformersBackend:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
         temperature = self.temperature if temperature is None else temperature
         sample = temperature > 0
-        if seed is not None:
-            torch.manual_seed(seed)
+        _seed_sampling(seed)
         gen = self.model.generate(
             **inputs, max_new_tokens=self.max_new_tokens, min_new_tokens=self.min_new_tokens or None,
             do_sample=sample, temperature=temperature if sample else None, top_p=None, top_k=None,

@@ -7,8 +7,8 @@
 - `server`: an already running `vllm serve` is an OpenAI-compatible endpoint: the `openai` backend's
   code does the talking (`annotate.openai.base_url` / `.model` name it; it needs a chat template).
 
-The checkpoint is prepared once per model: transformers 5 saves the LLaVA vision tower's weights as
-`vision_tower.*`, vLLM reads `vision_tower.vision_model.*`.
+The checkpoint is prepared once per model: vLLM reads the tower as `vision_tower.vision_model.*`
+(`cycle.lvlm.keys`, the one home of that rename; directories written by `save_lvlm` already have it).
 """
 from __future__ import annotations
 
@@ -22,47 +22,38 @@ import threading
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from ...lvlm.keys import rewrite_keys
 from ..schema import FORMULA_JSON_SCHEMA, IMAGE_TOKEN, model_input
 from .base import BackendError, BatchItem, FailedGeneration, dir_fingerprint, to_png_bytes
 
 WORKER = Path(__file__).with_name("vllm_worker.py")
-_TOWER, _TOWER_NESTED = "vision_tower.", "vision_tower.vision_model."
+SOURCE_STAMP = ".source"  # in a prepared copy: the fingerprint of the directory it was made from
+STARTUP_TIMEOUT_S = 900.0  # loading and compiling a model in vLLM takes minutes, on a CPU many
+BATCH_TIMEOUT_S = 3600.0  # one batch: generous, a hung worker still ends the pass
+LOG_TAIL_CHARS = 3000  # of the worker's log, quoted in the error when it dies
 
 
 def prepare_vllm_model(model_dir: str | Path, out_dir: str | Path) -> Path:
     """A copy of the HF LLaVA directory whose vision-tower keys vLLM can load; reused when up to date."""
-    from safetensors.torch import load_file, save_file
+    from ...lvlm.common import finish, staging_dir
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     stamp = dir_fingerprint(model_dir)
-    if (out_dir / ".source").is_file() and (out_dir / ".source").read_text() == stamp:
+    if (out_dir / SOURCE_STAMP).is_file() and (out_dir / SOURCE_STAMP).read_text() == stamp:
         return out_dir
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = staging_dir(out_dir)
     for f in model_dir.iterdir():
-        if f.suffix == ".safetensors":
-            state = load_file(f)
-            renamed = {(_TOWER_NESTED + k[len(_TOWER):] if k.startswith(_TOWER) and not k.startswith(_TOWER_NESTED)
-                        else k): v for k, v in state.items()}
-            save_file(renamed, tmp / f.name, metadata={"format": "pt"})
-        elif f.name.endswith(".safetensors.index.json"):
-            index = json.loads(f.read_text())
-            index["weight_map"] = {(_TOWER_NESTED + k[len(_TOWER):] if k.startswith(_TOWER) and
-                                    not k.startswith(_TOWER_NESTED) else k): v for k, v in index["weight_map"].items()}
-            (tmp / f.name).write_text(json.dumps(index, indent=2))
-        elif f.is_file():
+        if f.is_file():
             shutil.copy2(f, tmp / f.name)
-    (tmp / ".source").write_text(stamp)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
-    return out_dir
+    rewrite_keys(tmp)
+    (tmp / SOURCE_STAMP).write_text(stamp)
+    return finish(tmp, out_dir)
 
 
 class VLLMBackend:
     def __init__(self, cfg: Any, model_dir: Optional[str | Path], lora_dir: Optional[str | Path] = None,
                  out_dir: Optional[str | Path] = None, structured: bool = True, min_new_tokens: int = 0,
-                 startup_timeout_s: float = 900.0, device: str = "auto", logprobs: int = 0,
+                 startup_timeout_s: float = STARTUP_TIMEOUT_S, device: str = "auto", logprobs: int = 0,
                  schema: Optional[dict] = None, dtype: str = "auto"):
         """`cfg` is an `AnnotateConfig`. `structured=False` leaves decoding unconstrained (also settable per
         call through the `structured` attribute); `schema` replaces the four-formula JSON schema;
@@ -123,7 +114,7 @@ class VLLMBackend:
         except queue.Empty:
             line = "timeout"
         if line is None or line == "timeout":
-            tail = self.log_path.read_text(errors="replace")[-3000:] if self.log_path.exists() else ""
+            tail = self.log_path.read_text(errors="replace")[-LOG_TAIL_CHARS:] if self.log_path.exists() else ""
             self.close()
             raise BackendError(f"vLLM worker {'timed out' if line else 'exited'} during {what}; "
                                f"its log ({self.log_path}) ends:\n{tail}")
@@ -150,7 +141,7 @@ class VLLMBackend:
         self.proc.stdin.write(json.dumps({"prompts": prompts, "images": images, "seed": seed,
                                           "temperature": temperature, "structured": self.structured}) + "\n")
         self.proc.stdin.flush()
-        reply = self._read(3600, "generation")
+        reply = self._read(BATCH_TIMEOUT_S, "generation")
         if "error" in reply:
             raise BackendError(f"vLLM worker failed on a batch: {reply['error']} (log: {self.log_path})")
         self.generated_tokens += reply.get("tokens", 0)
