@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from ..config import DataConfig
 from ..store import Store
+from . import DataError, DataNotFound
 from .images import IMAGE_EXTENSIONS, BadImage, BadText, check_image, clean_alt_text
 from .readers import RawPair, expand_sources, read_folder, read_parquet, read_shards
 
@@ -67,8 +68,8 @@ def detect_kind(source: str | Path) -> str:
         if text.endswith(suffix) or text.endswith(suffix + "}"):
             return kind
     if not path.exists():
-        raise FileNotFoundError(f"source '{source}' does not exist")
-    raise ValueError(f"source '{source}': cannot tell its kind; pass kind= one of folder, wds, parquet")
+        raise DataNotFound(f"source '{source}' does not exist")
+    raise DataError(f"source '{source}': cannot tell its kind; pass kind= one of folder, wds, parquet")
 
 
 def open_source(source: str | Path, kind: str, image_column=None, text_column=None,
@@ -76,7 +77,7 @@ def open_source(source: str | Path, kind: str, image_column=None, text_column=No
     """The reader for a source and, where cheap to know, how many pairs it holds (for the progress bar)."""
     if kind == "folder":
         if not Path(source).is_dir():
-            raise FileNotFoundError(f"image folder '{source}' does not exist")
+            raise DataNotFound(f"image folder '{source}' does not exist")
         return read_folder(source), None
     if kind == "wds":
         return read_shards(expand_sources(source, ".tar")), None
@@ -86,7 +87,7 @@ def open_source(source: str | Path, kind: str, image_column=None, text_column=No
         files = expand_sources(source, ".parquet")
         total = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
         return read_parquet(files, image_column, text_column, id_column), total
-    raise ValueError(f"kind={kind!r}: expected one of {', '.join(KINDS)}")
+    raise DataError(f"kind={kind!r}: expected one of {', '.join(KINDS)}")
 
 
 def ingest(source: str | Path, store: Store, kind: str = "auto", split: str = "train",
