@@ -166,3 +166,10 @@ def test_ingest_takes_positional_overrides(tmp_path):
     assert result.exit_code == 2 and "No such option '--set'" in result.output
     result = CliRunner().invoke(main, ["data", "ingest", str(root), "--run", str(run), "store.write_batch=0"])
     assert "config key 'store.write_batch': got 0, expected >= 1" in _one_error_line(result)
+
+
+def test_annotate_run_without_a_model_dir_takes_the_first_override(tmp_path):
+    """MODEL_DIR is optional (openai, vLLM server backends): `annotate run key=value` is an override."""
+    result = CliRunner().invoke(main, ["annotate", "run", "annotate.batch_size=0", "--run", str(tmp_path / "r"),
+                                       "--gen", "1"])
+    assert "config key 'annotate.batch_size': got 0" in _one_error_line(result)
