@@ -339,9 +339,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
                 loaded = OmegaConf.load(path)
             except yaml.YAMLError as err:  # a syntax error: say where, in one line
                 mark = getattr(err, "problem_mark", None)
-                where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+                where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
                 problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-                raise ConfigError(f"config file '{path}':{where}: not valid YAML ({problem})") from None
+                raise ConfigError(f"config file '{path}' is not valid YAML{where}: {problem}") from None
             cfg = OmegaConf.merge(cfg, loaded)
         for item in overrides:
             if "=" not in item:

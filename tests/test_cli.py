@@ -56,13 +56,13 @@ def test_yaml_syntax_error_in_a_real_process(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert proc.stdout == "" and "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and f"config file '{bad}': line" in lines[0] and "not valid YAML" in lines[0]
+    assert len(lines) == 1 and f"config file '{bad}' is not valid YAML (line" in lines[0]
 
 
 def test_yaml_syntax_error_is_a_config_error(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: [x\n")
-    with pytest.raises(ConfigError, match=r"line \d+, column \d+: not valid YAML") as err:
+    with pytest.raises(ConfigError, match=r"is not valid YAML \(line \d+, column \d+\): ") as err:
         load_config(bad)
     assert isinstance(err.value, HQClipError) and "\n" not in str(err.value)
 
