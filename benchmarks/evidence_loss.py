@@ -150,7 +150,7 @@ def run_variant(cfg: RunConfig, store_uri: str | Path, pins: dict, variant: Vari
     """Train and evaluate one (variant, seed); returns `result.json`'s content (reused when already there)."""
     from cycle.clip.train import train_clip
     from cycle.evaluate import evaluate_clip
-    from cycle.evaluate.run import write_json_atomic
+    from cycle.files import write_json_atomic
     from cycle.store import Store
 
     run_cfg = variant_config(cfg, variant, seed)
@@ -177,7 +177,7 @@ def run_variant(cfg: RunConfig, store_uri: str | Path, pins: dict, variant: Vari
     result = {"variant": variant.key, "seed": seed, "fingerprint": fp, "train_s": trained - start,
               "eval_s": time.perf_counter() - trained, "metrics": metrics,
               "train_summary": json.loads((model / "train_summary.json").read_text())}
-    write_json_atomic(result, done)
+    write_json_atomic(done, result, indent=1)
     shutil.rmtree(run_dir / "clip" / "checkpoints", ignore_errors=True)  # the final model stays
     return result
 

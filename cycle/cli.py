@@ -1,53 +1,63 @@
 """`hqclip`: the command line. Thin: parse, load config, call one stage or the controller, print."""
 from __future__ import annotations
 
+import logging
 import sys
+from pathlib import Path
 
 import click
 
-from .cli_common import config_from
+from .cli_common import HQClipGroup, config_from, setup_logging
+from .errors import HQClipError
+
+log = logging.getLogger(__name__)
+DEFAULT_DEMO_CONFIG = "emoji"  # a shipped config (cycle/configs/emoji.yaml)
+DEFAULT_INSPECT_SAMPLES = 3  # samples `hqclip inspect` shows when no id, sample count or filter is given
+ALL_EXPORTS = ("clip", "lvlm", "data")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=HQClipGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="hqclip-cycle")
-def main():
-    """Run generations of the HQ-CLIP cycle: CLIP -> LVLM annotator -> better data -> better CLIP."""
+@click.option("--log-level", envvar="HQCLIP_LOG_LEVEL", default=None, metavar="LEVEL",
+              help="DEBUG, INFO (default), WARNING or ERROR; also $HQCLIP_LOG_LEVEL.")
+def main(log_level):
+    """Run generations of the HQ-CLIP cycle: CLIP -> LVLM annotator -> better data -> better CLIP.
+
+    CONFIG arguments take a path or the name of a shipped config (emoji, tiny). Problems with what was
+    given (a config key, a file, a run directory) print one red line and exit with code 2.
+    """
+    setup_logging(log_level)
 
 
 # ------------------------------------------------------------------------------------------ the cycle
 def _run_dir_arg(run):
-    from pathlib import Path
-
     path = Path(run)
     if not (path / "state.json").exists():
-        raise click.ClickException(f"{path} is not a run directory (no state.json): run `hqclip run CONFIG` first")
+        raise HQClipError(f"{path} is not a run directory (no state.json): run `hqclip run CONFIG` first")
     return path
 
 
 @main.command(context_settings={"ignore_unknown_options": True})
-@click.argument("config_path", type=click.Path(dir_okay=False))
+@click.argument("config_path", metavar="CONFIG")
 @click.argument("overrides", nargs=-1)
 @click.option("--from", "redo_from", metavar="GEN:STAGE", help="Redo from this stage on (e.g. 1:annotate).")
 @click.option("--stop-after", metavar="GEN:STAGE", help="Stop once this stage is done.")
 def run(config_path, overrides, redo_from, stop_after):
     """Run generation 0 and the configured generations; the same command again resumes.
 
-    OVERRIDES are key=value pairs, e.g. `cycle.generations=3 train.epochs=5 name=myrun`.
+    CONFIG is a path or a shipped config's name; OVERRIDES are key=value pairs, e.g.
+    `cycle.generations=3 train.epochs=5 name=myrun`.
     """
-    from rich.console import Console
+    from rich.markup import escape
 
-    from .controller import ConfigChanged, run_cycle
-    from .state import RunLocked
+    from .controller import run_cycle
     from .status import print_status, wide_console
 
     cfg = config_from(config_path, overrides)
     console = wide_console()
-    try:
-        run_cycle(cfg, redo_from=redo_from, stop_after=stop_after)
-    except (ConfigChanged, RunLocked, ValueError) as err:
-        raise click.ClickException(str(err)) from None
+    run_cycle(cfg, redo_from=redo_from, stop_after=stop_after)
     print_status(cfg.run_dir, console)
-    console.print(f"run directory: {cfg.run_dir}")
+    console.print(f"run directory: {escape(str(cfg.run_dir))}")
 
 
 @main.command()
@@ -68,21 +78,19 @@ def status(run_dir):
 @click.option("--image-out", type=click.Path(file_okay=False), help="Write the images into this folder.")
 def inspect(run_dir, gens, ids, sample, where, image_out):
     """Samples with their alt-text and the four formulas, side by side across generations."""
-    from pathlib import Path
-
     from .config import load_config
-    from .controller import store_of
+    from .pipeline import store_of
     from .state import RunState
     from .status import print_samples, samples_across_generations
 
     run_dir = _run_dir_arg(run_dir)
     cfg = load_config(run_dir / "config.yaml")
     if not (ids or sample or where):
-        sample = 3
+        sample = DEFAULT_INSPECT_SAMPLES
     rows = samples_across_generations(store_of(cfg), RunState(run_dir), ids=ids, sample=sample, where=where,
                                       gens=list(gens) or None)
     if not rows:
-        raise click.ClickException("no sample matches")
+        raise HQClipError("no sample matches")
     print_samples(rows, image_out=Path(image_out) if image_out else None)
 
 
@@ -92,7 +100,7 @@ def inspect(run_dir, gens, ids, sample, where, image_out):
 def report(run_dir, gallery):
     """Write RUN/report/index.html: metrics, plots, loss curves, annotation stats, a gallery."""
     from .config import load_config
-    from .controller import store_of
+    from .pipeline import store_of
     from .report import write_report
 
     run_dir = _run_dir_arg(run_dir)
@@ -102,20 +110,23 @@ def report(run_dir, gallery):
 
 @main.command()
 @click.argument("overrides", nargs=-1)
-@click.option("--config", "config_path", default=None, help="Default: configs/emoji.yaml of this checkout.")
+@click.option("--config", "config_path", default=DEFAULT_DEMO_CONFIG, show_default=True,
+              help="A config path or a shipped config's name.")
 def demo(overrides, config_path):
-    """The demo: generation 0 plus two generations on the built-in emoji scenes, then status and report."""
-    from pathlib import Path
+    """The demo: generation 0 plus two generations on the built-in emoji scenes, then status and report.
 
-    from .controller import run_cycle, store_of
+    OVERRIDES are key=value pairs, e.g. `cycle.generations=1`.
+    """
+    from .controller import run_cycle
+    from .pipeline import store_of
     from .report import write_report
     from .status import print_status
 
-    path = Path(config_path) if config_path else Path(__file__).resolve().parents[1] / "configs" / "emoji.yaml"
-    cfg = config_from(path, overrides)
+    cfg = config_from(config_path, overrides)
     run_cycle(cfg)
     print_status(cfg.run_dir)
     click.echo(f"report: {write_report(cfg.run_dir, store_of(cfg))}")
+
 
 @main.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
@@ -126,19 +137,15 @@ def demo(overrides, config_path):
               help="VLM-150M JSON files or webdataset shards.")
 def export(run_dir, gen, out, what, data_format):
     """Export a generation: the CLIP (open_clip + HF), the LVLM (merged HF dir), the dataset."""
-    from pathlib import Path
-
     from .config import load_config
-    from .controller import store_of
+    from .pipeline import store_of
     from .export import export_generation
+    from .state import gen_dir
 
     run_dir = _run_dir_arg(run_dir)
-    out = Path(out) if out else run_dir / "export" / f"gen-{gen:03d}"
-    try:
-        done = export_generation(store_of(load_config(run_dir / "config.yaml")), run_dir, gen, out,
-                                 tuple(what) or ("clip", "lvlm", "data"), data_format)
-    except ValueError as err:
-        raise click.ClickException(str(err)) from None
+    out = Path(out) if out else gen_dir(run_dir / "export", gen)
+    done = export_generation(store_of(load_config(run_dir / "config.yaml")), run_dir, gen, out,
+                             tuple(what) or ALL_EXPORTS, data_format)
     for key, value in done.items():
         click.echo(f"{key}: {value}")
 
@@ -152,43 +159,39 @@ def export(run_dir, gen, out, what, data_format):
 @click.option("--split", "splits", multiple=True, help="Split(s) of the run (default: eval.select_split + eval.splits).")
 @click.option("--out", type=click.Path(dir_okay=False), help="Write the metrics as JSON here.")
 @click.option("--batch-size", type=int, default=None, help="Default: eval.batch_size.")
-@click.option("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+@click.option("--device", default=None, help="auto, cpu, cuda, cuda:1 ... Default: the run's device with --run, else auto.")
 def eval_cmd(checkpoint, run_dir, datasets, splits, out, batch_size, device):
     """Evaluate a CLIP checkpoint directory: zero-shot, retrieval, negatives; a table and JSON."""
-    from pathlib import Path
-
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
-    from .clip.model import CheckpointError
     from .config import EvalConfig
-    from .evaluate import EvalDataError, evaluate_clip
+    from .evaluate import evaluate_clip
 
     store, version, cfg = None, None, EvalConfig()
+    run_device = "auto"
     if run_dir:
-        from .controller import store_of
+        from .pipeline import store_of
         from .state import RunState
 
         run_dir = _run_dir_arg(run_dir)
         run_cfg = config_from(run_dir / "config.yaml", ())
-        store, cfg = store_of(run_cfg), run_cfg.eval
-        version = RunState(run_dir).stage(0, "data").get("outputs", {}).get("samples_version")
+        store, cfg, run_device = store_of(run_cfg), run_cfg.eval, run_cfg.device
+        version = RunState(run_dir).outputs(0, "data").get("samples_version")
     elif splits:
-        raise click.ClickException("--split needs --run RUN_DIR (the splits live in a run's store)")
+        raise HQClipError("--split needs --run RUN_DIR (the splits live in a run's store)")
     if batch_size:
         cfg.batch_size = batch_size
-    try:
-        metrics = evaluate_clip(Path(checkpoint), store, list(splits) or None, cfg, samples_version=version,
-                                out_json=out, datasets=datasets, device=device)
-    except (CheckpointError, EvalDataError) as err:
-        raise click.ClickException(str(err)) from None
-    table = Table(title=f"eval {checkpoint}")
+    metrics = evaluate_clip(Path(checkpoint), store, list(splits) or None, cfg, samples_version=version,
+                            out_json=out, datasets=datasets, device=device or run_device)
+    table = Table(title=f"eval {escape(str(checkpoint))}")
     table.add_column("set")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in metrics.items():
         name, metric = key.split("/", 1)
-        table.add_row(name, metric, f"{value:.4f}" if isinstance(value, float) else str(value))
+        table.add_row(escape(name), escape(metric), f"{value:.4f}" if isinstance(value, float) else str(value))
     Console().print(table)
     if out:
         click.echo(f"metrics: {out}")
@@ -202,14 +205,9 @@ def eval_cmd(checkpoint, run_dir, datasets, splits, out, batch_size, device):
 @click.option("--extras/--no-extras", default=False, help="open_clip format: keep the short-tag head and vocabulary.")
 def export_clip_cmd(checkpoint, out, fmt, extras):
     """Export a CLIP checkpoint directory for transformers or open_clip (checked to give the same embeddings)."""
-    from .clip.convert import ConversionError
-    from .clip.export import ExportError, export_clip
-    from .clip.model import CheckpointError
+    from .clip.export import export_clip
 
-    try:
-        diffs = export_clip(checkpoint, out, fmt, include_extras=extras)
-    except (CheckpointError, ConversionError, ExportError) as err:
-        raise click.ClickException(str(err)) from None
+    diffs = export_clip(checkpoint, out, fmt, include_extras=extras)
     if diffs:
         click.echo("max abs difference to open_clip: " + ", ".join(f"{k} {diffs[k]:.1e}"
                                                                  for k in ("image", "text", "logit_scale")))
@@ -227,7 +225,7 @@ def _version_arg(value):
 @click.option("--run", "run_dir", type=click.Path(file_okay=False),
               help="Train on this run's store, with its config and the versions its stages recorded.")
 @click.option("--store", "store_uri", help="A LanceDB store (instead of --run).")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="Default: RUN/config.yaml.")
+@click.option("--config", "config_path", help="A config path or shipped name. Default: RUN/config.yaml.")
 @click.option("--generation", type=int, default=0, show_default=True, help="0: alt-text only; g: gen-g annotations.")
 @click.option("--samples-version", help="Version or tag (default: the run's data stage, else latest).")
 @click.option("--annotations-version", help="Version or tag (default: the run's gen annotate stage, else latest).")
@@ -240,35 +238,29 @@ def train_cmd(out, overrides, run_dir, store_uri, config_path, generation, sampl
 
     OVERRIDES are key=value pairs, e.g. `train.epochs=5 train.world_size=2 loss.hni_mode=pair`.
     """
-    from pathlib import Path
-
-    from .clip.checkpoint import ResumeError
     from .clip.train import train_clip
 
     if bool(run_dir) == bool(store_uri):
-        raise click.ClickException("give exactly one of --run RUN_DIR or --store URI")
+        raise HQClipError("give exactly one of --run RUN_DIR or --store URI")
     if run_dir:
-        from .controller import store_of
+        from .pipeline import store_of
         from .state import RunState
 
         run_dir = _run_dir_arg(run_dir)
         cfg = config_from(config_path or run_dir / "config.yaml", overrides)
         store_uri = store_of(cfg).uri
         state = RunState(run_dir)
-        samples_version = samples_version or state.stage(0, "data").get("outputs", {}).get("samples_version")
+        samples_version = samples_version or state.outputs(0, "data").get("samples_version")
         if generation:
-            annotations_version = annotations_version or state.stage(generation, "annotate").get(
-                "outputs", {}).get("annotations_version")
+            annotations_version = annotations_version or state.outputs(generation, "annotate").get(
+                "annotations_version")
     else:
         named = any(o.startswith("name=") for o in overrides)
         cfg = config_from(config_path, (() if named else (f"name={Path(out).name or 'train'}",)) + tuple(overrides))
-    try:
-        model_dir = train_clip(cfg, store_uri, out, _version_arg(samples_version),
-                               annotations_version=_version_arg(annotations_version) if generation else None,
-                               generation=generation or None, init_clip=init_clip, progress=progress,
-                               seed_version=_version_arg(seed_version))
-    except (ValueError, FileNotFoundError, ResumeError) as err:
-        raise click.ClickException(str(err)) from None
+    model_dir = train_clip(cfg, store_uri, out, _version_arg(samples_version),
+                           annotations_version=_version_arg(annotations_version) if generation else None,
+                           generation=generation or None, init_clip=init_clip, progress=progress,
+                           seed_version=_version_arg(seed_version))
     click.echo(f"clip: {model_dir}")
     click.echo(f"log: {Path(out) / 'log.jsonl'}")
 

@@ -12,12 +12,16 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .errors import HQClipError
+from .files import write_text_atomic
 
-class ConfigError(ValueError):
-    """A configuration problem, explained in one line that names the key."""
+
+class ConfigError(HQClipError, ValueError):
+    """A configuration problem, explained in one line that names the key (a ValueError for older callers)."""
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -270,7 +274,45 @@ def _one_line(err: OmegaConfBaseException) -> str:
     return f"config key '{key}': {msg}" if key else f"config: {msg}"
 
 
+MIN_EMOJI_IMAGE_SIZE = 16  # below this the glyphs of a scene no longer fit their layout cells
+ALT_NOISE_KINDS = tuple(f.name for f in fields(AltNoiseConfig))
+
+
+def check_emoji(emoji: Any) -> None:
+    """The built-in dataset's settings (a DictConfig or an `EmojiScenesConfig`: the builder checks the
+    one it is given too). Limits that need the vocabulary or the layout are checked where those live."""
+    if emoji.image_size < MIN_EMOJI_IMAGE_SIZE:
+        raise ConfigError(f"config key 'data.emoji.image_size': got {emoji.image_size}, "
+                          f"expected >= {MIN_EMOJI_IMAGE_SIZE}")
+    for key in ("n_train", "n_val", "n_test_retrieval", "n_test_negatives", "n_test_compositional",
+                "n_test_zeroshot_per_object"):
+        if getattr(emoji, key) < 0:
+            raise ConfigError(f"config key 'data.emoji.{key}': got {getattr(emoji, key)}, expected >= 0")
+    for key in ("single_object_share", "heldout_pair_share", "seed_share", *(f"alt_noise.{k}" for k in ALT_NOISE_KINDS)):
+        value = getattr(emoji.alt_noise, key.split(".")[1]) if "." in key else getattr(emoji, key)
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"config key 'data.emoji.{key}': got {value!r}, expected a probability in [0, 1]")
+    total = sum(getattr(emoji.alt_noise, k) for k in ALT_NOISE_KINDS)
+    if total > 1.0 + 1e-9:
+        raise ConfigError(f"config key 'data.emoji.alt_noise': rates sum to {total:.3f}, expected <= 1")
+    if emoji.n_test_compositional > 0 and (emoji.max_objects < 2 or emoji.heldout_pair_share <= 0):
+        raise ConfigError("config key 'data.emoji.n_test_compositional': the compositional test needs "
+                          "max_objects >= 2 and heldout_pair_share > 0 (or set n_test_compositional=0)")
+
+
+def _validate_data_store_eval(cfg: DictConfig) -> None:
+    check_emoji(cfg.data.emoji)
+    for key in ("store.write_batch", "eval.batch_size", "data.min_side", "data.max_pixels"):
+        if OmegaConf.select(cfg, key) < 1:
+            raise ConfigError(f"config key '{key}': got {OmegaConf.select(cfg, key)!r}, expected >= 1")
+    if cfg.data.num_workers < 0:
+        raise ConfigError(f"config key 'data.num_workers': got {cfg.data.num_workers!r}, expected >= 0")
+    if not cfg.eval.templates:
+        raise ConfigError("config key 'eval.templates': empty, expected at least one (zero-shot needs a prompt)")
+
+
 def _validate(cfg: DictConfig) -> None:
+    _validate_data_store_eval(cfg)
     for key, allowed in CHOICES.items():
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
@@ -279,9 +321,6 @@ def _validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if not 0.0 <= value <= 1.0:
             raise ConfigError(f"config key '{key}': got {value!r}, expected a probability in [0, 1]")
-    rates = OmegaConf.to_container(cfg.data.emoji.alt_noise)
-    if sum(rates.values()) > 1.0 + 1e-9:
-        raise ConfigError(f"config key 'data.emoji.alt_noise': rates sum to {sum(rates.values()):.3f}, expected <= 1")
     for key in ("train.epochs", "train.batch_size", "data.emoji.image_size", "data.emoji.vocab_size",
                 "data.emoji.max_objects", "annotate.batch_size"):
         if OmegaConf.select(cfg, key) < 1:
@@ -313,7 +352,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             path = Path(path)
             if not path.is_file():
                 raise ConfigError(f"config file '{path}' does not exist")
-            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+            try:
+                loaded = OmegaConf.load(path)
+            except yaml.YAMLError as err:  # a syntax error: say where, in one line
+                mark = getattr(err, "problem_mark", None)
+                where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+                problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+                raise ConfigError(f"config file '{path}' is not valid YAML{where}: {problem}") from None
+            cfg = OmegaConf.merge(cfg, loaded)
         for item in overrides:
             if "=" not in item:
                 raise ConfigError(f"override '{item}': expected key=value")
@@ -357,7 +403,5 @@ def save_config(cfg: RunConfig, run_dir: str | Path) -> str:
     run_dir.mkdir(parents=True, exist_ok=True)
     fp = fingerprint(cfg)
     text = f"# fingerprint: {fp}\n" + to_yaml(cfg)
-    tmp = run_dir / "config.yaml.tmp"
-    tmp.write_text(text)
-    tmp.replace(run_dir / "config.yaml")
+    write_text_atomic(run_dir / "config.yaml", text)
     return fp

@@ -20,20 +20,27 @@ from tqdm import tqdm
 
 from .data.images import image_ext
 from .state import RunState
-from .store import FORMULAS, Store
+from .errors import HQClipError
+from .store import FORMULAS, Store, is_usable
 
 FORMULA_KEYS = [name for name, _ in FORMULAS]
+SHARD_SIZE = 1000  # rows per webdataset shard
+DATA_FORMATS = ("json", "wds")
+
+
+class NothingToExport(HQClipError, ValueError):
+    """The generation asked for has not got that far (a ValueError for older callers)."""
 
 
 def _rows(store: Store, state: RunState, gen: int, with_images: bool, split: str) -> Iterator[dict]:
-    data = state.stage(0, "data").get("outputs", {})
+    data = state.outputs(0, "data")
     samples_version = data["samples_version"]
     columns = ["id", "alt_text"] + (["image"] if with_images else [])
     if gen == 0:
         # Generation 0 trained on raw alt-text: its "annotations" are the teacher seeds where present.
         ann = {r["id"]: r for r in store.read("seed", version=data.get("seed_version")).to_pylist()}
     else:
-        version = state.stage(gen, "annotate")["outputs"]["annotations_version"]
+        version = state.outputs(gen, "annotate")["annotations_version"]
         ann = {r["id"]: r for r in store.read("annotations", where=f"generation = {gen}", version=version).to_pylist()}
     for batch in store.scan("samples", columns=columns, where=f"split = '{split}'", version=samples_version):
         for row in batch.to_pylist():
@@ -42,7 +49,7 @@ def _rows(store: Store, state: RunState, gen: int, with_images: bool, split: str
 
 
 def export_dataset(store: Store, run_dir: Path, gen: int, out: Path, fmt: str = "json",
-                   shard_size: int = 1000, split: str = "train") -> dict:
+                   shard_size: int = SHARD_SIZE, split: str = "train") -> dict:
     """Write generation `gen`'s dataset; returns counts. Failed annotations are exported with their status."""
     state = RunState(run_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -52,7 +59,7 @@ def export_dataset(store: Store, run_dir: Path, gen: int, out: Path, fmt: str = 
         rec = row["annotation"]
         formulas = {k: (rec or {}).get(k) or [] for k in FORMULA_KEYS}
         status = (rec or {}).get("status", "ok" if rec else "absent")
-        failed += status not in ("ok", "repaired")
+        failed += not is_usable(status)
         doc = {"id": row["id"], **formulas, "alt_text": row["alt_text"], "status": status}
         if fmt == "json":
             (out / f"{row['id']}.json").write_text(json.dumps(doc, ensure_ascii=False))
@@ -70,7 +77,7 @@ def export_dataset(store: Store, run_dir: Path, gen: int, out: Path, fmt: str = 
                 info.size = len(blob)
                 tar.addfile(info, io.BytesIO(blob))
         else:
-            raise ValueError(f"dataset format '{fmt}': expected json or wds")
+            raise HQClipError(f"dataset format '{fmt}': expected {' or '.join(DATA_FORMATS)}")
         written += 1
     if tar is not None:
         tar.close()
@@ -81,18 +88,18 @@ def export_generation(store: Store, run_dir: Path, gen: int, out: Path, what: tu
                       data_format: str = "json") -> dict:
     state = RunState(run_dir)
     if not state.is_done(gen, "train"):
-        raise ValueError(f"generation {gen} has no finished CLIP in {run_dir}")
+        raise NothingToExport(f"generation {gen} has no finished CLIP in {run_dir}")
     out.mkdir(parents=True, exist_ok=True)
     done: dict = {}
     if "clip" in what:
         from .clip.export import export_hf_clip
 
-        clip_dir = Path(state.stage(gen, "train")["outputs"]["clip"])
+        clip_dir = Path(state.outputs(gen, "train")["clip"])
         shutil.copytree(clip_dir, out / "clip-open_clip", dirs_exist_ok=True)
         export_hf_clip(clip_dir, out / "clip-hf")
         done["clip"] = [str(out / "clip-open_clip"), str(out / "clip-hf")]
     if "lvlm" in what and gen > 0:
-        merged = Path(state.stage(gen, "sft")["outputs"]["merged"])
+        merged = Path(state.outputs(gen, "sft")["merged"])
         shutil.copytree(merged, out / "lvlm-hf", dirs_exist_ok=True)
         done["lvlm"] = str(out / "lvlm-hf")
     if "data" in what:

@@ -91,7 +91,7 @@ def data_run(cfg: RunConfig, pins: dict, out_dir: Path, progress: bool = True) -
     if cfg.data.source == "emoji-scenes":
         from .data.emoji import build_emoji_scenes
 
-        counts = build_emoji_scenes(cfg.data.emoji, store, progress=progress)
+        counts = build_emoji_scenes(cfg.data.emoji, store, progress=progress, write_batch=cfg.store.write_batch)
     elif store.count("samples") == 0:
         raise RuntimeError(f"data.source=store but the run's samples table is empty: ingest first "
                            f"(hqclip data ingest SOURCE --run {cfg.run_dir})")

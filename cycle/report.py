@@ -15,7 +15,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from .data.images import image_ext  # noqa: E402
-from .state import RunState, flat_numbers, read_json  # noqa: E402
+from .files import read_json  # noqa: E402
+from .state import RunState, flat_numbers, gen_dir  # noqa: E402
 from .status import KEY_METRICS, samples_across_generations  # noqa: E402
 from .store import Store  # noqa: E402
 
@@ -71,7 +72,7 @@ def plot_losses(run_dir: Path, state: RunState, out: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(7, 4))
     drawn = False
     for gen in state.generations:
-        log = Path(state.stage(gen, "train").get("outputs", {}).get("log", run_dir / f"gen-{gen:03d}/clip/log.jsonl"))
+        log = Path(state.outputs(gen, "train").get("log", gen_dir(run_dir, gen) / "clip" / "log.jsonl"))
         if not log.exists():
             continue
         rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
@@ -91,7 +92,7 @@ def plot_losses(run_dir: Path, state: RunState, out: Path) -> Path | None:
 def _annotation_stats(state: RunState) -> dict[int, dict]:
     out = {}
     for gen in state.generations:
-        path = state.stage(gen, "annotate").get("outputs", {}).get("stats")
+        path = state.outputs(gen, "annotate").get("stats")
         if path and Path(path).exists():
             out[gen] = read_json(path)
     return out

@@ -6,12 +6,13 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .data.images import image_ext
 from .pipeline import ALL_STAGES
 from .state import RunState
-from .store import Store
+from .store import Store, sql_in
 
 # The few metrics worth a column; the report shows all of them.
 KEY_METRICS = {
@@ -21,11 +22,13 @@ KEY_METRICS = {
     "compos. R@1": "test_compositional/retrieval_mean_r1",
     "val R@1": "val/retrieval_mean_r1",
 }
+PIPED_CONSOLE_WIDTH = 200  # columns when stdout is not a terminal, so tables are not squeezed into 80
+MINUTES_FROM_S = 90  # durations from this many seconds on read in minutes
 
 
 def status_table(run_dir: str | Path) -> Table:
     state = RunState(run_dir)
-    table = Table(title=f"run {Path(run_dir).name}", show_lines=False)
+    table = Table(title=f"run {escape(Path(run_dir).name)}", show_lines=False)
     table.add_column("gen", justify="right")
     for stage in ALL_STAGES:
         table.add_column(stage)
@@ -49,7 +52,7 @@ def _stage_cell(stage: str, entry: dict) -> str:
     if not status:
         return ""
     if status != "done":
-        return f"[yellow]{status}[/]"
+        return f"[yellow]{escape(status)}[/]"
     text = f"[green]done[/] {_duration(entry.get('duration_s', 0))}"
     m = entry.get("metrics", {})
     rows = m.get("rows") or m.get("counts/total") or m.get("total")
@@ -59,14 +62,14 @@ def _stage_cell(stage: str, entry: dict) -> str:
 
 
 def _duration(seconds: float) -> str:
-    return f"{seconds:.0f}s" if seconds < 90 else f"{seconds / 60:.1f}m"
+    return f"{seconds:.0f}s" if seconds < MINUTES_FROM_S else f"{seconds / 60:.1f}m"
 
 
 def wide_console() -> Console:
-    """A terminal's own width; 200 columns when piped, so tables are not squeezed into 80."""
+    """A terminal's own width; `PIPED_CONSOLE_WIDTH` columns when piped."""
     import sys
 
-    return Console() if sys.stdout.isatty() else Console(width=200)
+    return Console() if sys.stdout.isatty() else Console(width=PIPED_CONSOLE_WIDTH)
 
 
 def print_status(run_dir: str | Path, console: Optional[Console] = None) -> None:
@@ -77,12 +80,11 @@ def samples_across_generations(store: Store, state: RunState, ids: Optional[Iter
                                sample: int = 0, where: Optional[str] = None, gens: Optional[list[int]] = None,
                                seed: int = 0) -> list[dict]:
     """Rows of `samples` with alt-text, the seed annotation and each generation's four formulas."""
-    data = state.stage(0, "data").get("outputs", {})
+    data = state.outputs(0, "data")
     version = data.get("samples_version")
     filters = []
     if ids:
-        quoted = ", ".join("'" + i.replace("'", "''") + "'" for i in ids)
-        filters.append(f"id IN ({quoted})")
+        filters.append(sql_in("id", ids))
     if where:
         filters.append(f"({where})")
     table = store.read("samples", ["id", "alt_text", "split", "image", "meta"],
@@ -95,12 +97,12 @@ def samples_across_generations(store: Store, state: RunState, ids: Optional[Iter
     wanted = [r["id"] for r in rows]
     seed_rows = _by_id(store, "seed", wanted, data.get("seed_version"))
     for gen in gens if gens is not None else [g for g in state.generations if g > 0]:
-        ann = state.stage(gen, "annotate").get("outputs", {}).get("annotations_version")
+        ann = state.outputs(gen, "annotate").get("annotations_version")
         if ann is None:
             continue
         by_id = _by_id(store, "annotations", wanted, ann, f"generation = {gen}")
         for r in rows:
-            r[f"gen-{gen}"] = by_id.get(r["id"])
+            r[f"gen-{gen}"] = by_id.get(r["id"])  # a display label ("gen-1"), not the gen-001 folder or tag
     for r in rows:
         r["seed"] = seed_rows.get(r["id"])
         r["meta"] = json.loads(r["meta"]) if r.get("meta") else None
@@ -110,27 +112,27 @@ def samples_across_generations(store: Store, state: RunState, ids: Optional[Iter
 def _by_id(store: Store, name: str, ids: list[str], version, extra: Optional[str] = None) -> dict:
     if not ids or version is None or not store.has(name):
         return {}
-    quoted = ", ".join("'" + i.replace("'", "''") + "'" for i in ids)
-    where = f"id IN ({quoted})" + (f" AND {extra}" if extra else "")
+    where = sql_in("id", ids) + (f" AND {extra}" if extra else "")
     return {r["id"]: r for r in store.read(name, where=where, version=version).to_pylist()}
 
 
 def print_samples(rows: list[dict], console: Optional[Console] = None, image_out: Optional[Path] = None) -> None:
     console = console or wide_console()
     for r in rows:
-        table = Table(title=f"{r['id']}  [{r['split']}]", show_header=True, expand=True)
+        # every value is data (ids, alt-text, model output): escaped, so "[/b]" in an alt-text prints as is
+        table = Table(title=escape(f"{r['id']}  [{r['split']}]"), show_header=True, expand=True)
         table.add_column("source", style="bold")
         for key in ("desc", "neg_desc", "tags", "neg_tags"):
             table.add_column(key)
-        table.add_row("alt-text", r["alt_text"], "", "", "")
+        table.add_row("alt-text", escape(r["alt_text"]), "", "", "")
         for label in ["seed"] + sorted(k for k in r if k.startswith("gen-")):
             rec = r.get(label)
             if rec:
                 status = f" ({rec['status']})" if rec.get("status") and rec["status"] != "ok" else ""
-                table.add_row(label + status, *["\n".join(rec.get(k) or []) for k in
-                                                ("desc", "neg_desc", "tags", "neg_tags")])
+                table.add_row(escape(label + status), *[escape("\n".join(rec.get(k) or [])) for k in
+                                                        ("desc", "neg_desc", "tags", "neg_tags")])
         if r.get("meta") and r["meta"].get("clean"):
-            table.add_row("truth", r["meta"]["clean"], "", "", "")
+            table.add_row("truth", escape(r["meta"]["clean"]), "", "", "")
         console.print(table)
         if image_out:
             image_out.mkdir(parents=True, exist_ok=True)

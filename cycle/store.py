@@ -8,8 +8,6 @@
 """
 from __future__ import annotations
 
-import json
-import logging
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -18,7 +16,10 @@ from typing import Iterable, Iterator, Optional
 import lancedb
 import pyarrow as pa
 
-log = logging.getLogger(__name__)
+from .errors import HQClipError
+
+# Ids per `IN (...)` lookup when checking which keys of a batch are already stored: bounded filter size.
+PRESENT_LOOKUP_CHUNK = 1000
 
 _text_list = pa.list_(pa.string())
 
@@ -82,9 +83,14 @@ def gen_tag(generation: int) -> str:
     return f"gen-{generation:03d}"
 
 
+class StoreError(HQClipError, ValueError):
+    """The store refuses a write that would lose what a version or tag means (a ValueError for older callers)."""
+
+
 @dataclass(frozen=True)
 class Pin:
-    """A table at one version: what a stage reads, and what its fingerprint records."""
+    """A table at one version. Kept only for callers outside the CLI/store/data layer (the annotate and
+    LVLM tests, benchmarks) that still call `Store.pin(name).version`: new code calls `Store.version`."""
 
     table: str
     version: int
@@ -118,8 +124,12 @@ class Store:
             tbl.checkout(version)
         return tbl
 
+    def version(self, name: str) -> int:
+        """The table's current version (what a stage pins and its fingerprint records)."""
+        return self.table(name).version
+
     def pin(self, name: str) -> Pin:
-        return Pin(name, self.table(name).version)
+        return Pin(name, self.version(name))
 
     def count(self, name: str, where: str | None = None, version: int | str | None = None) -> int:
         return self.table(name, version).count_rows(where)
@@ -197,7 +207,7 @@ class Store:
         if existing == version:
             return version
         if existing is not None:
-            raise ValueError(f"tag '{tag}' of table '{name}' already points at version {existing}, not {version}")
+            raise StoreError(f"tag '{tag}' of table '{name}' already points at version {existing}, not {version}")
         tbl.tags.create(tag, version)
         return version
 
@@ -233,13 +243,12 @@ def _dedupe(data: pa.Table, keys: list[str]) -> pa.Table:
     return data if len(keep) == data.num_rows else data.take(keep)
 
 
-def _drop_present(tbl, data: pa.Table, keys: list[str], chunk: int = 1000) -> pa.Table:
+def _drop_present(tbl, data: pa.Table, keys: list[str], chunk: int = PRESENT_LOOKUP_CHUNK) -> pa.Table:
     """Rows of `data` whose key is not yet in `tbl`, looked up by the batch's own ids (no full scan)."""
     ids = data.column("id").to_pylist()
     present = set()
     for start in range(0, len(ids), chunk):
-        quoted = ", ".join("'" + i.replace("'", "''") + "'" for i in set(ids[start:start + chunk]))
-        found = tbl.to_lance().to_table(columns=keys, filter=f"id IN ({quoted})")
+        found = tbl.to_lance().to_table(columns=keys, filter=sql_in("id", set(ids[start:start + chunk])))
         present.update(zip(*(found.column(k).to_pylist() for k in keys)))
     if not present:
         return data
@@ -247,6 +256,3 @@ def _drop_present(tbl, data: pa.Table, keys: list[str], chunk: int = 1000) -> pa
     keep = [i for i, key in enumerate(zip(*cols)) if key not in present]
     return data.take(pa.array(keep, pa.int64()))
 
-
-def meta_json(obj: Optional[dict]) -> Optional[str]:
-    return None if obj is None else json.dumps(obj, sort_keys=True, separators=(",", ":"))

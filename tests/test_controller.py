@@ -17,7 +17,8 @@ from click.testing import CliRunner
 
 from cycle.cli import main
 from cycle.config import load_config
-from cycle.controller import ConfigChanged, run_cycle, store_of
+from cycle.controller import ConfigChanged, run_cycle
+from cycle.pipeline import store_of
 from cycle.errors import HQClipError
 from cycle.pipeline import stages_of
 from cycle.state import RunLocked, RunState

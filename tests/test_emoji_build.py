@@ -183,6 +183,6 @@ def test_cli_builds_into_run_dir(tmp_path):
     assert result.exit_code == 0, result.output
     assert "test_compositional" in result.output and Store(tmp_path / "run" / "lance").count("samples") == 76
     bad = CliRunner().invoke(main, [*args, "data.emoji.seed=5"])
-    assert bad.exit_code == 1 and "another config" in bad.output
+    assert bad.exit_code == 2 and "another config" in bad.output and "Traceback" not in bad.output
     bad = CliRunner().invoke(main, [*args[:4], str(tmp_path / "other"), "data.emoji.font=/no/such.ttf"])
-    assert bad.exit_code == 1 and "fonts-noto-color-emoji" in bad.output
+    assert bad.exit_code == 2 and "fonts-noto-color-emoji" in bad.output

@@ -172,7 +172,7 @@ def eval_store(tmp_path):
 
 def test_evaluate_clip_on_store_splits(micro, eval_store, tmp_path):
     path = micro[3]
-    version = eval_store.pin("samples").version
+    version = eval_store.version("samples")
     out = tmp_path / "m" / "metrics.json"
     metrics = evaluate_clip(path, eval_store, None, EvalConfig(batch_size=16), samples_version=version,
                             out_json=out, progress=False)
@@ -311,7 +311,7 @@ def test_cli_eval(micro, tmp_path):
 
 def test_evaluate_on_the_built_in_emoji_splits(micro, tiny_store, tiny_cfg):
     """The real held-out splits of the emoji-scenes builder carry the keys evaluation reads."""
-    version = tiny_store.pin("samples").version
+    version = tiny_store.version("samples")
     metrics = evaluate_clip(micro[3], tiny_store, None, tiny_cfg.eval, samples_version=version, progress=False)
     emoji = tiny_cfg.data.emoji
     assert metrics["val/n_images"] == emoji.n_val and "val/retrieval_mean_r1" in metrics
@@ -327,14 +327,14 @@ def test_cli_eval_on_a_run(micro, tmp_path):
 
     from cycle.cli import main
     from cycle.config import load_config, save_config
-    from cycle.controller import store_of
+    from cycle.pipeline import store_of
     from cycle.state import RunState
 
     cfg = load_config(None, [f"root={tmp_path}", "name=run"])
     save_config(cfg, cfg.run_dir)
     store = store_of(cfg)
     store.append("samples", [_sample(i, im, "val", m) for i, im, m in negative_rows(5, prefix="v")])
-    version = store.pin("samples").version
+    version = store.version("samples")
     store.append("samples", [_sample("v99", png(5), "val", negative_rows(1)[0][2])])  # after the pin
     RunState(cfg.run_dir).mark_done(0, "data", "fp", outputs={"samples_version": version})
     out = tmp_path / "m.json"

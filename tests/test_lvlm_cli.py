@@ -9,8 +9,8 @@ from click.testing import CliRunner
 from cycle.cli import main
 from lvlm_fixtures import shape_png, shapes_rows
 
-SMALL = ["--set", "lvlm.lm.pretrain_epochs=2", "--set", "lvlm.align.epochs=1", "--set", "lvlm.sft.epochs=1",
-         "--set", "lvlm.lora.enabled=false", "--set", "device=cpu"]
+SMALL = ["lvlm.lm.pretrain_epochs=2", "lvlm.align.epochs=1", "lvlm.sft.epochs=1", "lvlm.lora.enabled=false",
+         "device=cpu"]
 
 
 def test_lvlm_train_then_ask(tmp_path):
@@ -52,8 +52,8 @@ def test_lvlm_cli_bad_inputs(tmp_path):
     clip_dir = tmp_path / "clip"
     clip_dir.mkdir()
     result = runner.invoke(main, ["lvlm", "train", str(clip_dir), "--run", str(tmp_path / "run")])
-    assert result.exit_code != 0 and "no seed annotations" in result.output
+    assert result.exit_code == 2 and "no seed annotations" in result.output
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not an image")
     result = runner.invoke(main, ["lvlm", "ask", str(clip_dir), str(bad)])
-    assert result.exit_code != 0 and "cannot read image" in result.output
+    assert result.exit_code == 2 and "cannot read image" in result.output

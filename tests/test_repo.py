@@ -1,7 +1,14 @@
-"""The project's promises about itself: CI runs exactly the README's test command; the demo command exists."""
+"""The project's promises about itself: CI runs exactly the README's test command; the demo command exists;
+the package ships its configs."""
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
+import sys
+import zipfile
+
+import pytest
 
 from conftest import REPO
 
@@ -34,3 +41,19 @@ def test_venv_check_is_not_fooled_by_a_cycle_folder_in_the_current_directory(tmp
     assert subprocess.run([*check, str(REPO)], cwd=tmp_path).returncode == 0
     assert subprocess.run([*check, str(tmp_path)], cwd=tmp_path).returncode == 1
     assert 'cd / && "$venv/bin/python" -P' in (REPO / "scripts" / "bootstrap.sh").read_text()
+
+
+@pytest.mark.slow
+def test_wheel_ships_the_configs(tmp_path):
+    """`hqclip demo` and `hqclip run emoji` read cycle/configs/*.yaml: an installed package must hold the
+    files themselves (the checkout's top-level configs/ is only a link to them)."""
+    src = tmp_path / "src"
+    shutil.copytree(REPO, src, symlinks=True, ignore=shutil.ignore_patterns(
+        ".git", "build", "dist", "*.egg-info", "__pycache__", "generations", "benchmarks", "tests", ".ci"))
+    out = tmp_path / "wheel"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out),
+                    str(src)], check=True, capture_output=True, timeout=600)
+    wheel, = out.glob("hqclip_cycle-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    shipped = sorted(p.name for p in (REPO / "cycle" / "configs").glob("*.yaml"))
+    assert shipped and all(f"cycle/configs/{name}" in names for name in shipped)

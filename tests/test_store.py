@@ -64,7 +64,7 @@ def test_tag_pins_an_old_version(store):
     assert store.count("annotations", version=tagged) == 5
     assert store.read("annotations", ["generation"], version="gen-000").column("generation").to_pylist() == [0] * 5
     assert store.ids("annotations", where="generation = 1", version="gen-000") == set()
-    assert store.pin("annotations").version > tagged
+    assert store.version("annotations") > tagged
     # re-tagging the same version is a no-op; moving a tag is an error
     assert store.tag("annotations", "gen-000", tagged) == tagged
     with pytest.raises(ValueError, match="already points at version"):

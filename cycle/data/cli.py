@@ -1,10 +1,12 @@
 """`hqclip data`: build the built-in dataset, ingest your own data, list what a run holds."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
-from ..config import ConfigError
 from ..cli_common import config_from, run_config
+from ..errors import HQClipError
 
 
 @click.group()
@@ -14,8 +16,6 @@ def data():
 
 def _data_settings(run_dir, config_path, overrides):
     """(data config, store config) from --config, else RUN/config.yaml, else the defaults."""
-    from pathlib import Path
-
     from ..config import DataConfig, StoreConfig
 
     path = Path(config_path) if config_path else Path(run_dir) / "config.yaml"
@@ -27,6 +27,7 @@ def _data_settings(run_dir, config_path, overrides):
 
 @data.command("ingest")
 @click.argument("source")
+@click.argument("overrides", nargs=-1)
 @click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False), help="Run directory (store: RUN/lance).")
 @click.option("--kind", type=click.Choice(["auto", "folder", "wds", "parquet"]), default="auto", show_default=True)
 @click.option("--split", default="train", show_default=True)
@@ -35,13 +36,13 @@ def _data_settings(run_dir, config_path, overrides):
 @click.option("--text-column", help="Parquet: the alt-text column (default: detected).")
 @click.option("--id-column", help="Parquet: the id column (default: id, uid or key if present).")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="Default: RUN/config.yaml if any.")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="e.g. data.max_pixels=20000000")
 @click.option("--progress/--no-progress", default=True)
 def data_ingest(source, run_dir, kind, split, id_prefix, image_column, text_column, id_column, config_path,
                 overrides, progress):
-    """Ingest SOURCE (image folder, webdataset shards, parquet) into the run's samples table."""
-    from pathlib import Path
+    """Ingest SOURCE (image folder, webdataset shards, parquet) into the run's samples table.
 
+    OVERRIDES are key=value pairs, e.g. `data.max_pixels=20000000 store.write_batch=4096`.
+    """
     from rich.console import Console
 
     from .ingest import ingest, report_table
@@ -49,12 +50,8 @@ def data_ingest(source, run_dir, kind, split, id_prefix, image_column, text_colu
 
     data_cfg, store_cfg = _data_settings(run_dir, config_path, overrides)
     store = Store(store_cfg.uri or Path(run_dir) / "lance")
-    try:
-        report = ingest(source, store, kind, split, data_cfg, progress, write_batch=store_cfg.write_batch,
-                        id_prefix=id_prefix, image_column=image_column, text_column=text_column,
-                        id_column=id_column)
-    except (FileNotFoundError, ValueError) as err:
-        raise click.ClickException(str(err)) from None
+    report = ingest(source, store, kind, split, data_cfg, progress, write_batch=store_cfg.write_batch,
+                    id_prefix=id_prefix, image_column=image_column, text_column=text_column, id_column=id_column)
     Console().print(report_table(report))
 
 
@@ -62,18 +59,17 @@ def data_ingest(source, run_dir, kind, split, id_prefix, image_column, text_colu
 @click.argument("run_dir", type=click.Path(file_okay=False))
 def data_list(run_dir):
     """Rows per table and split, versions, tags, and rejects by reason."""
-    from pathlib import Path
-
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from ..store import SCHEMAS, Store
 
     lance_dir = Path(run_dir) / "lance"
     if not lance_dir.is_dir():
-        raise click.ClickException(f"no store at {lance_dir}")
+        raise HQClipError(f"no store at {lance_dir}")
     store, console = Store(lance_dir), Console()
-    tables = Table(title=f"tables of {lance_dir}")
+    tables = Table(title=f"tables of {escape(str(lance_dir))}")
     for column in ("table", "rows", "by", "version", "versions kept", "tags"):
         tables.add_column(column, justify="right" if column in ("rows", "version", "versions kept") else "left")
     by_column = {"samples": "split", "annotations": "generation", "rejects": "reason"}
@@ -82,8 +78,8 @@ def data_list(run_dir):
             continue
         parts = store.count_by(name, by_column[name]) if name in by_column else {}
         tags = ", ".join(f"{t}=v{v}" for t, v in sorted(store.tags(name).items()))
-        tables.add_row(name, str(store.count(name)), ", ".join(f"{k}: {v}" for k, v in parts.items()),
-                       str(store.table(name).version), str(len(store.versions(name))), tags)
+        tables.add_row(name, str(store.count(name)), escape(", ".join(f"{k}: {v}" for k, v in parts.items())),
+                       str(store.version(name)), str(len(store.versions(name))), escape(tags))
     console.print(tables)
     if store.has("rejects") and store.count("rejects"):
         rejects = Table(title="rejects by source and reason")
@@ -91,7 +87,7 @@ def data_list(run_dir):
             rejects.add_column(column, justify="right" if column == "rows" else "left")
         counts = store.read("rejects", ["source", "reason"]).group_by(["source", "reason"]).aggregate([([], "count_all")])
         for row in sorted(counts.to_pylist(), key=lambda r: (r["source"], -r["count_all"])):
-            rejects.add_row(row["source"], row["reason"], str(row["count_all"]))
+            rejects.add_row(escape(row["source"]), escape(row["reason"]), str(row["count_all"]))
         console.print(rejects)
 
 
@@ -106,14 +102,8 @@ def data_build(dataset, overrides, out, config_path):
 
     OVERRIDES are key=value pairs, e.g. `data.emoji.n_train=500 data.emoji.image_size=32`.
     """
-    from pathlib import Path
-
     from .emoji.build import build_command
-    from .emoji.render import EmojiFontError
 
     named = any(o.startswith("name=") for o in overrides)  # a run name is required but unused here
     cfg = config_from(config_path, (() if named else (f"name={Path(out).name or 'data'}",)) + tuple(overrides))
-    try:
-        build_command(out, cfg.data.emoji)
-    except (ConfigError, EmojiFontError) as err:
-        raise click.ClickException(str(err)) from None
+    build_command(out, cfg.data.emoji, write_batch=cfg.store.write_batch)

@@ -24,12 +24,14 @@ from typing import Iterator, Optional
 
 from tqdm import tqdm
 
-from ..config import DataConfig
+from ..config import DataConfig, StoreConfig
 from ..store import Store
+from . import DataError, DataNotFound
 from .images import IMAGE_EXTENSIONS, BadImage, BadText, check_image, clean_alt_text
 from .readers import RawPair, expand_sources, read_folder, read_parquet, read_shards
 
 KINDS = ("folder", "wds", "parquet", "auto")
+REPORT_TABLE_MIN_WIDTH = 60  # columns: room for a source path in the title
 
 
 @dataclass
@@ -67,8 +69,8 @@ def detect_kind(source: str | Path) -> str:
         if text.endswith(suffix) or text.endswith(suffix + "}"):
             return kind
     if not path.exists():
-        raise FileNotFoundError(f"source '{source}' does not exist")
-    raise ValueError(f"source '{source}': cannot tell its kind; pass kind= one of folder, wds, parquet")
+        raise DataNotFound(f"source '{source}' does not exist")
+    raise DataError(f"source '{source}': cannot tell its kind; pass kind= one of folder, wds, parquet")
 
 
 def open_source(source: str | Path, kind: str, image_column=None, text_column=None,
@@ -76,7 +78,7 @@ def open_source(source: str | Path, kind: str, image_column=None, text_column=No
     """The reader for a source and, where cheap to know, how many pairs it holds (for the progress bar)."""
     if kind == "folder":
         if not Path(source).is_dir():
-            raise FileNotFoundError(f"image folder '{source}' does not exist")
+            raise DataNotFound(f"image folder '{source}' does not exist")
         return read_folder(source), None
     if kind == "wds":
         return read_shards(expand_sources(source, ".tar")), None
@@ -86,11 +88,11 @@ def open_source(source: str | Path, kind: str, image_column=None, text_column=No
         files = expand_sources(source, ".parquet")
         total = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
         return read_parquet(files, image_column, text_column, id_column), total
-    raise ValueError(f"kind={kind!r}: expected one of {', '.join(KINDS)}")
+    raise DataError(f"kind={kind!r}: expected one of {', '.join(KINDS)}")
 
 
 def ingest(source: str | Path, store: Store, kind: str = "auto", split: str = "train",
-           cfg: Optional[DataConfig] = None, progress: bool = True, *, write_batch: int = 1024,
+           cfg: Optional[DataConfig] = None, progress: bool = True, *, write_batch: int = StoreConfig.write_batch,
            id_prefix: str = "", image_column: Optional[str] = None, text_column: Optional[str] = None,
            id_column: Optional[str] = None) -> IngestReport:
     """Read pairs from `source`, check them, and append the good ones to `samples` (split `split`).
@@ -165,14 +167,16 @@ def _printable(text: str) -> str:
 
 def report_table(report: IngestReport):
     """A rich table: ingested, then rejected rows by reason."""
+    from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title=f"ingest {report.kind}: {report.source} -> split '{report.split}'", min_width=60)
+    table = Table(title=escape(f"ingest {report.kind}: {report.source} -> split '{report.split}'"),
+                  min_width=REPORT_TABLE_MIN_WIDTH)
     table.add_column("outcome")
     table.add_column("rows", justify="right")
     table.add_row("ingested", str(report.ingested), style="green")
     for reason, n in sorted(report.rejected.items(), key=lambda kv: (-kv[1], kv[0])):
-        table.add_row(f"rejected: {reason}", str(n), style="red")
+        table.add_row(escape(f"rejected: {reason}"), str(n), style="red")
     table.add_row("total", str(report.ingested + report.rejected_total), style="bold")
     rate = (report.ingested + report.rejected_total) / report.seconds if report.seconds else 0.0
     table.caption = f"samples version {report.samples_version}; {report.seconds:.1f} s ({rate:.0f} rows/s)"

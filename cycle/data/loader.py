@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..store import FORMULAS
+from . import DataError, DataNotFound
 from .images import decode_image
 from .sampler import ResumableSampler
 
@@ -40,17 +41,17 @@ def image_to_tensor(image) -> torch.Tensor:
 def _open_pinned(store_uri: str, name: str, version) -> tuple[str, int]:
     """Resolve a table at a version (int, tag or None = latest now) to (dataset uri, int version)."""
     if "://" not in store_uri and not Path(store_uri).is_dir():
-        raise FileNotFoundError(f"no LanceDB store at '{store_uri}'")
+        raise DataNotFound(f"no LanceDB store at '{store_uri}'")
     db = lancedb.connect(store_uri)
     names = db.list_tables()
     if name not in list(getattr(names, "tables", names)):
-        raise ValueError(f"store '{store_uri}' has no table '{name}'")
+        raise DataNotFound(f"store '{store_uri}' has no table '{name}'")
     tbl = db.open_table(name)
     if version is not None:
         try:
             tbl.checkout(version)
         except Exception as err:
-            raise ValueError(f"table '{name}' has no version or tag {version!r}: {err}") from None
+            raise DataError(f"table '{name}' has no version or tag {version!r}: {err}") from None
     ds = tbl.to_lance()
     return ds.uri, ds.version
 

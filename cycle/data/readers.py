@@ -18,6 +18,7 @@ from typing import Iterator, Optional
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from . import DataError, DataNotFound
 from .images import IMAGE_EXTENSIONS
 
 CAPTION_FILES = ("captions.csv", "captions.jsonl")
@@ -57,7 +58,7 @@ def expand_sources(source: str | Path, suffix: str) -> list[Path]:
             patterns = [str(source)]
         found = sorted({Path(m) for p in patterns for m in glob.glob(os.path.expanduser(p))})
     if not found:
-        raise FileNotFoundError(f"no {suffix} files found at '{source}'")
+        raise DataNotFound(f"no {suffix} files found at '{source}'")
     return found
 
 
@@ -66,7 +67,7 @@ def _pick(names, candidates, what: str, where: str) -> str:
     for name in candidates:
         if name in names:
             return name
-    raise ValueError(f"{where}: no {what} column (expected one of {', '.join(candidates)}; found {', '.join(names)})")
+    raise DataError(f"{where}: no {what} column (expected one of {', '.join(candidates)}; found {', '.join(names)})")
 
 
 def _sidecar_captions(root: Path) -> tuple[dict[str, bytes | str | None], list[tuple[str, str]]]:
@@ -237,7 +238,7 @@ def parquet_columns(schema: pa.Schema, where: str, image_column=None, text_colum
     names = schema.names
     for given in (image_column, text_column, id_column):
         if given is not None and given not in names:
-            raise ValueError(f"{where}: no column '{given}' (found {', '.join(names)})")
+            raise DataError(f"{where}: no column '{given}' (found {', '.join(names)})")
     text_column = text_column or _pick(names, TEXT_COLUMNS, "text", where)
     id_column = id_column or next((c for c in ID_COLUMNS if c in names), None)
     if image_column is None:
@@ -245,11 +246,11 @@ def parquet_columns(schema: pa.Schema, where: str, image_column=None, text_colum
         image_column = image_column or next((c for c in PATH_COLUMNS if c in names
                                              and pa.types.is_string(schema.field(c).type)), None)
     if image_column is None:
-        raise ValueError(f"{where}: no image column (bytes: {', '.join(IMAGE_COLUMNS)}; "
+        raise DataError(f"{where}: no image column (bytes: {', '.join(IMAGE_COLUMNS)}; "
                          f"paths: {', '.join(PATH_COLUMNS)}; found {', '.join(names)})")
     kind = _image_kind(schema.field(image_column).type)
     if kind is None:
-        raise ValueError(f"{where}: column '{image_column}' holds neither image bytes nor paths")
+        raise DataError(f"{where}: column '{image_column}' holds neither image bytes nor paths")
     return image_column, kind, text_column, id_column
 
 

@@ -23,13 +23,14 @@ from typing import Any, Optional
 from PIL import Image
 
 from ..data.images import IMAGE_EXTENSIONS, BadImage, decode_image
+from ..errors import HQClipError
 
 IMAGE_COLUMNS = ("image", "path", "filepath", "image_path", "file")
 _CAPTION_COLUMN = re.compile(r"^(caption|captions|text|caption_?\d+)$")
 _SPLIT_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
 
 
-class EvalDataError(ValueError):
+class EvalDataError(HQClipError, ValueError):
     """An evaluation set that cannot be used as it is; the message names the row or file."""
 
 

@@ -7,9 +7,7 @@ Metric names are `<set>/<metric>`: `test_zeroshot/top1`, `test_retrieval/image_t
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
@@ -17,16 +15,14 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import EvalConfig
+from ..device import resolve_device
+from ..files import write_json_atomic
 from .datasets import EvalDataError, EvalSet, load_dataset, load_store_split
 from .metrics import class_vectors, negative_metrics, retrieval_metrics, zeroshot_metrics
 
 log = logging.getLogger(__name__)
 
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+METRICS_JSON_INDENT = 1  # the layout metrics.json files have always had
 
 
 @torch.no_grad()
@@ -58,12 +54,14 @@ def format_template(template: str, classname: str) -> str:
     return template.format(classname, c=classname)
 
 
-def evaluate_set(model, tokenizer, preprocess, ev: EvalSet, cfg: EvalConfig, device="cpu",
+def evaluate_set(model, tokenizer, preprocess, ev: EvalSet, cfg: EvalConfig, device: str | torch.device = "cpu",
                  progress: bool = True) -> dict[str, float]:
-    """Every task the set supports, on one pass of image embeddings. Keys are not prefixed."""
-    if ev.labels is not None and not cfg.templates:
+    """Every task the set supports, on one pass of image embeddings. Keys are not prefixed.
+
+    `device` is where `model` already is (a torch device, or a setting such as "cpu" or "auto")."""
+    if ev.labels is not None and not cfg.templates:  # load_config refuses this; an EvalConfig made in code may not
         raise EvalDataError("eval.templates is empty: zero-shot classification needs at least one")
-    device = resolve_device(device)
+    device = device if isinstance(device, torch.device) else resolve_device(device)
     images = embed_images(model, preprocess, ev, cfg.batch_size, device, progress)
     out: dict[str, float] = {"n_images": len(ev)}
     if ev.labels is not None:
@@ -96,7 +94,8 @@ def evaluate_clip(clip_dir: str | Path, store, splits: Optional[Iterable[str]], 
 
     `splits=None` means `cfg.select_split` + `cfg.splits`, skipping those the store lacks; a split named
     explicitly must exist. `datasets` are paths (see `load_dataset`), named by their file stem.
-    `out_json` receives the same dict, written atomically.
+    `out_json` receives the same dict, written atomically. `device` is the run's `device` setting
+    ("auto", "cpu", "cuda", "cuda:1"): the model is loaded there and every batch goes there.
     """
     from ..clip.model import load_clip
 
@@ -129,16 +128,6 @@ def evaluate_clip(clip_dir: str | Path, store, splits: Optional[Iterable[str]], 
         for key, value in evaluate_set(model, tokenizer, preprocess, ev, cfg, device, progress).items():
             metrics[f"{ev.name}/{key}"] = value
     if out_json is not None:
-        write_json_atomic(metrics, out_json)
+        write_json_atomic(out_json, metrics, indent=METRICS_JSON_INDENT)
     return metrics
 
-
-def write_json_atomic(obj, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=1, sort_keys=True)
-        fh.flush()
-        os.fsync(fh.fileno())
-    tmp.replace(path)

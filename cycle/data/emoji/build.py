@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from tqdm.auto import tqdm
 
-from cycle.config import ConfigError, EmojiScenesConfig
+from cycle.config import ConfigError, EmojiScenesConfig, StoreConfig
 
 from .plan import Plan, PlannedRow, plan_emoji_scenes
 from .render import GlyphCache, png_bytes, render_scene
@@ -52,8 +52,11 @@ def _check_same_build(plan: Plan, store: "Store") -> set[str]:
 
 
 def build_emoji_scenes(cfg: EmojiScenesConfig, store: "Store", progress: bool = True,
-                       write_batch: int = 1024) -> dict[str, int]:
+                       write_batch: int = StoreConfig.write_batch) -> dict[str, int]:
     """Build (or finish building) the dataset of `cfg` into `store`; returns the row count per split.
+
+    `write_batch` is the run's `store.write_batch`: rows per commit. It changes how many versions the
+    build makes, never the rows (each is a pure function of `cfg`).
 
     Raises `ConfigError` for impossible settings or a store built from another config, and
     `EmojiFontError` when the font is missing, all before anything is written.
@@ -84,9 +87,11 @@ def lance_dir(out: Path) -> Path:
     return out / "lance"
 
 
-def build_command(out: str | Path, cfg: EmojiScenesConfig) -> dict[str, int]:
+def build_command(out: str | Path, cfg: EmojiScenesConfig,
+                  write_batch: int = StoreConfig.write_batch) -> dict[str, int]:
     """`hqclip data build emoji-scenes`: build into OUT's database and print a table of rows per split."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from cycle.store import Store
@@ -94,8 +99,8 @@ def build_command(out: str | Path, cfg: EmojiScenesConfig) -> dict[str, int]:
     uri = lance_dir(Path(out))
     store = Store(uri)
     start = time.perf_counter()
-    counts = build_emoji_scenes(cfg, store)
-    table = Table(title=f"emoji-scenes in {uri} ({time.perf_counter() - start:.1f} s)")
+    counts = build_emoji_scenes(cfg, store, write_batch=write_batch)
+    table = Table(title=f"emoji-scenes in {escape(str(uri))} ({time.perf_counter() - start:.1f} s)")
     table.add_column("split")
     table.add_column("rows", justify="right")
     for split, n in counts.items():

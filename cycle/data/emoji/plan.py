@@ -8,9 +8,9 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from cycle.config import ConfigError, EmojiScenesConfig
+from cycle.config import ConfigError, EmojiScenesConfig, check_emoji
 
-from .altnoise import KINDS, corrupt
+from .altnoise import corrupt
 from .edits import EDITS, apply_edit
 from .language import describe
 from .scenes import Deck, SceneSampler, check_limits, heldout_pairs, render_signature, scene_key, scene_pairs
@@ -49,24 +49,10 @@ def row_id(split: str, index: int) -> str:
 
 
 def check_config(cfg: EmojiScenesConfig) -> None:
-    """Errors a YAML file can cause that the schema does not catch, each naming its key."""
+    """The layout's limits, then the config's own checks (`cycle.config.check_emoji`, which `load_config`
+    runs too: the builder may be handed a config that never went through it)."""
     check_limits(cfg.max_objects, cfg.max_count)
-    if cfg.image_size < 16:
-        raise ConfigError(f"config key 'data.emoji.image_size': got {cfg.image_size}, expected >= 16")
-    for key in ("n_train", "n_val", "n_test_retrieval", "n_test_negatives", "n_test_compositional",
-                "n_test_zeroshot_per_object"):
-        if getattr(cfg, key) < 0:
-            raise ConfigError(f"config key 'data.emoji.{key}': got {getattr(cfg, key)}, expected >= 0")
-    for key in ("single_object_share", "heldout_pair_share", "seed_share", *(f"alt_noise.{k}" for k in KINDS)):
-        value = getattr(cfg.alt_noise, key.split(".")[1]) if "." in key else getattr(cfg, key)
-        if not 0.0 <= value <= 1.0:
-            raise ConfigError(f"config key 'data.emoji.{key}': got {value!r}, expected a probability in [0, 1]")
-    total = sum(getattr(cfg.alt_noise, k) for k in KINDS)
-    if total > 1.0 + 1e-9:
-        raise ConfigError(f"config key 'data.emoji.alt_noise': rates sum to {total:.3f}, expected <= 1")
-    if cfg.n_test_compositional > 0 and (cfg.max_objects < 2 or cfg.heldout_pair_share <= 0):
-        raise ConfigError("config key 'data.emoji.n_test_compositional': the compositional test needs "
-                          "max_objects >= 2 and heldout_pair_share > 0 (or set n_test_compositional=0)")
+    check_emoji(cfg)
 
 
 class _Planner:

@@ -11,12 +11,14 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont, features
 
+from cycle.errors import HQClipError
+
 FONT_SIZE = 109  # the only size Noto Color Emoji's bitmap strike offers
 INSTALL_HINT = ("install it (Debian/Ubuntu: apt-get install fonts-noto-color-emoji) or point "
                 "data.emoji.font at a copy of NotoColorEmoji.ttf")
 
 
-class EmojiFontError(RuntimeError):
+class EmojiFontError(HQClipError, RuntimeError):
     """The emoji font is missing, unreadable, or does not draw the glyphs the vocabulary needs."""
 
 
