@@ -74,13 +74,28 @@ def test_click_usage_errors_keep_working():
     assert result.exit_code == 2 and "No such command" in result.output
 
 
-def test_a_bug_keeps_its_traceback(tmp_path):
+def test_a_bug_keeps_its_traceback(tmp_path, monkeypatch):
     """Only user errors are turned into one line: anything else is a bug and must stay visible."""
+    import cycle.status
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("a bug")
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "state.json").write_text('{"generations": {}}')
+    monkeypatch.setattr(cycle.status, "print_status", broken)
+    result = CliRunner().invoke(main, ["status", str(run)])
+    assert result.exit_code == 1 and isinstance(result.exception, ZeroDivisionError)
+
+
+def test_corrupt_state_is_one_line_naming_the_file_and_the_way_out(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     (run / "state.json").write_text("{not json")
     result = CliRunner().invoke(main, ["status", str(run)])
-    assert result.exit_code == 1 and isinstance(result.exception, json.JSONDecodeError)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "state.json is corrupt" in result.output and "hqclip doctor" in result.output
 
 
 def test_shipped_configs_by_name_and_path():
