@@ -70,6 +70,29 @@ def status(run_dir):
 
 
 @main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, exists=True))
+@click.option("--repair", is_flag=True, help="Rebuild a lost or corrupt state.json from the tables and folders.")
+def doctor(run_dir, repair):
+    """Check a run's record (state.json) against its tables and folders; --repair rebuilds a lost one."""
+    from pathlib import Path
+
+    from .doctor import check, rebuild, record_is_lost
+
+    findings, healthy = check(run_dir)
+    for line in findings:
+        click.echo(line)
+    if healthy:
+        click.echo(f"{run_dir}: the record matches the tables and folders")
+    elif repair and record_is_lost(run_dir):
+        state, resume = rebuild(run_dir)
+        done = sum(len(stages) for stages in state.data["generations"].values())
+        click.echo(f"rebuilt {state.path} with {done} finished stage(s)" +
+                   (f"; `hqclip run {Path(run_dir) / 'config.yaml'}` resumes at {resume}" if resume else ""))
+    elif repair:
+        click.echo("the record is readable: `hqclip run` redoes the stages named above")
+
+
+@main.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--gen", "gens", type=int, multiple=True, help="Generation(s) to show (default: all).")
 @click.option("--id", "ids", multiple=True, help="Sample id(s).")

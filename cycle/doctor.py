@@ -25,6 +25,14 @@ def run_config_of(run_dir: Path):
     return load_config(path, [f"root={run_dir.parent}", f"name={run_dir.name}"])
 
 
+def record_is_lost(run_dir: str | Path) -> bool:
+    """state.json is missing or cannot be read (what `rebuild` is for)."""
+    try:
+        return not RunState(run_dir).path.is_file()
+    except StateError:
+        return True
+
+
 def check(run_dir: str | Path) -> tuple[list[str], bool]:
     """(findings, healthy): one line per problem of the record against the disk and the config."""
     run_dir = Path(run_dir)

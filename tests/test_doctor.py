@@ -54,6 +54,23 @@ def test_rebuild_stops_at_the_first_stage_whose_outputs_are_gone(finished_run, t
     assert state.is_done(2, "annotate") and not state.stage(2, "train")
 
 
+def test_doctor_cli_finds_and_repairs_a_truncated_record(finished_run, tmp_path):  # noqa: F811
+    from click.testing import CliRunner
+
+    from cycle.cli import main
+
+    cfg = copy_run(finished_run, tmp_path, "cli")
+    path = cfg.run_dir / "state.json"
+    path.write_text(path.read_text()[:100])
+    result = CliRunner().invoke(main, ["status", str(cfg.run_dir)])
+    assert result.exit_code == 2 and "hqclip doctor" in result.output and "Traceback" not in result.output
+    result = CliRunner().invoke(main, ["doctor", str(cfg.run_dir), "--repair"])
+    assert result.exit_code == 0 and "rebuilt" in result.output, result.output
+    result = CliRunner().invoke(main, ["doctor", str(cfg.run_dir)])
+    assert result.exit_code == 0 and "matches" in result.output
+    assert list(cfg.run_dir.glob("state.json.broken-*"))  # the damaged record is kept beside the new one
+
+
 def test_empty_record_is_a_run_with_nothing_done(tmp_path):
     (tmp_path / "state.json").write_text("{}")
     assert RunState(tmp_path).generations == []
