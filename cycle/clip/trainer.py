@@ -266,9 +266,9 @@ def text_counts(stats: Counter, world_size: int, device: torch.device) -> dict:
     """Shares of the window's text draws over all ranks. `device` is the engine's: NCCL reduces GPU tensors only."""
     values = torch.tensor([float(stats.get(k, 0)) for k in TEXT_COUNT_KEYS], dtype=torch.float64, device=device)
     if world_size > 1:
-        import torch.distributed
+        import torch.distributed as tdist
 
-        torch.distributed.all_reduce(values)
+        tdist.all_reduce(values)
     counts = dict(zip(TEXT_COUNT_KEYS, values.tolist()))
     n = max(counts["samples"], 1.0)
     return {"long_text_share": counts["long_text"] / n,
