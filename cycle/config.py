@@ -292,7 +292,8 @@ def _validate(cfg: DictConfig) -> None:
         if OmegaConf.select(cfg, key) < 1:
             raise ConfigError(f"config key '{key}': got {OmegaConf.select(cfg, key)!r}, expected >= 1")
     if t.batch_size % t.world_size:
-        raise ConfigError(f"config key 'train.batch_size': {t.batch_size} does not divide by train.world_size={t.world_size}")
+        raise ConfigError(f"config key 'train.batch_size': {t.batch_size} does not divide by "
+                          f"train.world_size={t.world_size}")
     if t.zero_stage not in (1, 2):
         raise ConfigError(f"config key 'train.zero_stage': got {t.zero_stage}, expected 1 or 2")
     local = t.batch_size // t.world_size

@@ -111,7 +111,8 @@ def create_clip(name: str, pretrained: Optional[str] = None, device: str | torch
     register_model_configs()
     schema, _ = parse_model_name(name)
     if schema is None and open_clip.get_model_config(name.replace("/", "-")) is None:
-        raise UnknownArchitectureError(f"unknown CLIP architecture '{name}'; known: {', '.join(open_clip.list_models())}")
+        known = ", ".join(open_clip.list_models())
+        raise UnknownArchitectureError(f"unknown CLIP architecture '{name}'; known: {known}")
     with _quiet_random_init() if pretrained is None else nullcontext():
         model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
             name, pretrained=_resolve_pretrained(pretrained), device=device, force_image_size=image_size,

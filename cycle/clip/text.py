@@ -108,7 +108,8 @@ class TokenCounter:
             if hasattr(self.tokenizer, "encode"):  # open_clip SimpleTokenizer: BPE ids without sot/eot
                 n = len(self.tokenizer.encode(text)) + START_END_TOKENS
             else:  # other open_clip tokenizers: count non-pad ids of an unbounded encoding
-                n = int((self.tokenizer([text], context_length=COUNT_CONTEXT_FACTOR * self.context_length)[0] != 0).sum())
+                wide = COUNT_CONTEXT_FACTOR * self.context_length
+                n = int((self.tokenizer([text], context_length=wide)[0] != 0).sum())
             if len(self.cache) < self.cache_size:
                 self.cache[text] = n
         return n
