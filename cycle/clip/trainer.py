@@ -98,13 +98,14 @@ class Trainer:
         self.checkpoints = job.out_dir / "checkpoints"
         self.step = 0
         self.window = _Window()
+        self.log: JsonlLog | None = None  # opened by `train`, once `resume` knows the step to cut it at
 
     # ------------------------------------------------------------------------------------- loop
     def train(self) -> None:
         """Steps to `plan.total_steps`: a log line every `train.log_every`, a checkpoint every `checkpoint_every`."""
         from tqdm.auto import tqdm
 
-        plan, every = self.plan, self.cfg.train
+        plan = self.plan
         self.log = JsonlLog(self.job.out_dir / "log.jsonl", self.step, self.info.is_main)
         if self.step == 0:
             self.log.write({"event": "start", "step": 0, "plan": vars(plan), "notes": self.job.notes,
@@ -123,7 +124,7 @@ class Trainer:
                     terms = reduce_for_logging(losses, self.info.world_size)
                     terms["loss"] = sum(terms.values())
                     self._report(bar, lr, terms)
-                    if self.step % every.checkpoint_every == 0 or self.step == plan.total_steps:
+                    if self.step % self.cfg.train.checkpoint_every == 0 or self.step == plan.total_steps:
                         self.save_checkpoint()
                     if self.step >= plan.total_steps:
                         break
