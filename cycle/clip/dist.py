@@ -21,6 +21,7 @@ from typing import Callable, Optional
 import torch
 
 _RENDEZVOUS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+RANK_POLL_S = 0.1  # how often the parent looks at its ranks: a failed one stops the others this soon
 
 
 @dataclass(frozen=True)
@@ -131,7 +132,7 @@ def _wait_all(procs) -> Optional[tuple[int, int]]:
                 return bad[0]
             if all(c == 0 for c in codes):
                 return None
-            time.sleep(0.1)
+            time.sleep(RANK_POLL_S)
     except BaseException:
         for p in procs:
             if p.poll() is None:
