@@ -17,25 +17,6 @@ LOG_LEVEL_ENV = "HQCLIP_LOG_LEVEL"
 USER_ERROR_EXIT_CODE = 2  # like click's usage errors: the command was given something it cannot use
 
 
-def _not_yet_hqclip_errors() -> tuple[type, ...]:
-    """User-facing errors of modules outside this layer that do not derive from `HQClipError` on this
-    branch yet (their owners are changing that in parallel). Imported only once an error is on its way
-    out, so `hqclip --help` does not load torch. TRANSITIONAL: empty this once every class listed here
-    derives from HQClipError; the boundary then relies on the base class alone."""
-    found = []
-    for module, name in (("cycle.clip.model", "CheckpointError"), ("cycle.clip.convert", "ConversionError"),
-                         ("cycle.clip.export", "ExportError"), ("cycle.clip.checkpoint", "ResumeError"),
-                         ("cycle.annotate.backends.base", "BackendError"), ("cycle.state", "RunLocked"),
-                         ("cycle.controller", "ConfigChanged")):
-        try:
-            cls = getattr(__import__(module, fromlist=[name]), name)
-        except (ImportError, AttributeError):
-            continue
-        if not issubclass(cls, HQClipError):
-            found.append(cls)
-    return tuple(found)
-
-
 def one_line(err: BaseException) -> str:
     """The error's message on one line (a wrapped message's lines joined), never empty."""
     text = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
@@ -52,10 +33,6 @@ class HQClipGroup(click.Group):
         try:
             return super().invoke(ctx)
         except HQClipError as err:
-            self._fail(ctx, err)
-        except Exception as err:
-            if not isinstance(err, _not_yet_hqclip_errors()):
-                raise
             self._fail(ctx, err)
 
     @staticmethod
