@@ -28,7 +28,8 @@ sys.path.insert(0, str(REPO))
 
 def build_demo_llava(work: Path, num_heads: int = 0, clip_name: str = "") -> Path:
     from cycle.annotate.schema import build_prompt, model_input, to_target_json
-    from cycle.clip.model import create_clip, save_clip
+    from cycle.clip.model import create_clip
+    from cycle.clip.saved import save_clip
     from cycle.config import load_config
     from cycle.lvlm import build_lvlm, prepare_lm
 

@@ -37,7 +37,8 @@ def train_clip0(store: Store, epochs: int, out: Path) -> None:
     import open_clip
     from PIL import Image
     from tqdm import tqdm
-    from cycle.clip.model import create_clip, save_clip
+    from cycle.clip.model import create_clip
+    from cycle.clip.saved import save_clip
     torch.manual_seed(0)
     model, preprocess, _, tokenizer = create_clip("hqclip-tiny")
     rows = store.read("samples", ["image", "alt_text"], "split = 'train'").to_pylist()

@@ -58,6 +58,7 @@ def setup_logging(level: str | None = None) -> None:
     handler.hqclip_cli = True
     logger.addHandler(handler)
     logger.setLevel(name)
+    logger.propagate = False  # a library that configured the root logger would print every line twice
 
 
 def config_file(name_or_path: str | Path) -> Path:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -38,3 +39,16 @@ def read_json(path: str | Path, default: Any = None) -> Any:
     if not path.exists():
         return default
     return json.loads(path.read_text())
+
+
+def replace_dir(new: str | Path, dest: str | Path) -> Path:
+    """Put the finished folder `new` at `dest` (a sibling): an existing `dest` is moved aside first and
+    removed after, so a kill leaves the old folder or the new one, never a half-written one."""
+    new, dest = Path(new), Path(dest)
+    old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+    shutil.rmtree(old, ignore_errors=True)
+    if dest.exists():
+        os.replace(dest, old)
+    os.replace(new, dest)
+    shutil.rmtree(old, ignore_errors=True)
+    return dest

@@ -171,7 +171,8 @@ def _responder(prompt: str, seed, body) -> str:
 
 def test_annotation_over_http_with_retries_and_clip_scores(tmp_path):
     from cycle.annotate.backends.openai_backend import OpenAIBackend
-    from cycle.clip.model import create_clip, save_clip
+    from cycle.clip.model import create_clip
+    from cycle.clip.saved import save_clip
 
     clip_dir = save_clip(create_clip("hqclip-micro")[0], "hqclip-micro", tmp_path / "clip")
     store = make_store(tmp_path / "lance", n_train=20, n_val=0)

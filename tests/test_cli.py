@@ -2,7 +2,6 @@
 override syntax, shipped configs by name, logging set up once, data printed through rich escaped."""
 from __future__ import annotations
 
-import json
 import logging
 import os
 import subprocess

@@ -8,8 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from cycle.clip.model import (CONFIG_FILE, WEIGHTS_FILE, CheckpointError, create_clip, is_checkpoint,
-                              list_architectures, load_clip, save_clip)
+from cycle.clip.model import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, create_clip, list_architectures
+
+from cycle.clip.saved import is_checkpoint, load_clip, save_clip
 
 PROMPTS = ["a photo of a red apple.", "two dogs left of a bicycle", ""]
 

@@ -57,7 +57,8 @@ def negative_rows(n=8, prefix="n"):
 
 @pytest.fixture(scope="module")
 def micro(tmp_path_factory):
-    from cycle.clip.model import create_clip, save_clip
+    from cycle.clip.model import create_clip
+    from cycle.clip.saved import save_clip
 
     torch.manual_seed(2)
     model, _, val_tf, tok = create_clip("hqclip-micro")

@@ -11,7 +11,8 @@ from PIL import Image
 
 from cycle.clip.convert import ConversionError, openclip_to_hf_clip, openclip_vit_to_hf_vision
 from cycle.clip.export import export_clip, export_hf_clip, export_open_clip
-from cycle.clip.model import CheckpointError, create_clip, load_clip, register_model_configs, save_clip
+from cycle.clip.model import CheckpointError, create_clip, register_model_configs
+from cycle.clip.saved import load_clip, save_clip
 
 TOL = 1e-5
 PROMPTS = ["a photo of a red apple.", "two dogs left of a bicycle", "", "a guitar " * 60]

@@ -14,7 +14,8 @@ SMALL = ["lvlm.lm.pretrain_epochs=2", "lvlm.align.epochs=1", "lvlm.sft.epochs=1"
 
 
 def test_lvlm_train_then_ask(tmp_path):
-    from cycle.clip.model import create_clip, save_clip
+    from cycle.clip.model import create_clip
+    from cycle.clip.saved import save_clip
     from cycle.store import Store
 
     run = tmp_path / "run"

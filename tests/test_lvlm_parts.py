@@ -33,7 +33,8 @@ def lm_dir(tmp_path_factory, texts):
 
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory):
-    from cycle.clip.model import create_clip, save_clip
+    from cycle.clip.model import create_clip
+    from cycle.clip.saved import save_clip
 
     torch.manual_seed(0)
     model, _, _, _ = create_clip("hqclip-micro")
@@ -130,7 +131,7 @@ def test_prepare_lm_bad_inputs(tmp_path):
 
 # ----------------------------------------------------------------------------------------------- LLaVA
 def test_tower_hidden_states_equal_open_clip(lvlm_dir, clip_dir):
-    from cycle.clip.model import load_clip
+    from cycle.clip.saved import load_clip
     from cycle.lvlm import load_lvlm
 
     clip, preprocess, _, _ = load_clip(clip_dir)

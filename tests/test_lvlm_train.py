@@ -24,7 +24,8 @@ def run_cfg(*overrides: str):
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """Store with 32 shape samples (all seeded), a micro CLIP, the tiny LM and the base LLaVA."""
-    from cycle.clip.model import create_clip, save_clip
+    from cycle.clip.model import create_clip
+    from cycle.clip.saved import save_clip
     from cycle.lvlm import build_lvlm, prepare_lm, run_texts
     from cycle.store import Store
 

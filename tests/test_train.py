@@ -247,7 +247,7 @@ def test_feature_cache_accumulation_gives_the_full_batch_gradients(tokenizer, on
 # ------------------------------------------------------------------------------------ DeepSpeed runs
 def test_reference_run_writes_model_vocab_and_log(reference_run):
     out, model_dir = reference_run
-    from cycle.clip.model import load_clip
+    from cycle.clip.saved import load_clip
 
     clip, _, _, extras = load_clip(model_dir)
     assert extras["tag_vocab"][0] == "dark background" and len(extras["tag_vocab"]) == 10
@@ -485,7 +485,8 @@ def test_missing_init_clip_and_store_are_clear_errors(pair_store, tmp_path):
 
 
 def test_an_initial_clip_of_another_architecture_is_refused(pair_store, tmp_path):
-    from cycle.clip.model import create_clip, save_clip
+    from cycle.clip.model import create_clip
+    from cycle.clip.saved import save_clip
     from cycle.clip.train import TrainInputError, train_clip
 
     other = save_clip(create_clip("hqclip-micro")[0], "hqclip-micro", tmp_path / "micro")

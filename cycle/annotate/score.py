@@ -20,7 +20,7 @@ TEXT_BATCH = 256  # sentences per text-encoder call: bounded memory whatever the
 
 class ClipScorer:
     def __init__(self, clip_dir: str | Path, device: str = "cpu", text_batch: int = TEXT_BATCH):
-        from ..clip.model import load_clip
+        from ..clip.saved import load_clip
 
         self.device = resolve_device(device)
         self.model, self.preprocess, self.tokenizer, _ = load_clip(clip_dir, device=self.device)

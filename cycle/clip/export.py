@@ -19,7 +19,9 @@ import torch
 
 from ..errors import HQClipError
 from .convert import openclip_to_hf_clip
-from .model import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, _replace_dir, load_clip, read_checkpoint_config
+from ..files import replace_dir
+from .model import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, read_checkpoint_config
+from .saved import load_clip
 
 PROMPTS = ["a photo of a red apple.", "two dogs left of a bicycle", "", "an emoji of a guitar " * 20]
 EXPORT_TOLERANCE = 1e-5
@@ -44,7 +46,7 @@ def export_open_clip(clip_dir: str | Path, out_dir: str | Path, include_extras: 
             if f.is_file() and (f.name in (CONFIG_FILE, WEIGHTS_FILE) or include_extras) and not f.name.startswith("."):
                 shutil.copy2(f, tmp / f.name)
         open_clip.create_model(f"local-dir:{tmp}", nonscalar_logit_scale=True)  # loads strictly, or raises
-        _replace_dir(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -116,7 +118,7 @@ def export_hf_clip(clip_dir: str | Path, out_dir: str | Path, tolerance: float =
             raise ExportError(f"HF export of '{clip_dir}' differs from open_clip: {diffs}")
         (tmp / "hqclip_export.json").write_text(json.dumps(
             {"source": str(clip_dir), "model_name": config.get("model_name"), "max_abs_diff": diffs}, indent=2))
-        _replace_dir(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

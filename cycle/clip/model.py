@@ -1,15 +1,10 @@
-"""The CLIP model factory and the checkpoint format every stage reads and writes.
+"""The CLIP model: the factory, and the module the trainer optimises.
 
 One entry point, `create_clip(name)`: any open_clip architecture by name, or one of our small configs in
 `model_configs/` (registered with open_clip, so open_clip itself can build them too). Model configs are
 data; nothing here knows their sizes.
 
-A checkpoint is a directory that open_clip loads by itself offline
-(`open_clip.create_model_and_transforms("local-dir:PATH")`):
-
-    open_clip_config.json         {"model_name", "model_cfg", "preprocess_cfg"}
-    open_clip_model.safetensors   the CLIP state dict
-    <name>.safetensors / <name>.json   optional extras (the trainer's `stc_head` and `tag_vocab`)
+A saved CLIP (the checkpoint directory) is `saved.py`.
 
 `ClipWithTagHead` is the module the trainer optimises: the CLIP plus, when STC is on, the tag head.
 """
@@ -18,24 +13,21 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import shutil
-import tempfile
 from contextlib import contextmanager, nullcontext
 from copy import deepcopy
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import open_clip
 import torch
 import torch.nn.functional as F
 from open_clip.factory import parse_model_name
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from ..errors import HQClipError
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
+# The two files of a saved CLIP (saved.py writes and reads them; a pretrained directory has them too).
 CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILE = "open_clip_model.safetensors"
 
@@ -53,7 +45,6 @@ TAG_PRIOR_MIN, TAG_PRIOR_MAX = 1e-6, 0.5
 MIN_TEXTS_TO_BUCKET = 4
 
 
-# ValueError stays a base: code outside cycle/clip (lvlm's CLI) catches ValueError around `load_clip`.
 class CheckpointError(HQClipError, ValueError):
     """A CLIP checkpoint directory that is missing, incomplete or unreadable; the message says which file."""
 
@@ -149,98 +140,6 @@ def model_config_of(model: torch.nn.Module, model_name: Optional[str] = None) ->
     return cfg
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """DeepSpeed engines and DDP wrap the CLIP in `.module`."""
-    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
-        model = model.module
-    return model
-
-
-def save_clip(model: torch.nn.Module, model_name: Optional[str], path: str | Path,
-              extra_tensors: Optional[dict[str, dict[str, torch.Tensor]]] = None,
-              extra_json: Optional[dict[str, Any]] = None) -> Path:
-    """Write a checkpoint directory (see the module doc). Atomic: written aside, then renamed into place.
-
-    `extra_tensors` maps a file stem to a state dict (`{"stc_head": head.state_dict()}` ->
-    `stc_head.safetensors`); `extra_json` maps a file stem to a JSON-able value (`{"tag_vocab": [...]}`).
-    """
-    model = _unwrap(model)
-    model_name = model_name or getattr(model, "hqclip_model_name", None)
-    if not model_name:
-        raise ValueError("save_clip needs the architecture name (model_name)")
-    model_cfg = model_config_of(model, model_name)
-    reserved = {Path(CONFIG_FILE).stem, Path(WEIGHTS_FILE).stem}
-    for stem in [*(extra_tensors or {}), *(extra_json or {})]:
-        if stem in reserved or "/" in stem or stem.startswith("."):
-            raise ValueError(f"extra file name '{stem}' is reserved or not a plain name")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-        save_file(state, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
-        for stem, tensors in (extra_tensors or {}).items():
-            save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, tmp / f"{stem}.safetensors")
-        for stem, value in (extra_json or {}).items():
-            (tmp / f"{stem}.json").write_text(json.dumps(value, indent=1, ensure_ascii=False))
-        preprocess = dict(getattr(model.visual, "preprocess_cfg", {}) or {})
-        config = {
-            "model_name": _plain_name(model_name),
-            "model_cfg": model_cfg,
-            "preprocess_cfg": _jsonable(preprocess),
-        }
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
-        for f in tmp.iterdir():
-            _fsync(f)
-        _replace_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
-
-
-def load_clip(path: str | Path, device: str | torch.device = "cpu"):
-    """Load a checkpoint directory. Returns (model in eval mode, preprocess_val, tokenizer, extras).
-
-    `extras` holds every other file of the directory by stem: `*.safetensors` as tensor dicts,
-    `*.json` as parsed values (e.g. `extras["stc_head"]`, `extras["tag_vocab"]`). Weights are read
-    with safetensors only.
-    """
-    path = Path(path)
-    config = read_checkpoint_config(path)
-    if not (path / WEIGHTS_FILE).is_file():
-        raise CheckpointError(f"CLIP checkpoint '{path}' has no {WEIGHTS_FILE}")
-    register_model_configs()
-    try:
-        # Built from the directory's config, weights loaded here strictly: open_clip's own loader would
-        # silently resize a position embedding that does not match the config.
-        with _quiet_random_init():
-            model, _, preprocess_val = open_clip.create_model_and_transforms(
-                f"local-dir:{path}", load_weights=False, nonscalar_logit_scale=True)
-        state = load_file(path / WEIGHTS_FILE)
-        if "logit_scale" in state:
-            state["logit_scale"] = state["logit_scale"].reshape(model.logit_scale.shape)
-        model.load_state_dict(state, strict=True)
-    except (RuntimeError, ValueError, OSError) as err:
-        raise CheckpointError(f"CLIP checkpoint '{path}' does not load: {str(err).splitlines()[0]}") from err
-    model.to(device)
-    tokenizer = open_clip.get_tokenizer(f"local-dir:{path}")
-    _remember(model, config.get("model_name") or str(path), config["model_cfg"])
-    model.eval()
-    extras: dict[str, Any] = {}
-    for f in sorted(path.iterdir()):
-        if f.name in (CONFIG_FILE, WEIGHTS_FILE) or f.name.startswith("."):
-            continue
-        try:
-            if f.suffix == ".safetensors":
-                extras[f.stem] = load_file(f, device=str(device))
-            elif f.suffix == ".json":
-                extras[f.stem] = json.loads(f.read_text())
-        except Exception as err:  # a corrupt extra names itself; the CLIP itself loaded fine
-            raise CheckpointError(f"CLIP checkpoint '{path}': extra file {f.name} is unreadable: {err}") from err
-    return model, preprocess_val, tokenizer, extras
-
-
 def read_checkpoint_config(path: str | Path) -> dict:
     """The parsed `open_clip_config.json` of a checkpoint directory, with clear errors."""
     path = Path(path)
@@ -258,11 +157,6 @@ def read_checkpoint_config(path: str | Path) -> dict:
     return config
 
 
-def is_checkpoint(path: str | Path) -> bool:
-    path = Path(path)
-    return (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file()
-
-
 def _plain_name(model_name: str) -> str:
     schema, ident = parse_model_name(model_name)
     if schema == "local-dir":
@@ -273,32 +167,6 @@ def _plain_name(model_name: str) -> str:
     return model_name
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
-
-
-def _fsync(file: Path) -> None:
-    with open(file, "rb") as fh:
-        os.fsync(fh.fileno())
-
-
-def _replace_dir(new: Path, dest: Path) -> None:
-    """Put `new` at `dest`; an existing `dest` is moved aside first and removed after."""
-    old = None
-    if dest.exists():
-        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-        shutil.rmtree(old, ignore_errors=True)
-        dest.rename(old)
-    new.rename(dest)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-# ----------------------------------------------------------------------------------------- training module
 class ClipWithTagHead(nn.Module):
     """The CLIP plus, when STC is on, the tag head; one `forward` gives everything `HQClipLoss` needs.
 

@@ -25,7 +25,8 @@ from ..schedule import cosine_lr
 from . import checkpoint, dist
 from .augment import random_resized_crop
 from .loss import HQClipLoss, reduce_for_logging
-from .model import FEATURE_KEYS, ClipWithTagHead, create_clip, save_clip
+from .model import FEATURE_KEYS, ClipWithTagHead, create_clip
+from .saved import save_clip
 from .optim import clamp_logit_scale, deepspeed_config, make_optimizer, set_lr
 from .text import TextDrawer
 

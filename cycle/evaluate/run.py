@@ -97,7 +97,7 @@ def evaluate_clip(clip_dir: str | Path, store, splits: Optional[Iterable[str]], 
     `out_json` receives the same dict, written atomically. `device` is the run's `device` setting
     ("auto", "cpu", "cuda", "cuda:1"): the model is loaded there and every batch goes there.
     """
-    from ..clip.model import load_clip
+    from ..clip.saved import load_clip
 
     device = resolve_device(device)
     sets: list[EvalSet] = []

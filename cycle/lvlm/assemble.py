@@ -83,7 +83,7 @@ def build_lvlm(clip_dir: str | Path, lm_dir: str | Path, cfg: LVLMConfig, out_di
     Always builds (the controller decides reuse); `out_dir` appears whole or not at all.
     """
     from ..clip.convert import openclip_vit_to_hf_vision
-    from ..clip.model import load_clip
+    from ..clip.saved import load_clip
 
     clip, _, _, _ = load_clip(clip_dir)
     tower = openclip_vit_to_hf_vision(clip.visual)

@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import HQClipError
-from ..files import write_json_atomic
+from ..files import replace_dir, write_json_atomic
 from ..schedule import cosine_lr
 
 INFO_FILE = "info.json"  # what a stage saw and measured, for people; not a completion record
@@ -50,13 +50,7 @@ def finish(tmp: Path, out_dir: str | Path, info: Optional[dict] = None) -> Path:
     out_dir = Path(out_dir)
     if info is not None:
         write_json_atomic(tmp / INFO_FILE, info)
-    old = out_dir.with_name(f".{out_dir.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out_dir.exists():
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
-    return out_dir
+    return replace_dir(tmp, out_dir)
 
 
 def _autocast(device: torch.device):
