@@ -135,7 +135,7 @@ def build_store(root: Path, samples: int, size: int):
     store = Store(root / "lance")
     build_emoji_scenes(cfg, store, progress=False)
     # Every training image "annotated" by generation 1: the teacher seeds, copied.
-    rows = store.read("seed").to_pylist()
+    rows = store.read("teacher").to_pylist()
     store.insert_new("annotations", [{**{k: r[k] for k in ("id", "desc", "neg_desc", "tags", "neg_tags")},
                                       "generation": 1, "status": "ok", "attempts": 1} for r in rows])
     return store

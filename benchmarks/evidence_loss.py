@@ -118,7 +118,7 @@ def prepare_store(cfg: RunConfig, store_uri: str | Path, progress: bool = True) 
     tag = gen_tag(GENERATION)
     if tag not in store.tags("annotations"):
         ph = prompt_hash()
-        store.insert_new("annotations", [teacher_annotation(r, ph) for r in store.read("seed").to_pylist()])
+        store.insert_new("annotations", [teacher_annotation(r, ph) for r in store.read("teacher").to_pylist()])
         store.tag("annotations", tag)
     pins = {"samples_version": store.table("samples").version, "annotations_version": store.tags("annotations")[tag]}
     train_ids = store.ids("samples", "split = 'train'", version=pins["samples_version"])

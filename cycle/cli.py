@@ -252,11 +252,11 @@ def _version_arg(value):
 @click.option("--generation", type=int, default=0, show_default=True, help="0: alt-text only; g: gen-g annotations.")
 @click.option("--samples-version", help="Version or tag (default: the run's data stage, else latest).")
 @click.option("--annotations-version", help="Version or tag (default: the run's gen annotate stage, else latest).")
-@click.option("--seed-version", help="Also use the teacher seed annotations at this version or tag.")
+@click.option("--teacher-version", help="Also use the teacher annotations at this version or tag.")
 @click.option("--init-clip", type=click.Path(exists=True, file_okay=False), help="Start from this CLIP checkpoint.")
 @click.option("--progress/--no-progress", default=True)
 def train_cmd(out, overrides, run_dir, store_uri, config_path, generation, samples_version, annotations_version,
-              seed_version, init_clip, progress):
+              teacher_version, init_clip, progress):
     """Train a CLIP with the HQ-CLIP loss into OUT (OUT/model); the same command again resumes.
 
     OVERRIDES are key=value pairs, e.g. `train.epochs=5 train.world_size=2 loss.hni_mode=pair`.
@@ -283,7 +283,7 @@ def train_cmd(out, overrides, run_dir, store_uri, config_path, generation, sampl
     model_dir = train_clip(cfg, store_uri, out, _version_arg(samples_version),
                            annotations_version=_version_arg(annotations_version) if generation else None,
                            generation=generation or None, init_clip=init_clip, progress=progress,
-                           seed_version=_version_arg(seed_version))
+                           teacher_version=_version_arg(teacher_version))
     click.echo(f"clip: {model_dir}")
     click.echo(f"log: {Path(out) / 'log.jsonl'}")
 

@@ -87,7 +87,7 @@ def run_config(run_dir, config_path=None, overrides=()):
 
 
 def pinned_data(run_dir) -> dict:
-    """The data stage's pinned versions of a run (samples_version, seed_version), {} before it ran."""
+    """The data stage's pinned versions of a run (samples_version, teacher_version), {} before it ran."""
     from .state import RunState
 
     if not (Path(run_dir) / "state.json").is_file():

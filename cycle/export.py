@@ -38,7 +38,7 @@ def _rows(store: Store, state: RunState, gen: int, with_images: bool, split: str
     columns = ["id", "alt_text"] + (["image"] if with_images else [])
     if gen == 0:
         # Generation 0 trained on raw alt-text: its "annotations" are the teacher seeds where present.
-        ann = {r["id"]: r for r in store.read("seed", version=data.get("seed_version")).to_pylist()}
+        ann = {r["id"]: r for r in store.read("teacher", version=data.get("teacher_version")).to_pylist()}
     else:
         version = state.outputs(gen, "annotate")["annotations_version"]
         ann = {r["id"]: r for r in store.read("annotations", where=f"generation = {gen}", version=version).to_pylist()}

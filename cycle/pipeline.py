@@ -97,11 +97,11 @@ def data_run(cfg: RunConfig, pins: dict, out_dir: Path, progress: bool = True) -
         raise HQClipError(f"data.source=store but the run's samples table is empty: ingest first "
                            f"(hqclip data ingest SOURCE --run {cfg.run_dir})")
     samples = store.tag("samples", gen_tag(0))
-    seed = store.tag("seed", gen_tag(0))
+    seed = store.tag("teacher", gen_tag(0))
     n_train = store.count("samples", "split = 'train'", version=samples)
-    return StageResult({"samples_version": samples, "seed_version": seed},
+    return StageResult({"samples_version": samples, "teacher_version": seed},
                        {"rows": store.count("samples", version=samples), "train_rows": n_train,
-                        "seed_rows": store.count("seed", version=seed),
+                        "teacher_rows": store.count("teacher", version=seed),
                         **{f"split/{k}": v for k, v in counts.items() if isinstance(v, int)}})
 
 
@@ -110,7 +110,7 @@ def lm_run(cfg: RunConfig, pins: dict, out_dir: Path, progress: bool = True) -> 
     from .lvlm import prepare_lm, run_texts
 
     d = pins["data"]
-    texts = run_texts(store_of(cfg), d["samples_version"], d["seed_version"], cfg)
+    texts = run_texts(store_of(cfg), d["samples_version"], d["teacher_version"], cfg)
     lm_dir = prepare_lm(cfg.lvlm.lm, texts, out_dir, seed=cfg.seed, progress=progress, device=cfg.device)
     return StageResult({"lm": str(lm_dir)})
 
@@ -135,9 +135,9 @@ def align_run(cfg: RunConfig, pins: dict, out_dir: Path, progress: bool = True) 
     from .lvlm.data import alt_text_caption_ids
 
     d, store = pins["data"], store_of(cfg)
-    extra = alt_text_caption_ids(store, d["samples_version"], d["seed_version"], cfg.lvlm.align_alt_text_share,
+    extra = alt_text_caption_ids(store, d["samples_version"], d["teacher_version"], cfg.lvlm.align_alt_text_share,
                                  cfg.seed)
-    out, metrics = align_projector(pins["base"]["lvlm"], store, d["samples_version"], d["seed_version"], cfg, out_dir,
+    out, metrics = align_projector(pins["base"]["lvlm"], store, d["samples_version"], d["teacher_version"], cfg, out_dir,
                                    extra_ids=extra, extra_records=previous_best(cfg, pins, cfg.lvlm.align_add_best),
                                    progress=progress)
     return StageResult({"lvlm": str(out)}, metrics)
@@ -147,7 +147,7 @@ def sft_run(cfg: RunConfig, pins: dict, out_dir: Path, progress: bool = True) ->
     from .lvlm import sft
 
     d = pins["data"]
-    adapter, merged, metrics = sft(pins["aligned"]["lvlm"], store_of(cfg), d["samples_version"], d["seed_version"],
+    adapter, merged, metrics = sft(pins["aligned"]["lvlm"], store_of(cfg), d["samples_version"], d["teacher_version"],
                                    cfg, out_dir, extra_records=previous_best(cfg, pins, cfg.lvlm.sft_add_best),
                                    progress=progress)
     return StageResult({"adapter": str(adapter) if adapter else None, "merged": str(merged)}, metrics)
@@ -196,10 +196,10 @@ def _has_model(path: Path) -> bool:
 
 def data_recover(cfg: RunConfig, pins: dict, out_dir: Path) -> Optional[StageResult]:
     store = store_of(cfg)
-    tags = {name: store.tags(name).get(gen_tag(0)) if store.has(name) else None for name in ("samples", "seed")}
+    tags = {name: store.tags(name).get(gen_tag(0)) if store.has(name) else None for name in ("samples", "teacher")}
     if None in tags.values():
         return None
-    return StageResult({"samples_version": tags["samples"], "seed_version": tags["seed"]})
+    return StageResult({"samples_version": tags["samples"], "teacher_version": tags["teacher"]})
 
 
 def lm_recover(cfg: RunConfig, pins: dict, out_dir: Path) -> Optional[StageResult]:

@@ -172,8 +172,8 @@ def write_report(run_dir: str | Path, store: Store, gallery: int = 12, seed: int
             cells = [f"<tr><td><b>alt-text</b></td><td>{html.escape(r['alt_text'])}</td></tr>"]
             if r.get("meta") and r["meta"].get("clean"):
                 cells.append(f"<tr><td><b>truth</b></td><td>{html.escape(r['meta']['clean'])}</td></tr>")
-            if r.get("seed"):
-                cells.append(f"<tr><td><b>teacher</b></td><td>{_formulas(r['seed'])}</td></tr>")
+            if r.get("teacher"):
+                cells.append(f"<tr><td><b>teacher</b></td><td>{_formulas(r['teacher'])}</td></tr>")
             for key in sorted(k for k in r if k.startswith("gen-")):
                 cells.append(f"<tr><td><b>{key}</b></td><td>{_formulas(r[key])}</td></tr>")
             parts.append(f"<div class='card'><img src='{name}' alt='{html.escape(r['id'])}'>"

@@ -38,6 +38,10 @@ def gen_dir(run_dir: str | Path, gen: int) -> Path:
     return Path(run_dir) / gen_tag(gen)
 
 
+# 2: stages as `pipeline.Stage` (the run's LM its own stage, eval in its folder, the `teacher` table)
+STATE_FORMAT = 2
+
+
 class StateError(HQClipError):
     """`state.json` cannot be read as a run record."""
 
@@ -57,9 +61,14 @@ class RunState:
             raise StateError(f"{self.path} is corrupt ({str(err).splitlines()[0]}): {fix}") from None
         if not isinstance(data, dict) or not isinstance(data.setdefault("generations", {}), dict):
             raise StateError(f"{self.path} is not a run record: {fix}")
+        if data["generations"] and data.get("format") != STATE_FORMAT:
+            raise StateError(f"{self.path} was written by an earlier hqclip (record format {data.get('format', 1)}, "
+                             f"this one reads {STATE_FORMAT}): its models stay usable with `hqclip eval`/`export-clip`, "
+                             f"but the run cannot be resumed: start a new run")
         return data
 
     def save(self) -> None:
+        self.data["format"] = STATE_FORMAT
         write_json_atomic(self.path, self.data)
 
     def stage(self, gen: int, stage: str) -> dict:

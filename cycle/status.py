@@ -95,7 +95,7 @@ def samples_across_generations(store: Store, state: RunState, ids: Optional[Iter
 
         rows = random.Random(seed).sample(rows, min(sample, len(rows)))
     wanted = [r["id"] for r in rows]
-    seed_rows = _by_id(store, "seed", wanted, data.get("seed_version"))
+    teacher_rows = _by_id(store, "teacher", wanted, data.get("teacher_version"))
     for gen in gens if gens is not None else [g for g in state.generations if g > 0]:
         ann = state.outputs(gen, "annotate").get("annotations_version")
         if ann is None:
@@ -104,7 +104,7 @@ def samples_across_generations(store: Store, state: RunState, ids: Optional[Iter
         for r in rows:
             r[f"gen-{gen}"] = by_id.get(r["id"])  # a display label ("gen-1"), not the gen-001 folder or tag
     for r in rows:
-        r["seed"] = seed_rows.get(r["id"])
+        r["teacher"] = teacher_rows.get(r["id"])
         r["meta"] = json.loads(r["meta"]) if r.get("meta") else None
     return rows
 
@@ -125,7 +125,7 @@ def print_samples(rows: list[dict], console: Optional[Console] = None, image_out
         for key in ("desc", "neg_desc", "tags", "neg_tags"):
             table.add_column(key)
         table.add_row("alt-text", escape(r["alt_text"]), "", "", "")
-        for label in ["seed"] + sorted(k for k in r if k.startswith("gen-")):
+        for label in ["teacher"] + sorted(k for k in r if k.startswith("gen-")):
             rec = r.get(label)
             if rec:
                 status = f" ({rec['status']})" if rec.get("status") and rec["status"] != "ok" else ""

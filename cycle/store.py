@@ -37,7 +37,7 @@ SAMPLES = pa.schema([
 
 FORMULAS = [("desc", _text_list), ("neg_desc", _text_list), ("tags", _text_list), ("neg_tags", _text_list)]
 
-SEED = pa.schema([("id", pa.string()), *FORMULAS, ("origin", pa.string())])
+TEACHER = pa.schema([("id", pa.string()), *FORMULAS, ("origin", pa.string())])
 
 ANNOTATIONS = pa.schema([
     ("id", pa.string()),
@@ -59,8 +59,8 @@ REJECTS = pa.schema([
     ("detail", pa.string()),
 ])
 
-SCHEMAS = {"samples": SAMPLES, "seed": SEED, "annotations": ANNOTATIONS, "rejects": REJECTS}
-KEYS = {"samples": ["id"], "seed": ["id"], "annotations": ["id", "generation"]}
+SCHEMAS = {"samples": SAMPLES, "teacher": TEACHER, "annotations": ANNOTATIONS, "rejects": REJECTS}
+KEYS = {"samples": ["id"], "teacher": ["id"], "annotations": ["id", "generation"]}
 
 
 # The one definition of an annotation that training, alignment, SFT, quality and export may use: parsed
@@ -118,6 +118,9 @@ class Store:
     def table(self, name: str, version: int | str | None = None):
         """Open a table, creating it empty with its schema on first use; `version` pins an int or a tag."""
         if not self.has(name):
+            if name == "teacher" and self.has("seed"):
+                raise StoreError(f"{self.uri} keeps its teacher annotations in a table named 'seed' (written by "
+                                 f"hqclip before 0.2): start a new run, or rename {self.uri}/seed.lance to teacher.lance")
             self.db.create_table(name, schema=SCHEMAS[name], exist_ok=True)
         tbl = self.db.open_table(name)
         if version is not None:

@@ -157,8 +157,8 @@ def test_teach_seed_and_import(tmp_path):
         stats = teach_seed(cfg, store, v, ids, tmp_path / "teach", progress=False)
         assert stats == stats | {"asked": 4, "written": 4, "failed": 0}
         assert calls.count(1) == 2  # two first tries failed and were retried with seed 1
-        assert store.ids("seed") == set(ids)
-        seed_rows = store.read("seed").to_pylist()
+        assert store.ids("teacher") == set(ids)
+        seed_rows = store.read("teacher").to_pylist()
         assert all(r["origin"].startswith("teacher:openai:teacher-test") for r in seed_rows)
         sent = len(server.requests)
         assert teach_seed(cfg, store, v, ids, tmp_path / "teach", progress=False)["asked"] == 0
@@ -195,6 +195,6 @@ def test_teach_seed_and_import(tmp_path):
     jl.write_text(json.dumps({"id": "s00005", **rec}) + "\n" + json.dumps({"key": "s00009", **rec}) + "\n"
                   + json.dumps(rec) + "\n")
     assert import_seed(jl, store, progress=False) == {"read": 3, "valid": 2, "imported": 1, "already_present": 1,
-                                                      "seed_rows_before": 6, "rejected": {"missing_id": 1}}
+                                                      "teacher_rows_before": 6, "rejected": {"missing_id": 1}}
     with pytest.raises(FileNotFoundError, match="do not exist"):
         import_seed(tmp_path / "absent", store)

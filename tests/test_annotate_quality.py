@@ -54,7 +54,7 @@ def test_quality_compares_annotations_and_alt_text_with_scene_graphs(tmp_path, t
     assert q["alt_text"]["f1"] < 0.9 and q["f1_gain_over_alt_text"] > 0  # corrupted alt-text is worse
     assert q["neg_desc_false_share"] == 1.0  # every negative names an object that is not there
     assert set(q["alt_text"]) >= {"precision", "recall", "f1", "f1_object", "f1_count", "f1_position"}
-    n_seeds = store.count("seed")
+    n_seeds = store.count("teacher")
     assert 0 < n_seeds < n and q["unseen"]["scenes"] == n - n_seeds  # images the annotator never trained on
     assert q["unseen"]["alt_text_f1"] < 0.9 and q["unseen"]["annotation_f1"] > q["unseen"]["alt_text_f1"]
     by_kind = q["by_alt_noise"]

@@ -112,7 +112,7 @@ def test_negatives_differ_by_exactly_the_recorded_edit(rows, vocab):
 
 
 def test_seed_table(tiny_store, rows, tiny_cfg, vocab):
-    seeds = tiny_store.read("seed").to_pylist()
+    seeds = tiny_store.read("teacher").to_pylist()
     train = {r["id"]: r for r in by_split(rows, "train")}
     assert len(seeds) == round(tiny_cfg.data.emoji.seed_share * len(train))
     for s in seeds:
@@ -137,7 +137,7 @@ def test_zeroshot_covers_the_vocabulary(rows, vocab, tiny_cfg):
 
 def digest(store):
     samples = store.read("samples", ["id", "sha256", "alt_text", "split", "meta"]).to_pylist()
-    seeds = store.read("seed").to_pylist()
+    seeds = store.read("teacher").to_pylist()
     return sorted(samples, key=lambda r: r["id"]), sorted(seeds, key=lambda r: r["id"])
 
 
@@ -146,9 +146,9 @@ def test_same_seed_same_bytes_idempotent_and_guarded(tmp_path, tiny_cfg, tiny_st
     store = Store(tmp_path / "lance")
     counts = build_emoji_scenes(cfg, store, progress=False)
     assert digest(store) == digest(tiny_store)
-    versions = (store.versions("samples"), store.versions("seed"))
+    versions = (store.versions("samples"), store.versions("teacher"))
     assert build_emoji_scenes(cfg, store, progress=False) == counts  # again: nothing to do, no new version
-    assert (store.versions("samples"), store.versions("seed")) == versions
+    assert (store.versions("samples"), store.versions("teacher")) == versions
     with pytest.raises(ConfigError, match="another config"):
         build_emoji_scenes(replace(cfg, seed=cfg.seed + 1), store, progress=False)
     assert digest(store) == digest(tiny_store)
@@ -170,7 +170,7 @@ def test_missing_or_bad_font_is_a_clear_error_and_writes_nothing(tmp_path, tiny_
     not_a_font.write_text("not a font")
     with pytest.raises(EmojiFontError, match="cannot use"):
         build_emoji_scenes(replace(tiny_cfg.data.emoji, font=str(not_a_font)), store, progress=False)
-    assert store.count("samples") == 0 and store.count("seed") == 0
+    assert store.count("samples") == 0 and store.count("teacher") == 0
 
 
 def test_cli_builds_into_run_dir(tmp_path):

@@ -49,13 +49,13 @@ def test_teacher_generation_covers_every_training_scene(ablation):
     store = Store(work / "lance")
     assert store.tags("annotations") == {"gen-001": pins["annotations_version"]}
     rows = store.read("annotations", version="gen-001").to_pylist()
-    seeds = {r["id"]: r for r in store.read("seed").to_pylist()}
+    seeds = {r["id"]: r for r in store.read("teacher").to_pylist()}
     assert pins["n_train"] == cfg.data.emoji.n_train == len(rows) == len(seeds)
     for r in rows:
         assert (r["generation"], r["status"], r["annotator"], r["prompt_hash"]) == (1, "ok", ev.TEACHER, prompt_hash())
         assert all(r[k] == seeds[r["id"]][k] for k in ("desc", "neg_desc", "tags", "neg_tags"))
     # a second preparation finds everything in place and writes nothing
-    versions = {t: store.table(t).version for t in ("samples", "seed", "annotations")}
+    versions = {t: store.table(t).version for t in ("samples", "teacher", "annotations")}
     assert ev.prepare_store(cfg, work / "lance", progress=False) == pins
     assert {t: store.table(t).version for t in versions} == versions
 

@@ -48,7 +48,7 @@ def store_uri(tmp_path_factory):
     store.insert_new("annotations", [{"id": f"s{i:03d}", "generation": 2, **formulas(i, "gen2"), "status": "ok"}
                                      for i in range(N_TRAIN)])
     store.tag("annotations", "gen-001", store.versions("annotations")[-2])
-    store.insert_new("seed", [{"id": f"s{i:03d}", **formulas(i, "seed"), "origin": "teacher"} for i in (0, 1, 2, 3)])
+    store.insert_new("teacher", [{"id": f"s{i:03d}", **formulas(i, "seed"), "origin": "teacher"} for i in (0, 1, 2, 3)])
     return store.uri
 
 
@@ -70,9 +70,9 @@ def test_split_and_pinned_version(store_uri):
     assert item["alt_text"] == f"picture {i}"
 
 
-def test_join_annotations_of_one_generation_and_the_seed(store_uri):
+def test_join_annotations_of_one_generation_and_the_teacher(store_uri):
     ds = PairDataset(store_uri, samples_version="gen-000", annotations_version="gen-001", generation=1,
-                     use_seed=True, extra_columns=["meta"])
+                     use_teacher=True, extra_columns=["meta"])
     by_id = {item["id"]: item for item in ds.__getitems__(list(range(len(ds))))}
     assert by_id["s006"]["annotated"] and by_id["s006"]["desc"] == ["gen1 desc 6", "second"]
     assert by_id["s006"]["text_source"] == "annotations" and by_id["s006"]["neg_tags"] == ["gen1-neg-6"]
@@ -82,12 +82,12 @@ def test_join_annotations_of_one_generation_and_the_seed(store_uri):
     assert by_id["s007"]["desc"] == [] and by_id["s007"]["tags"] == [] and by_id["s007"]["text_source"] == ""
     # the failed annotation counts as absent: the seed fills in
     assert by_id["s004"]["text_source"] == "" and not by_id["s004"]["annotated"]
-    assert by_id["s001"]["text_source"] == "seed" and by_id["s001"]["desc"][0] == "seed desc 1"
+    assert by_id["s001"]["text_source"] == "teacher" and by_id["s001"]["desc"][0] == "seed desc 1"
     assert by_id["s002"]["text_source"] == "annotations"
-    seed_first = PairDataset(store_uri, samples_version="gen-000", generation=1, use_seed=True, prefer="seed")
-    assert {it["id"]: it["text_source"] for it in seed_first.__getitems__(range(len(seed_first)))}["s002"] == "seed"
+    seed_first = PairDataset(store_uri, samples_version="gen-000", generation=1, use_teacher=True, prefer="teacher")
+    assert {it["id"]: it["text_source"] for it in seed_first.__getitems__(range(len(seed_first)))}["s002"] == "teacher"
     # only annotated rows: gen-1 even ids except the failed one, plus seed 1 and 3
-    only = PairDataset(store_uri, samples_version="gen-000", generation=1, use_seed=True, only_annotated=True)
+    only = PairDataset(store_uri, samples_version="gen-000", generation=1, use_teacher=True, only_annotated=True)
     assert sorted(it["id"] for it in only.__getitems__(range(len(only)))) == sorted(
         [f"s{i:03d}" for i in range(0, N_TRAIN, 2) if i != 4] + ["s001", "s003"])
     # the latest annotations version also has generation 2 for every train row
@@ -180,7 +180,7 @@ def test_loader_tracks_consumed_batches_not_prefetched_ones(store_uri):
 
 @pytest.mark.slow
 def test_spawn_workers_return_the_same_items_as_the_main_process(store_uri):
-    ds = PairDataset(store_uri, samples_version="gen-000", generation=1, use_seed=True)
+    ds = PairDataset(store_uri, samples_version="gen-000", generation=1, use_teacher=True)
 
     def run(workers: int):
         sampler = ResumableSampler(len(ds), seed=5, batch_size=6, drop_last=False)
@@ -210,13 +210,13 @@ def test_collate_keeps_texts_as_lists():
 
 
 def test_built_in_dataset_loads_with_its_seed(tiny_store, tiny_cfg):
-    train = PairDataset(tiny_store.uri, split="train", use_seed=True, extra_columns=["meta"])
+    train = PairDataset(tiny_store.uri, split="train", use_teacher=True, extra_columns=["meta"])
     assert len(train) == tiny_cfg.data.emoji.n_train
     batch = collate_pairs(train.__getitems__(list(range(16))))
     size = tiny_cfg.data.emoji.image_size
     assert batch["image"].shape == (16, 3, size, size)
-    seeded = PairDataset(tiny_store.uri, split="train", use_seed=True, only_annotated=True)
-    assert len(seeded) == tiny_store.count("seed") > 0
+    seeded = PairDataset(tiny_store.uri, split="train", use_teacher=True, only_annotated=True)
+    assert len(seeded) == tiny_store.count("teacher") > 0
     item = seeded[0]
-    assert item["annotated"] and item["text_source"] == "seed" and item["desc"] and item["tags"]
+    assert item["annotated"] and item["text_source"] == "teacher" and item["desc"] and item["tags"]
     assert len(PairDataset(tiny_store.uri, split="val")) == tiny_cfg.data.emoji.n_val

@@ -22,7 +22,7 @@ def test_lvlm_train_then_ask(tmp_path):
     store = Store(run / "lance")
     samples, seeds = shapes_rows(16)
     store.append("samples", samples)
-    store.insert_new("seed", seeds)
+    store.insert_new("teacher", seeds)
     torch.manual_seed(0)
     clip, _, _, _ = create_clip("hqclip-micro")
     clip_dir = save_clip(clip, "hqclip-micro", tmp_path / "clip")
@@ -53,7 +53,7 @@ def test_lvlm_cli_bad_inputs(tmp_path):
     clip_dir = tmp_path / "clip"
     clip_dir.mkdir()
     result = runner.invoke(main, ["lvlm", "train", str(clip_dir), "--run", str(tmp_path / "run")])
-    assert result.exit_code == 2 and "no seed annotations" in result.output
+    assert result.exit_code == 2 and "no teacher annotations" in result.output
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not an image")
     result = runner.invoke(main, ["lvlm", "ask", str(clip_dir), str(bad)])

@@ -33,22 +33,22 @@ def world(tmp_path_factory):
     store = Store(root / "lance")
     samples, seeds = shapes_rows(32)
     store.append("samples", samples)
-    store.insert_new("seed", seeds)
-    sv, seedv = store.pin("samples").version, store.pin("seed").version
+    store.insert_new("teacher", seeds)
+    sv, teacher_v = store.pin("samples").version, store.pin("teacher").version
     torch.manual_seed(0)
     clip, _, _, _ = create_clip("hqclip-micro")
     clip_dir = save_clip(clip, "hqclip-micro", root / "clip")
     cfg = run_cfg()
-    lm_dir = prepare_lm(cfg.lvlm.lm, run_texts(store, sv, seedv), root / "lm", progress=False)
+    lm_dir = prepare_lm(cfg.lvlm.lm, run_texts(store, sv, teacher_v), root / "lm", progress=False)
     base = build_lvlm(clip_dir, lm_dir, cfg.lvlm, root / "base")
-    return {"root": root, "store": store, "sv": sv, "seedv": seedv, "base": base, "samples": samples}
+    return {"root": root, "store": store, "sv": sv, "teacher_v": teacher_v, "base": base, "samples": samples}
 
 
 @pytest.fixture(scope="module")
 def aligned(world):
     from cycle.lvlm import align_projector
 
-    out, metrics = align_projector(world["base"], world["store"], world["sv"], world["seedv"], run_cfg(),
+    out, metrics = align_projector(world["base"], world["store"], world["sv"], world["teacher_v"], run_cfg(),
                                    world["root"] / "aligned", progress=False)
     return out, metrics
 
@@ -57,7 +57,7 @@ def aligned(world):
 def lora_sft(world, aligned):
     from cycle.lvlm import sft
 
-    return sft(aligned[0], world["store"], world["sv"], world["seedv"], run_cfg(), world["root"] / "sft-lora",
+    return sft(aligned[0], world["store"], world["sv"], world["teacher_v"], run_cfg(), world["root"] / "sft-lora",
                progress=False)
 
 
@@ -88,7 +88,7 @@ def test_align_trains_only_the_projector(world, aligned):
 def test_align_is_deterministic_and_records_its_metrics(world, aligned, tmp_path):
     from cycle.lvlm import align_projector
 
-    again, metrics = align_projector(world["base"], world["store"], world["sv"], world["seedv"], run_cfg(),
+    again, metrics = align_projector(world["base"], world["store"], world["sv"], world["teacher_v"], run_cfg(),
                                      tmp_path / "again", progress=False)
     a, b = state(aligned[0]), state(again)
     assert all(torch.equal(a[k], b[k]) for k in a) and metrics == aligned[1]
@@ -103,7 +103,7 @@ def test_sft_batches_put_the_loss_on_the_target_only(world, aligned):
     from cycle.lvlm.data import make_batches, sft_examples, sft_input
 
     _, processor = load_lvlm(aligned[0])
-    examples = sft_examples(world["store"], world["sv"], world["seedv"])
+    examples = sft_examples(world["store"], world["sv"], world["teacher_v"])
     batches, steps = make_batches(examples, processor, 8, 0, 400, sft_input())
     batch = next(iter(batches(0)))
     tok = processor.tokenizer
@@ -125,7 +125,7 @@ def test_fresh_alt_text_per_epoch_reaches_the_input(world, aligned):
     from cycle.lvlm.data import make_batches, sft_examples, sft_input
 
     _, processor = load_lvlm(aligned[0])
-    examples = sft_examples(world["store"], world["sv"], world["seedv"])[:4]
+    examples = sft_examples(world["store"], world["sv"], world["teacher_v"])[:4]
     calls = []
 
     def fresh(example, epoch):
@@ -188,7 +188,7 @@ def test_merged_generates_what_model_plus_adapter_generates(world, aligned, lora
 def test_full_sft_trains_the_lm_only(world, aligned, tmp_path):
     from cycle.lvlm import sft
 
-    adapter, merged, metrics = sft(aligned[0], world["store"], world["sv"], world["seedv"],
+    adapter, merged, metrics = sft(aligned[0], world["store"], world["sv"], world["teacher_v"],
                                    run_cfg("lvlm.lora.enabled=false"), tmp_path / "sft-full", progress=False)
     assert adapter is None and not (tmp_path / "sft-full" / "adapter").exists()
     assert metrics["sft/loss_after"] < metrics["sft/loss_before"] - 0.2, metrics
@@ -216,21 +216,21 @@ def test_bad_seed_and_extra_records_are_refused(world, aligned, tmp_path):
     cfg = run_cfg()
     good = {"id": "shape-000", "desc": ["a"], "neg_desc": ["b"], "tags": ["c"], "neg_tags": ["d"]}
     with pytest.raises(ValueError, match="extra SFT record 'shape-000' is invalid.*'neg_desc' has 2"):
-        sft_examples(world["store"], world["sv"], world["seedv"], [{**good, "neg_desc": ["b", "e"]}])
+        sft_examples(world["store"], world["sv"], world["teacher_v"], [{**good, "neg_desc": ["b", "e"]}])
     with pytest.raises(ValueError, match="'tags' is empty"):
-        sft(aligned[0], world["store"], world["sv"], world["seedv"], cfg, tmp_path / "x",
+        sft(aligned[0], world["store"], world["sv"], world["teacher_v"], cfg, tmp_path / "x",
             extra_records=[{**good, "tags": [], "neg_tags": []}], progress=False)
-    other = Store(tmp_path / "lance")  # a seed table whose ids have no samples, and one invalid row
-    other.insert_new("seed", [{**good, "id": "nowhere", "origin": "t"}])
+    other = Store(tmp_path / "lance")  # a teacher table whose ids have no samples, and one invalid row
+    other.insert_new("teacher", [{**good, "id": "nowhere", "origin": "t"}])
     other.append("samples", world["samples"][:2])
     with pytest.raises(ValueError, match="no SFT examples"):
         sft_examples(other, None, None)
-    other.insert_new("seed", [{**good, "id": "shape-001", "neg_tags": ["d", "e"], "origin": "t"}])
-    with pytest.raises(HQClipError, match="seed table has 1 invalid records, e.g. 'shape-001'"):
+    other.insert_new("teacher", [{**good, "id": "shape-001", "neg_tags": ["d", "e"], "origin": "t"}])
+    with pytest.raises(HQClipError, match="teacher table has 1 invalid records, e.g. 'shape-001'"):
         sft_examples(other, None, None)
     broken = Store(tmp_path / "broken")  # a seed whose image bytes are not an image
     broken.append("samples", [{**world["samples"][0], "image": b"\x89PNG garbage"}])
-    broken.insert_new("seed", [{**good, "origin": "t"}])
+    broken.insert_new("teacher", [{**good, "origin": "t"}])
     with pytest.raises(ValueError, match="SFT example 'shape-000': its image does not decode"):
         sft_examples(broken, None, None)
     assert not (tmp_path / "x").exists()
@@ -242,14 +242,14 @@ def test_bad_lora_targets_and_missing_gpu_are_refused(world, aligned, tmp_path):
     from cycle.lvlm import sft
 
     with pytest.raises(HQClipError, match="lvlm.lora.target_modules.*match no module"):
-        sft(aligned[0], world["store"], world["sv"], world["seedv"], run_cfg("lvlm.lora.target_modules=[qkv]"),
+        sft(aligned[0], world["store"], world["sv"], world["teacher_v"], run_cfg("lvlm.lora.target_modules=[qkv]"),
             tmp_path / "x", progress=False)
     with pytest.raises(ConfigError, match="lvlm.lora.target_modules': empty"):
         run_cfg("lvlm.lora.target_modules=[]")
     run_cfg("lvlm.lora.target_modules=[]", "lvlm.lora.enabled=false")  # unused without LoRA
     if not torch.cuda.is_available():
         with pytest.raises(HQClipError, match="no CUDA GPU"):
-            sft(aligned[0], world["store"], world["sv"], world["seedv"], run_cfg("device=cuda"), tmp_path / "y",
+            sft(aligned[0], world["store"], world["sv"], world["teacher_v"], run_cfg("device=cuda"), tmp_path / "y",
                 progress=False)
 
 
@@ -278,7 +278,7 @@ def test_emoji_seeds_get_fresh_alt_text_each_epoch(tiny_store, tiny_cfg):
     from cycle.lvlm.data import emoji_alt_text_fn, sft_examples
 
     examples = sft_examples(tiny_store, None, None)
-    assert len(examples) == tiny_store.count("seed") > 0
+    assert len(examples) == tiny_store.count("teacher") > 0
     fresh = emoji_alt_text_fn(tiny_cfg.data.emoji, seed=0)
     assert all(fresh(e, 0) is None for e in examples)  # epoch 0 shows the stored alt-text
     per_epoch = [[fresh(e, epoch) for e in examples] for epoch in (1, 2)]
@@ -312,7 +312,7 @@ def test_samples_by_id_fetches_in_chunks_and_quotes_ids(tmp_path):
 def test_alignment_adds_a_seeded_share_of_alt_text_captions(tiny_store):
     from cycle.lvlm.data import align_examples, alt_text_caption_ids
 
-    seeds = {r["id"] for r in tiny_store.read("seed", ["id"]).to_pylist()}
+    seeds = {r["id"] for r in tiny_store.read("teacher", ["id"]).to_pylist()}
     rows = tiny_store.read("samples", ["id", "alt_text", "split"]).to_pylist()
     alt = {r["id"]: r["alt_text"] for r in rows}
     eligible = {r["id"] for r in rows if r["split"] == "train" and r["id"] not in seeds and r["alt_text"].strip()}
@@ -330,7 +330,7 @@ def test_alignment_adds_a_seeded_share_of_alt_text_captions(tiny_store):
 def test_alignment_adds_the_previous_generations_best_annotations(tiny_store):
     from cycle.lvlm.data import align_examples
 
-    seeds = {r["id"] for r in tiny_store.read("seed", ["id"]).to_pylist()}
+    seeds = {r["id"] for r in tiny_store.read("teacher", ["id"]).to_pylist()}
     others = sorted(r["id"] for r in tiny_store.read("samples", ["id"], "split = 'train'").to_pylist()
                     if r["id"] not in seeds)
     best = [{"id": i, "desc": [f"the image shows thing {n}.", "more."]} for n, i in enumerate(others[:3])]

@@ -67,3 +67,11 @@ def test_stale_lock_of_a_killed_process_is_taken_over(tmp_path):
         assert lock.took_over_from["pid"] == proc.pid
     with RunLock(tmp_path) as lock:  # released cleanly: nothing to take over
         assert lock.took_over_from is None
+
+
+def test_a_record_of_an_earlier_layout_is_refused_in_one_line(tmp_path):
+    from cycle.state import StateError
+
+    (tmp_path / "state.json").write_text('{"generations": {"0": {"data": {"status": "done"}}}}')
+    with pytest.raises(StateError, match="written by an earlier hqclip .*start a new run"):
+        RunState(tmp_path)

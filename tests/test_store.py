@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from cycle.store import Store, gen_tag
+from cycle.store import TEACHER, Store, gen_tag
 
 
 def annotation(i: int, generation: int = 1, desc: str = "a cat") -> dict:
@@ -49,9 +49,9 @@ def test_duplicate_keys_within_one_batch_keep_the_first(store):
 
 def test_keys_with_quotes_are_looked_up_safely(store):
     rows = [{"id": "it's", "desc": ["x"]}, {"id": "plain", "desc": ["y"]}]
-    assert store.insert_new("seed", rows) == 2
-    assert store.insert_new("seed", rows + [{"id": "o'hara'", "desc": ["z"]}]) == 1
-    assert store.ids("seed") == {"it's", "plain", "o'hara'"}
+    assert store.insert_new("teacher", rows) == 2
+    assert store.insert_new("teacher", rows + [{"id": "o'hara'", "desc": ["z"]}]) == 1
+    assert store.ids("teacher") == {"it's", "plain", "o'hara'"}
 
 
 def test_tag_pins_an_old_version(store):
@@ -91,3 +91,12 @@ def test_compaction_drops_untagged_versions_but_keeps_tagged_ones_readable(store
     # writes keep working after compaction
     assert store.insert_new("annotations", [annotation(99, generation=3)]) == 1
     assert store.count("annotations") == 25
+
+
+def test_a_store_written_before_the_teacher_rename_is_refused_clearly(tmp_path):
+    from cycle.errors import HQClipError
+
+    old = Store(tmp_path / "lance")
+    old.db.create_table("seed", schema=TEACHER)
+    with pytest.raises(HQClipError, match="table named 'seed'.*rename .*seed.lance to teacher.lance"):
+        old.count("teacher")

@@ -87,7 +87,7 @@ def annotate_run(model_dir, overrides, run_dir, generation, splits, score_clip, 
 @_config_option
 @click.option("--progress/--no-progress", default=True)
 def annotate_import_seed(path, overrides, run_dir, origin, config_path, progress):
-    """Import teacher annotations (dir of <id>.json, .jsonl, or .json) in VLM-150M format into `seed`.
+    """Import teacher annotations (dir of <id>.json, .jsonl, or .json) in VLM-150M format into the `teacher` table.
 
     OVERRIDES are key=value pairs (e.g. `store.uri=...`).
     """
@@ -107,7 +107,7 @@ def annotate_import_seed(path, overrides, run_dir, origin, config_path, progress
 @click.option("--out", type=click.Path(file_okay=False), help="Default: RUN/teacher (request log, stats).")
 @_config_option
 def annotate_teach(overrides, run_dir, ids_file, count, seed, out, config_path):
-    """Ask the teacher endpoint (annotate.openai.*) to annotate seed samples into `seed`.
+    """Ask the teacher endpoint (annotate.openai.*) to annotate seed samples into the `teacher` table.
 
     OVERRIDES are key=value pairs, e.g. `annotate.openai.model=gpt-4o annotate.openai.concurrency=8`.
     """

@@ -48,7 +48,7 @@ def annotation_quality(store, samples_version: int | str, generation: int,
                                           f"generation = {int(generation)}").to_pylist()}
     # Seed images were the annotator's SFT data: their annotations are partly recall, so the images it
     # never trained on are scored apart too (`unseen`).
-    seeds = {r["id"] for r in store.read("seed", ["id"]).to_pylist()} if store.has("seed") else set()
+    seeds = {r["id"] for r in store.read("teacher", ["id"]).to_pylist()} if store.has("teacher") else set()
     unseen: dict[str, list[float]] = defaultdict(list)
     scores: dict[str, list[float]] = defaultdict(list)
     by_kind: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))

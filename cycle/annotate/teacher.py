@@ -110,14 +110,14 @@ def import_seed(path: str | Path, store, samples_version: Optional[int | str] = 
             rejects.append(("invalid_annotation", key, f"{where}: {failure}"))
             continue
         rows.append({"id": key, **record, "origin": origin})
-    before = store.count("seed")
-    imported = store.insert_new("seed", rows)
+    before = store.count("teacher")
+    imported = store.insert_new("teacher", rows)
     _reject(store, f"seed-import:{path}", rejects)
     reasons: dict[str, int] = {}
     for reason, _, _ in rejects:
         reasons[reason] = reasons.get(reason, 0) + 1
     return {"read": read, "valid": len(rows), "imported": imported, "already_present": len(rows) - imported,
-            "seed_rows_before": before, "rejected": reasons}
+            "teacher_rows_before": before, "rejected": reasons}
 
 
 def _reject(store, source: str, rejects: list[tuple[str, str, str]]) -> None:
@@ -143,7 +143,7 @@ def teach_seed(cfg: Any, store, samples_version: int | str, ids: Iterable[str], 
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    wanted = set(ids) - store.ids("seed")
+    wanted = set(ids) - store.ids("teacher")
     unknown = wanted - store.ids("samples", version=samples_version)
     if unknown:
         raise AnnotateError(f"{len(unknown)} seed ids are not in samples@{samples_version}, e.g. {sorted(unknown)[0]}")
@@ -186,4 +186,4 @@ def _teach_batch(backend: Backend, samples: list[dict], cfg: Any, store, origin:
     bad = [("teacher_output_unusable", s["id"], f"{getattr(o, 'reason', '') or r.reason}: {str(o)[:RAW_OUTPUT_CHARS]}")
            for s, r, o in zip(samples, results, outputs) if not r.usable]
     _reject(store, "teacher", bad)
-    return store.insert_new("seed", rows), len(bad)
+    return store.insert_new("teacher", rows), len(bad)

@@ -71,12 +71,12 @@ class TrainJob:
 
 def train_clip(cfg: RunConfig, store_uri, out_dir, samples_version, annotations_version=None,
                generation: Optional[int] = None, init_clip=None, progress: bool = True,
-               seed_version=None) -> Path:
+               teacher_version=None) -> Path:
     """Train a CLIP on the train split of `store_uri` at the pinned versions; returns `<out_dir>/model`.
 
     `generation` None or 0: raw alt-text only, HNI and STC off (the baseline). `generation` g >= 1 joins
     that generation's annotations (`annotations_version` pins them), and the teacher seeds as a fallback
-    when `seed_version` is given. `init_clip` starts from a checkpoint directory instead of
+    when `teacher_version` is given. `init_clip` starts from a checkpoint directory instead of
     `cfg.clip.pretrained` / scratch. `cfg.train.world_size` > 1 spawns that many ranks on this machine.
     """
     from ..device import resolve_device
@@ -85,14 +85,14 @@ def train_clip(cfg: RunConfig, store_uri, out_dir, samples_version, annotations_
 
     device_type = resolve_device(cfg.device).type  # no GPU for device=cuda: refused before anything starts
     job = prepare(cfg, store_uri, out_dir, samples_version, annotations_version, generation, init_clip,
-                  progress, seed_version)
+                  progress, teacher_version)
     launch(train_rank, cfg.train.world_size, job, accelerator=device_type)
     return job.out_dir / "model"
 
 
 # ----------------------------------------------------------------------------------------------- prepare
 def prepare(cfg: RunConfig, store_uri, out_dir, samples_version, annotations_version=None, generation=None,
-            init_clip=None, progress=True, seed_version=None) -> TrainJob:
+            init_clip=None, progress=True, teacher_version=None) -> TrainJob:
     from ..data.loader import PairDataset
     from . import checkpoint
     from .text import build_tag_vocab, normalise_tag
@@ -109,14 +109,14 @@ def prepare(cfg: RunConfig, store_uri, out_dir, samples_version, annotations_ver
     dataset = PairDataset(store_uri, "train", samples_version=samples_version,
                           annotations_version=annotations_version if use_annotations else None,
                           generation=generation if use_annotations else None,
-                          seed_version=seed_version if use_annotations else None)
+                          teacher_version=teacher_version if use_annotations else None)
     plan = TrainPlan.make(cfg, len(dataset))
     hni = cfg.loss.hni_weight if use_annotations else 0.0
     stc = cfg.loss.stc_weight if use_annotations else 0.0
     job = TrainJob(cfg, out_dir, dataset, plan, use_annotations, hni, stc, init_clip=init_clip and str(init_clip),
                    progress=progress)
     if use_annotations:
-        tag_lists = _annotated_tags(store_uri, dataset, generation, seed_version is not None)
+        tag_lists = _annotated_tags(store_uri, dataset, generation, teacher_version is not None)
         if not tag_lists:
             raise TrainInputError(f"generation {generation} has no usable annotations for the train split "
                              f"(annotations@{dataset.pins.get('annotations')}); annotate before training")
@@ -133,7 +133,7 @@ def prepare(cfg: RunConfig, store_uri, out_dir, samples_version, annotations_ver
         "clip": to_dict(cfg.clip), "loss": to_dict(cfg.loss) if use_annotations else None,
         "train": {k: v for k, v in to_dict(cfg.train).items() if k not in ("checkpoint_every", "log_every")},
         "data": {"samples": dataset.pins.get("samples"), "annotations": dataset.pins.get("annotations"),
-                 "seed": dataset.pins.get("seed"), "generation": generation},
+                 "teacher": dataset.pins.get("teacher"), "generation": generation},
         "init_clip": job.init_clip, "seed": cfg.seed,
     }
     identity["fingerprint"] = fingerprint(identity)
@@ -178,7 +178,7 @@ def _annotated_tags(store_uri, dataset, generation: int, with_seed: bool) -> lis
         if r["id"] in train_ids and is_usable(r["status"]) and r["id"] not in found:
             found[r["id"]] = r["tags"] or []
     if with_seed:
-        for r in store.read("seed", ["id", "tags"], version=dataset.pins["seed"]).to_pylist():
+        for r in store.read("teacher", ["id", "tags"], version=dataset.pins["teacher"]).to_pylist():
             if r["id"] in train_ids and r["id"] not in found:
                 found[r["id"]] = r["tags"] or []
     return list(found.values())

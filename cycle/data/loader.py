@@ -1,7 +1,7 @@
 """Torch loading from the run's LanceDB store: a map-style dataset, a resumable sampler, a loader.
 
 - `PairDataset` reads a *pinned* version of `samples` (one split), optionally joined with one
-  generation's `annotations` and/or the teacher `seed`. The index (which rows, where their annotation
+  generation's `annotations` and/or the `teacher` table. The index (which rows, where their annotation
   sits) is built once from a few small columns; images are fetched by position with `LanceDataset.take`
   and decoded in the worker.
 - `ResumableSampler` yields each rank's share of every global batch; the order is a pure function of
@@ -62,32 +62,32 @@ class PairDataset(Dataset):
     Args:
         store_uri: the run's LanceDB directory (`<run>/lance`).
         split: rows whose `split` equals this; None takes every split.
-        samples_version / annotations_version / seed_version: an int version, a tag ("gen-001"), or None
+        samples_version / annotations_version / teacher_version: an int version, a tag ("gen-001"), or None
             for the latest version at construction time. Whatever they are, they are resolved to ints
             once (see `pins`), so the dataset never moves under a running job.
         generation: join the `annotations` rows of this generation (with `annotations_version=None`
             the latest annotations version is pinned).
-        seed_version: join the teacher `seed` table at this version or tag; `use_seed=True` joins its
-            latest version (None alone means no seed join).
+        teacher_version: join the `teacher` table table at this version or tag; `use_teacher=True` joins its
+            latest version (None alone means no teacher join).
         transform: PIL RGB image -> tensor, run in the worker (default `image_to_tensor`).
-        prefer: when a row has both, which formulas win: "annotations" (default) or "seed".
+        prefer: when a row has both, which formulas win: "annotations" (default) or "teacher".
         only_annotated: keep only rows with a joined annotation (e.g. SFT over the seed ids).
         extra_columns: more `samples` columns to return as they are (e.g. "meta", "sha256").
 
     Each item is a dict: `id`, `image` (transformed), `alt_text`, any extra columns, and when a join is
     asked for: `desc`, `neg_desc`, `tags`, `neg_tags` (lists; empty when the row has no annotation),
-    `annotated` (bool) and `text_source` ("annotations", "seed" or ""). Annotations with status
+    `annotated` (bool) and `text_source` ("annotations", "teacher" or ""). Annotations with status
     "failed" count as absent.
     """
 
     def __init__(self, store_uri, split: Optional[str] = "train", samples_version=None,
-                 annotations_version=None, generation: Optional[int] = None, seed_version=None,
-                 transform: Optional[Callable] = None, *, use_seed: bool = False, prefer: str = "annotations",
+                 annotations_version=None, generation: Optional[int] = None, teacher_version=None,
+                 transform: Optional[Callable] = None, *, use_teacher: bool = False, prefer: str = "annotations",
                  only_annotated: bool = False, extra_columns: Sequence[str] = ()):
         if annotations_version is not None and generation is None:
             raise ValueError("annotations_version given without generation: say which generation to join")
-        if prefer not in ("annotations", "seed"):
-            raise ValueError(f"prefer={prefer!r}: expected 'annotations' or 'seed'")
+        if prefer not in ("annotations", "teacher"):
+            raise ValueError(f"prefer={prefer!r}: expected 'annotations' or 'teacher'")
         self.store_uri = str(store_uri)
         self.split = split
         self.transform = transform or image_to_tensor
@@ -106,29 +106,29 @@ class PairDataset(Dataset):
             rows = np.flatnonzero(pc.equal(index.column("split"), split).to_numpy(zero_copy_only=False))
         ids = index.column("id").take(pa.array(rows, pa.int64()))
 
-        self.joined = generation is not None or seed_version is not None or use_seed
-        self._ann_rows = self._seed_rows = None
+        self.joined = generation is not None or teacher_version is not None or use_teacher
+        self._ann_rows = self._teacher_rows = None
         if generation is not None:
             self._pin("annotations", annotations_version)
             ann = self._handle("annotations").to_table(columns=["id", "generation", "status"])
             usable = pc.and_(pc.equal(ann.column("generation"), generation),
                              pc.not_equal(pc.fill_null(ann.column("status"), "ok"), "failed"))
             self._ann_rows = _positions_of(ids, ann.column("id"), usable)
-        if seed_version is not None or use_seed:
-            self._pin("seed", seed_version)
-            seed = self._handle("seed").to_table(columns=["id"])
-            self._seed_rows = _positions_of(ids, seed.column("id"), None)
+        if teacher_version is not None or use_teacher:
+            self._pin("teacher", teacher_version)
+            teacher = self._handle("teacher").to_table(columns=["id"])
+            self._teacher_rows = _positions_of(ids, teacher.column("id"), None)
 
         if only_annotated:
             if not self.joined:
-                raise ValueError("only_annotated=True needs a join (generation= or seed_version=)")
+                raise ValueError("only_annotated=True needs a join (generation= or teacher_version=)")
             has = np.zeros(len(rows), dtype=bool)
-            for found in (self._ann_rows, self._seed_rows):
+            for found in (self._ann_rows, self._teacher_rows):
                 if found is not None:
                     has |= found >= 0
             rows = rows[has]
             self._ann_rows = None if self._ann_rows is None else self._ann_rows[has]
-            self._seed_rows = None if self._seed_rows is None else self._seed_rows[has]
+            self._teacher_rows = None if self._teacher_rows is None else self._teacher_rows[has]
         self._rows = rows
 
     # -- Lance handles: opened lazily, once per process --------------------------------------------------
@@ -159,9 +159,9 @@ class PairDataset(Dataset):
             raise IndexError(f"index out of range for a dataset of {len(self)} rows")
         samples = _take(self._handle("samples"), self._rows[idx], ["id", "image", "alt_text", *self.extra_columns])
         ann = self._formulas("annotations", self._ann_rows, idx)
-        seed = self._formulas("seed", self._seed_rows, idx)
-        first, second = (ann, seed) if self.prefer == "annotations" else (seed, ann)
-        first_src, second_src = ("annotations", "seed") if self.prefer == "annotations" else ("seed", "annotations")
+        teacher = self._formulas("teacher", self._teacher_rows, idx)
+        first, second = (ann, teacher) if self.prefer == "annotations" else (teacher, ann)
+        first_src, second_src = ("annotations", "teacher") if self.prefer == "annotations" else ("teacher", "annotations")
         items = []
         for i, row in enumerate(samples):
             item = {"id": row["id"], "image": self.transform(decode_image(row["image"])), "alt_text": row["alt_text"]}

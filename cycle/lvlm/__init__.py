@@ -5,10 +5,10 @@ and writes `out` atomically; whether an earlier output may be reused is the cont
 (`state.json`), never the stage's:
 
     pretrain_lm(cfg.lvlm.lm, texts, out, seed, device)         -> LM dir (tiny: tokenizer + LM trained here)
-    prepare_lm(cfg.lvlm.lm, run_texts(store, sv, seedv), out)  -> pretrain_lm's dir, or the hub LM's name
+    prepare_lm(cfg.lvlm.lm, run_texts(store, sv, teacher_v), out)  -> pretrain_lm's dir, or the hub LM's name
     build_lvlm(clip_dir, lm_dir, cfg.lvlm, out)                 -> LLaVA dir (tower = CLIP_{g-1}'s ViT)
-    align_projector(lvlm_dir, store, sv, seedv, cfg, out)       -> (LLaVA dir, metrics): projector only
-    sft(aligned_dir, store, sv, seedv, cfg, out)                -> (adapter dir | None, merged dir, metrics)
+    align_projector(lvlm_dir, store, sv, teacher_v, cfg, out)       -> (LLaVA dir, metrics): projector only
+    sft(aligned_dir, store, sv, teacher_v, cfg, out)                -> (adapter dir | None, merged dir, metrics)
 
 Imports are lazy: `import cycle.lvlm` stays cheap; the names load their module on first use.
 """

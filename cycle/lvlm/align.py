@@ -23,7 +23,7 @@ def text_budget(cfg: RunConfig, model) -> int:
     return int(model.config.image_seq_length) + cfg.lvlm.lm.max_length
 
 
-def align_projector(lvlm_dir: str | Path, store: Store, samples_version, seed_version, cfg: RunConfig,
+def align_projector(lvlm_dir: str | Path, store: Store, samples_version, teacher_version, cfg: RunConfig,
                     out_dir: str | Path, extra_ids: Optional[Iterable[str]] = None,
                     extra_records: Optional[list[dict]] = None,
                     progress: bool = True) -> tuple[Path, dict]:
@@ -39,7 +39,7 @@ def align_projector(lvlm_dir: str | Path, store: Store, samples_version, seed_ve
     model.requires_grad_(False)
     projector = model.model.multi_modal_projector
     projector.requires_grad_(True)
-    examples = align_examples(store, samples_version, seed_version, extra, extra_records)
+    examples = align_examples(store, samples_version, teacher_version, extra, extra_records)
     batches, steps = make_batches(examples, processor, stage.batch_size, cfg.seed, text_budget(cfg, model),
                                   align_input)
     before = eval_loss(model, batches(0), device)

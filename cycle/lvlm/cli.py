@@ -16,7 +16,7 @@ STAGES = ("lm", "build", "align", "sft")
 
 
 def _settings(run_dir: str, config_path, overrides):
-    """(config, store, samples version, seed version): the data stage's pinned versions when the run has
+    """(config, store, samples version, teacher version): the data stage's pinned versions when the run has
     them, else the tables' current versions."""
     from ..cli_common import pinned_data, run_config
     from ..store import Store
@@ -24,10 +24,10 @@ def _settings(run_dir: str, config_path, overrides):
     cfg = run_config(run_dir, config_path, overrides)
     store = Store(cfg.store.uri or Path(run_dir) / "lance")
     outputs = pinned_data(run_dir)
-    if not store.has("seed") or store.count("seed") == 0:
-        raise HQClipError(f"no seed annotations in {store.uri}: build the data or import a seed set first")
+    if not store.has("teacher") or store.count("teacher") == 0:
+        raise HQClipError(f"no teacher annotations in {store.uri}: build the data or import a seed set first")
     return (cfg, store, outputs.get("samples_version", store.version("samples")),
-            outputs.get("seed_version", store.version("seed")))
+            outputs.get("teacher_version", store.version("teacher")))
 
 
 @click.group()
@@ -50,22 +50,22 @@ def lvlm_train(clip_dir, overrides, run_dir, out, stop_after, config_path, progr
     """
     from . import align_projector, build_lvlm, prepare_lm, run_texts, sft
 
-    cfg, store, sv, seedv = _settings(run_dir, config_path, overrides)
+    cfg, store, sv, teacher_v = _settings(run_dir, config_path, overrides)
     out = Path(out) if out else Path(run_dir) / "lvlm-manual"
     last = STAGES.index(stop_after)
     metrics: dict = {}
-    lm = prepare_lm(cfg.lvlm.lm, run_texts(store, sv, seedv, cfg), out / "lm", seed=cfg.seed, progress=progress,
+    lm = prepare_lm(cfg.lvlm.lm, run_texts(store, sv, teacher_v, cfg), out / "lm", seed=cfg.seed, progress=progress,
                     device=cfg.device)
     click.echo(f"lm: {lm}")
     if last >= 1:
         model = build_lvlm(clip_dir, lm, cfg.lvlm, out / "base", seed=cfg.seed)
         click.echo(f"base: {model}")
     if last >= 2:
-        model, m = align_projector(model, store, sv, seedv, cfg, out / "aligned", progress=progress)
+        model, m = align_projector(model, store, sv, teacher_v, cfg, out / "aligned", progress=progress)
         metrics.update(m)
         click.echo(f"aligned: {model}")
     if last >= 3:
-        adapter, merged, m = sft(model, store, sv, seedv, cfg, out / "sft", progress=progress)
+        adapter, merged, m = sft(model, store, sv, teacher_v, cfg, out / "sft", progress=progress)
         metrics.update(m)
         click.echo(f"adapter: {adapter}\nmerged: {merged}")
     for key, value in metrics.items():

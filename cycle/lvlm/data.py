@@ -53,22 +53,22 @@ def samples_by_id(store: Store, samples_version, ids, columns=("id", "image", "a
     return out
 
 
-def seed_records(store: Store, seed_version) -> list[dict]:
-    recs = store.read("seed", ["id", *FORMULA_KEYS], version=seed_version).to_pylist()
+def teacher_records(store: Store, teacher_version) -> list[dict]:
+    recs = store.read("teacher", ["id", *FORMULA_KEYS], version=teacher_version).to_pylist()
     bad = [(r["id"], validate({k: r[k] for k in FORMULA_KEYS})) for r in recs]
     bad = [(i, p) for i, p in bad if p]
     if bad:
-        raise LVLMError(f"seed table has {len(bad)} invalid records, e.g. '{bad[0][0]}': {'; '.join(bad[0][1])}")
+        raise LVLMError(f"teacher table has {len(bad)} invalid records, e.g. '{bad[0][0]}': {'; '.join(bad[0][1])}")
     return recs
 
 
-def align_examples(store: Store, samples_version, seed_version, extra_ids=None,
+def align_examples(store: Store, samples_version, teacher_version, extra_ids=None,
                    extra_records=None) -> list[Example]:
     """(image -> description) pairs: each seed row's `desc` sentences joined; with `extra_records` (id +
     `desc`, e.g. the previous generation's best annotations), theirs, for ids that are not seeds; with
     `extra_ids`, those samples with their own alt-text as the caption (LLaVA's stage 1 used filtered web
     captions)."""
-    recs = [(r, "seed") for r in seed_records(store, seed_version)]
+    recs = [(r, "seed") for r in teacher_records(store, teacher_version)]
     seen = {r["id"] for r, _ in recs}
     for r in extra_records or ():
         if r["id"] not in seen and r.get("desc"):
@@ -85,12 +85,12 @@ def align_examples(store: Store, samples_version, seed_version, extra_ids=None,
     return out
 
 
-def alt_text_caption_ids(store: Store, samples_version, seed_version, share: float, seed: int) -> list[str]:
+def alt_text_caption_ids(store: Store, samples_version, teacher_version, share: float, seed: int) -> list[str]:
     """A seeded `share` of the non-seed training samples with a non-empty alt-text: extra alignment data
     captioned by that alt-text (noisy, like LLaVA stage 1's web captions, but 2-3x the seed set's images)."""
     if share <= 0:
         return []
-    seeds = {r["id"] for r in store.read("seed", ["id"], version=seed_version).to_pylist()}
+    seeds = {r["id"] for r in store.read("teacher", ["id"], version=teacher_version).to_pylist()}
     ids = sorted(r["id"] for r in store.read("samples", ["id", "alt_text"], "split = 'train'",
                                              version=samples_version).to_pylist()
                  if r["id"] not in seeds and (r["alt_text"] or "").strip())
@@ -98,10 +98,10 @@ def alt_text_caption_ids(store: Store, samples_version, seed_version, share: flo
     return sorted(ids[:round(share * len(ids))])
 
 
-def sft_examples(store: Store, samples_version, seed_version, extra_records=None) -> list[Example]:
+def sft_examples(store: Store, samples_version, teacher_version, extra_records=None) -> list[Example]:
     """(image + alt-text -> four formulas) for every seed row, then `extra_records` (dicts with `id` and
     the four formulas, e.g. the previous generation's best annotations) whose ids are not seeds."""
-    recs = seed_records(store, seed_version)
+    recs = teacher_records(store, teacher_version)
     seen = {r["id"] for r in recs}
     n_seeds = len(recs)
     for r in extra_records or ():
@@ -125,7 +125,7 @@ def sft_examples(store: Store, samples_version, seed_version, extra_records=None
 
 def _check_found(out: list, wanted: int, what: str) -> None:
     if not out:
-        raise LVLMError(f"no {what} examples: the seed table is empty or its ids are not in the samples version")
+        raise LVLMError(f"no {what} examples: the teacher table is empty or its ids are not in the samples version")
     for e in out:  # a broken image fails here, named, rather than in the middle of training
         try:
             with Image.open(io.BytesIO(e.image or b"")) as im:

@@ -45,12 +45,12 @@ def with_lora(model, cfg: LoraConfig):
                          f"of the LM ({str(err).splitlines()[0]})") from None
 
 
-def sft(lvlm_dir: str | Path, store: Store, samples_version, seed_version, cfg: RunConfig, out_dir: str | Path,
+def sft(lvlm_dir: str | Path, store: Store, samples_version, teacher_version, cfg: RunConfig, out_dir: str | Path,
         extra_records: Optional[list[dict]] = None, progress: bool = True,
         alt_text_fn: Optional[Callable[[Example, int], Optional[str]]] = None) -> tuple[Optional[Path], Path, dict]:
     """SFT of the aligned LLaVA in `lvlm_dir`. Returns (adapter dir or None, merged dir, metrics).
 
-    `extra_records`: more (id + four formulas) targets beyond the seed table. `alt_text_fn(example, epoch)`
+    `extra_records`: more (id + four formulas) targets beyond the teacher table. `alt_text_fn(example, epoch)`
     may return a fresh alt-text for an example each epoch (None keeps the stored one); by default, with
     `lvlm.sft_fresh_alt_text` on emoji-scenes data, the dataset's own noise drawn anew. Always trains;
     `out_dir` is replaced atomically.
@@ -70,7 +70,7 @@ def sft(lvlm_dir: str | Path, store: Store, samples_version, seed_version, cfg: 
         model.model.language_model.requires_grad_(True)
         model.lm_head.requires_grad_(True)
     params = [p for p in model.parameters() if p.requires_grad]
-    examples = sft_examples(store, samples_version, seed_version, extra_records)
+    examples = sft_examples(store, samples_version, teacher_version, extra_records)
     batches, steps = make_batches(examples, processor, stage.batch_size, cfg.seed, text_budget(cfg, base),
                                   sft_input(alt_text_fn))
     plain = make_batches(examples, processor, stage.batch_size, cfg.seed, text_budget(cfg, base), sft_input())[0]

@@ -35,7 +35,7 @@ PRETRAIN_WARMUP_STEPS = 50  # at most; fewer when an epoch has fewer steps
 PRETRAIN_WEIGHT_DECAY = 0.01
 
 
-def run_texts(store: Store, samples_version: int | str | None, seed_version: int | str | None,
+def run_texts(store: Store, samples_version: int | str | None, teacher_version: int | str | None,
               cfg: Optional[RunConfig] = None) -> Iterator[str]:
     """The run's text the tiny LM learns from: every training alt-text, and for each seed row of the
     training split the whole model input (prompt with its alt-text) followed by the teacher's answer
@@ -52,7 +52,7 @@ def run_texts(store: Store, samples_version: int | str | None, seed_version: int
     if cfg is not None and cfg.data.source == "emoji-scenes" and cfg.lvlm.lm.pretrain_seed_variants > 0:
         variants = cfg.lvlm.lm.pretrain_seed_variants
         fresh = emoji_alt_text_fn(cfg.data.emoji, seed=cfg.seed + VARIANT_SEED_OFFSET)
-    seeds = store.read("seed", ["id", *FORMULA_KEYS], version=seed_version).to_pylist()
+    seeds = store.read("teacher", ["id", *FORMULA_KEYS], version=teacher_version).to_pylist()
     rows = samples_by_id(store, samples_version, [r["id"] for r in seeds],
                          columns=("id", "alt_text", "split", "meta"))
     for rec in seeds:

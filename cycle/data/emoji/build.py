@@ -73,10 +73,10 @@ def build_emoji_scenes(cfg: EmojiScenesConfig, store: "Store", progress: bool = 
                 batch = [sample_row(row, glyphs, cfg.image_size) for row in todo[start:start + write_batch]]
                 store.insert_new("samples", batch)
                 bar.update(len(batch))
-    seeded = store.ids("seed")
+    seeded = store.ids("teacher")
     new_seeds = [{**s, "origin": SEED_ORIGIN} for s in plan.seeds if s["id"] not in seeded]
     if new_seeds:
-        store.insert_new("seed", new_seeds)
+        store.insert_new("teacher", new_seeds)
     return plan.counts()
 
 
@@ -105,7 +105,7 @@ def build_command(out: str | Path, cfg: EmojiScenesConfig,
     table.add_column("rows", justify="right")
     for split, n in counts.items():
         table.add_row(split, str(n))
-    table.add_row("seed (teacher annotations)", str(store.count("seed")), style="dim")
+    table.add_row("seed (teacher annotations)", str(store.count("teacher")), style="dim")
     table.add_row("vocabulary objects", str(cfg.vocab_size), style="dim")
     Console().print(table)
     return counts
