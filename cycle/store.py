@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -85,6 +86,10 @@ def gen_tag(generation: int) -> str:
 
 class StoreError(HQClipError, ValueError):
     """The store refuses a write that would lose what a version or tag means (a ValueError for older callers)."""
+
+
+class BadFilter(HQClipError, ValueError):
+    """A user's SQL filter (`hqclip inspect --where`) that Lance cannot parse or plan."""
 
 
 @dataclass(frozen=True)
@@ -188,6 +193,14 @@ class Store:
              version: int | str | None = None, batch_size: int = 1024) -> Iterator[pa.RecordBatch]:
         ds = self.table(name, version).to_lance()
         yield from ds.to_batches(columns=columns, filter=where, batch_size=batch_size)
+
+    def check_filter(self, name: str, where: str, version: int | str | None = None) -> None:
+        """Raise `BadFilter` naming `where` unless Lance can parse and plan it on table `name` (reads no rows)."""
+        try:
+            self.table(name, version).to_lance().scanner(columns=[], filter=where, limit=0, with_row_id=True).to_table()
+        except ValueError as err:  # Lance: "Invalid user input: ..., /path/to/file.rs:109:" over several lines
+            reason = re.sub(r",\s*/\S+\.rs:\d+(:\d+)?:?\s*$", "", str(err).splitlines()[0] if str(err) else "")
+            raise BadFilter(f"filter {where!r} on {name}: {reason or type(err).__name__}") from None
 
     def ids(self, name: str, where: str | None = None, version: int | str | None = None) -> set[str]:
         return set(self.read(name, ["id"], where, version).column("id").to_pylist())
