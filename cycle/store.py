@@ -61,7 +61,10 @@ REJECTS = pa.schema([
 ])
 
 SCHEMAS = {"samples": SAMPLES, "seed": SEED, "annotations": ANNOTATIONS, "rejects": REJECTS}
-KEYS = {"samples": ["id"], "seed": ["id"], "annotations": ["id", "generation"]}
+# The first key column is the one looked up (`_drop_present`). Rejects are keyed too, so ingesting a
+# source again does not store its rejects again (the same source, key and reason once).
+KEYS = {"samples": ["id"], "seed": ["id"], "annotations": ["id", "generation"],
+        "rejects": ["key", "source", "reason"]}
 
 
 # The one definition of an annotation that training, alignment, SFT, quality and export may use: parsed
@@ -257,11 +260,12 @@ def _dedupe(data: pa.Table, keys: list[str]) -> pa.Table:
 
 
 def _drop_present(tbl, data: pa.Table, keys: list[str], chunk: int = PRESENT_LOOKUP_CHUNK) -> pa.Table:
-    """Rows of `data` whose key is not yet in `tbl`, looked up by the batch's own ids (no full scan)."""
-    ids = data.column("id").to_pylist()
+    """Rows of `data` whose key is not yet in `tbl`, looked up by the batch's own values of the first key
+    column (no full scan)."""
+    ids = data.column(keys[0]).to_pylist()
     present = set()
     for start in range(0, len(ids), chunk):
-        found = tbl.to_lance().to_table(columns=keys, filter=sql_in("id", set(ids[start:start + chunk])))
+        found = tbl.to_lance().to_table(columns=keys, filter=sql_in(keys[0], set(ids[start:start + chunk])))
         present.update(zip(*(found.column(k).to_pylist() for k in keys)))
     if not present:
         return data
