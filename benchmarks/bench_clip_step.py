@@ -48,9 +48,8 @@ def bench_step(model_name: str, batch: int, steps: int, neg_share: float, num_ta
     from open_clip.loss import ClipLoss
 
     from cycle.clip.loss import HQClipLoss
-    from cycle.clip.model import create_clip
+    from cycle.clip.model import ClipWithTagHead, create_clip
     from cycle.clip.optim import make_optimizer
-    from cycle.clip.train_module import ClipWithTagHead
     from cycle.config import LossConfig, TrainConfig
 
     rng = np.random.default_rng(0)

@@ -325,6 +325,7 @@ def _validate(cfg: DictConfig) -> None:
                 "data.emoji.max_objects", "annotate.batch_size"):
         if OmegaConf.select(cfg, key) < 1:
             raise ConfigError(f"config key '{key}': got {OmegaConf.select(cfg, key)!r}, expected >= 1")
+    _validate_clip_train(cfg)
     _validate_lvlm_annotate(cfg)
     _validate_names(cfg)
 
@@ -343,6 +344,24 @@ def _validate_lvlm_annotate(cfg: DictConfig) -> None:
     if cfg.lvlm.lora.enabled and not cfg.lvlm.lora.target_modules:
         raise ConfigError("config key 'lvlm.lora.target_modules': empty, expected LM projection names")
 # --- end lvlm / annotate
+
+
+# --- clip / train / loss: how the batch splits over ranks and micro-batches (the trainer relies on it)
+def _validate_clip_train(cfg: DictConfig) -> None:
+    t = cfg.train
+    for key in ("train.world_size", "train.log_every", "train.checkpoint_every", "loss.stc_vocab_size"):
+        if OmegaConf.select(cfg, key) < 1:
+            raise ConfigError(f"config key '{key}': got {OmegaConf.select(cfg, key)!r}, expected >= 1")
+    if t.batch_size % t.world_size:
+        raise ConfigError(f"config key 'train.batch_size': {t.batch_size} does not divide by "
+                          f"train.world_size={t.world_size}")
+    if t.zero_stage not in (1, 2):
+        raise ConfigError(f"config key 'train.zero_stage': got {t.zero_stage}, expected 1 or 2")
+    local = t.batch_size // t.world_size
+    if t.micro_batch_size < 0 or (t.micro_batch_size and local % t.micro_batch_size):
+        raise ConfigError(f"config key 'train.micro_batch_size': {t.micro_batch_size} does not divide the per-rank "
+                          f"batch {local} (train.batch_size / train.world_size; 0: the whole per-rank batch)")
+# --- end clip / train / loss
 
 
 # --- names: architectures and other names that another library resolves, checked here so a typo fails

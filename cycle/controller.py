@@ -122,12 +122,16 @@ def run_cycle(cfg: RunConfig, redo_from: Optional[str] = None, progress: bool = 
                 entry = state.stage(gen, name)
                 if entry.get("status") == "done":
                     continue  # plan_run checked its fingerprint and outputs
-                if entry.get("status") == "running" and entry.get("fingerprint") != fp:
+                if entry.get("status") in ("running", "failed") and entry.get("fingerprint") != fp:
                     clear_stage(run_dir, store, stage, gen)  # partial work made with other inputs
                 log.info("[gen %d] %s ...", gen, name)
                 state.mark_running(gen, name, fp, inputs)
-                result = stage.run(cfg, stage.pins(state, gen), gen_dir(run_dir, gen) / stage.folder,
-                                   progress=progress)
+                try:
+                    result = stage.run(cfg, stage.pins(state, gen), gen_dir(run_dir, gen) / stage.folder,
+                                       progress=progress)
+                except Exception as err:
+                    state.mark_failed(gen, name, f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+                    raise
                 state.mark_done(gen, name, fp, result.outputs, result.metrics)
                 if stop == (gen, name):
                     return state

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable, Optional, Protocol
 
 from .config import RunConfig, to_dict
+from .errors import HQClipError
 from .state import flat_numbers
 from .store import USABLE, Store, gen_tag
 
@@ -93,7 +94,7 @@ def data_run(cfg: RunConfig, pins: dict, out_dir: Path, progress: bool = True) -
 
         counts = build_emoji_scenes(cfg.data.emoji, store, progress=progress, write_batch=cfg.store.write_batch)
     elif store.count("samples") == 0:
-        raise RuntimeError(f"data.source=store but the run's samples table is empty: ingest first "
+        raise HQClipError(f"data.source=store but the run's samples table is empty: ingest first "
                            f"(hqclip data ingest SOURCE --run {cfg.run_dir})")
     samples = store.tag("samples", gen_tag(0))
     seed = store.tag("seed", gen_tag(0))

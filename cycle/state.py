@@ -87,6 +87,12 @@ class RunState:
                      outputs=outputs or {}, metrics=metrics or {})
         self.save()
 
+    def mark_failed(self, gen: int, stage: str, error: str) -> None:
+        """The stage raised: said in the record, so `status` does not show it running. Rerun on resume."""
+        entry = self.data["generations"].setdefault(str(gen), {}).setdefault(stage, {})
+        entry.update(status="failed", error=error, finished=time.time())
+        self.save()
+
     def forget_from(self, gen: int, stage_order: list[str], stage: str) -> list[str]:
         """Drop every stage entry from (gen, stage) on; returns what was dropped ('gen:stage')."""
         dropped = []

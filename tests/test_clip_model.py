@@ -64,7 +64,9 @@ def test_image_size_override():
 
 
 def test_unknown_architecture_is_a_clear_error():
-    with pytest.raises(ValueError, match="unknown CLIP architecture 'no-such-clip'"):
+    from cycle.errors import HQClipError
+
+    with pytest.raises(HQClipError, match="unknown CLIP architecture 'no-such-clip'"):
         create_clip("no-such-clip")
 
 
@@ -121,6 +123,9 @@ def test_save_rejects_reserved_extra_names(micro, tmp_path):
 
 
 def test_load_errors_name_the_problem(micro, micro_ckpt, tmp_path):
+    from cycle.errors import HQClipError
+
+    assert issubclass(CheckpointError, HQClipError)  # the CLI's one-line error, no traceback
     with pytest.raises(CheckpointError, match="does not exist"):
         load_clip(tmp_path / "nope")
     (tmp_path / "empty").mkdir()

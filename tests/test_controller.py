@@ -243,3 +243,11 @@ def test_missing_output_of_a_done_stage_is_redone(finished_run, caplog):
     assert state.stage(2, "eval")["finished"] > before["finished"]
     assert state.stage(2, "eval")["metrics"] == before["metrics"]
     assert state.stage(2, "train")["finished"] == RunState(finished_run.run_dir).stage(2, "train")["finished"]
+
+
+def test_a_stage_that_fails_is_recorded_failed_not_running(tmp_path):
+    cfg = tiny(tmp_path, "empty", "data.source=store")
+    with pytest.raises(HQClipError, match="samples table is empty: ingest first"):
+        run_cycle(cfg, progress=False)
+    entry = RunState(cfg.run_dir).stage(0, "data")
+    assert entry["status"] == "failed" and "ingest first" in entry["error"]

@@ -111,9 +111,11 @@ def test_missing_inputs_for_an_enabled_term_are_a_clear_error(missing, message):
         HQClipLoss(_cfg(hni_weight=1.0, stc_weight=1.0))(**b)
 
 
-def test_bad_hni_mode_is_a_clear_error():
-    with pytest.raises(ValueError, match="hni_mode"):
-        HQClipLoss(_cfg(hni_mode="triplet"))
+def test_bad_hni_mode_is_refused_by_config_validation():
+    from cycle.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="loss.hni_mode"):
+        load_config(None, ["name=x", "loss.hni_mode=triplet"])
 
 
 # --------------------------------------------------------------------------------- gradients on a model
@@ -144,7 +146,7 @@ def _grads(module, loss):
 
 
 def test_gradients_reach_exactly_the_parameters_each_term_should(micro_clip):
-    from cycle.clip.train_module import ClipWithTagHead
+    from cycle.clip.model import ClipWithTagHead
 
     clip, tokenizer = micro_clip
     module = ClipWithTagHead(clip, num_tags=3)
@@ -180,7 +182,7 @@ def test_gradients_reach_exactly_the_parameters_each_term_should(micro_clip):
 
 
 def test_unusable_negatives_are_not_encoded(micro_clip):
-    from cycle.clip.train_module import ClipWithTagHead
+    from cycle.clip.model import ClipWithTagHead
 
     clip, tokenizer = micro_clip
     batch = _model_batch(tokenizer)
@@ -254,7 +256,7 @@ def test_two_ranks_give_the_loss_and_gradients_of_one_rank():
 
 
 def test_text_tower_cut_to_length_buckets_gives_the_full_context_features(micro_clip):
-    from cycle.clip.train_module import encode_text
+    from cycle.clip.model import encode_text
 
     clip, tokenizer = micro_clip
     texts = ["a cat", "two red apples on a table", " ".join(["word"] * 90), "", "a b c d e f g h", "dog!"]

@@ -6,7 +6,9 @@ import io
 import json
 import os
 import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -216,9 +218,8 @@ def test_tag_vocabulary_and_multi_hot_targets():
 # ------------------------------------------------------------------------------------ accumulation
 def test_feature_cache_accumulation_gives_the_full_batch_gradients(tokenizer, one_thread):
     from cycle.clip.loss import HQClipLoss
-    from cycle.clip.model import create_clip
-    from cycle.clip.step import forward_backward, split_micro_batches
-    from cycle.clip.train_module import ClipWithTagHead
+    from cycle.clip.model import ClipWithTagHead, create_clip
+    from cycle.clip.trainer import forward_backward, split_micro_batches
 
     torch.manual_seed(0)
     clip, _, _, tok = create_clip("hqclip-micro")
@@ -330,29 +331,42 @@ def test_generation_0_trains_on_alt_text_without_hni_or_stc(pair_store, referenc
 # ------------------------------------------------------------------------------------ bad inputs
 @pytest.mark.parametrize("overrides,message", [
     (["train.world_size=3"], "train.batch_size"),
+    (["train.world_size=0"], "train.world_size"),
     (["train.micro_batch_size=5"], "train.micro_batch_size"),
-    (["train.batch_size=128", "train.micro_batch_size=0"], "fewer than one batch"),
+    (["train.micro_batch_size=-8"], "train.micro_batch_size"),
     (["train.zero_stage=3"], "train.zero_stage"),
+    (["train.log_every=0"], "train.log_every"),
 ])
-def test_bad_sizes_are_refused_before_anything_starts(pair_store, tmp_path, overrides, message):
-    from cycle.clip.train import train_clip
+def test_bad_sizes_are_refused_by_config_validation(overrides, message):
+    from cycle.config import ConfigError
 
-    with pytest.raises(ValueError, match=message):
-        train_clip(_cfg(*overrides), pair_store.uri, tmp_path / "clip", _versions(pair_store)[0], progress=False)
+    with pytest.raises(ConfigError, match=message):
+        _cfg(*overrides)
+
+
+def test_fewer_samples_than_a_batch_is_refused_before_anything_starts(pair_store, tmp_path):
+    from cycle.clip.train import TrainInputError, train_clip
+
+    with pytest.raises(TrainInputError, match="fewer than one batch"):
+        train_clip(_cfg("train.batch_size=128", "train.micro_batch_size=0"), pair_store.uri, tmp_path / "clip",
+                   _versions(pair_store)[0], progress=False)
     assert not (tmp_path / "clip" / "checkpoints").exists()
 
 
 def test_a_generation_without_annotations_is_refused(pair_store, tmp_path):
-    from cycle.clip.train import train_clip
+    from cycle.clip.train import TrainInputError, train_clip
 
     samples, annotations = _versions(pair_store)
-    with pytest.raises(ValueError, match="generation 2 has no usable annotations"):
+    with pytest.raises(TrainInputError, match="generation 2 has no usable annotations"):
         train_clip(_cfg(), pair_store.uri, tmp_path / "clip", samples, annotations_version=annotations, generation=2)
 
 
 def test_resuming_into_another_runs_directory_is_refused(pair_store, reference_run):
     from cycle.clip.checkpoint import ResumeError
     from cycle.clip.train import train_clip
+    from cycle.errors import HQClipError
+
+    assert issubclass(ResumeError, HQClipError)
 
     samples, annotations = _versions(pair_store)
     before = (reference_run[0] / "checkpoints" / "run.json").read_text()
@@ -362,21 +376,120 @@ def test_resuming_into_another_runs_directory_is_refused(pair_store, reference_r
     assert (reference_run[0] / "checkpoints" / "run.json").read_text() == before
 
 
-def test_missing_init_clip_and_store_are_clear_errors(pair_store, tmp_path):
+class _Payload:
+    """A pickle that, once loaded by an unrestricted unpickler, creates `marker`: what an attacker would plant."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({str(self.marker)!r}, 'w').close()",)
+
+
+@pytest.mark.parametrize("planted", ["rng-rank0.pt", "mp_rank_00_model_states.pt",
+                                     "zero_pp_rank_0_mp_rank_00_optim_states.pt"])
+def test_resume_never_unpickles_objects_from_the_run_folder(pair_store, reference_run, tmp_path, planted):
+    from cycle.clip.checkpoint import ResumeError
     from cycle.clip.train import train_clip
 
-    with pytest.raises(FileNotFoundError, match="init_clip"):
+    out = tmp_path / "clip"
+    shutil.copytree(reference_run[0] / "checkpoints", out / "checkpoints")
+    tag = (out / "checkpoints" / "latest").read_text().strip()
+    target = out / "checkpoints" / tag / planted
+    assert target.is_file()  # a file the resume really reads
+    torch.save(_Payload(tmp_path / "proof"), tmp_path / "proof.pt")
+    torch.load(tmp_path / "proof.pt", weights_only=False)
+    assert (tmp_path / "proof").exists()  # the payload works against an unrestricted load
+    marker = tmp_path / "marker"
+    torch.save(_Payload(marker), target)
+
+    samples, annotations = _versions(pair_store)
+    with pytest.raises(ResumeError, match=f"{planted}.*refused"):
+        train_clip(_cfg(), pair_store.uri, out, samples, annotations_version=annotations, generation=1,
+                   progress=False)
+    assert not marker.exists()
+    assert not (out / "model").exists()
+
+
+# ------------------------------------------------------------------------------------ collectives
+def _collective_worker(rank: int, port: int, device: str, queue) -> None:
+    """One of two gloo ranks: a loss step, its logged terms and the text counts, every collective recorded."""
+    from collections import Counter
+
+    import torch.distributed as tdist
+
+    from cycle.clip.loss import HQClipLoss, reduce_for_logging
+    from cycle.clip.trainer import text_counts
+
+    tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    seen = []
+
+    def recorded(collective):
+        def call(first, *args, **kwargs):  # all_reduce(tensor) / all_gather(tensor_list, tensor)
+            tensors = (list(first) if isinstance(first, list) else [first]) + [a for a in args if torch.is_tensor(a)]
+            seen.extend((collective.__name__, str(t.device), str(t.dtype)) for t in tensors)
+            return collective(first, *args, **kwargs)  # the real collective still runs
+        return call
+
+    tdist.all_reduce, tdist.all_gather = recorded(tdist.all_reduce), recorded(tdist.all_gather)
+    try:
+        dev = torch.device(device)
+        g = torch.Generator().manual_seed(rank)
+        feats = {k: torch.nn.functional.normalize(torch.randn(4, 8, generator=g), dim=-1).to(dev).requires_grad_(True)
+                 for k in ("image_features", "text_features", "neg_text_features")}
+        loss_fn = HQClipLoss(replace(LossConfig(), stc_weight=0.0), rank=rank, world_size=2)
+        losses = loss_fn(**feats, logit_scale=torch.tensor([10.0], device=dev),
+                         neg_valid=torch.tensor([True, False, True, True], device=dev))
+        sum(losses.values()).backward()
+        terms = reduce_for_logging({k: v.detach() for k, v in losses.items()}, 2)
+        counts = text_counts(Counter(samples=8, long_text=2 + 4 * rank, truncated=rank), 2, dev)
+        queue.put((rank, seen, terms, counts))
+    finally:
+        tdist.destroy_process_group()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device"))])
+def test_every_tensor_handed_to_a_collective_is_on_the_engines_device(device):
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = [ctx.Process(target=_collective_worker, args=(r, port, device, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = dict((r[0], r[1:]) for r in (queue.get(timeout=120) for _ in procs))
+    for p in procs:
+        p.join(30)
+        assert p.exitcode == 0
+    expected = "cpu" if device == "cpu" else "cuda:0"
+    for rank, (seen, terms, counts) in results.items():
+        kinds = {name for name, _, _ in seen}
+        assert kinds == {"all_reduce", "all_gather"}, kinds  # the loss gathers; the logs reduce
+        assert ("all_reduce", expected, "torch.float64") in seen  # the text counts
+        assert all(dev == expected for _, dev, _ in seen), seen
+        assert counts == {"long_text_share": 8 / 16, "neg_share": 0.0, "truncated_texts": 1}  # summed over ranks
+    assert results[0][1] == results[1][1]  # logged terms are the global values on every rank
+
+
+def test_missing_init_clip_and_store_are_clear_errors(pair_store, tmp_path):
+    from cycle.clip.train import TrainInputError, train_clip
+
+    with pytest.raises(TrainInputError, match="init_clip"):
         train_clip(_cfg(), pair_store.uri, tmp_path / "a", 1, init_clip=tmp_path / "nope")
-    with pytest.raises(FileNotFoundError, match="no LanceDB store"):
+    with pytest.raises(TrainInputError, match="no LanceDB store"):
         train_clip(_cfg(), tmp_path / "no-store", tmp_path / "b", 1)
 
 
 def test_an_initial_clip_of_another_architecture_is_refused(pair_store, tmp_path):
     from cycle.clip.model import create_clip, save_clip
-    from cycle.clip.train import train_clip
+    from cycle.clip.train import TrainInputError, train_clip
 
     other = save_clip(create_clip("hqclip-micro")[0], "hqclip-micro", tmp_path / "micro")
-    with pytest.raises(ValueError, match="clip.name"):
+    with pytest.raises(TrainInputError, match="clip.name"):
         train_clip(_cfg("clip.name=hqclip-tiny"), pair_store.uri, tmp_path / "clip", 1, init_clip=other)
 
 

@@ -23,10 +23,13 @@ import torch
 from torch import nn
 from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig, CLIPVisionModel
 
+from ..errors import HQClipError
+
 HF_ARGMAX_EOS_ID = 2  # HF CLIPTextModel pools by argmax(input_ids) when eos_token_id == 2
 
 
-class ConversionError(ValueError):
+# ValueError stays a base: `cycle export` (cycle/cli.py) catches ValueError around `export_generation`.
+class ConversionError(HQClipError, ValueError):
     """The open_clip tower has a feature HF's CLIP cannot reproduce exactly."""
 
 

@@ -1,9 +1,10 @@
 """Process topology for training: one process, several on this machine, or whatever a launcher started.
 
-- `launch(fn, world_size, *args)`: run `fn(*args)` as `world_size` ranks. Under a launcher (torchrun,
-  the `deepspeed` launcher: RANK/WORLD_SIZE already set) it just calls `fn` in this process. With one
-  rank it also runs in this process, with the rendezvous variables DeepSpeed wants set for the call
-  (without them it goes looking for MPI). With more it starts that many fresh interpreters (gloo on CPU).
+- `launch(fn, world_size, *args, accelerator=...)`: run `fn(*args)` as `world_size` ranks. Under a
+  launcher (torchrun, the `deepspeed` launcher: RANK/WORLD_SIZE already set) it just calls `fn` in this
+  process. With one rank it also runs in this process, with the rendezvous variables DeepSpeed wants set
+  for the call (without them it goes looking for MPI). With more it starts that many fresh interpreters
+  (gloo on CPU). It is the one place that sets DS_ACCELERATOR (see `_select_accelerator`).
 - `DistInfo.current()`: rank, local rank and world size of this process.
 - `init_process_group(device)` / `shutdown()`: DeepSpeed's comm backend up and down, idempotent.
 """
@@ -20,6 +21,7 @@ from typing import Callable, Optional
 import torch
 
 _RENDEZVOUS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+RANK_POLL_S = 0.1  # how often the parent looks at its ranks: a failed one stops the others this soon
 
 
 @dataclass(frozen=True)
@@ -64,9 +66,19 @@ def _rendezvous_env(rank: int, world_size: int, port: int):
                 os.environ[k] = v
 
 
-def launch(fn: Callable, world_size: int, *args) -> None:
-    if world_size < 1:
-        raise ValueError(f"train.world_size must be >= 1, got {world_size}")
+def _select_accelerator(accelerator: str) -> None:
+    """DS_ACCELERATOR=cpu for a CPU run, unless the user chose one: DeepSpeed reads the variable once, at its
+    first accelerator query, and without it probes for GPUs (and picks gloo only when it finds none).
+
+    Set here, before any rank imports deepspeed; spawned ranks inherit it with the environment.
+    """
+    if accelerator == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def launch(fn: Callable, world_size: int, *args, accelerator: str = "cpu") -> None:
+    """Run `fn(*args)` as `world_size` ranks; `accelerator` is the ranks' device type ("cpu" or "cuda")."""
+    _select_accelerator(accelerator)
     if launched_externally():
         fn(*args)
         return
@@ -120,7 +132,7 @@ def _wait_all(procs) -> Optional[tuple[int, int]]:
                 return bad[0]
             if all(c == 0 for c in codes):
                 return None
-            time.sleep(0.1)
+            time.sleep(RANK_POLL_S)
     except BaseException:
         for p in procs:
             if p.poll() is None:

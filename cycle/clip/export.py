@@ -17,14 +17,15 @@ from typing import Optional
 
 import torch
 
+from ..errors import HQClipError
 from .convert import openclip_to_hf_clip
-from .model import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, load_clip, read_checkpoint_config, _replace_dir
+from .model import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, _replace_dir, load_clip, read_checkpoint_config
 
 PROMPTS = ["a photo of a red apple.", "two dogs left of a bicycle", "", "an emoji of a guitar " * 20]
 EXPORT_TOLERANCE = 1e-5
 
 
-class ExportError(RuntimeError):
+class ExportError(HQClipError):
     """An export that does not reproduce the checkpoint's embeddings."""
 
 
@@ -99,7 +100,8 @@ def export_hf_clip(clip_dir: str | Path, out_dir: str | Path, tolerance: float =
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         hf.save_pretrained(tmp)
-        bundled_bpe = type(tokenizer).__name__ == "SimpleTokenizer" and not config["model_cfg"]["text_cfg"].get("hf_tokenizer_name")
+        bundled_bpe = (type(tokenizer).__name__ == "SimpleTokenizer"
+                       and not config["model_cfg"]["text_cfg"].get("hf_tokenizer_name"))
         if bundled_bpe:
             processor = CLIPProcessor(image_processor=hf_image_processor(config.get("preprocess_cfg") or {}),
                                       tokenizer=hf_tokenizer(int(model.context_length)))

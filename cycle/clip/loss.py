@@ -84,13 +84,12 @@ class HQClipLoss(nn.Module):
     """Callable on model outputs; returns `{"clip_loss", "hni_loss"?, "stc_loss"?}` (weighted terms).
 
     `hni_weight` / `stc_weight` override the config's weights (generation 0 turns both off).
+    `cfg.hni_mode` is "batch" or "pair": config validation (`loss.hni_mode`) refuses anything else.
     """
 
     def __init__(self, cfg: LossConfig, rank: int = 0, world_size: int = 1,
                  hni_weight: Optional[float] = None, stc_weight: Optional[float] = None):
         super().__init__()
-        if cfg.hni_mode not in ("batch", "pair"):
-            raise ValueError(f"loss.hni_mode must be 'batch' or 'pair', got {cfg.hni_mode!r}")
         self.rank, self.world_size = rank, world_size
         self.hni_mode = cfg.hni_mode
         self.hni_weight = float(cfg.hni_weight if hni_weight is None else hni_weight)

@@ -10,23 +10,30 @@ A checkpoint is a directory that open_clip loads by itself offline
     open_clip_config.json         {"model_name", "model_cfg", "preprocess_cfg"}
     open_clip_model.safetensors   the CLIP state dict
     <name>.safetensors / <name>.json   optional extras (the trainer's `stc_head` and `tag_vocab`)
+
+`ClipWithTagHead` is the module the trainer optimises: the CLIP plus, when STC is on, the tag head.
 """
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
-from contextlib import contextmanager, nullcontext
 import shutil
 import tempfile
+from contextlib import contextmanager, nullcontext
 from copy import deepcopy
 from pathlib import Path
 from typing import Any, Optional
 
 import open_clip
-from open_clip.factory import parse_model_name
 import torch
+import torch.nn.functional as F
+from open_clip.factory import parse_model_name
 from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from ..errors import HQClipError
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 CONFIG_FILE = "open_clip_config.json"
@@ -35,8 +42,24 @@ WEIGHTS_FILE = "open_clip_model.safetensors"
 _registered = False
 
 
-class CheckpointError(ValueError):
+# Outputs of `ClipWithTagHead` that are per-sample features (cached and concatenated across micro-batches);
+# the rest (logit_scale) is recomputed with gradient every time.
+FEATURE_KEYS = ("image_features", "text_features", "neg_text_features", "tag_logits")
+# The tag head's initial weights: small, so every tag logit starts at the prior log-odds (its bias).
+TAG_HEAD_INIT_STD = 0.01
+# The prior positive rate is clamped into [floor, 0.5]: a finite bias, and never a prior that favours "on".
+TAG_PRIOR_MIN, TAG_PRIOR_MAX = 1e-6, 0.5
+# Below this many texts the two-bucket split of `encode_text` saves nothing worth its extra call.
+MIN_TEXTS_TO_BUCKET = 4
+
+
+# ValueError stays a base: code outside cycle/clip (lvlm's CLI) catches ValueError around `load_clip`.
+class CheckpointError(HQClipError, ValueError):
     """A CLIP checkpoint directory that is missing, incomplete or unreadable; the message says which file."""
+
+
+class UnknownArchitectureError(HQClipError, ValueError):
+    """`clip.name` names no open_clip architecture and none of `model_configs/`."""
 
 
 def register_model_configs() -> None:
@@ -88,7 +111,8 @@ def create_clip(name: str, pretrained: Optional[str] = None, device: str | torch
     register_model_configs()
     schema, _ = parse_model_name(name)
     if schema is None and open_clip.get_model_config(name.replace("/", "-")) is None:
-        raise ValueError(f"unknown CLIP architecture '{name}'; known: {', '.join(open_clip.list_models())}")
+        known = ", ".join(open_clip.list_models())
+        raise UnknownArchitectureError(f"unknown CLIP architecture '{name}'; known: {known}")
     with _quiet_random_init() if pretrained is None else nullcontext():
         model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
             name, pretrained=_resolve_pretrained(pretrained), device=device, force_image_size=image_size,
@@ -272,3 +296,107 @@ def _replace_dir(new: Path, dest: Path) -> None:
     new.rename(dest)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------- training module
+class ClipWithTagHead(nn.Module):
+    """The CLIP plus, when STC is on, the tag head; one `forward` gives everything `HQClipLoss` needs.
+
+    So a DeepSpeed engine wraps a single module and the feature cache stores one dict per micro-batch.
+    Positive and negative texts go through the text tower in one call; only usable negatives are encoded
+    (the others stay zero rows, masked by the loss).
+    """
+
+    def __init__(self, clip: nn.Module, num_tags: int = 0, embed_dim: Optional[int] = None,
+                 cut_text_padding: bool = True):
+        super().__init__()
+        self.clip = clip
+        self.cut_text_padding = cut_text_padding
+        if num_tags > 0:
+            embed_dim = embed_dim or _embed_dim(clip)
+            # The head reads the unit-norm image embedding: STC shapes the same space that zero-shot uses.
+            self.stc_head: Optional[nn.Linear] = nn.Linear(embed_dim, num_tags)
+        else:
+            self.stc_head = None
+
+    def init_tag_prior(self, positive_rate: float) -> None:
+        """Start every tag logit at the prior log-odds, so early steps don't just push all tags down."""
+        if self.stc_head is not None:
+            p = min(max(positive_rate, TAG_PRIOR_MIN), TAG_PRIOR_MAX)
+            nn.init.normal_(self.stc_head.weight, std=TAG_HEAD_INIT_STD)
+            nn.init.constant_(self.stc_head.bias, math.log(p / (1 - p)))
+
+    def _encode_text(self, tokens: Tensor) -> Tensor:
+        if self.cut_text_padding:
+            return encode_text(self.clip, tokens)
+        return self.clip.encode_text(tokens, normalize=True)
+
+    def forward(self, images: Tensor, texts: Tensor, neg_texts: Optional[Tensor] = None,
+                neg_valid: Optional[Tensor] = None, **_unused) -> dict[str, Tensor]:
+        image_features = self.clip.encode_image(images, normalize=True)
+        n = texts.shape[0]
+        out = {"image_features": image_features}
+        if neg_texts is not None:
+            idx = torch.nonzero(neg_valid, as_tuple=True)[0]
+            feats = self._encode_text(torch.cat([texts, neg_texts[idx]]))
+            out["text_features"] = feats[:n]
+            neg = feats.new_zeros((n, feats.shape[1]))
+            out["neg_text_features"] = neg.index_copy(0, idx, feats[n:])
+        else:
+            out["text_features"] = self._encode_text(texts)
+        if self.stc_head is not None:
+            out["tag_logits"] = self.stc_head(image_features)
+        out["logit_scale"] = self.clip.logit_scale.exp()
+        return out
+
+
+def encode_text(clip: nn.Module, tokens: Tensor) -> Tensor:
+    """Unit-norm text features; equal to `clip.encode_text(tokens, normalize=True)` up to float rounding.
+
+    Texts are mostly shorter than the context (alt-text, tags): the text tower runs on two length
+    buckets, each cut after its longest text's last token. With a causal text tower pooled at the
+    end-of-text token this changes nothing (no position attends to a later one) but skips the padding.
+    """
+    n = tokens.shape[0]
+    if n < MIN_TEXTS_TO_BUCKET or not _trimmable(clip):
+        return clip.encode_text(tokens, normalize=True)
+    positions = torch.arange(1, tokens.shape[1] + 1, device=tokens.device)
+    lengths = ((tokens != 0) * positions).amax(dim=1)  # one past the last non-pad token (end-of-text included)
+    order = torch.argsort(lengths)
+    ordered = lengths[order].tolist()
+    # the split into (short, long) that runs the fewest token positions
+    k = min(range(1, n), key=lambda i: i * ordered[i - 1] + (n - i) * ordered[-1])
+    parts = [order[:k], order[k:]]
+    feats = torch.cat([_encode_cut(clip, tokens[idx, :int(max(lengths[idx].max(), 1))]) for idx in parts])
+    return feats[torch.argsort(torch.cat(parts))]
+
+
+def _trimmable(clip: nn.Module) -> bool:
+    """open_clip `CLIP` with a causal text tower pooled at the end-of-text token (argmax / eos)."""
+    return (all(hasattr(clip, a) for a in ("token_embedding", "positional_embedding", "transformer", "ln_final"))
+            and getattr(clip, "attn_mask", None) is not None
+            and getattr(clip, "text_pool_type", None) in ("argmax", "eos"))
+
+
+def _encode_cut(clip: nn.Module, tokens: Tensor) -> Tensor:
+    """The text tower on `tokens` cut to their own length (the CLIP text path, positions [0, L))."""
+    from open_clip.transformer import text_global_pool
+
+    length = tokens.shape[1]
+    cast_dtype = clip.transformer.get_cast_dtype()
+    x = clip.token_embedding(tokens).to(cast_dtype) + clip.positional_embedding[:length].to(cast_dtype)
+    x = clip.ln_final(clip.transformer(x, attn_mask=clip.attn_mask[:length, :length]))
+    x = text_global_pool(x, tokens, clip.text_pool_type, eos_token_id=getattr(clip, "text_eos_id", None))
+    proj = clip.text_projection
+    if proj is not None:
+        x = proj(x) if isinstance(proj, nn.Linear) else x @ proj
+    return F.normalize(x, dim=-1)
+
+
+def _embed_dim(clip: nn.Module) -> int:
+    proj = getattr(clip, "text_projection", None)
+    if isinstance(proj, nn.Linear):
+        return proj.out_features
+    if isinstance(proj, Tensor):
+        return proj.shape[1]
+    return int(clip.visual.output_dim)

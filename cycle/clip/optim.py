@@ -1,4 +1,7 @@
-"""Optimizer, learning-rate schedule, logit-scale clamp and the DeepSpeed config of CLIP training."""
+"""Optimizer, learning-rate setting, logit-scale clamp and the DeepSpeed config of CLIP training.
+
+(The schedule itself, `cosine_lr`, is shared by every trainer: `cycle.schedule`.)
+"""
 from __future__ import annotations
 
 import math
@@ -9,6 +12,7 @@ from torch import nn
 from ..config import TrainConfig
 
 LOGIT_SCALE_MAX = math.log(100.0)  # CLIP's temperature floor of 0.01
+NEVER = 2**31 - 1  # a step count no run reaches: DeepSpeed's own step printing stays off (the trainer logs)
 
 
 def no_weight_decay(name: str, param: nn.Parameter) -> bool:
@@ -29,14 +33,6 @@ def make_optimizer(module: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     # A torch AdamW, not DeepSpeed's config optimizer: that one JIT-compiles a fused Adam for minutes on CPU.
     return torch.optim.AdamW(param_groups(module, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                              eps=cfg.eps)
-
-
-def cosine_lr(step: int, base_lr: float, warmup_steps: int, total_steps: int) -> float:
-    """Linear warmup to `base_lr` over `warmup_steps`, then cosine decay to 0 at `total_steps`."""
-    if step < warmup_steps:
-        return base_lr * (step + 1) / warmup_steps
-    span = max(1, total_steps - warmup_steps)
-    return 0.5 * (1 + math.cos(math.pi * min(step - warmup_steps, span) / span)) * base_lr
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -60,8 +56,7 @@ def clamp_logit_scale(logit_scale: nn.Parameter) -> None:
 
 
 def deepspeed_config(cfg: TrainConfig, micro_batch: int, accum_steps: int, world_size: int, bf16: bool) -> dict:
-    if cfg.zero_stage not in (1, 2):
-        raise ValueError(f"config key 'train.zero_stage': got {cfg.zero_stage}, expected 1 or 2")
+    """DeepSpeed's config for these sizes; `train.zero_stage` is 1 or 2 (checked by config validation)."""
     return {
         "train_batch_size": micro_batch * accum_steps * world_size,
         "train_micro_batch_size_per_gpu": micro_batch,
@@ -72,6 +67,6 @@ def deepspeed_config(cfg: TrainConfig, micro_batch: int, accum_steps: int, world
         "gradient_clipping": float(cfg.grad_clip or 0.0),
         "zero_optimization": {"stage": cfg.zero_stage, "overlap_comm": False},
         "bf16": {"enabled": bool(bf16)},
-        "steps_per_print": 2**31 - 1,
+        "steps_per_print": NEVER,
         "wall_clock_breakdown": False,
     }

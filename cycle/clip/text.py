@@ -27,6 +27,13 @@ from ..config import LossConfig
 
 TAG_JOIN = ", "
 _EDGE_PUNCT = " \t\n.,;:!?\"'`()[]{}"
+OPEN_CLIP_CONTEXT = 77  # open_clip's text context, for a tokenizer that does not say its own
+START_END_TOKENS = 2  # every tokenized text carries a start and an end token
+# Distinct texts whose token counts are kept: a run's texts repeat every epoch; the cap bounds the memory.
+TOKEN_CACHE_SIZE = 200_000
+# Counting with a tokenizer that always pads/cuts to a context: a context this many times the real one
+# lets a long text show its full length.
+COUNT_CONTEXT_FACTOR = 4
 
 
 # ------------------------------------------------------------------------------------------ tags
@@ -90,7 +97,7 @@ def _id_entropy(sample_id: str) -> int:
 class TokenCounter:
     """Token counts (with start/end tokens) of open_clip tokenizers, cached per text."""
 
-    def __init__(self, tokenizer, context_length: int, cache_size: int = 200_000):
+    def __init__(self, tokenizer, context_length: int, cache_size: int = TOKEN_CACHE_SIZE):
         self.tokenizer, self.context_length = tokenizer, context_length
         self.cache: dict[str, int] = {}
         self.cache_size = cache_size
@@ -99,16 +106,17 @@ class TokenCounter:
         n = self.cache.get(text)
         if n is None:
             if hasattr(self.tokenizer, "encode"):  # open_clip SimpleTokenizer: BPE ids without sot/eot
-                n = len(self.tokenizer.encode(text)) + 2
+                n = len(self.tokenizer.encode(text)) + START_END_TOKENS
             else:  # other open_clip tokenizers: count non-pad ids of an unbounded encoding
-                n = int((self.tokenizer([text], context_length=4 * self.context_length)[0] != 0).sum())
+                wide = COUNT_CONTEXT_FACTOR * self.context_length
+                n = int((self.tokenizer([text], context_length=wide)[0] != 0).sum())
             if len(self.cache) < self.cache_size:
                 self.cache[text] = n
         return n
 
     def cost(self, part: str) -> int:
         """Tokens a part adds inside a joined text (without the start/end pair)."""
-        return self(part) - 2
+        return self(part) - START_END_TOKENS
 
 
 def fit_parts(costs: Sequence[int], budget: int, rng: np.random.Generator, max_parts: int = 0) -> list[int]:
@@ -145,7 +153,7 @@ class TextDrawer:
                  negatives: bool = True, tag_vocab: Optional[Sequence[str]] = None,
                  context_length: Optional[int] = None):
         self.cfg, self.tokenizer, self.seed = cfg, tokenizer, int(seed)
-        self.context_length = int(context_length or getattr(tokenizer, "context_length", 77))
+        self.context_length = int(context_length or getattr(tokenizer, "context_length", OPEN_CLIP_CONTEXT))
         self.count = TokenCounter(tokenizer, self.context_length)
         self.use_annotations = use_annotations
         self.negatives = negatives and use_annotations
@@ -199,7 +207,7 @@ class TextDrawer:
                 neg_source = "tags"
         aligned = long_pos and neg_source == "desc" and len(neg_desc) == len(desc)
 
-        budget = self.context_length - 2
+        budget = self.context_length - START_END_TOKENS
         pos_idx: list[int] = []
         if long_pos:
             costs = [self.count.cost(s) for s in desc]
