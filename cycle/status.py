@@ -30,7 +30,7 @@ MINUTES_FROM_S = 90  # durations from this many seconds on read in minutes
 
 def status_table(run_dir: str | Path) -> Table:
     state = RunState(run_dir)
-    table = Table(title=f"run {escape(Path(run_dir).name)}", show_lines=False)
+    table = Table(title=Text(f"run {Path(run_dir).name}"), show_lines=False)
     table.add_column("gen", justify="right")
     for stage in ALL_STAGES:
         table.add_column(stage)

@@ -321,3 +321,22 @@ def test_reingest_stores_each_reject_once(tmp_path):
     assert after_second == sorted(stored + [("ok.png", "duplicate_id")])  # only what is new is stored
     ingest(root, store, progress=False)
     assert sorted((r["key"], r["reason"]) for r in store.read("rejects").to_pylist()) == after_second
+
+
+def test_ingest_and_list_print_markup_in_data_as_is(tmp_path):
+    """Source paths, splits and reasons reach rich tables as data: "[red]RED[/red]" prints literally."""
+    root = tmp_path / "[red]RED :smile:"  # a folder name cannot hold the "/" of a closing tag
+    root.mkdir()
+    (root / "p.png").write_bytes(png(1))
+    (root / "p.txt").write_text("fine")
+    (root / "q.png").write_bytes(b"not an image")
+    (root / "q.txt").write_text("broken")
+    run = tmp_path / "run"
+    res = CliRunner().invoke(main, ["data", "ingest", str(root), "--run", str(run), "--split", MARKUP, "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert f"[red]RED :smile: -> split '{MARKUP}'" in res.output.replace("\n", "")
+    res = CliRunner().invoke(main, ["data", "list", str(run)])
+    assert res.exit_code == 0, res.output
+    assert f"{MARKUP}: 1" in res.output and ":smile:" in res.output and "corrupt_image" in res.output
+    res = CliRunner().invoke(main, ["inspect", str(run)])  # not a run (no state.json): still one line
+    assert "is not a run directory" in one_error_line(res)

@@ -199,16 +199,17 @@ def _printable(text: str) -> str:
 
 def report_table(report: IngestReport):
     """A rich table: ingested, then rejected rows by reason."""
-    from rich.markup import escape
     from rich.table import Table
+    from rich.text import Text
 
-    table = Table(title=escape(f"ingest {report.kind}: {report.source} -> split '{report.split}'"),
+    # Text, not a markup string: the source path and split are the user's, printed as they are
+    table = Table(title=Text(f"ingest {report.kind}: {report.source} -> split '{report.split}'"),
                   min_width=REPORT_TABLE_MIN_WIDTH)
     table.add_column("outcome")
     table.add_column("rows", justify="right")
     table.add_row("ingested", str(report.ingested), style="green")
     for reason, n in sorted(report.rejected.items(), key=lambda kv: (-kv[1], kv[0])):
-        table.add_row(escape(f"rejected: {reason}"), str(n), style="red")
+        table.add_row(Text(f"rejected: {reason}"), str(n), style="red")
     table.add_row("total", str(report.ingested + report.rejected_total), style="bold")
     rate = (report.ingested + report.rejected_total) / report.seconds if report.seconds else 0.0
     table.caption = f"samples version {report.samples_version}; {report.seconds:.1f} s ({rate:.0f} rows/s)"
