@@ -9,6 +9,7 @@ import click
 
 from .cli_common import HQClipGroup, config_from, setup_logging
 from .errors import HQClipError
+from .files import check_writable_dir
 
 log = logging.getLogger(__name__)
 DEFAULT_DEMO_CONFIG = "emoji"  # a shipped config (cycle/configs/emoji.yaml)
@@ -54,6 +55,7 @@ def run(config_path, overrides, redo_from, stop_after):
     from .status import print_status, wide_console
 
     cfg = config_from(config_path, overrides)
+    check_writable_dir(cfg.run_dir, "run folder")  # before any stage: not a traceback from deep inside one
     console = wide_console()
     run_cycle(cfg, redo_from=redo_from, stop_after=stop_after)
     print_status(cfg.run_dir, console)
@@ -127,6 +129,7 @@ def report(run_dir, gallery):
     from .report import write_report
 
     run_dir = _run_dir_arg(run_dir)
+    check_writable_dir(run_dir / "report" / "img", "report folder")
     page = write_report(run_dir, store_of(load_config(run_dir / "config.yaml")), gallery=gallery)
     click.echo(f"report: {page}")
 
@@ -146,6 +149,7 @@ def demo(overrides, config_path):
     from .status import print_status
 
     cfg = config_from(config_path, overrides)
+    check_writable_dir(cfg.run_dir, "run folder")
     run_cycle(cfg)
     print_status(cfg.run_dir)
     click.echo(f"report: {write_report(cfg.run_dir, store_of(cfg))}")
@@ -167,6 +171,7 @@ def export(run_dir, gen, out, what, data_format):
 
     run_dir = _run_dir_arg(run_dir)
     out = Path(out) if out else gen_dir(run_dir / "export", gen)
+    check_writable_dir(out, "export folder")
     done = export_generation(store_of(load_config(run_dir / "config.yaml")), run_dir, gen, out,
                              tuple(what) or ALL_EXPORTS, data_format)
     for key, value in done.items():

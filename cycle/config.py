@@ -327,6 +327,7 @@ def _validate(cfg: DictConfig) -> None:
             raise ConfigError(f"config key '{key}': got {OmegaConf.select(cfg, key)!r}, expected >= 1")
     _validate_clip_train(cfg)
     _validate_lvlm_annotate(cfg)
+    _validate_names(cfg)
 
 
 # --- lvlm / annotate: checks that depend on config values only (the stages and backends trust them)
@@ -361,6 +362,46 @@ def _validate_clip_train(cfg: DictConfig) -> None:
         raise ConfigError(f"config key 'train.micro_batch_size': {t.micro_batch_size} does not divide the per-rank "
                           f"batch {local} (train.batch_size / train.world_size; 0: the whole per-rank batch)")
 # --- end clip / train / loss
+
+
+# --- names: architectures and other names that another library resolves, checked here so a typo fails
+# before the first stage runs rather than after the data stage
+# The project's own CLIP configs (cycle/clip/model_configs/*.json), known without importing open_clip.
+OWN_CLIP_CONFIGS = Path(__file__).resolve().parent / "clip" / "model_configs"
+CLOSE_MATCHES = 3  # suggestions named in the error
+
+
+def known_clip_names() -> list[str]:
+    """open_clip's architectures with ours registered (imports torch: only when a name is not ours)."""
+    from .clip.model import list_architectures  # registers our configs with open_clip's `add_model_config`
+
+    return list_architectures()
+
+
+def check_clip_name(name: str) -> None:
+    """`clip.name` must be an architecture open_clip knows (ours included), or a schema name open_clip
+    resolves itself ("hf-hub:org/repo", "local-dir:PATH")."""
+    if not name or not name.strip():
+        raise ConfigError("config key 'clip.name': empty, expected a CLIP architecture name")
+    if (OWN_CLIP_CONFIGS / f"{name}.json").is_file() and "/" not in name:
+        return
+    if ":" in name.split("/")[0]:  # "hf-hub:...", "local-dir:...": open_clip resolves (and checks) these
+        return
+    known = known_clip_names()
+    if name.replace("/", "-") in known:  # open_clip's own spelling rule for names such as ViT-B/32
+        return
+    import difflib
+
+    close = difflib.get_close_matches(name, known, n=CLOSE_MATCHES, cutoff=0.5)
+    ours = sorted(p.stem for p in OWN_CLIP_CONFIGS.glob("*.json"))
+    hint = (f"did you mean {', '.join(close)}?" if close else
+            f"known: {', '.join(ours)} and {len(known) - len(ours)} more (open_clip.list_models())")
+    raise ConfigError(f"config key 'clip.name': unknown CLIP architecture '{name}'; {hint}")
+
+
+def _validate_names(cfg: DictConfig) -> None:
+    check_clip_name(cfg.clip.name)
+# --- end names
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:

@@ -3,9 +3,10 @@
 - the CLIP: the open_clip checkpoint directory (loads with `open_clip.create_model_and_transforms(
   "local-dir:PATH")`) and an HF `CLIPModel` in safetensors;
 - the LVLM: the merged HF LLaVA directory of that generation (gen >= 1);
-- the dataset: the generation's annotations as VLM-150M JSON files (one `<id>.json` per image with
-  `desc`, `neg_desc`, `tags`, `neg_tags`), or as webdataset shards (`<id>.<ext>` image, `<id>.txt`
-  alt-text, `<id>.json` the four formulas) that `hqclip data ingest` and webdataset readers take back.
+- the dataset: the generation's annotations as VLM-150M JSON files (one `<name>.json` per image with
+  `desc`, `neg_desc`, `tags`, `neg_tags`), or as webdataset shards (`<name>.<ext>` image, `<name>.txt`
+  alt-text, `<name>.json` the four formulas) that `hqclip data ingest` and webdataset readers take back.
+  `<name>` is `cycle.files.safe_name(id)` (ids are data, never paths); the exact id is the JSON's "id".
 """
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ from tqdm import tqdm
 from .data.images import image_ext
 from .state import RunState
 from .errors import HQClipError
-from .store import FORMULAS, Store, is_usable
+from .files import safe_name
+from .store import FORMULAS, Store, is_usable, sql_in
 
 FORMULA_KEYS = [name for name, _ in FORMULAS]
 SHARD_SIZE = 1000  # rows per webdataset shard
@@ -42,7 +44,7 @@ def _rows(store: Store, state: RunState, gen: int, with_images: bool, split: str
     else:
         version = state.outputs(gen, "annotate")["annotations_version"]
         ann = {r["id"]: r for r in store.read("annotations", where=f"generation = {gen}", version=version).to_pylist()}
-    for batch in store.scan("samples", columns=columns, where=f"split = '{split}'", version=samples_version):
+    for batch in store.scan("samples", columns=columns, where=sql_in("split", [split]), version=samples_version):
         for row in batch.to_pylist():
             row["annotation"] = ann.get(row["id"])
             yield row
@@ -51,6 +53,8 @@ def _rows(store: Store, state: RunState, gen: int, with_images: bool, split: str
 def export_dataset(store: Store, run_dir: Path, gen: int, out: Path, fmt: str = "json",
                    shard_size: int = SHARD_SIZE, split: str = "train") -> dict:
     """Write generation `gen`'s dataset; returns counts. Failed annotations are exported with their status."""
+    if fmt not in DATA_FORMATS:  # checked first: it also names the output folder
+        raise HQClipError(f"dataset format '{fmt}': expected {' or '.join(DATA_FORMATS)}")
     state = RunState(run_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = failed = 0
@@ -62,22 +66,21 @@ def export_dataset(store: Store, run_dir: Path, gen: int, out: Path, fmt: str = 
         failed += not is_usable(status)
         doc = {"id": row["id"], **formulas, "alt_text": row["alt_text"], "status": status}
         if fmt == "json":
-            (out / f"{row['id']}.json").write_text(json.dumps(doc, ensure_ascii=False))
+            (out / safe_name(row["id"], "json")).write_text(json.dumps(doc, ensure_ascii=False))
         elif fmt == "wds":
             if tar is None or written % shard_size == 0 and written:
                 if tar is not None:
                     tar.close()
                 tar = tarfile.open(out / f"shard-{shard:05d}.tar", "w")
                 shard += 1
-            members = {f"{row['id']}.{image_ext(row['image'])}": row["image"],
-                       f"{row['id']}.txt": row["alt_text"].encode(),
-                       f"{row['id']}.json": json.dumps(doc, ensure_ascii=False).encode()}
+            key = safe_name(row["id"])
+            members = {f"{key}.{image_ext(row['image'])}": row["image"],
+                       f"{key}.txt": row["alt_text"].encode(),
+                       f"{key}.json": json.dumps(doc, ensure_ascii=False).encode()}
             for name, blob in members.items():
                 info = tarfile.TarInfo(name)
                 info.size = len(blob)
                 tar.addfile(info, io.BytesIO(blob))
-        else:
-            raise HQClipError(f"dataset format '{fmt}': expected {' or '.join(DATA_FORMATS)}")
         written += 1
     if tar is not None:
         tar.close()
@@ -86,6 +89,8 @@ def export_dataset(store: Store, run_dir: Path, gen: int, out: Path, fmt: str = 
 
 def export_generation(store: Store, run_dir: Path, gen: int, out: Path, what: tuple[str, ...] = ("clip", "lvlm", "data"),
                       data_format: str = "json") -> dict:
+    if "data" in what and data_format not in DATA_FORMATS:
+        raise HQClipError(f"dataset format '{data_format}': expected {' or '.join(DATA_FORMATS)}")
     state = RunState(run_dir)
     if not state.is_done(gen, "train"):
         raise NothingToExport(f"generation {gen} has no finished CLIP in {run_dir}")

@@ -1,9 +1,11 @@
 """Writing files so that a kill never leaves half of one: temp file in the same folder, fsync, rename."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -52,3 +54,55 @@ def replace_dir(new: str | Path, dest: str | Path) -> Path:
     os.replace(new, dest)
     shutil.rmtree(old, ignore_errors=True)
     return dest
+
+
+# Ids are the user's keys (parquet `id`, webdataset keys, folder paths): data, never paths. Every file name
+# derived from an id goes through `safe_name`.
+SAFE_SLUG_MAX = 64  # characters of the readable part; the hash keeps names unique whatever was cut
+SAFE_HASH_CHARS = 16  # hex digits of sha256(id): 64 bits, no collision among any realistic number of ids
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+def safe_name(sample_id: str, suffix: str = "") -> str:
+    """A file name for `sample_id` that stays inside the folder it is joined to: a slug of the id
+    (ASCII letters, digits, `_`, `-`; no separators, no dots) plus a short hash of the full id, so two
+    ids never share a name (also on case-insensitive file systems: the hash is of the exact id) and the
+    same id always gets the same name. `suffix` ("png", ".json") is appended after one dot.
+
+    No dots in the stem on purpose: webdataset takes everything up to the first dot as the key.
+    """
+    raw = str(sample_id).encode("utf-8", "surrogatepass")
+    digest = hashlib.sha256(raw).hexdigest()[:SAFE_HASH_CHARS]
+    slug = _UNSAFE.sub("-", str(sample_id))[:SAFE_SLUG_MAX].strip("-")
+    stem = f"{slug}-{digest}" if slug else digest
+    suffix = suffix.lstrip(".")
+    if suffix and not re.fullmatch(r"[A-Za-z0-9]{1,16}", suffix):
+        raise ValueError(f"file suffix {suffix!r} is not a plain extension")
+    return f"{stem}.{suffix}" if suffix else stem
+
+
+def check_writable_dir(path: str | Path, what: str = "folder") -> Path:
+    """Raise `HQClipError` naming `path` unless it is, or can become, a folder we can write into.
+
+    Creates nothing: a missing folder is judged by its nearest existing parent. Writability is probed by
+    creating (and removing) a temp file, not by mode bits: root passes `os.access` checks even where a
+    read-only mount or a file in the way still refuses the write.
+    """
+    from .errors import HQClipError
+
+    path = Path(path)
+    probe_in = path
+    while not probe_in.exists():
+        if probe_in.parent == probe_in:
+            break
+        probe_in = probe_in.parent
+    if probe_in.exists() and not probe_in.is_dir():
+        raise HQClipError(f"cannot write the {what} {path}: {probe_in} is a file, not a folder")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=probe_in, prefix=".hqclip-write-probe.")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as err:
+        raise HQClipError(f"cannot write the {what} {path}: creating a file in {probe_in} failed "
+                          f"({err.strerror or err})") from None
+    return path

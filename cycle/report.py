@@ -2,6 +2,10 @@
 
 Metrics of every generation as a table and a plot, CLIP loss curves, annotation statistics, and a
 gallery of images with their alt-text and each generation's four formulas.
+
+Everything from the run (ids, alt-text, model output, state.json) is data: it reaches the page only through
+`_esc` (html.escape, quotes included) inside double-quoted attributes or text, and gallery files are named
+by `safe_name(id)`, never by the id itself.
 """
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from .data.images import image_ext  # noqa: E402
-from .files import read_json  # noqa: E402
+from .files import read_json, safe_name, write_text_atomic  # noqa: E402
 from .state import RunState, flat_numbers, gen_dir  # noqa: E402
 from .status import KEY_METRICS, samples_across_generations  # noqa: E402
 from .store import Store  # noqa: E402
@@ -98,11 +102,16 @@ def _annotation_stats(state: RunState) -> dict[int, dict]:
     return out
 
 
+def _esc(value) -> str:
+    """Any value as HTML text or a double-quoted attribute value (quotes escaped too)."""
+    return html.escape("" if value is None else str(value), quote=True)
+
+
 def _table(headers: list[str], rows: list[list], left: int = 1) -> str:
     def cell(tag, value, i):
         cls = ' class="l"' if i < left else ""
         text = f"{value:.4g}" if isinstance(value, float) else ("" if value is None else str(value))
-        return f"<{tag}{cls}>{html.escape(text)}</{tag}>"
+        return f"<{tag}{cls}>{_esc(text)}</{tag}>"
 
     head = "".join(cell("th", h, i) for i, h in enumerate(headers))
     body = "".join("<tr>" + "".join(cell("td", v, i) for i, v in enumerate(r)) + "</tr>" for r in rows)
@@ -115,11 +124,11 @@ def _formulas(rec: dict | None) -> str:
     status = rec.get("status")
     parts = []
     if status and status != "ok":
-        parts.append(f'<span class="muted">[{html.escape(status)}: {html.escape(rec.get("reason") or "")}]</span>')
-    parts.append(html.escape(" ".join(rec.get("desc") or [])))
-    parts.append('<span class="neg">' + html.escape(" ".join(rec.get("neg_desc") or [])) + "</span>")
-    parts.append("tags: " + html.escape(", ".join(rec.get("tags") or [])))
-    parts.append('<span class="neg">neg: ' + html.escape(", ".join(rec.get("neg_tags") or [])) + "</span>")
+        parts.append(f'<span class="muted">[{_esc(status)}: {_esc(rec.get("reason") or "")}]</span>')
+    parts.append(_esc(" ".join(map(str, rec.get("desc") or []))))
+    parts.append('<span class="neg">' + _esc(" ".join(map(str, rec.get("neg_desc") or []))) + "</span>")
+    parts.append("tags: " + _esc(", ".join(map(str, rec.get("tags") or []))))
+    parts.append('<span class="neg">neg: ' + _esc(", ".join(map(str, rec.get("neg_tags") or []))) + "</span>")
     return "<br>".join(parts)
 
 
@@ -128,8 +137,8 @@ def write_report(run_dir: str | Path, store: Store, gallery: int = 12, seed: int
     out = run_dir / "report"
     (out / "img").mkdir(parents=True, exist_ok=True)
     state = RunState(run_dir)
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>HQ-CLIP run {html.escape(run_dir.name)}"
-             f"</title><style>{CSS}</style></head><body><h1>HQ-CLIP cycle: run {html.escape(run_dir.name)}</h1>"]
+    parts = [f'<!doctype html><html><head><meta charset="utf-8"><title>HQ-CLIP run {_esc(run_dir.name)}'
+             f"</title><style>{CSS}</style></head><body><h1>HQ-CLIP cycle: run {_esc(run_dir.name)}</h1>"]
 
     gens, names, metrics = _metric_rows(state)
     parts.append("<h2>Held-out metrics per generation</h2>")
@@ -141,10 +150,10 @@ def write_report(run_dir: str | Path, store: Store, gallery: int = 12, seed: int
                      + _table(["metric"] + [f"gen {g}" for g in gens],
                               [[n] + [metrics[g].get(n) for g in gens] for n in names]) + "</details>")
     else:
-        parts.append("<p class='muted'>no generation evaluated yet</p>")
+        parts.append('<p class="muted">no generation evaluated yet</p>')
     plots = [name for name, fn in (("metrics.png", lambda p: plot_metrics(state, p)),
                                    ("loss.png", lambda p: plot_losses(run_dir, state, p))) if fn(out / name)]
-    parts.append("<div>" + "".join(f"<img class='plot' src='{n}' alt='{n}'>" for n in plots) + "</div>")
+    parts.append("<div>" + "".join(f'<img class="plot" src="{_esc(n)}" alt="{_esc(n)}">' for n in plots) + "</div>")
 
     stats = _annotation_stats(state)
     if stats:
@@ -167,22 +176,23 @@ def write_report(run_dir: str | Path, store: Store, gallery: int = 12, seed: int
         rows = samples_across_generations(store, state, sample=gallery, where="split = 'train'", seed=seed)
         parts.append(f"<h2>Gallery ({len(rows)} training images)</h2>")
         for r in rows:
-            name = f"img/{r['id']}.{image_ext(r['image'])}"
+            name = "img/" + safe_name(r["id"], image_ext(r["image"]))
             (out / name).write_bytes(r["image"])
-            cells = [f"<tr><td><b>alt-text</b></td><td>{html.escape(r['alt_text'])}</td></tr>"]
-            if r.get("meta") and r["meta"].get("clean"):
-                cells.append(f"<tr><td><b>truth</b></td><td>{html.escape(r['meta']['clean'])}</td></tr>")
+            cells = [f"<tr><td><b>alt-text</b></td><td>{_esc(r['alt_text'])}</td></tr>"]
+            meta = r.get("meta")
+            if isinstance(meta, dict) and meta.get("clean"):
+                cells.append(f"<tr><td><b>truth</b></td><td>{_esc(meta['clean'])}</td></tr>")
             if r.get("teacher"):
                 cells.append(f"<tr><td><b>teacher</b></td><td>{_formulas(r['teacher'])}</td></tr>")
             for key in sorted(k for k in r if k.startswith("gen-")):
-                cells.append(f"<tr><td><b>{key}</b></td><td>{_formulas(r[key])}</td></tr>")
-            parts.append(f"<div class='card'><img src='{name}' alt='{html.escape(r['id'])}'>"
-                         f"<div><b>{html.escape(r['id'])}</b><table>{''.join(cells)}</table></div></div>")
+                cells.append(f"<tr><td><b>{_esc(key)}</b></td><td>{_formulas(r[key])}</td></tr>")
+            parts.append(f'<div class="card"><img src="{_esc(name)}" alt="{_esc(r["id"])}">'
+                         f'<div><b>{_esc(r["id"])}</b><table>{"".join(cells)}</table></div></div>')
     # Lets a headless browser (and a curious reader) see that every picture loaded.
     parts.append("<script>window.addEventListener('load',()=>{const i=[...document.images];"
                  "document.body.dataset.images=i.length;"
                  "document.body.dataset.imagesLoaded=i.filter(x=>x.complete&&x.naturalWidth>0).length;});</script>")
     parts.append("</body></html>")
     page = out / "index.html"
-    page.write_text("\n".join(parts))
+    write_text_atomic(page, "\n".join(parts))
     return page

@@ -8,8 +8,10 @@ from typing import Iterable, Optional
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from .data.images import image_ext
+from .files import check_writable_dir, safe_name
 from .pipeline import ALL_STAGES
 from .state import RunState
 from .store import Store, sql_in
@@ -28,7 +30,7 @@ MINUTES_FROM_S = 90  # durations from this many seconds on read in minutes
 
 def status_table(run_dir: str | Path) -> Table:
     state = RunState(run_dir)
-    table = Table(title=f"run {escape(Path(run_dir).name)}", show_lines=False)
+    table = Table(title=Text(f"run {Path(run_dir).name}"), show_lines=False)
     table.add_column("gen", justify="right")
     for stage in ALL_STAGES:
         table.add_column(stage)
@@ -87,8 +89,10 @@ def samples_across_generations(store: Store, state: RunState, ids: Optional[Iter
         filters.append(sql_in("id", ids))
     if where:
         filters.append(f"({where})")
+    if where:
+        store.check_filter("samples", where, version)  # a typo in --where: one line naming it
     table = store.read("samples", ["id", "alt_text", "split", "image", "meta"],
-                      " AND ".join(filters) or None, version=version)
+                       " AND ".join(filters) or None, version=version)
     rows = table.to_pylist()
     if sample:
         import random
@@ -116,24 +120,34 @@ def _by_id(store: Store, name: str, ids: list[str], version, extra: Optional[str
     return {r["id"]: r for r in store.read(name, where=where, version=version).to_pylist()}
 
 
+def data_text(value) -> Text:
+    """Data (ids, alt-text, model output) for a rich table: a `Text`, which rich never parses, so
+    "[/b]" or "[red]" prints as is and ":smile:" stays words (escape() alone leaves emoji codes live)."""
+    return Text("" if value is None else str(value))
+
+
 def print_samples(rows: list[dict], console: Optional[Console] = None, image_out: Optional[Path] = None) -> None:
     console = console or wide_console()
+    if image_out:
+        check_writable_dir(image_out, "image folder")
     for r in rows:
-        # every value is data (ids, alt-text, model output): escaped, so "[/b]" in an alt-text prints as is
-        table = Table(title=escape(f"{r['id']}  [{r['split']}]"), show_header=True, expand=True)
+        table = Table(title=data_text(f"{r['id']}  [{r['split']}]"), show_header=True, expand=True)
         table.add_column("source", style="bold")
         for key in ("desc", "neg_desc", "tags", "neg_tags"):
             table.add_column(key)
-        table.add_row("alt-text", escape(r["alt_text"]), "", "", "")
+        table.add_row("alt-text", data_text(r["alt_text"]), "", "", "")
         for label in ["teacher"] + sorted(k for k in r if k.startswith("gen-")):
             rec = r.get(label)
             if rec:
                 status = f" ({rec['status']})" if rec.get("status") and rec["status"] != "ok" else ""
-                table.add_row(escape(label + status), *[escape("\n".join(rec.get(k) or [])) for k in
-                                                        ("desc", "neg_desc", "tags", "neg_tags")])
-        if r.get("meta") and r["meta"].get("clean"):
-            table.add_row("truth", escape(r["meta"]["clean"]), "", "", "")
+                table.add_row(data_text(label + status), *[data_text("\n".join(map(str, rec.get(k) or [])))
+                                                           for k in ("desc", "neg_desc", "tags", "neg_tags")])
+        meta = r.get("meta")
+        if isinstance(meta, dict) and meta.get("clean"):
+            table.add_row("truth", data_text(meta["clean"]), "", "", "")
         console.print(table)
         if image_out:
             image_out.mkdir(parents=True, exist_ok=True)
-            (image_out / f"{r['id']}.{image_ext(r['image'])}").write_bytes(r["image"])
+            path = image_out / safe_name(r["id"], image_ext(r["image"]))
+            path.write_bytes(r["image"])
+            console.print(Text(f"image: {path}", style="dim"))

@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -60,7 +61,10 @@ REJECTS = pa.schema([
 ])
 
 SCHEMAS = {"samples": SAMPLES, "teacher": TEACHER, "annotations": ANNOTATIONS, "rejects": REJECTS}
-KEYS = {"samples": ["id"], "teacher": ["id"], "annotations": ["id", "generation"]}
+# The first key column is the one looked up (`_drop_present`). Rejects are keyed too, so ingesting a
+# source again does not store its rejects again (the same source, key and reason once).
+KEYS = {"samples": ["id"], "teacher": ["id"], "annotations": ["id", "generation"],
+        "rejects": ["key", "source", "reason"]}
 
 
 # The one definition of an annotation that training, alignment, SFT, quality and export may use: parsed
@@ -85,6 +89,10 @@ def gen_tag(generation: int) -> str:
 
 class StoreError(HQClipError, ValueError):
     """The store refuses a write that would lose what a version or tag means (a ValueError for older callers)."""
+
+
+class BadFilter(HQClipError, ValueError):
+    """A user's SQL filter (`hqclip inspect --where`) that Lance cannot parse or plan."""
 
 
 @dataclass(frozen=True)
@@ -192,6 +200,14 @@ class Store:
         ds = self.table(name, version).to_lance()
         yield from ds.to_batches(columns=columns, filter=where, batch_size=batch_size)
 
+    def check_filter(self, name: str, where: str, version: int | str | None = None) -> None:
+        """Raise `BadFilter` naming `where` unless Lance can parse and plan it on table `name` (reads no rows)."""
+        try:
+            self.table(name, version).to_lance().scanner(columns=[], filter=where, limit=0, with_row_id=True).to_table()
+        except ValueError as err:  # Lance: "Invalid user input: ..., /path/to/file.rs:109:" over several lines
+            reason = re.sub(r",\s*/\S+\.rs:\d+(:\d+)?:?\s*$", "", str(err).splitlines()[0] if str(err) else "")
+            raise BadFilter(f"filter {where!r} on {name}: {reason or type(err).__name__}") from None
+
     def ids(self, name: str, where: str | None = None, version: int | str | None = None) -> set[str]:
         return set(self.read(name, ["id"], where, version).column("id").to_pylist())
 
@@ -247,11 +263,12 @@ def _dedupe(data: pa.Table, keys: list[str]) -> pa.Table:
 
 
 def _drop_present(tbl, data: pa.Table, keys: list[str], chunk: int = PRESENT_LOOKUP_CHUNK) -> pa.Table:
-    """Rows of `data` whose key is not yet in `tbl`, looked up by the batch's own ids (no full scan)."""
-    ids = data.column("id").to_pylist()
+    """Rows of `data` whose key is not yet in `tbl`, looked up by the batch's own values of the first key
+    column (no full scan)."""
+    ids = data.column(keys[0]).to_pylist()
     present = set()
     for start in range(0, len(ids), chunk):
-        found = tbl.to_lance().to_table(columns=keys, filter=sql_in("id", set(ids[start:start + chunk])))
+        found = tbl.to_lance().to_table(columns=keys, filter=sql_in(keys[0], set(ids[start:start + chunk])))
         present.update(zip(*(found.column(k).to_pylist() for k in keys)))
     if not present:
         return data

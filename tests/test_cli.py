@@ -14,6 +14,7 @@ from cycle.cli import main
 from cycle.cli_common import config_file, setup_logging
 from cycle.config import ConfigError, load_config, save_config
 from cycle.errors import HQClipError
+from cycle.files import safe_name
 from cycle.state import RunState
 from cycle.store import Store
 
@@ -143,7 +144,7 @@ def markup_run(tmp_path):
     save_config(cfg, cfg.run_dir)
     store = Store(cfg.run_dir / "lance")
     image = png_bytes(Image.new("RGB", (8, 8), "red"))
-    rows = [{"id": f"[b]id{i}", "image": image, "alt_text": "a cat [/b] on a mat [red]", "source": "t",
+    rows = [{"id": f"[b]id{i}", "image": image, "alt_text": "a cat [/b] on a mat [red]RED[/red] :smile:", "source": "t",
              "split": "train", "width": 8, "height": 8, "sha256": "x", "meta": None} for i in range(2)]
     version = store.append("samples", rows)
     RunState(cfg.run_dir).mark_done(0, "data", "fp", outputs={"samples_version": version})
@@ -154,8 +155,10 @@ def test_inspect_prints_markup_like_data_as_is(markup_run, tmp_path):
     result = CliRunner().invoke(main, ["inspect", str(markup_run), "--id", "[b]id1", "--image-out",
                                        str(tmp_path / "img")])
     assert result.exit_code == 0, result.output
-    assert "a cat [/b] on a mat [red]" in result.output and "[b]id1" in result.output
-    assert [p.name for p in (tmp_path / "img").iterdir()] == ["[b]id1.png"]
+    assert "a cat [/b] on a mat [red]RED[/red] :smile:" in result.output and "[b]id1" in result.output
+    # the image is named by safe_name (ids are data, not file names), and the output says where it went
+    assert [p.name for p in (tmp_path / "img").iterdir()] == [safe_name("[b]id1", "png")]
+    assert safe_name("[b]id1", "png") in result.output
     result = CliRunner().invoke(main, ["inspect", str(markup_run), "--id", "absent"])
     assert "no sample matches" in _one_error_line(result)
 

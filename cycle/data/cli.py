@@ -62,6 +62,7 @@ def data_list(run_dir):
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
+    from rich.text import Text
 
     from ..store import SCHEMAS, Store
 
@@ -87,7 +88,7 @@ def data_list(run_dir):
             rejects.add_column(column, justify="right" if column == "rows" else "left")
         counts = store.read("rejects", ["source", "reason"]).group_by(["source", "reason"]).aggregate([([], "count_all")])
         for row in sorted(counts.to_pylist(), key=lambda r: (r["source"], -r["count_all"])):
-            rejects.add_row(escape(row["source"]), escape(row["reason"]), str(row["count_all"]))
+            rejects.add_row(Text(row["source"]), Text(row["reason"]), str(row["count_all"]))  # data, as is
         console.print(rejects)
 
 

@@ -7,16 +7,22 @@ streams; writes are batched (`write_batch` rows per commit). Every pair that is 
 
 Reject reasons: from the image check "empty_image", "corrupt_image", "too_large", "too_small",
 "unsupported_format"; from the text "empty_text", "non_utf8_text"; from the readers "missing_text",
-"missing_image", "bad_caption_record", "corrupt_shard"; and "duplicate_id", "non_utf8_key".
+"missing_image", "bad_caption_record", "duplicate_caption", "corrupt_shard"; and "duplicate_id",
+"non_utf8_key", "bad_id".
 
 Ids are stable and source-derived (see `cycle.data.readers`), with an optional prefix to keep several
-sources apart. An id already in `samples` (from this ingest or an earlier one) is rejected as
-"duplicate_id": the first wins, so ingesting the same source twice adds nothing to `samples`.
+sources apart. They are kept as given (they are the user's keys) and are data, never paths or markup:
+whatever writes a file per sample names it with `cycle.files.safe_name(id)`. Only ids that nothing can
+show or store faithfully are rejected ("bad_id": empty, or with a control character such as a newline).
+An id already in `samples` (from this ingest or an earlier one) is rejected as "duplicate_id": the first
+wins, so ingesting the same source twice adds nothing to `samples`. Rejects are stored once per
+(source, key, reason): ingesting a source again does not add its rejects again.
 """
 from __future__ import annotations
 
 import hashlib
 import time
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,10 +89,21 @@ def open_source(source: str | Path, kind: str, image_column=None, text_column=No
     if kind == "wds":
         return read_shards(expand_sources(source, ".tar")), None
     if kind == "parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
+        from .readers import parquet_columns
+
         files = expand_sources(source, ".parquet")
-        total = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+        total = 0
+        for f in files:  # every file's columns checked before the first row is written
+            try:
+                meta = pq.ParquetFile(f)
+            except (pa.ArrowException, OSError) as err:
+                reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+                raise DataError(f"parquet file '{f}' cannot be read: {reason}") from None
+            parquet_columns(meta.schema_arrow, str(f), image_column, text_column, id_column)
+            total += meta.metadata.num_rows
         return read_parquet(files, image_column, text_column, id_column), total
     raise DataError(f"kind={kind!r}: expected one of {', '.join(KINDS)}")
 
@@ -116,7 +133,7 @@ def ingest(source: str | Path, store: Store, kind: str = "auto", split: str = "t
             report.samples_version = store.append("samples", rows)
             rows.clear()
         if rejects:
-            store.append("rejects", rejects)
+            store.insert_new("rejects", rejects)  # a reject stored by an earlier ingest is not stored again
             rejects.clear()
 
     bar = tqdm(pairs, total=total, desc=f"ingest {kind}", unit="row", disable=not progress, dynamic_ncols=True)
@@ -148,6 +165,9 @@ def _check(pair: RawPair, cfg: DataConfig, seen: set, id_prefix: str, split: str
     sample_id = id_prefix + pair.id
     if _printable(sample_id) != sample_id:  # a file name that is not UTF-8 cannot be an id (nor a Lance string)
         return "non_utf8_key", f"id {_printable(sample_id)!r} is not valid UTF-8", None
+    problem = _id_problem(pair.id) or _id_problem(sample_id)  # the prefix is user input too
+    if problem:
+        return "bad_id", problem, None
     if sample_id in seen:
         return "duplicate_id", f"id '{sample_id}' is already in samples (the first copy wins)", None
     try:
@@ -160,6 +180,18 @@ def _check(pair: RawPair, cfg: DataConfig, seen: set, id_prefix: str, split: str
                         "sha256": hashlib.sha256(pair.image).hexdigest(), "meta": pair.meta}
 
 
+def _id_problem(raw_id: str) -> Optional[str]:
+    """Why an id (as the source gave it) cannot be one, or None. Separators, dots, quotes, brackets are
+    fine: ids are data everywhere. Control characters are not: they break lines and tables wherever the
+    id is shown, and cannot be told apart from the id without them."""
+    if not raw_id or not raw_id.strip():
+        return f"empty id {raw_id!r}"
+    bad = next((c for c in raw_id if unicodedata.category(c) in ("Cc", "Zl", "Zp")), None)
+    if bad is not None:
+        return f"id {raw_id!r} contains the control character U+{ord(bad):04X}"
+    return None
+
+
 def _printable(text: str) -> str:
     """Non-UTF-8 file names arrive as lone surrogates; store them escaped rather than fail the write."""
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace") if text else text
@@ -167,16 +199,17 @@ def _printable(text: str) -> str:
 
 def report_table(report: IngestReport):
     """A rich table: ingested, then rejected rows by reason."""
-    from rich.markup import escape
     from rich.table import Table
+    from rich.text import Text
 
-    table = Table(title=escape(f"ingest {report.kind}: {report.source} -> split '{report.split}'"),
+    # Text, not a markup string: the source path and split are the user's, printed as they are
+    table = Table(title=Text(f"ingest {report.kind}: {report.source} -> split '{report.split}'"),
                   min_width=REPORT_TABLE_MIN_WIDTH)
     table.add_column("outcome")
     table.add_column("rows", justify="right")
     table.add_row("ingested", str(report.ingested), style="green")
     for reason, n in sorted(report.rejected.items(), key=lambda kv: (-kv[1], kv[0])):
-        table.add_row(escape(f"rejected: {reason}"), str(n), style="red")
+        table.add_row(Text(f"rejected: {reason}"), str(n), style="red")
     table.add_row("total", str(report.ingested + report.rejected_total), style="bold")
     rate = (report.ingested + report.rejected_total) / report.seconds if report.seconds else 0.0
     table.caption = f"samples version {report.samples_version}; {report.seconds:.1f} s ({rate:.0f} rows/s)"

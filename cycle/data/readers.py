@@ -70,10 +70,23 @@ def _pick(names, candidates, what: str, where: str) -> str:
     raise DataError(f"{where}: no {what} column (expected one of {', '.join(candidates)}; found {', '.join(names)})")
 
 
-def _sidecar_captions(root: Path) -> tuple[dict[str, bytes | str | None], list[tuple[str, str]]]:
-    """captions.csv / captions.jsonl: (relative path or bare file name -> text, unparsable records)."""
+def _sidecar_captions(root: Path) -> tuple[dict[str, bytes | str | None], list[tuple[str, str, str]]]:
+    """captions.csv / captions.jsonl: (relative path or bare file name -> text, [(where, reason, detail)]
+    of records not used: unparsable ones, and a second record for a file already captioned (the first
+    wins, as for ids, so a later line never silently replaces an earlier one))."""
     captions: dict[str, bytes | str | None] = {}
-    bad: list[tuple[str, str]] = []
+    first_at: dict[str, str] = {}
+    bad: list[tuple[str, str, str]] = []
+
+    def add(file_key: str, text, where: str) -> None:
+        file_key = _norm(file_key)
+        if file_key in captions:
+            bad.append((where, "duplicate_caption", f"a second caption for '{file_key}' "
+                                                    f"(the first, {first_at[file_key]}, is kept)"))
+            return
+        captions[file_key] = text
+        first_at[file_key] = where
+
     csv_path, jsonl_path = root / CAPTION_FILES[0], root / CAPTION_FILES[1]
     if csv_path.is_file():
         # surrogateescape keeps non-UTF-8 bytes visible to the text check instead of failing the file
@@ -84,9 +97,9 @@ def _sidecar_captions(root: Path) -> tuple[dict[str, bytes | str | None], list[t
             text_col = _pick(names, TEXT_COLUMNS, "text", str(csv_path))
             for number, row in enumerate(reader, 2):
                 if not row.get(file_col):
-                    bad.append((f"{csv_path.name}:{number}", "no file name"))
+                    bad.append((f"{csv_path.name}:{number}", "bad_caption_record", "no file name"))
                     continue
-                captions[_norm(row[file_col])] = row[text_col]
+                add(row[file_col], row[text_col], f"{csv_path.name}:{number}")
     if jsonl_path.is_file():
         with open(jsonl_path, encoding="utf-8", errors="surrogateescape") as f:
             for number, line in enumerate(f, 1):
@@ -96,9 +109,11 @@ def _sidecar_captions(root: Path) -> tuple[dict[str, bytes | str | None], list[t
                     record = json.loads(line)
                     file_key = next(record[k] for k in FILE_COLUMNS if isinstance(record.get(k), str))
                 except (ValueError, StopIteration, AttributeError) as err:
-                    bad.append((f"{jsonl_path.name}:{number}", f"{type(err).__name__}: {line.strip()[:200]}"))
+                    bad.append((f"{jsonl_path.name}:{number}", "bad_caption_record",
+                                f"{type(err).__name__}: {line.strip()[:200]}"))
                     continue
-                captions[_norm(file_key)] = next((record[k] for k in TEXT_COLUMNS if k in record), None)
+                add(file_key, next((record[k] for k in TEXT_COLUMNS if k in record), None),
+                    f"{jsonl_path.name}:{number}")
     return captions, bad
 
 
@@ -127,8 +142,8 @@ def read_folder(root: str | Path) -> Iterator[RawPair]:
     files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
                    if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
     present = set(files)
-    for where, detail in bad:
-        yield RawPair(where, None, None, None, source, error=("bad_caption_record", detail))
+    for where, reason, detail in bad:
+        yield RawPair(where, None, None, None, source, error=(reason, detail))
     claimed = set(CAPTION_FILES)
     for rel in files:
         if rel in CAPTION_FILES or rel.endswith((".txt", ".json")):
