@@ -10,6 +10,7 @@ writes) at the batch size of the comparison.
 
 Prints a markdown table (best of --repeats timings per mode; the whole pass is timed once).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +42,12 @@ def build_demo_llava(work: Path, num_heads: int = 0, clip_name: str = "") -> Pat
     texts = []
     for _ in range(2000):  # text in the annotation format, for the tokenizer only
         alt = " ".join(rng.sample(words, 4))
-        rec = {"desc": [f"the image shows {alt}."], "neg_desc": [f"the image shows {alt[::-1]}."],
-               "tags": alt.split()[:2], "neg_tags": alt.split()[2:]}
+        rec = {
+            "desc": [f"the image shows {alt}."],
+            "neg_desc": [f"the image shows {alt[::-1]}."],
+            "tags": alt.split()[:2],
+            "neg_tags": alt.split()[2:],
+        }
         texts.append(model_input(build_prompt(alt)) + to_target_json(rec))
     cfg.lvlm.lm.pretrain_epochs = 0
     if num_heads:
@@ -72,15 +77,31 @@ def main() -> None:
     ap.add_argument("--single", type=int, default=16, help="images generated one at a time")
     ap.add_argument("--pass-images", type=int, default=128, help="images in the whole-pass timing")
     ap.add_argument("--repeats", type=int, default=3, help="timings per mode; the best is reported")
-    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                    help="bfloat16 pays off on CPUs with AVX512-BF16/AMX (greedy outputs may differ from float32)")
+    ap.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="bfloat16 pays off on CPUs with AVX512-BF16/AMX (greedy outputs may differ from float32)",
+    )
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    ap.add_argument("--kv-cache", choices=["dynamic", "static"], default="dynamic",
-                    help="the transformers backend's KV cache (annotate.kv_cache)")
-    ap.add_argument("--clip", default="", help="CLIP architecture of the vision tower (default: the demo config's; "
-                    "hqclip-tiny is the patch-8 tower: 65 image tokens, hqclip-tiny-p16 gives 17)")
-    ap.add_argument("--vllm-python", default="", help="also time the vllm backend with this python (its CPU "
-                    "attention needs head_dim 32/64/80/...: the LM then gets 3 heads of 64 instead of 4 of 48)")
+    ap.add_argument(
+        "--kv-cache",
+        choices=["dynamic", "static"],
+        default="dynamic",
+        help="the transformers backend's KV cache (annotate.kv_cache)",
+    )
+    ap.add_argument(
+        "--clip",
+        default="",
+        help="CLIP architecture of the vision tower (default: the demo config's; "
+        "hqclip-tiny is the patch-8 tower: 65 image tokens, hqclip-tiny-p16 gives 17)",
+    )
+    ap.add_argument(
+        "--vllm-python",
+        default="",
+        help="also time the vllm backend with this python (its CPU "
+        "attention needs head_dim 32/64/80/...: the LM then gets 3 heads of 64 instead of 4 of 48)",
+    )
     args = ap.parse_args()
 
     import torch
@@ -94,8 +115,14 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="bench-annotate-"))
     model_dir = build_demo_llava(work, num_heads=3 if args.vllm_python else 0, clip_name=args.clip)
-    backend = TransformersBackend(model_dir, device="cpu", max_new_tokens=args.tokens, min_new_tokens=args.tokens,
-                                  dtype=getattr(torch, args.dtype), kv_cache=args.kv_cache)
+    backend = TransformersBackend(
+        model_dir,
+        device="cpu",
+        max_new_tokens=args.tokens,
+        min_new_tokens=args.tokens,
+        dtype=getattr(torch, args.dtype),
+        kv_cache=args.kv_cache,
+    )
     params = sum(p.numel() for p in backend.model.parameters())
     data = images(max(args.batch, args.single), 64)
     backend.generate(data[:1])  # warm-up, both shapes
@@ -123,16 +150,39 @@ def main() -> None:
     batched = timed(f"batched (batch {args.batch})", [data[: args.batch]])
 
     store = Store(work / "lance")
-    store.append("samples", [{"id": f"b{i:05d}", "image": img, "alt_text": "two dogs left", "source": "bench",
-                              "split": "train", "width": 64, "height": 64, "sha256": "", "meta": None}
-                             for i, (img, _) in enumerate(images(args.pass_images, 64))])
+    store.append(
+        "samples",
+        [
+            {
+                "id": f"b{i:05d}",
+                "image": img,
+                "alt_text": "two dogs left",
+                "source": "bench",
+                "split": "train",
+                "width": 64,
+                "height": 64,
+                "sha256": "",
+                "meta": None,
+            }
+            for i, (img, _) in enumerate(images(args.pass_images, 64))
+        ],
+    )
     cfg = AnnotateConfig(batch_size=args.batch, max_new_tokens=args.tokens, retries=0, write_batch=512)
     t0 = time.perf_counter()
-    stats = annotate_generation(cfg, model_dir, store, store.pin("samples").version, 1, work / "out",
-                                backend=backend, progress=False)
+    stats = annotate_generation(
+        cfg, model_dir, store, store.pin("samples").version, 1, work / "out", backend=backend, progress=False
+    )
     dt = time.perf_counter() - t0
-    rows.append((f"whole pass (annotate_generation, batch {args.batch})", stats["rows"],
-                 stats["this_run"]["generated_tokens"], dt, stats["rows"] / dt, None))
+    rows.append(
+        (
+            f"whole pass (annotate_generation, batch {args.batch})",
+            stats["rows"],
+            stats["this_run"]["generated_tokens"],
+            dt,
+            stats["rows"] / dt,
+            None,
+        )
+    )
 
     if args.vllm_python:
         from cycle.annotate.backends.vllm_backend import VLLMBackend
@@ -140,8 +190,15 @@ def main() -> None:
         vcfg = AnnotateConfig(backend="vllm", max_new_tokens=args.tokens, temperature=0.0)
         vcfg.vllm.python = args.vllm_python
         t0 = time.perf_counter()
-        vllm = VLLMBackend(vcfg, model_dir, out_dir=work / "vllm", structured=False, min_new_tokens=args.tokens,
-                           device="cpu", dtype=args.dtype)
+        vllm = VLLMBackend(
+            vcfg,
+            model_dir,
+            out_dir=work / "vllm",
+            structured=False,
+            min_new_tokens=args.tokens,
+            device="cpu",
+            dtype=args.dtype,
+        )
         start = time.perf_counter() - t0
         try:
             vllm.generate(data[: args.batch])  # warm-up
@@ -153,10 +210,13 @@ def main() -> None:
     from transformers import AutoConfig
 
     image_tokens = AutoConfig.from_pretrained(model_dir).image_seq_length
-    print(f"\nAnnotation throughput, {model_dir.name}: {params / 1e6:.2f}M parameters (demo size), "
-          f"tower {args.clip or 'of configs/emoji.yaml'} ({image_tokens} image tokens), "
-          f"{args.tokens} tokens per image, {args.dtype}, {args.kv_cache} KV cache, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{os.cpu_count()} cores\n")
+    print(
+        f"\nAnnotation throughput, {model_dir.name}: {params / 1e6:.2f}M parameters (demo size), "
+        f"tower {args.clip or 'of configs/emoji.yaml'} ({image_tokens} image tokens), "
+        f"{args.tokens} tokens per image, {args.dtype}, {args.kv_cache} KV cache, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{os.cpu_count()} cores\n"
+    )
     print("| mode | images | tokens | seconds | images/s | tokens/s |")
     print("|---|---:|---:|---:|---:|---:|")
     for label, n, tokens, dt, ips, tps in rows:

@@ -5,6 +5,7 @@
 Prints a markdown table: rows, seconds for the plan (text only), the whole build (plan + glyphs +
 render + PNG + LanceDB writes), rows/s, and the store's size on disk.
 """
+
 from __future__ import annotations
 
 import argparse

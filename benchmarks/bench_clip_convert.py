@@ -4,6 +4,7 @@ Prints a markdown table: max abs difference of every vision hidden state (HF `CL
 open_clip's block outputs), of image and text features (HF `CLIPModel` against open_clip), and the
 time to convert. Usage: python benchmarks/bench_clip_convert.py [ARCH ...] (default: our two and ViT-B-16).
 """
+
 from __future__ import annotations
 
 import sys
@@ -40,12 +41,17 @@ def measure(arch: str, n_images: int = 2) -> dict:
 
 
 def main(archs: list[str]) -> None:
-    print("| architecture | params (M) | max diff hidden states | max diff image features | max diff text features | convert (s) |")
+    print(
+        "| architecture | params (M) | max diff hidden states | max diff image features | max diff text features "
+        "| convert (s) |"
+    )
     print("|---|---:|---:|---:|---:|---:|")
     for arch in archs:
         r = measure(arch)
-        print(f"| {r['arch']} | {r['params_M']:.1f} | {r['hidden']:.1e} | {r['image']:.1e} | {r['text']:.1e} | "
-              f"{r['convert_s']:.2f} |")
+        print(
+            f"| {r['arch']} | {r['params_M']:.1f} | {r['hidden']:.1e} | {r['image']:.1e} | {r['text']:.1e} | "
+            f"{r['convert_s']:.2f} |"
+        )
 
 
 if __name__ == "__main__":

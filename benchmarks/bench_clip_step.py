@@ -6,8 +6,9 @@ open_clip's own training loop.
 
 1. One optimisation step (forward, loss, backward, AdamW) on the same model and batch, plain torch:
    open_clip's `CLIP` + `ClipLoss`, against `ClipWithTagHead` + `HQClipLoss` with HNI (batch and pair)
-   and STC (1000 tags), with and without cutting text padding (length buckets). A share of the samples (`--neg-share`) has a usable negative, as in a generation
-   where some annotations are missing or their negative equals the positive. Median of `--steps` steps
+   and STC (1000 tags), with and without cutting text padding (length buckets). A share of the samples
+   (`--neg-share`) has a usable negative, as in a generation where some annotations are missing or their
+   negative equals the positive. Median of `--steps` steps
    after two warm-up steps, the modes interleaved so machine load hits them alike.
 2. Whole-loop throughput on emoji scenes from a LanceDB store (`--samples` training images): open_clip's
    `open_clip_train.train.train_one_epoch` (accum_freq 1, fp32) over the same `PairDataset`, against
@@ -15,6 +16,7 @@ open_clip's own training loop.
    annotated). Steady-state samples/s: the first step (warm-up) is left out on both sides.
 Prints markdown tables.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +35,10 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-WORDS = ("red green blue small big apple dog cup bus cat car tree house ball shoe hat left right top bottom "
-         "two three one next to near under above").split()
+WORDS = (
+    "red green blue small big apple dog cup bus cat car tree house ball shoe hat left right top bottom "
+    "two three one next to near under above"
+).split()
 
 
 def _texts(rng, n, lo, hi):
@@ -78,6 +82,7 @@ def bench_step(model_name: str, batch: int, steps: int, neg_share: float, num_ta
             opt.step()
             with torch.no_grad():
                 model.logit_scale.clamp_(0, 4.6052)
+
         return step
 
     def ours(hni_mode: str, hni: float, stc: float, cut: bool = True):
@@ -87,8 +92,12 @@ def bench_step(model_name: str, batch: int, steps: int, neg_share: float, num_ta
         loss_fn = HQClipLoss(replace(LossConfig(), hni_mode=hni_mode, hni_weight=hni, stc_weight=stc))
         inputs = {"images": images, "texts": texts}
         if hni:
-            inputs.update(neg_texts=neg_texts, neg_valid=neg_valid, text_keys=torch.arange(batch),
-                          neg_keys=torch.arange(batch) + batch)
+            inputs.update(
+                neg_texts=neg_texts,
+                neg_valid=neg_valid,
+                text_keys=torch.arange(batch),
+                neg_keys=torch.arange(batch) + batch,
+            )
         if stc:
             inputs["tag_targets"] = tag_targets
 
@@ -100,6 +109,7 @@ def bench_step(model_name: str, batch: int, steps: int, neg_share: float, num_ta
             opt.step()
             with torch.no_grad():
                 module.clip.logit_scale.clamp_(0, 4.6052)
+
         return step
 
     all_usable = "HQ-CLIP, HNI batch + STC, all negatives usable"
@@ -130,14 +140,32 @@ def build_store(root: Path, samples: int, size: int):
     from cycle.data.emoji import build_emoji_scenes
     from cycle.store import Store
 
-    cfg = EmojiScenesConfig(image_size=size, n_train=samples, n_val=10, n_test_retrieval=10, n_test_negatives=10,
-                            n_test_compositional=10, vocab_size=60, seed_share=1.0)
+    cfg = EmojiScenesConfig(
+        image_size=size,
+        n_train=samples,
+        n_val=10,
+        n_test_retrieval=10,
+        n_test_negatives=10,
+        n_test_compositional=10,
+        vocab_size=60,
+        seed_share=1.0,
+    )
     store = Store(root / "lance")
     build_emoji_scenes(cfg, store, progress=False)
     # Every training image "annotated" by generation 1: the teacher seeds, copied.
     rows = store.read("teacher").to_pylist()
-    store.insert_new("annotations", [{**{k: r[k] for k in ("id", "desc", "neg_desc", "tags", "neg_tags")},
-                                      "generation": 1, "status": "ok", "attempts": 1} for r in rows])
+    store.insert_new(
+        "annotations",
+        [
+            {
+                **{k: r[k] for k in ("id", "desc", "neg_desc", "tags", "neg_tags")},
+                "generation": 1,
+                "status": "ok",
+                "attempts": 1,
+            }
+            for r in rows
+        ],
+    )
     return store
 
 
@@ -168,9 +196,21 @@ def bench_open_clip_train(store, model_name: str, batch: int, epochs: int) -> fl
     def scheduler(step):  # called at the top of every step: our clock
         stamps.append(time.perf_counter())
 
-    args = Namespace(device="cpu", precision="fp32", distill=False, accum_freq=1, skip_scheduler=False,
-                     grad_clip_norm=1.0, horovod=False, log_every_n_steps=10**9, batch_size=batch, world_size=1,
-                     rank=0, local_rank=0, wandb=False)
+    args = Namespace(
+        device="cpu",
+        precision="fp32",
+        distill=False,
+        accum_freq=1,
+        skip_scheduler=False,
+        grad_clip_norm=1.0,
+        horovod=False,
+        log_every_n_steps=10**9,
+        batch_size=batch,
+        world_size=1,
+        rank=0,
+        local_rank=0,
+        wandb=False,
+    )
     # open_clip_train.data.DataInfo is this, but its module imports pandas (not installed here).
     data = {"train": Namespace(dataloader=loader, set_epoch=lambda epoch: None)}
     for epoch in range(epochs):
@@ -183,12 +223,27 @@ def bench_train_clip(store, model_name: str, batch: int, epochs: int, generation
     from cycle.clip.train import train_clip
     from cycle.config import load_config
 
-    cfg = load_config(None, ["name=bench", f"clip.name={model_name}", f"train.batch_size={batch}",
-                             f"train.epochs={epochs}", "train.log_every=1", "train.checkpoint_every=1000000",
-                             "train.warmup_steps=1"])
-    train_clip(cfg, store.uri, out, store.table("samples").version,
-               annotations_version=store.table("annotations").version if generation else None,
-               generation=generation or None, progress=False)
+    cfg = load_config(
+        None,
+        [
+            "name=bench",
+            f"clip.name={model_name}",
+            f"train.batch_size={batch}",
+            f"train.epochs={epochs}",
+            "train.log_every=1",
+            "train.checkpoint_every=1000000",
+            "train.warmup_steps=1",
+        ],
+    )
+    train_clip(
+        cfg,
+        store.uri,
+        out,
+        store.table("samples").version,
+        annotations_version=store.table("annotations").version if generation else None,
+        generation=generation or None,
+        progress=False,
+    )
     steps = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     steps = [r for r in steps if "event" not in r][1:]  # the first step is warm-up
     return len(steps) * batch / sum(batch / r["samples_per_s"] for r in steps)
@@ -219,8 +274,9 @@ def main():
 
 def print_step(args):
     rows = bench_step(args.model, args.batch, args.steps, args.neg_share, args.tags)
-    print(f"### One step (forward + loss + backward + AdamW), {args.neg_share:.0%} usable negatives, "
-          f"{args.tags} tags\n")
+    print(
+        f"### One step (forward + loss + backward + AdamW), {args.neg_share:.0%} usable negatives, {args.tags} tags\n"
+    )
     print("| step | ms / step (median) | vs open_clip |\n|---|---:|---:|")
     for name, ms, ratio in rows:
         print(f"| {name} | {ms:.1f} | {ratio:.2f}x |")
@@ -232,12 +288,23 @@ def print_loop(args):
         size = create_size(args.model)
         store = build_store(tmp, args.samples, size)
         results = [
-            ("open_clip_train `train_one_epoch` (CLIP loss, alt-text)", bench_open_clip_train(store, args.model, args.batch, args.epochs)),
-            ("`train_clip` generation 0 (CLIP loss, alt-text, DeepSpeed ZeRO-1)", bench_train_clip(store, args.model, args.batch, args.epochs, 0, tmp / "g0")),
-            ("`train_clip` generation 1 (HQ-CLIP loss: HNI + STC)", bench_train_clip(store, args.model, args.batch, args.epochs, 1, tmp / "g1")),
+            (
+                "open_clip_train `train_one_epoch` (CLIP loss, alt-text)",
+                bench_open_clip_train(store, args.model, args.batch, args.epochs),
+            ),
+            (
+                "`train_clip` generation 0 (CLIP loss, alt-text, DeepSpeed ZeRO-1)",
+                bench_train_clip(store, args.model, args.batch, args.epochs, 0, tmp / "g0"),
+            ),
+            (
+                "`train_clip` generation 1 (HQ-CLIP loss: HNI + STC)",
+                bench_train_clip(store, args.model, args.batch, args.epochs, 1, tmp / "g1"),
+            ),
         ]
-    print(f"\n### Training loop, {args.samples} emoji scenes at {size} px from LanceDB, {args.epochs} epochs, "
-          f"no loader workers\n")
+    print(
+        f"\n### Training loop, {args.samples} emoji scenes at {size} px from LanceDB, {args.epochs} epochs, "
+        f"no loader workers\n"
+    )
     print("| loop | samples/s (steady) | vs open_clip_train |\n|---|---:|---:|")
     for name, rate in results:
         print(f"| {name} | {rate:.0f} | {rate / results[0][1]:.2f}x |")

@@ -7,6 +7,7 @@ rows as tar shards, then reads both end to end: fetch, PNG decode, RGB tensor, c
 two epochs with persistent workers: epoch 1 includes starting the (spawn) workers, epoch 2 is the steady
 rate. Prints a markdown table.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,8 +22,15 @@ def build(n: int, size: int, root: Path):
     from cycle.data.emoji import build_emoji_scenes
     from cycle.store import Store
 
-    cfg = EmojiScenesConfig(image_size=size, n_train=n, n_val=10, n_test_retrieval=10, n_test_negatives=10,
-                            n_test_compositional=10, vocab_size=60)
+    cfg = EmojiScenesConfig(
+        image_size=size,
+        n_train=n,
+        n_val=10,
+        n_test_retrieval=10,
+        n_test_negatives=10,
+        n_test_compositional=10,
+        vocab_size=60,
+    )
     store = Store(root / "lance")
     started = time.perf_counter()
     build_emoji_scenes(cfg, store, progress=True)
@@ -68,8 +76,13 @@ def wds_loader(shards: list[str], batch: int, workers: int):
 
     from cycle.data.loader import collate_pairs
 
-    pipeline = (wds.WebDataset(shards, shardshuffle=False, empty_check=False).decode("pil")
-                .to_tuple("png", "txt").map(_wds_pair).batched(batch, collation_fn=collate_pairs, partial=True))
+    pipeline = (
+        wds.WebDataset(shards, shardshuffle=False, empty_check=False)
+        .decode("pil")
+        .to_tuple("png", "txt")
+        .map(_wds_pair)
+        .batched(batch, collation_fn=collate_pairs, partial=True)
+    )
     extra = {"multiprocessing_context": "spawn", "persistent_workers": True} if workers else {}
     return DataLoader(pipeline, batch_size=None, num_workers=workers, **extra)
 
@@ -101,13 +114,23 @@ def main() -> None:
         for workers in args.workers:
             for shuffle in (False, True):
                 loader, sampler = lance_loader(store, args.batch, workers, shuffle)
-                rows.append(("Lance (PairDataset)", workers, "shuffled" if shuffle else "sequential",
-                             timed_epochs(loader, sampler)))
+                rows.append(
+                    (
+                        "Lance (PairDataset)",
+                        workers,
+                        "shuffled" if shuffle else "sequential",
+                        timed_epochs(loader, sampler),
+                    )
+                )
                 del loader
-            rows.append(("webdataset tar", workers, "sequential", timed_epochs(wds_loader(shards, args.batch, workers))))
+            rows.append(
+                ("webdataset tar", workers, "sequential", timed_epochs(wds_loader(shards, args.batch, workers)))
+            )
         load = os.getloadavg()[0]
-        print(f"\n{args.n} images at {args.size} px, batch {args.batch}, {os.cpu_count()} cores "
-              f"(load average {load:.1f}); samples/s\n")
+        print(
+            f"\n{args.n} images at {args.size} px, batch {args.batch}, {os.cpu_count()} cores "
+            f"(load average {load:.1f}); samples/s\n"
+        )
         print("| reader | workers | order | epoch 1 (incl. worker start) | epoch 2 (steady) |")
         print("|---|---:|---|---:|---:|")
         for name, workers, order, epochs in rows:

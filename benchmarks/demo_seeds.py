@@ -9,6 +9,7 @@ seed's wall time, peak RSS and annotation quality) and `benchmarks/results/demo_
 The dataset is the same build for every seed (`data.emoji.seed` is not varied): seeds vary model
 initialisation, data order, text draws and annotation retries. A resumed run is reused as it is.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,9 +35,21 @@ METRICS = {
 
 def run_seed(seed: int, root: Path, overrides: list[str], threads: int = 0) -> dict:
     name = f"demo-seed-{seed}"
-    cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "cycle.cli", "run", str(REPO / "configs" / "emoji.yaml"),
-           f"root={root}", f"name={name}", f"seed={seed}", f"train.seed={seed}",
-           *([f"cpu_threads={threads}"] if threads else []), *overrides]
+    cmd = [
+        "/usr/bin/time",
+        "-v",
+        sys.executable,
+        "-m",
+        "cycle.cli",
+        "run",
+        str(REPO / "configs" / "emoji.yaml"),
+        f"root={root}",
+        f"name={name}",
+        f"seed={seed}",
+        f"train.seed={seed}",
+        *([f"cpu_threads={threads}"] if threads else []),
+        *overrides,
+    ]
     start = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     wall = time.time() - start
@@ -49,9 +62,13 @@ def run_seed(seed: int, root: Path, overrides: list[str], threads: int = 0) -> d
 
 def summarise(results: list[dict]) -> str:
     gens = sorted(int(g) for g in results[0]["state"]["generations"])
-    lines = ["# Demo results over seeds", "",
-             f"`configs/emoji.yaml`, seeds {', '.join(str(r['seed']) for r in results)}; mean ± std over seeds "
-             "(population std). Held-out sets are never used for tuning; `val` is the selection split.", ""]
+    lines = [
+        "# Demo results over seeds",
+        "",
+        f"`configs/emoji.yaml`, seeds {', '.join(str(r['seed']) for r in results)}; mean ± std over seeds "
+        "(population std). Held-out sets are never used for tuning; `val` is the selection split.",
+        "",
+    ]
     header = "| metric | " + " | ".join(f"gen {g}" for g in gens) + " |"
     lines += [header, "|---|" + "---:|" * len(gens)]
     for label, key in METRICS.items():
@@ -61,16 +78,22 @@ def summarise(results: list[dict]) -> str:
             vals = [v for v in vals if v is not None]
             cells.append(f"{statistics.mean(vals):.3f} ± {statistics.pstdev(vals):.3f}" if vals else "")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lines += ["", "| seed | wall (min) | peak RSS (GB) | "
-              + " | ".join(f"gen {g} annot. F1 / alt-text F1 / valid" for g in gens if g > 0) + " |",
-              "|---:|---:|---:|" + "---|" * (len(gens) - 1)]
+    lines += [
+        "",
+        "| seed | wall (min) | peak RSS (GB) | "
+        + " | ".join(f"gen {g} annot. F1 / alt-text F1 / valid" for g in gens if g > 0)
+        + " |",
+        "|---:|---:|---:|" + "---|" * (len(gens) - 1),
+    ]
     for r in results:
         cells = []
         for g in gens[1:]:
             m = r["state"]["generations"][str(g)]["annotate"]["metrics"]
-            cells.append(f"{m.get('quality/annotation/f1', float('nan')):.3f} / "
-                         f"{m.get('quality/alt_text/f1', float('nan')):.3f} / "
-                         f"{m.get('quality/schema_valid_share', float('nan')):.2f}")
+            cells.append(
+                f"{m.get('quality/annotation/f1', float('nan')):.3f} / "
+                f"{m.get('quality/alt_text/f1', float('nan')):.3f} / "
+                f"{m.get('quality/schema_valid_share', float('nan')):.2f}"
+            )
         lines.append(f"| {r['seed']} | {r['wall_s'] / 60:.1f} | {r['peak_gb']:.2f} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

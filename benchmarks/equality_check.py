@@ -13,6 +13,7 @@ The jobs, both with one torch thread (float reductions depend on the thread coun
 
 Exits 1 when a figure differs, naming it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,8 +43,14 @@ def _cli(*args: str) -> list[str]:
 
 
 def _env() -> dict:
-    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(REPO),
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        OMP_NUM_THREADS="1",
+    )
     env.setdefault("DS_ACCELERATOR", "cpu")
     return env
 
@@ -62,8 +69,13 @@ def numbers(obj, prefix: str = "") -> dict:
 
 def tiny_cycle(root: Path) -> dict:
     start = time.time()
-    subprocess.run(_cli("run", str(REPO / "configs" / "tiny.yaml"), f"root={root}", "name=tiny", "cpu_threads=1"),
-                   check=True, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL)
+    subprocess.run(
+        _cli("run", str(REPO / "configs" / "tiny.yaml"), f"root={root}", "name=tiny", "cpu_threads=1"),
+        check=True,
+        cwd=REPO,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+    )
     state = json.loads((root / "tiny" / "state.json").read_text())
     figures = {}
     for gen, stages in state["generations"].items():
@@ -72,8 +84,13 @@ def tiny_cycle(root: Path) -> dict:
         log = Path(stages.get("train", {}).get("outputs", {}).get("log", ""))
         if log.is_file():  # the last logged training step: its loss terms and logit scale
             last = [json.loads(line) for line in log.read_text().splitlines() if '"loss"' in line][-1]
-            figures.update({f"gen{gen}/train/last_step/{k}": v for k, v in last.items()
-                            if k.endswith("loss") or k in ("logit_scale", "step", "lr")})
+            figures.update(
+                {
+                    f"gen{gen}/train/last_step/{k}": v
+                    for k, v in last.items()
+                    if k.endswith("loss") or k in ("logit_scale", "step", "lr")
+                }
+            )
     return {"figures": figures, "wall_s": round(time.time() - start, 1)}
 
 
@@ -81,10 +98,23 @@ def emoji_steps(root: Path) -> dict:
     """The first STEPS logged training steps of the demo config's generation 0."""
     log = root / "emoji" / "gen-000" / "clip" / "log.jsonl"
     start = time.time()
-    proc = subprocess.Popen(_cli("run", str(REPO / "configs" / "emoji.yaml"), f"root={root}", "name=emoji",
-                                 "cpu_threads=1", "train.log_every=1", "--stop-after", "0:train"),
-                            cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        _cli(
+            "run",
+            str(REPO / "configs" / "emoji.yaml"),
+            f"root={root}",
+            "name=emoji",
+            "cpu_threads=1",
+            "train.log_every=1",
+            "--stop-after",
+            "0:train",
+        ),
+        cwd=REPO,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     steps: list[dict] = []
     try:
         while proc.poll() is None:
@@ -107,8 +137,9 @@ def run_all() -> dict:
     with tempfile.TemporaryDirectory(prefix="equality-") as tmp:
         root = Path(tmp)
         result = {"tiny_cycle": tiny_cycle(root), "emoji_gen0": emoji_steps(root)}
-    result["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                      cwd=REPO).stdout.strip()
+    result["commit"] = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO
+    ).stdout.strip()
     return result
 
 
@@ -140,17 +171,25 @@ def main() -> None:
         return
     base = json.loads(BASELINE.read_text())
     diffs = compare(base, now)
-    lines = [f"# Equality check: {now['commit']} against the baseline recorded at {base['commit']}", "",
-             "`python benchmarks/equality_check.py` (one torch thread). Figures compared exactly: "
-             f"{len(base['tiny_cycle']['figures'])} metrics of the tiny cycle (generation 0 + 2, every stage), "
-             f"and each loss term, the logit scale and the learning rate of the first {STEPS} steps of "
-             "`configs/emoji.yaml` generation 0. Renamed on purpose (compared under the new name): "
-             + ", ".join(f"`{a}` -> `{b}`" for a, b in RENAMED.items()) + ".", "",
-             f"Result: **{'identical' if not diffs else f'{len(diffs)} figure(s) differ'}**.", "",
-             "| job | baseline wall s | now wall s |", "|---|---:|---:|",
-             f"| tiny cycle | {base['tiny_cycle']['wall_s']} | {now['tiny_cycle']['wall_s']} |",
-             f"| emoji gen 0, {STEPS} steps (incl. data build) | {base['emoji_gen0']['wall_s']} | "
-             f"{now['emoji_gen0']['wall_s']} |", ""]
+    lines = [
+        f"# Equality check: {now['commit']} against the baseline recorded at {base['commit']}",
+        "",
+        "`python benchmarks/equality_check.py` (one torch thread). Figures compared exactly: "
+        f"{len(base['tiny_cycle']['figures'])} metrics of the tiny cycle (generation 0 + 2, every stage), "
+        f"and each loss term, the logit scale and the learning rate of the first {STEPS} steps of "
+        "`configs/emoji.yaml` generation 0. Renamed on purpose (compared under the new name): "
+        + ", ".join(f"`{a}` -> `{b}`" for a, b in RENAMED.items())
+        + ".",
+        "",
+        f"Result: **{'identical' if not diffs else f'{len(diffs)} figure(s) differ'}**.",
+        "",
+        "| job | baseline wall s | now wall s |",
+        "|---|---:|---:|",
+        f"| tiny cycle | {base['tiny_cycle']['wall_s']} | {now['tiny_cycle']['wall_s']} |",
+        f"| emoji gen 0, {STEPS} steps (incl. data build) | {base['emoji_gen0']['wall_s']} | "
+        f"{now['emoji_gen0']['wall_s']} |",
+        "",
+    ]
     if diffs:
         lines += ["Differences:", "", *[f"- {d}" for d in diffs], ""]
     (OUT / "equality_check.md").write_text("\n".join(lines))

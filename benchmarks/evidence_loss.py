@@ -26,6 +26,7 @@ training resumes from its checkpoint), and refuses results made with another con
 settings over the same data build takes its own `--runs` folder. Prints the markdown table and writes it
 to `--out`. Tune on `val` only, never on the test splits.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,9 +45,19 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the report helper beside this file
 
-from cycle.config import RunConfig, fingerprint, load_config, to_dict  # noqa: E402
 from evidence_loss_report import (  # noqa: E402,F401  (re-exported: the script's core is importable from here)
-    COMPARISONS, METRICS, VARIANT_BY_KEY, VARIANTS, Variant, markdown_report, mean_std, paired_differences, summarise)
+    COMPARISONS,
+    METRICS,
+    VARIANT_BY_KEY,
+    VARIANTS,
+    Variant,
+    markdown_report,
+    mean_std,
+    paired_differences,
+    summarise,
+)
+
+from cycle.config import RunConfig, fingerprint, load_config, to_dict  # noqa: E402
 
 TEACHER = "teacher:scene-graph"
 GENERATION = 1
@@ -59,12 +70,16 @@ def base_config(config_path: str | Path, overrides: Sequence[str] = (), threads:
     if threads:
         cfg = replace(cfg, cpu_threads=threads)
     if cfg.data.source != "emoji-scenes":
-        raise ValueError(f"config key 'data.source': got {cfg.data.source!r}; the ablation needs the built-in "
-                         "emoji-scenes data (its scene-graph teacher annotates every training scene)")
+        raise ValueError(
+            f"config key 'data.source': got {cfg.data.source!r}; the ablation needs the built-in "
+            "emoji-scenes data (its scene-graph teacher annotates every training scene)"
+        )
     for key in ("hni_weight", "stc_weight"):
         if getattr(cfg.loss, key) <= 0:
-            raise ValueError(f"config key 'loss.{key}': got {getattr(cfg.loss, key)!r}; it is the weight the "
-                             "variants that turn the term on use, so it must be > 0")
+            raise ValueError(
+                f"config key 'loss.{key}': got {getattr(cfg.loss, key)!r}; it is the weight the "
+                "variants that turn the term on use, so it must be > 0"
+            )
     return cfg
 
 
@@ -88,8 +103,11 @@ def parse_seeds(text: str) -> list[int]:
 
 def variant_config(cfg: RunConfig, variant: Variant, seed: int) -> RunConfig:
     """One run's config: the term weights of the variant (the base weight when on, 0 when off) and the seed."""
-    loss = replace(cfg.loss, hni_weight=cfg.loss.hni_weight if variant.hni else 0.0,
-                   stc_weight=cfg.loss.stc_weight if variant.stc else 0.0)
+    loss = replace(
+        cfg.loss,
+        hni_weight=cfg.loss.hni_weight if variant.hni else 0.0,
+        stc_weight=cfg.loss.stc_weight if variant.stc else 0.0,
+    )
     return replace(cfg, seed=seed, loss=loss, train=replace(cfg.train, seed=seed))
 
 
@@ -98,10 +116,18 @@ def teacher_annotation(seed_row: dict, prompt_hash: str) -> dict:
     """A `seed` row as a generation-1 `annotations` row written by the scene-graph teacher."""
     from cycle.annotate.schema import to_target_json
 
-    return {"id": seed_row["id"], "generation": GENERATION,
-            **{k: list(seed_row[k] or []) for k in ("desc", "neg_desc", "tags", "neg_tags")},
-            "raw_output": to_target_json(seed_row), "status": "ok", "reason": "", "attempts": 1,
-            "annotator": TEACHER, "prompt_hash": prompt_hash, "score": None}
+    return {
+        "id": seed_row["id"],
+        "generation": GENERATION,
+        **{k: list(seed_row[k] or []) for k in ("desc", "neg_desc", "tags", "neg_tags")},
+        "raw_output": to_target_json(seed_row),
+        "status": "ok",
+        "reason": "",
+        "attempts": 1,
+        "annotator": TEACHER,
+        "prompt_hash": prompt_hash,
+        "score": None,
+    }
 
 
 def prepare_store(cfg: RunConfig, store_uri: str | Path, progress: bool = True) -> dict:
@@ -122,11 +148,14 @@ def prepare_store(cfg: RunConfig, store_uri: str | Path, progress: bool = True) 
         store.tag("annotations", tag)
     pins = {"samples_version": store.table("samples").version, "annotations_version": store.tags("annotations")[tag]}
     train_ids = store.ids("samples", "split = 'train'", version=pins["samples_version"])
-    annotated = store.ids("annotations", f"generation = {GENERATION} AND status = 'ok'",
-                          version=pins["annotations_version"])
+    annotated = store.ids(
+        "annotations", f"generation = {GENERATION} AND status = 'ok'", version=pins["annotations_version"]
+    )
     if not train_ids <= annotated:
-        raise ValueError(f"{len(train_ids - annotated)} of {len(train_ids)} training scenes have no teacher "
-                         f"annotation in {store.uri}: build into a fresh --work directory")
+        raise ValueError(
+            f"{len(train_ids - annotated)} of {len(train_ids)} training scenes have no teacher "
+            f"annotation in {store.uri}: build into a fresh --work directory"
+        )
     pins["n_train"] = len(train_ids)
     return pins
 
@@ -134,19 +163,38 @@ def prepare_store(cfg: RunConfig, store_uri: str | Path, progress: bool = True) 
 # ----------------------------------------------------------------------------------------------- runs
 def run_identity(cfg: RunConfig) -> dict:
     """The config sections a run's result depends on (a new LVLM setting does not make old runs stale)."""
-    return {"data": to_dict(cfg.data), "clip": to_dict(cfg.clip), "loss": to_dict(cfg.loss),
-            "train": to_dict(cfg.train), "eval": to_dict(cfg.eval), "seed": cfg.seed, "device": cfg.device}
+    return {
+        "data": to_dict(cfg.data),
+        "clip": to_dict(cfg.clip),
+        "loss": to_dict(cfg.loss),
+        "train": to_dict(cfg.train),
+        "eval": to_dict(cfg.eval),
+        "seed": cfg.seed,
+        "device": cfg.device,
+    }
 
 
 def shared_sections(cfg: RunConfig) -> dict:
     """The parts of the config every run shares, as plain dicts (what the report shows)."""
-    return {"data": {"source": cfg.data.source, "emoji": to_dict(cfg.data.emoji)}, "clip": to_dict(cfg.clip),
-            "loss": to_dict(cfg.loss), "train": to_dict(cfg.train), "eval": to_dict(cfg.eval),
-            "cpu_threads": cfg.cpu_threads}
+    return {
+        "data": {"source": cfg.data.source, "emoji": to_dict(cfg.data.emoji)},
+        "clip": to_dict(cfg.clip),
+        "loss": to_dict(cfg.loss),
+        "train": to_dict(cfg.train),
+        "eval": to_dict(cfg.eval),
+        "cpu_threads": cfg.cpu_threads,
+    }
 
 
-def run_variant(cfg: RunConfig, store_uri: str | Path, pins: dict, variant: Variant, seed: int,
-                run_dir: str | Path, progress: bool = True) -> dict:
+def run_variant(
+    cfg: RunConfig,
+    store_uri: str | Path,
+    pins: dict,
+    variant: Variant,
+    seed: int,
+    run_dir: str | Path,
+    progress: bool = True,
+) -> dict:
     """Train and evaluate one (variant, seed); returns `result.json`'s content (reused when already there)."""
     from cycle.clip.train import train_clip
     from cycle.evaluate import evaluate_clip
@@ -155,8 +203,9 @@ def run_variant(cfg: RunConfig, store_uri: str | Path, pins: dict, variant: Vari
 
     run_cfg = variant_config(cfg, variant, seed)
     run_dir = Path(run_dir)
-    fp = fingerprint(run_identity(run_cfg), {k: pins[k] for k in ("samples_version", "annotations_version")},
-                     variant.key)
+    fp = fingerprint(
+        run_identity(run_cfg), {k: pins[k] for k in ("samples_version", "annotations_version")}, variant.key
+    )
     done = run_dir / "result.json"
     if done.is_file():
         result = json.loads(done.read_text())
@@ -168,23 +217,48 @@ def run_variant(cfg: RunConfig, store_uri: str | Path, pins: dict, variant: Vari
 
         torch.set_num_threads(run_cfg.cpu_threads)
     start = time.perf_counter()
-    model = train_clip(run_cfg, store_uri, run_dir / "clip", pins["samples_version"],
-                       annotations_version=pins["annotations_version"] if variant.teacher else None,
-                       generation=GENERATION if variant.teacher else None, progress=progress)
+    model = train_clip(
+        run_cfg,
+        store_uri,
+        run_dir / "clip",
+        pins["samples_version"],
+        annotations_version=pins["annotations_version"] if variant.teacher else None,
+        generation=GENERATION if variant.teacher else None,
+        progress=progress,
+    )
     trained = time.perf_counter()
-    metrics = evaluate_clip(model, Store(store_uri), None, run_cfg.eval, samples_version=pins["samples_version"],
-                            out_json=run_dir / "metrics.json", progress=progress)
-    result = {"variant": variant.key, "seed": seed, "fingerprint": fp, "train_s": trained - start,
-              "eval_s": time.perf_counter() - trained, "metrics": metrics,
-              "train_summary": json.loads((model / "train_summary.json").read_text())}
+    metrics = evaluate_clip(
+        model,
+        Store(store_uri),
+        None,
+        run_cfg.eval,
+        samples_version=pins["samples_version"],
+        out_json=run_dir / "metrics.json",
+        progress=progress,
+    )
+    result = {
+        "variant": variant.key,
+        "seed": seed,
+        "fingerprint": fp,
+        "train_s": trained - start,
+        "eval_s": time.perf_counter() - trained,
+        "metrics": metrics,
+        "train_summary": json.loads((model / "train_summary.json").read_text()),
+    }
     write_json_atomic(done, result, indent=1)
     shutil.rmtree(run_dir / "clip" / "checkpoints", ignore_errors=True)  # the final model stays
     return result
 
 
-def run_ablation(cfg: RunConfig, work: str | Path, variants: Iterable[Variant], seeds: Sequence[int],
-                 progress: bool = True, log: Callable[[str], None] = print,
-                 runs: str = "runs") -> tuple[dict, list[dict]]:
+def run_ablation(
+    cfg: RunConfig,
+    work: str | Path,
+    variants: Iterable[Variant],
+    seeds: Sequence[int],
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    runs: str = "runs",
+) -> tuple[dict, list[dict]]:
     """Every (seed, variant) run, one at a time, seed-major (a cut-short ablation still has whole seeds)."""
     work = Path(work)
     pins = prepare_store(cfg, work / "lance", progress)
@@ -192,12 +266,12 @@ def run_ablation(cfg: RunConfig, work: str | Path, variants: Iterable[Variant], 
     for seed in seeds:
         for v in variants:
             result = run_variant(cfg, work / "lance", pins, v, seed, work / runs / f"{v.key}-s{seed}", progress)
-            log(f"({v.key}) {v.label}, seed {seed}: train {result['train_s']:.0f} s, "
-                + ", ".join(f"{title} {result['metrics'].get(key, float('nan')):.3f}" for key, title in METRICS[:3]))
+            log(
+                f"({v.key}) {v.label}, seed {seed}: train {result['train_s']:.0f} s, "
+                + ", ".join(f"{title} {result['metrics'].get(key, float('nan')):.3f}" for key, title in METRICS[:3])
+            )
             results.append(result)
     return pins, results
-
-
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -218,8 +292,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ValueError as err:
         ap.error(str(err))
     start = time.perf_counter()
-    pins, results = run_ablation(cfg, args.work, variants, seeds, progress=not args.no_progress,
-                                 runs=args.runs)
+    pins, results = run_ablation(cfg, args.work, variants, seeds, progress=not args.no_progress, runs=args.runs)
     wall = time.perf_counter() - start
     command = "python benchmarks/evidence_loss.py " + " ".join(sys.argv[1:] if argv is None else argv)
     text = markdown_report(shared_sections(cfg), pins, results, wall, cfg.cpu_threads, command.strip())

@@ -4,6 +4,7 @@ Pure functions of the runs' `result.json` contents: mean ± sample std per varia
 differences (same seed: same initial CLIP weights, batch order and crops) between variants that differ
 in one thing.
 """
+
 from __future__ import annotations
 
 import json
@@ -63,8 +64,11 @@ def summarise(results: Sequence[dict]) -> dict[str, dict]:
         runs = sorted((r for r in results if r["variant"] == v.key), key=lambda r: r["seed"])
         if not runs:
             continue
-        row = {"seeds": [r["seed"] for r in runs], "train_s": statistics.fmean(r["train_s"] for r in runs),
-               "eval_s": statistics.fmean(r["eval_s"] for r in runs)}
+        row = {
+            "seeds": [r["seed"] for r in runs],
+            "train_s": statistics.fmean(r["train_s"] for r in runs),
+            "eval_s": statistics.fmean(r["eval_s"] for r in runs),
+        }
         for key, _ in METRICS:
             row[key] = mean_std([r["metrics"][key] for r in runs if key in r["metrics"]])
         out[v.key] = row
@@ -95,42 +99,69 @@ def _diff_cell(mean: float, std: float, ups: int, downs: int) -> str:
     return f"{mean:+.3f}{spread} ({ups}+ {downs}-)"
 
 
-def markdown_report(sections: dict, pins: dict, results: Sequence[dict], wall_s: float, threads: int = 0,
-                    command: str = "") -> str:
+def markdown_report(
+    sections: dict, pins: dict, results: Sequence[dict], wall_s: float, threads: int = 0, command: str = ""
+) -> str:
     """The whole report; `sections` is the config shared by every run (plain dicts, shown as JSON)."""
     summary = summarise(results)
     lines = ["# Loss ablation on emoji scenes (issue 3)", ""]
     if command:
         lines += [f"Command: `{command}`", ""]
     seeds = sorted({r["seed"] for r in results})
-    lines += [f"Mean ± sample std over seeds {', '.join(map(str, seeds))} (seed = `seed` = `train.seed`; one "
-              f"dataset build). {pins['n_train']} training scenes, every one with a teacher annotation "
-              f"(samples@v{pins['samples_version']}, annotations@v{pins['annotations_version']} = gen-001). "
-              f"Training + evaluation summed over the {len(results)} runs: "
-              f"{sum(r['train_s'] + r['eval_s'] for r in results) / 60:.1f} min on {threads or 'default'} torch "
-              f"thread(s); wall time of the call that wrote this report: {wall_s / 60:.1f} min (finished runs are "
-              "reused, not redone).", ""]
+    lines += [
+        f"Mean ± sample std over seeds {', '.join(map(str, seeds))} (seed = `seed` = `train.seed`; one "
+        f"dataset build). {pins['n_train']} training scenes, every one with a teacher annotation "
+        f"(samples@v{pins['samples_version']}, annotations@v{pins['annotations_version']} = gen-001). "
+        f"Training + evaluation summed over the {len(results)} runs: "
+        f"{sum(r['train_s'] + r['eval_s'] for r in results) / 60:.1f} min on {threads or 'default'} torch "
+        f"thread(s); wall time of the call that wrote this report: {wall_s / 60:.1f} min (finished runs are "
+        "reused, not redone).",
+        "",
+    ]
     head = ["variant", *[title for _, title in METRICS], "train s"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for v in VARIANTS:
         if v.key in summary:
             row = summary[v.key]
-            lines.append(f"| ({v.key}) {v.label} | " + " | ".join(_cell(*row[k]) for k, _ in METRICS)
-                         + f" | {row['train_s']:.0f} |")
+            lines.append(
+                f"| ({v.key}) {v.label} | "
+                + " | ".join(_cell(*row[k]) for k, _ in METRICS)
+                + f" | {row['train_s']:.0f} |"
+            )
     pairs = [(v, a) for v, a in COMPARISONS if v in summary and a in summary]
     if pairs:
-        lines += ["", "Paired differences (same seed on both sides: same initial weights, batches and crops): mean ± "
-                  "std of the difference, and on how many seeds it was positive (+) and negative (-):", "",
-                  "| change | " + " | ".join(t for _, t in METRICS) + " |", "|---|" + "---|" * len(METRICS)]
+        lines += [
+            "",
+            "Paired differences (same seed on both sides: same initial weights, batches and crops): mean ± "
+            "std of the difference, and on how many seeds it was positive (+) and negative (-):",
+            "",
+            "| change | " + " | ".join(t for _, t in METRICS) + " |",
+            "|---|" + "---|" * len(METRICS),
+        ]
         for v, a in pairs:
             diff = paired_differences(results, v, a)
             lines.append(f"| ({v}) - ({a}) | " + " | ".join(_diff_cell(*diff[k]) for k, _ in METRICS) + " |")
-    lines += ["", "Per seed:", "", "| variant | seed | " + " | ".join(t for _, t in METRICS) + " |",
-              "|---|---|" + "---|" * len(METRICS)]
+    lines += [
+        "",
+        "Per seed:",
+        "",
+        "| variant | seed | " + " | ".join(t for _, t in METRICS) + " |",
+        "|---|---|" + "---|" * len(METRICS),
+    ]
     for r in sorted(results, key=lambda r: (r["variant"], r["seed"])):
-        lines.append(f"| ({r['variant']}) | {r['seed']} | "
-                     + " | ".join(f"{r['metrics'].get(k, math.nan):.3f}" for k, _ in METRICS) + " |")
-    lines += ["", "Config shared by every run (a variant sets `loss.hni_weight` / `loss.stc_weight` to 0 for the "
-              "terms it leaves out; (a) trains with `generation=None`, which turns both off):", "", "```json",
-              json.dumps(sections, indent=1), "```", ""]
+        lines.append(
+            f"| ({r['variant']}) | {r['seed']} | "
+            + " | ".join(f"{r['metrics'].get(k, math.nan):.3f}" for k, _ in METRICS)
+            + " |"
+        )
+    lines += [
+        "",
+        "Config shared by every run (a variant sets `loss.hni_weight` / `loss.stc_weight` to 0 for the "
+        "terms it leaves out; (a) trains with `generation=None`, which turns both off):",
+        "",
+        "```json",
+        json.dumps(sections, indent=1),
+        "```",
+        "",
+    ]
     return "\n".join(lines)

@@ -7,6 +7,7 @@ seeds with a val F1 of zero from the pixels alone (benchmarks/tune_annotator.py)
 
     python benchmarks/lvlm_image_use.py RUN_DIR LVLM_DIR   # LVLM_DIR holds aligned/ and sft/merged/
 """
+
 import argparse
 from pathlib import Path
 
@@ -35,13 +36,17 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     store = Store(args.run / "lance")
-    for stage, examples_of, text in (("aligned", align_examples, align_input),
-                                     ("sft/merged", sft_examples, lambda e, epoch: model_input(build_prompt("image")))):
+    for stage, examples_of, text in (
+        ("aligned", align_examples, align_input),
+        ("sft/merged", sft_examples, lambda e, epoch: model_input(build_prompt("image"))),
+    ):
         model, processor = load_lvlm(args.lvlm / stage, torch.device("cpu"))
         model.eval()
         batches, _ = make_batches(examples_of(store, None, None)[:192], processor, 32, 0, 400, text)
-        print(f"{stage}: loss with the true image {mean_loss(model, batches(0), False):.4f}, "
-              f"with another seed's {mean_loss(model, batches(0), True):.4f}")
+        print(
+            f"{stage}: loss with the true image {mean_loss(model, batches(0), False):.4f}, "
+            f"with another seed's {mean_loss(model, batches(0), True):.4f}"
+        )
 
 
 if __name__ == "__main__":

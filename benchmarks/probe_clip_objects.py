@@ -6,6 +6,7 @@ val. The figure quoted in benchmarks/results/tune_annotator.md ("47% of val imag
 
     python benchmarks/probe_clip_objects.py generations/tune-clip0/p16-n4000-ep20 [--gen 0]
 """
+
 import argparse
 import io
 import json
@@ -22,7 +23,7 @@ def features(model, preprocess, store: Store, split: str):
     rows = store.read("samples", ["image", "meta"], f"split = '{split}'").to_pylist()
     x = torch.stack([preprocess(Image.open(io.BytesIO(r["image"])).convert("RGB")) for r in rows])
     with torch.no_grad():
-        f = torch.cat([model.encode_image(x[i:i + 256], normalize=True) for i in range(0, len(x), 256)])
+        f = torch.cat([model.encode_image(x[i : i + 256], normalize=True) for i in range(0, len(x), 256)])
     return f, [[o["name"] for o in json.loads(r["meta"])["scene"]["objects"]] for r in rows]
 
 
@@ -33,7 +34,9 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(1)
-    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{args.run / f'gen-{args.gen:03d}/clip/model'}")
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        f"local-dir:{args.run / f'gen-{args.gen:03d}/clip/model'}"
+    )
     model.eval()
     store = Store(args.run / "lance")
     f_train, o_train = features(model, preprocess, store, "train")

@@ -16,6 +16,7 @@ overrides then apply on top of that run's config.
     python benchmarks/tune_annotator.py --label base -- lvlm.lora.enabled=false lvlm.sft.lr=2e-3
     python benchmarks/tune_annotator.py --table
 """
+
 import argparse
 import dataclasses
 import hashlib
@@ -37,8 +38,10 @@ def train_clip0(store: Store, epochs: int, out: Path) -> None:
     import open_clip
     from PIL import Image
     from tqdm import tqdm
+
     from cycle.clip.model import create_clip
     from cycle.clip.saved import save_clip
+
     torch.manual_seed(0)
     model, preprocess, _, tokenizer = create_clip("hqclip-tiny")
     rows = store.read("samples", ["image", "alt_text"], "split = 'train'").to_pylist()
@@ -49,7 +52,7 @@ def train_clip0(store: Store, epochs: int, out: Path) -> None:
     for _ in tqdm(range(epochs), desc="CLIP_0 epochs"):
         perm = torch.randperm(len(rows))
         for s in range(0, len(rows) - 127, 128):
-            i = perm[s:s + 128]
+            i = perm[s : s + 128]
             img_f, txt_f, scale = model(images[i], texts[i])[:3]
             loss = loss_fn(img_f, txt_f, scale)
             opt.zero_grad()
@@ -65,6 +68,7 @@ def evaluate(merged: Path, store: Store, cfg, limit: int) -> dict:
     from cycle.data.emoji import fact_prf, load_vocab, scene_facts, text_facts
     from cycle.lvlm import load_lvlm
     from cycle.lvlm.data import decode
+
     vocab = load_vocab(cfg.data.emoji.vocab_size)
     model, proc = load_lvlm(merged)
     proc.tokenizer.padding_side = "left"
@@ -72,11 +76,15 @@ def evaluate(merged: Path, store: Store, cfg, limit: int) -> dict:
     outs = []
     with torch.no_grad():
         for s in range(0, len(rows), 64):
-            b = rows[s:s + 64]
-            inp = proc(images=[decode(r["image"]) for r in b],
-                       text=[model_input(build_prompt(r["alt_text"])) for r in b], return_tensors="pt", padding=True)
+            b = rows[s : s + 64]
+            inp = proc(
+                images=[decode(r["image"]) for r in b],
+                text=[model_input(build_prompt(r["alt_text"])) for r in b],
+                return_tensors="pt",
+                padding=True,
+            )
             o = model.generate(**inp, max_new_tokens=cfg.annotate.max_new_tokens, do_sample=False)
-            outs += proc.batch_decode(o[:, inp.input_ids.shape[1]:], skip_special_tokens=True)
+            outs += proc.batch_decode(o[:, inp.input_ids.shape[1] :], skip_special_tokens=True)
     f_ann, f_alt, ok = [], [], 0
     by_kind: dict = {}
     for r, o in zip(rows, outs):
@@ -91,15 +99,23 @@ def evaluate(merged: Path, store: Store, cfg, limit: int) -> dict:
     n = max(1, len(rows))
     # the alt-text of "generic"/"filename" names nothing: there the annotation's F1 is image reading alone
     image_only = [a for k in ("generic", "filename") for a, _ in by_kind.get(k, [])]
-    return {"n_val": len(rows), "valid_json": ok / n, "f1_annotation": sum(f_ann) / n, "f1_alt_text": sum(f_alt) / n,
-            "f1_image_only": sum(image_only) / max(1, len(image_only)),
-            "by_alt_noise": {k: [round(sum(a for a, _ in v) / len(v), 3), round(sum(b for _, b in v) / len(v), 3),
-                                 len(v)] for k, v in sorted(by_kind.items())},
-            "example": outs[0] if outs else ""}
+    return {
+        "n_val": len(rows),
+        "valid_json": ok / n,
+        "f1_annotation": sum(f_ann) / n,
+        "f1_alt_text": sum(f_alt) / n,
+        "f1_image_only": sum(image_only) / max(1, len(image_only)),
+        "by_alt_noise": {
+            k: [round(sum(a for a, _ in v) / len(v), 3), round(sum(b for _, b in v) / len(v), 3), len(v)]
+            for k, v in sorted(by_kind.items())
+        },
+        "example": outs[0] if outs else "",
+    }
 
 
 def run(label: str, overrides: list[str], clip_epochs: int, root: Path, limit: int, gen0_run: Path = None) -> dict:
     from cycle.lvlm import align_projector, build_lvlm, prepare_lm, run_texts, sft
+
     torch.set_num_threads(1)
     times = {}
     if gen0_run is not None:
@@ -112,13 +128,15 @@ def run(label: str, overrides: list[str], clip_epochs: int, root: Path, limit: i
         times["clip_s"] = float("nan")
     else:
         cfg = load_config(str(CONFIG), ["device=cpu", *overrides])
-        data_key = json.dumps({"emoji": dataclasses.asdict(cfg.data.emoji), "clip_epochs": clip_epochs},
-                              sort_keys=True, default=str)
+        data_key = json.dumps(
+            {"emoji": dataclasses.asdict(cfg.data.emoji), "clip_epochs": clip_epochs}, sort_keys=True, default=str
+        )
         base_dir = root / ("data-" + hashlib.sha1(data_key.encode()).hexdigest()[:10])
         base_dir.mkdir(parents=True, exist_ok=True)
         store = Store(base_dir / "lance")
         if store.count("samples") == 0:
             from cycle.data.emoji import build_emoji_scenes
+
             build_emoji_scenes(cfg.data.emoji, store, progress=True)
         clip_dir = base_dir / "clip"
         t = time.time()
@@ -134,6 +152,7 @@ def run(label: str, overrides: list[str], clip_epochs: int, root: Path, limit: i
     t = time.time()
     base = build_lvlm(clip_dir, lm, cfg.lvlm, out / "base")
     from cycle.lvlm.data import alt_text_caption_ids
+
     extra = alt_text_caption_ids(store, None, None, cfg.lvlm.align_alt_text_share, cfg.seed)
     aligned, _ = align_projector(base, store, None, None, cfg, out / "aligned", extra_ids=extra, progress=True)
     times["align_s"] = time.time() - t
@@ -143,19 +162,31 @@ def run(label: str, overrides: list[str], clip_epochs: int, root: Path, limit: i
     t = time.time()
     result = evaluate(merged, store, cfg, limit)
     times["annotate_s"] = time.time() - t
-    return {"label": label, "overrides": overrides, "clip_epochs": clip_epochs, "gen0_run": str(gen0_run or ""), "n_seeds": m_sft["sft/examples"],
-            "sft_loss": m_sft["sft/loss_after"], **result, **times}
+    return {
+        "label": label,
+        "overrides": overrides,
+        "clip_epochs": clip_epochs,
+        "gen0_run": str(gen0_run or ""),
+        "n_seeds": m_sft["sft/examples"],
+        "sft_loss": m_sft["sft/loss_after"],
+        **result,
+        **times,
+    }
 
 
 def table(lines: list[dict]) -> str:
-    head = ("| setting | overrides | seeds | valid JSON | F1 annotation | F1 alt-text | F1 image only | SFT loss | "
-            "CLIP s | LM s | align s | SFT s | annotate s |\n|" + "---|" * 13)
-    rows = [f"| {r['label']} | `{' '.join(r['overrides'])}` "
-            f"{('CLIP_0 of ' + Path(r['gen0_run']).name) if r.get('gen0_run') else 'clip_epochs=%d' % r['clip_epochs']} | "
-            f"{r['n_seeds']} | {r['valid_json']:.2f} | {r['f1_annotation']:.3f} | {r['f1_alt_text']:.3f} | "
-            f"{r.get('f1_image_only', float('nan')):.3f} | {r['sft_loss']:.3f} | "
-            f"{r['clip_s']:.0f} | {r['lm_s']:.0f} | {r['align_s']:.0f} | {r['sft_s']:.0f} | {r['annotate_s']:.0f} |"
-            for r in lines]
+    head = (
+        "| setting | overrides | seeds | valid JSON | F1 annotation | F1 alt-text | F1 image only | SFT loss | "
+        "CLIP s | LM s | align s | SFT s | annotate s |\n|" + "---|" * 13
+    )
+    rows = [
+        f"| {r['label']} | `{' '.join(r['overrides'])}` "
+        f"{('CLIP_0 of ' + Path(r['gen0_run']).name) if r.get('gen0_run') else 'clip_epochs=%d' % r['clip_epochs']} | "
+        f"{r['n_seeds']} | {r['valid_json']:.2f} | {r['f1_annotation']:.3f} | {r['f1_alt_text']:.3f} | "
+        f"{r.get('f1_image_only', float('nan')):.3f} | {r['sft_loss']:.3f} | "
+        f"{r['clip_s']:.0f} | {r['lm_s']:.0f} | {r['align_s']:.0f} | {r['sft_s']:.0f} | {r['annotate_s']:.0f} |"
+        for r in lines
+    ]
     return "\n".join([head, *rows])
 
 
@@ -164,8 +195,12 @@ def main() -> None:
     ap.add_argument("--label", default="run")
     ap.add_argument("--clip-epochs", type=int, default=6)
     ap.add_argument("--root", type=Path, default=Path("/tmp/tune_annotator"))
-    ap.add_argument("--gen0-run", type=Path, default=None,
-                    help="a run dir whose gen 0 is done: use its data, config and trained CLIP_0")
+    ap.add_argument(
+        "--gen0-run",
+        type=Path,
+        default=None,
+        help="a run dir whose gen 0 is done: use its data, config and trained CLIP_0",
+    )
     ap.add_argument("--val-limit", type=int, default=200, help="val images annotated and scored")
     ap.add_argument("--table", action="store_true", help="print the markdown table of results so far")
     ap.add_argument("overrides", nargs="*", help="dotted config overrides on top of configs/emoji.yaml")

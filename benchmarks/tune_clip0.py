@@ -8,6 +8,7 @@ metrics are recorded: held-out splits are never looked at while tuning.
     python benchmarks/tune_clip0.py --label lr2e-3 -- train.lr=2e-3
     python benchmarks/tune_clip0.py --table
 """
+
 import argparse
 import json
 import subprocess
@@ -21,12 +22,26 @@ COLUMNS = ("val/retrieval_mean_r1", "val/acc_object", "val/acc_count", "val/acc_
 
 def run_one(root: Path, label: str, overrides: list[str]) -> dict:
     start = time.time()
-    cmd = [sys.executable, "-m", "cycle.cli", "run", str(CONFIG), f"root={root}", f"name={label}",
-           *overrides, "--stop-after", "0:eval"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "cycle.cli",
+        "run",
+        str(CONFIG),
+        f"root={root}",
+        f"name={label}",
+        *overrides,
+        "--stop-after",
+        "0:eval",
+    ]
     subprocess.run(cmd, check=True)
     metrics = json.loads((root / label / "gen-000" / "metrics.json").read_text())
-    return {"label": label, "overrides": overrides, "wall_s": round(time.time() - start, 1),
-            **{k: v for k, v in metrics.items() if k.startswith("val/")}}
+    return {
+        "label": label,
+        "overrides": overrides,
+        "wall_s": round(time.time() - start, 1),
+        **{k: v for k, v in metrics.items() if k.startswith("val/")},
+    }
 
 
 def table(root: Path) -> str:

@@ -1,4 +1,5 @@
 """`hqclip`: the command line. Thin: parse, load config, call one stage or the controller, print."""
+
 from __future__ import annotations
 
 import logging
@@ -19,8 +20,13 @@ ALL_EXPORTS = ("clip", "lvlm", "data")
 
 @click.group(cls=HQClipGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="hqclip-cycle")
-@click.option("--log-level", envvar="HQCLIP_LOG_LEVEL", default=None, metavar="LEVEL",
-              help="DEBUG, INFO (default), WARNING or ERROR; also $HQCLIP_LOG_LEVEL.")
+@click.option(
+    "--log-level",
+    envvar="HQCLIP_LOG_LEVEL",
+    default=None,
+    metavar="LEVEL",
+    help="DEBUG, INFO (default), WARNING or ERROR; also $HQCLIP_LOG_LEVEL.",
+)
 def main(log_level):
     """Run generations of the HQ-CLIP cycle: CLIP -> LVLM annotator -> better data -> better CLIP.
 
@@ -88,8 +94,10 @@ def doctor(run_dir, repair):
     elif repair and record_is_lost(run_dir):
         state, resume = rebuild(run_dir)
         done = sum(len(stages) for stages in state.data["generations"].values())
-        click.echo(f"rebuilt {state.path} with {done} finished stage(s)" +
-                   (f"; `hqclip run {Path(run_dir) / 'config.yaml'}` resumes at {resume}" if resume else ""))
+        click.echo(
+            f"rebuilt {state.path} with {done} finished stage(s)"
+            + (f"; `hqclip run {Path(run_dir) / 'config.yaml'}` resumes at {resume}" if resume else "")
+        )
     elif repair:
         click.echo("the record is readable: `hqclip run` redoes the stages named above")
 
@@ -112,8 +120,9 @@ def inspect(run_dir, gens, ids, sample, where, image_out):
     cfg = load_config(run_dir / "config.yaml")
     if not (ids or sample or where):
         sample = DEFAULT_INSPECT_SAMPLES
-    rows = samples_across_generations(store_of(cfg), RunState(run_dir), ids=ids, sample=sample, where=where,
-                                      gens=list(gens) or None)
+    rows = samples_across_generations(
+        store_of(cfg), RunState(run_dir), ids=ids, sample=sample, where=where, gens=list(gens) or None
+    )
     if not rows:
         raise HQClipError("no sample matches")
     print_samples(rows, image_out=Path(image_out) if image_out else None)
@@ -136,8 +145,13 @@ def report(run_dir, gallery):
 
 @main.command()
 @click.argument("overrides", nargs=-1)
-@click.option("--config", "config_path", default=DEFAULT_DEMO_CONFIG, show_default=True,
-              help="A config path or a shipped config's name.")
+@click.option(
+    "--config",
+    "config_path",
+    default=DEFAULT_DEMO_CONFIG,
+    show_default=True,
+    help="A config path or a shipped config's name.",
+)
 def demo(overrides, config_path):
     """The demo: generation 0 plus two generations on the built-in emoji scenes, then status and report.
 
@@ -160,20 +174,25 @@ def demo(overrides, config_path):
 @click.option("--gen", type=int, required=True, help="The generation to export.")
 @click.option("--out", type=click.Path(file_okay=False), help="Default: RUN/export/gen-GGG.")
 @click.option("--what", type=click.Choice(["clip", "lvlm", "data"]), multiple=True, help="Default: all three.")
-@click.option("--data-format", type=click.Choice(["json", "wds"]), default="json",
-              help="VLM-150M JSON files or webdataset shards.")
+@click.option(
+    "--data-format",
+    type=click.Choice(["json", "wds"]),
+    default="json",
+    help="VLM-150M JSON files or webdataset shards.",
+)
 def export(run_dir, gen, out, what, data_format):
     """Export a generation: the CLIP (open_clip + HF), the LVLM (merged HF dir), the dataset."""
     from .config import load_config
-    from .pipeline import store_of
     from .export import export_generation
+    from .pipeline import store_of
     from .state import gen_dir
 
     run_dir = _run_dir_arg(run_dir)
     out = Path(out) if out else gen_dir(run_dir / "export", gen)
     check_writable_dir(out, "export folder")
-    done = export_generation(store_of(load_config(run_dir / "config.yaml")), run_dir, gen, out,
-                             tuple(what) or ALL_EXPORTS, data_format)
+    done = export_generation(
+        store_of(load_config(run_dir / "config.yaml")), run_dir, gen, out, tuple(what) or ALL_EXPORTS, data_format
+    )
     for key, value in done.items():
         click.echo(f"{key}: {value}")
 
@@ -182,12 +201,21 @@ def export(run_dir, gen, out, what, data_format):
 @main.command("eval")
 @click.argument("checkpoint", type=click.Path(file_okay=False))
 @click.option("--run", "run_dir", type=click.Path(file_okay=False), help="Evaluate on this run's held-out splits.")
-@click.option("--dataset", "datasets", multiple=True, type=click.Path(),
-              help="An image folder (one subfolder per class) or a CSV/JSONL of image path + caption(s).")
-@click.option("--split", "splits", multiple=True, help="Split(s) of the run (default: eval.select_split + eval.splits).")
+@click.option(
+    "--dataset",
+    "datasets",
+    multiple=True,
+    type=click.Path(),
+    help="An image folder (one subfolder per class) or a CSV/JSONL of image path + caption(s).",
+)
+@click.option(
+    "--split", "splits", multiple=True, help="Split(s) of the run (default: eval.select_split + eval.splits)."
+)
 @click.option("--out", type=click.Path(dir_okay=False), help="Write the metrics as JSON here.")
 @click.option("--batch-size", type=int, default=None, help="Default: eval.batch_size.")
-@click.option("--device", default=None, help="auto, cpu, cuda, cuda:1 ... Default: the run's device with --run, else auto.")
+@click.option(
+    "--device", default=None, help="auto, cpu, cuda, cuda:1 ... Default: the run's device with --run, else auto."
+)
 def eval_cmd(checkpoint, run_dir, datasets, splits, out, batch_size, device):
     """Evaluate a CLIP checkpoint directory: zero-shot, retrieval, negatives; a table and JSON."""
     from rich.console import Console
@@ -211,8 +239,16 @@ def eval_cmd(checkpoint, run_dir, datasets, splits, out, batch_size, device):
         raise HQClipError("--split needs --run RUN_DIR (the splits live in a run's store)")
     if batch_size:
         cfg.batch_size = batch_size
-    metrics = evaluate_clip(Path(checkpoint), store, list(splits) or None, cfg, samples_version=version,
-                            out_json=out, datasets=datasets, device=device or run_device)
+    metrics = evaluate_clip(
+        Path(checkpoint),
+        store,
+        list(splits) or None,
+        cfg,
+        samples_version=version,
+        out_json=out,
+        datasets=datasets,
+        device=device or run_device,
+    )
     table = Table(title=f"eval {escape(str(checkpoint))}")
     table.add_column("set")
     table.add_column("metric")
@@ -228,8 +264,13 @@ def eval_cmd(checkpoint, run_dir, datasets, splits, out, batch_size, device):
 @main.command("export-clip")
 @click.argument("checkpoint", type=click.Path(file_okay=False))
 @click.argument("out", type=click.Path(file_okay=False))
-@click.option("--format", "fmt", type=click.Choice(["hf", "open_clip"]), default="hf",
-              help="hf: transformers CLIPModel + CLIPProcessor; open_clip: a local-dir checkpoint.")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["hf", "open_clip"]),
+    default="hf",
+    help="hf: transformers CLIPModel + CLIPProcessor; open_clip: a local-dir checkpoint.",
+)
 @click.option("--extras/--no-extras", default=False, help="open_clip format: keep the short-tag head and vocabulary.")
 def export_clip_cmd(checkpoint, out, fmt, extras):
     """Export a CLIP checkpoint directory for transformers or open_clip (checked to give the same embeddings)."""
@@ -237,8 +278,10 @@ def export_clip_cmd(checkpoint, out, fmt, extras):
 
     diffs = export_clip(checkpoint, out, fmt, include_extras=extras)
     if diffs:
-        click.echo("max abs difference to open_clip: " + ", ".join(f"{k} {diffs[k]:.1e}"
-                                                                 for k in ("image", "text", "logit_scale")))
+        click.echo(
+            "max abs difference to open_clip: "
+            + ", ".join(f"{k} {diffs[k]:.1e}" for k in ("image", "text", "logit_scale"))
+        )
     click.echo(f"{fmt}: {out}")
 
 
@@ -250,8 +293,12 @@ def _version_arg(value):
 @main.command("train", context_settings={"ignore_unknown_options": True})
 @click.argument("out", type=click.Path(file_okay=False))
 @click.argument("overrides", nargs=-1)
-@click.option("--run", "run_dir", type=click.Path(file_okay=False),
-              help="Train on this run's store, with its config and the versions its stages recorded.")
+@click.option(
+    "--run",
+    "run_dir",
+    type=click.Path(file_okay=False),
+    help="Train on this run's store, with its config and the versions its stages recorded.",
+)
 @click.option("--store", "store_uri", help="A LanceDB store (instead of --run).")
 @click.option("--config", "config_path", help="A config path or shipped name. Default: RUN/config.yaml.")
 @click.option("--generation", type=int, default=0, show_default=True, help="0: alt-text only; g: gen-g annotations.")
@@ -260,8 +307,19 @@ def _version_arg(value):
 @click.option("--teacher-version", help="Also use the teacher annotations at this version or tag.")
 @click.option("--init-clip", type=click.Path(exists=True, file_okay=False), help="Start from this CLIP checkpoint.")
 @click.option("--progress/--no-progress", default=True)
-def train_cmd(out, overrides, run_dir, store_uri, config_path, generation, samples_version, annotations_version,
-              teacher_version, init_clip, progress):
+def train_cmd(
+    out,
+    overrides,
+    run_dir,
+    store_uri,
+    config_path,
+    generation,
+    samples_version,
+    annotations_version,
+    teacher_version,
+    init_clip,
+    progress,
+):
     """Train a CLIP with the HQ-CLIP loss into OUT (OUT/model); the same command again resumes.
 
     OVERRIDES are key=value pairs, e.g. `train.epochs=5 train.world_size=2 loss.hni_mode=pair`.
@@ -281,14 +339,22 @@ def train_cmd(out, overrides, run_dir, store_uri, config_path, generation, sampl
         samples_version = samples_version or state.outputs(0, "data").get("samples_version")
         if generation:
             annotations_version = annotations_version or state.outputs(generation, "annotate").get(
-                "annotations_version")
+                "annotations_version"
+            )
     else:
         named = any(o.startswith("name=") for o in overrides)
         cfg = config_from(config_path, (() if named else (f"name={Path(out).name or 'train'}",)) + tuple(overrides))
-    model_dir = train_clip(cfg, store_uri, out, _version_arg(samples_version),
-                           annotations_version=_version_arg(annotations_version) if generation else None,
-                           generation=generation or None, init_clip=init_clip, progress=progress,
-                           teacher_version=_version_arg(teacher_version))
+    model_dir = train_clip(
+        cfg,
+        store_uri,
+        out,
+        _version_arg(samples_version),
+        annotations_version=_version_arg(annotations_version) if generation else None,
+        generation=generation or None,
+        init_clip=init_clip,
+        progress=progress,
+        teacher_version=_version_arg(teacher_version),
+    )
     click.echo(f"clip: {model_dir}")
     click.echo(f"log: {Path(out) / 'log.jsonl'}")
 

@@ -1,5 +1,6 @@
 """What every command group shares: the error boundary, logging, config files by path or shipped name,
 and a run directory's config and pinned data versions."""
+
 from __future__ import annotations
 
 import logging
@@ -49,8 +50,9 @@ def setup_logging(level: str | None = None) -> None:
 
     name = (level or os.environ.get(LOG_LEVEL_ENV) or "INFO").upper()
     if not isinstance(logging.getLevelName(name), int):
-        raise ConfigError(f"log level '{level or os.environ.get(LOG_LEVEL_ENV)}': expected one of "
-                          "DEBUG, INFO, WARNING, ERROR")
+        raise ConfigError(
+            f"log level '{level or os.environ.get(LOG_LEVEL_ENV)}': expected one of DEBUG, INFO, WARNING, ERROR"
+        )
     logger = logging.getLogger("cycle")
     for old in [h for h in logger.handlers if getattr(h, "hqclip_cli", False)]:
         logger.removeHandler(old)  # a second call (tests invoke the CLI many times) replaces, never adds
@@ -93,4 +95,3 @@ def pinned_data(run_dir) -> dict:
     if not (Path(run_dir) / "state.json").is_file():
         return {}
     return RunState(run_dir).outputs(0, "data")
-

@@ -4,6 +4,7 @@
 required value, a bad choice) raises `ConfigError` with one line naming the key and what was expected.
 `fingerprint(section)` is the stable hash the controller records for each stage's inputs.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -263,9 +264,16 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "annotate.kv_cache": ("dynamic", "static"),
     "device": ("auto", "cpu", "cuda"),
 }
-PROBABILITIES = ("loss.long_text_prob", "loss.neg_tags_prob", "data.emoji.seed_share",
-                 "data.emoji.single_object_share", "data.emoji.heldout_pair_share", "lvlm.sft_add_best",
-                 "lvlm.align_alt_text_share", "lvlm.align_add_best")
+PROBABILITIES = (
+    "loss.long_text_prob",
+    "loss.neg_tags_prob",
+    "data.emoji.seed_share",
+    "data.emoji.single_object_share",
+    "data.emoji.heldout_pair_share",
+    "lvlm.sft_add_best",
+    "lvlm.align_alt_text_share",
+    "lvlm.align_add_best",
+)
 
 
 def _one_line(err: OmegaConfBaseException) -> str:
@@ -282,13 +290,25 @@ def check_emoji(emoji: Any) -> None:
     """The built-in dataset's settings (a DictConfig or an `EmojiScenesConfig`: the builder checks the
     one it is given too). Limits that need the vocabulary or the layout are checked where those live."""
     if emoji.image_size < MIN_EMOJI_IMAGE_SIZE:
-        raise ConfigError(f"config key 'data.emoji.image_size': got {emoji.image_size}, "
-                          f"expected >= {MIN_EMOJI_IMAGE_SIZE}")
-    for key in ("n_train", "n_val", "n_test_retrieval", "n_test_negatives", "n_test_compositional",
-                "n_test_zeroshot_per_object"):
+        raise ConfigError(
+            f"config key 'data.emoji.image_size': got {emoji.image_size}, expected >= {MIN_EMOJI_IMAGE_SIZE}"
+        )
+    for key in (
+        "n_train",
+        "n_val",
+        "n_test_retrieval",
+        "n_test_negatives",
+        "n_test_compositional",
+        "n_test_zeroshot_per_object",
+    ):
         if getattr(emoji, key) < 0:
             raise ConfigError(f"config key 'data.emoji.{key}': got {getattr(emoji, key)}, expected >= 0")
-    for key in ("single_object_share", "heldout_pair_share", "seed_share", *(f"alt_noise.{k}" for k in ALT_NOISE_KINDS)):
+    for key in (
+        "single_object_share",
+        "heldout_pair_share",
+        "seed_share",
+        *(f"alt_noise.{k}" for k in ALT_NOISE_KINDS),
+    ):
         value = getattr(emoji.alt_noise, key.split(".")[1]) if "." in key else getattr(emoji, key)
         if not 0.0 <= value <= 1.0:
             raise ConfigError(f"config key 'data.emoji.{key}': got {value!r}, expected a probability in [0, 1]")
@@ -296,8 +316,10 @@ def check_emoji(emoji: Any) -> None:
     if total > 1.0 + 1e-9:
         raise ConfigError(f"config key 'data.emoji.alt_noise': rates sum to {total:.3f}, expected <= 1")
     if emoji.n_test_compositional > 0 and (emoji.max_objects < 2 or emoji.heldout_pair_share <= 0):
-        raise ConfigError("config key 'data.emoji.n_test_compositional': the compositional test needs "
-                          "max_objects >= 2 and heldout_pair_share > 0 (or set n_test_compositional=0)")
+        raise ConfigError(
+            "config key 'data.emoji.n_test_compositional': the compositional test needs "
+            "max_objects >= 2 and heldout_pair_share > 0 (or set n_test_compositional=0)"
+        )
 
 
 def _validate_data_store_eval(cfg: DictConfig) -> None:
@@ -321,8 +343,14 @@ def _validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if not 0.0 <= value <= 1.0:
             raise ConfigError(f"config key '{key}': got {value!r}, expected a probability in [0, 1]")
-    for key in ("train.epochs", "train.batch_size", "data.emoji.image_size", "data.emoji.vocab_size",
-                "data.emoji.max_objects", "annotate.batch_size"):
+    for key in (
+        "train.epochs",
+        "train.batch_size",
+        "data.emoji.image_size",
+        "data.emoji.vocab_size",
+        "data.emoji.max_objects",
+        "annotate.batch_size",
+    ):
         if OmegaConf.select(cfg, key) < 1:
             raise ConfigError(f"config key '{key}': got {OmegaConf.select(cfg, key)!r}, expected >= 1")
     _validate_clip_train(cfg)
@@ -339,10 +367,13 @@ def _validate_lvlm_annotate(cfg: DictConfig) -> None:
         raise ConfigError(f"config key 'annotate.retries': got {cfg.annotate.retries!r}, expected >= 0")
     lm = cfg.lvlm.lm
     if lm.name == "tiny" and lm.hidden_size % lm.num_heads:
-        raise ConfigError(f"config key 'lvlm.lm.hidden_size': {lm.hidden_size} is not a multiple of "
-                          f"lvlm.lm.num_heads={lm.num_heads}")
+        raise ConfigError(
+            f"config key 'lvlm.lm.hidden_size': {lm.hidden_size} is not a multiple of lvlm.lm.num_heads={lm.num_heads}"
+        )
     if cfg.lvlm.lora.enabled and not cfg.lvlm.lora.target_modules:
         raise ConfigError("config key 'lvlm.lora.target_modules': empty, expected LM projection names")
+
+
 # --- end lvlm / annotate
 
 
@@ -353,14 +384,19 @@ def _validate_clip_train(cfg: DictConfig) -> None:
         if OmegaConf.select(cfg, key) < 1:
             raise ConfigError(f"config key '{key}': got {OmegaConf.select(cfg, key)!r}, expected >= 1")
     if t.batch_size % t.world_size:
-        raise ConfigError(f"config key 'train.batch_size': {t.batch_size} does not divide by "
-                          f"train.world_size={t.world_size}")
+        raise ConfigError(
+            f"config key 'train.batch_size': {t.batch_size} does not divide by train.world_size={t.world_size}"
+        )
     if t.zero_stage not in (1, 2):
         raise ConfigError(f"config key 'train.zero_stage': got {t.zero_stage}, expected 1 or 2")
     local = t.batch_size // t.world_size
     if t.micro_batch_size < 0 or (t.micro_batch_size and local % t.micro_batch_size):
-        raise ConfigError(f"config key 'train.micro_batch_size': {t.micro_batch_size} does not divide the per-rank "
-                          f"batch {local} (train.batch_size / train.world_size; 0: the whole per-rank batch)")
+        raise ConfigError(
+            f"config key 'train.micro_batch_size': {t.micro_batch_size} does not divide the per-rank "
+            f"batch {local} (train.batch_size / train.world_size; 0: the whole per-rank batch)"
+        )
+
+
 # --- end clip / train / loss
 
 
@@ -394,13 +430,18 @@ def check_clip_name(name: str) -> None:
 
     close = difflib.get_close_matches(name, known, n=CLOSE_MATCHES, cutoff=0.5)
     ours = sorted(p.stem for p in OWN_CLIP_CONFIGS.glob("*.json"))
-    hint = (f"did you mean {', '.join(close)}?" if close else
-            f"known: {', '.join(ours)} and {len(known) - len(ours)} more (open_clip.list_models())")
+    hint = (
+        f"did you mean {', '.join(close)}?"
+        if close
+        else f"known: {', '.join(ours)} and {len(known) - len(ours)} more (open_clip.list_models())"
+    )
     raise ConfigError(f"config key 'clip.name': unknown CLIP architecture '{name}'; {hint}")
 
 
 def _validate_names(cfg: DictConfig) -> None:
     check_clip_name(cfg.clip.name)
+
+
 # --- end names
 
 
@@ -427,7 +468,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
         missing = sorted(OmegaConf.missing_keys(cfg))
         if missing:
-            raise ConfigError(f"config key '{missing[0]}': a value is required (set it in the file or as {missing[0]}=...)")
+            raise ConfigError(
+                f"config key '{missing[0]}': a value is required (set it in the file or as {missing[0]}=...)"
+            )
         _validate(cfg)
         return OmegaConf.to_object(cfg)
     except OmegaConfBaseException as err:

@@ -6,6 +6,7 @@ they wrote). A finished stage whose inputs changed is refused, naming the change
 redoes from there (`redo_from="2:train"`). Everything is checked before anything is written: a refused
 run leaves the run folder as it was.
 """
+
 from __future__ import annotations
 
 import logging
@@ -82,17 +83,23 @@ def plan_run(cfg: RunConfig, state: RunState, stages: dict[str, Stage]) -> Optio
                 diff = changed_keys(entry.get("inputs", {}), inputs)
                 raise ConfigChanged(
                     f"generation {gen} stage '{name}' finished with other inputs ({'; '.join(diff[:4])}"
-                    f"{' ...' if len(diff) > 4 else ''}): keep the old config, or redo with --from {gen}:{name}")
+                    f"{' ...' if len(diff) > 4 else ''}): keep the old config, or redo with --from {gen}:{name}"
+                )
             gone = missing_outputs(cfg.run_dir, entry.get("outputs", {}))
             if gone:
-                log.warning("generation %d stage '%s' is recorded as done but %s is missing: redoing it and "
-                            "every later stage", gen, name, gone[0])
+                log.warning(
+                    "generation %d stage '%s' is recorded as done but %s is missing: redoing it and every later stage",
+                    gen,
+                    name,
+                    gone[0],
+                )
                 return gen, name
     return None
 
 
-def run_cycle(cfg: RunConfig, redo_from: Optional[str] = None, progress: bool = True,
-              stop_after: Optional[str] = None) -> RunState:
+def run_cycle(
+    cfg: RunConfig, redo_from: Optional[str] = None, progress: bool = True, stop_after: Optional[str] = None
+) -> RunState:
     """Run (or resume) generation 0 and `cfg.cycle.generations` more. `stop_after='1:sft'` stops early."""
     run_dir = Path(cfg.run_dir)
     redo = parse_stage_ref(redo_from, cfg.cycle.generations) if redo_from else None
@@ -127,10 +134,13 @@ def run_cycle(cfg: RunConfig, redo_from: Optional[str] = None, progress: bool = 
                 log.info("[gen %d] %s ...", gen, name)
                 state.mark_running(gen, name, fp, inputs)
                 try:
-                    result = stage.run(cfg, stage.pins(state, gen), gen_dir(run_dir, gen) / stage.folder,
-                                       progress=progress)
+                    result = stage.run(
+                        cfg, stage.pins(state, gen), gen_dir(run_dir, gen) / stage.folder, progress=progress
+                    )
                 except Exception as err:
-                    state.mark_failed(gen, name, f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+                    state.mark_failed(
+                        gen, name, f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+                    )
                     raise
                 state.mark_done(gen, name, fp, result.outputs, result.metrics)
                 if stop == (gen, name):
@@ -142,8 +152,11 @@ def run_cycle(cfg: RunConfig, redo_from: Optional[str] = None, progress: bool = 
             elif metric is not None:
                 since_best += 1
                 if cfg.cycle.early_stop_patience and since_best >= cfg.cycle.early_stop_patience:
-                    log.info("stopping early: %s has not improved for %d generation(s)",
-                             cfg.cycle.early_stop_metric, since_best)
+                    log.info(
+                        "stopping early: %s has not improved for %d generation(s)",
+                        cfg.cycle.early_stop_metric,
+                        since_best,
+                    )
                     break
         return state
 

@@ -1,11 +1,12 @@
 """Which torch device a run's `device` setting means: the one place that decides it."""
+
 from __future__ import annotations
 
 from .errors import HQClipError
 
 
 def resolve_device(device: str = "auto", local_rank: int | None = None):
-    """"auto" takes CUDA when present, else the CPU; "cuda" without a GPU is an error, not a silent CPU run.
+    """ "auto" takes CUDA when present, else the CPU; "cuda" without a GPU is an error, not a silent CPU run.
 
     `local_rank` picks (and makes current) that GPU of the node for a training rank.
     """

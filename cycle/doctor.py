@@ -6,6 +6,7 @@ With `repair`, a missing or unreadable record is rebuilt from the tables' genera
 folders (each stage knows what it leaves on disk: `Stage.recover`), in order, up to the first stage whose
 outputs are not all there; the run then resumes from that stage.
 """
+
 from __future__ import annotations
 
 import time
@@ -51,11 +52,15 @@ def check(run_dir: str | Path) -> tuple[list[str], bool]:
                 return problems, not problems
             gone = missing_outputs(run_dir, entry.get("outputs", {}))
             if gone:
-                problems.append(f"generation {gen} stage '{name}' is done but {gone[0]} is missing: "
-                                f"`hqclip run` redoes it and every later stage")
+                problems.append(
+                    f"generation {gen} stage '{name}' is done but {gone[0]} is missing: "
+                    f"`hqclip run` redoes it and every later stage"
+                )
             elif entry.get("fingerprint") != fingerprint(stage_inputs(cfg, stages[name], state, gen)):
-                problems.append(f"generation {gen} stage '{name}' was run with other inputs than config.yaml "
-                                f"says: redo with --from {gen}:{name}")
+                problems.append(
+                    f"generation {gen} stage '{name}' was run with other inputs than config.yaml "
+                    f"says: redo with --from {gen}:{name}"
+                )
     return problems, not problems
 
 
@@ -81,8 +86,13 @@ def _rebuild(run_dir: Path, cfg) -> tuple[RunState, str | None]:
                 break
             inputs = stage_inputs(cfg, stage, state, gen)
             state.data["generations"].setdefault(str(gen), {})[name] = {
-                "status": "done", "fingerprint": fingerprint(inputs), "inputs": inputs, "outputs": result.outputs,
-                "metrics": result.metrics, "recovered": True}
+                "status": "done",
+                "fingerprint": fingerprint(inputs),
+                "inputs": inputs,
+                "outputs": result.outputs,
+                "metrics": result.metrics,
+                "recovered": True,
+            }
         if resume:
             break
     if state.path.exists():

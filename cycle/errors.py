@@ -4,6 +4,7 @@ A `HQClipError` says what is wrong in one line (naming the key, file or id); the
 (`cycle.cli.main`) and prints that line in red with exit code 2, no traceback. Anything else that escapes
 is a bug and keeps its traceback.
 """
+
 from __future__ import annotations
 
 

@@ -8,6 +8,7 @@
   alt-text, `<name>.json` the four formulas) that `hqclip data ingest` and webdataset readers take back.
   `<name>` is `cycle.files.safe_name(id)` (ids are data, never paths); the exact id is the JSON's "id".
 """
+
 from __future__ import annotations
 
 import io
@@ -20,9 +21,9 @@ from typing import Iterator
 from tqdm import tqdm
 
 from .data.images import image_ext
-from .state import RunState
 from .errors import HQClipError
 from .files import safe_name
+from .state import RunState
 from .store import FORMULAS, Store, is_usable, sql_in
 
 FORMULA_KEYS = [name for name, _ in FORMULAS]
@@ -50,8 +51,15 @@ def _rows(store: Store, state: RunState, gen: int, with_images: bool, split: str
             yield row
 
 
-def export_dataset(store: Store, run_dir: Path, gen: int, out: Path, fmt: str = "json",
-                   shard_size: int = SHARD_SIZE, split: str = "train") -> dict:
+def export_dataset(
+    store: Store,
+    run_dir: Path,
+    gen: int,
+    out: Path,
+    fmt: str = "json",
+    shard_size: int = SHARD_SIZE,
+    split: str = "train",
+) -> dict:
     """Write generation `gen`'s dataset; returns counts. Failed annotations are exported with their status."""
     if fmt not in DATA_FORMATS:  # checked first: it also names the output folder
         raise HQClipError(f"dataset format '{fmt}': expected {' or '.join(DATA_FORMATS)}")
@@ -74,9 +82,11 @@ def export_dataset(store: Store, run_dir: Path, gen: int, out: Path, fmt: str = 
                 tar = tarfile.open(out / f"shard-{shard:05d}.tar", "w")
                 shard += 1
             key = safe_name(row["id"])
-            members = {f"{key}.{image_ext(row['image'])}": row["image"],
-                       f"{key}.txt": row["alt_text"].encode(),
-                       f"{key}.json": json.dumps(doc, ensure_ascii=False).encode()}
+            members = {
+                f"{key}.{image_ext(row['image'])}": row["image"],
+                f"{key}.txt": row["alt_text"].encode(),
+                f"{key}.json": json.dumps(doc, ensure_ascii=False).encode(),
+            }
             for name, blob in members.items():
                 info = tarfile.TarInfo(name)
                 info.size = len(blob)
@@ -87,8 +97,14 @@ def export_dataset(store: Store, run_dir: Path, gen: int, out: Path, fmt: str = 
     return {"rows": written, "not_ok": failed, "shards": shard}
 
 
-def export_generation(store: Store, run_dir: Path, gen: int, out: Path, what: tuple[str, ...] = ("clip", "lvlm", "data"),
-                      data_format: str = "json") -> dict:
+def export_generation(
+    store: Store,
+    run_dir: Path,
+    gen: int,
+    out: Path,
+    what: tuple[str, ...] = ("clip", "lvlm", "data"),
+    data_format: str = "json",
+) -> dict:
     if "data" in what and data_format not in DATA_FORMATS:
         raise HQClipError(f"dataset format '{data_format}': expected {' or '.join(DATA_FORMATS)}")
     state = RunState(run_dir)

@@ -1,11 +1,12 @@
 """Writing files so that a kill never leaves half of one: temp file in the same folder, fsync, rename."""
+
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import shutil
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -103,6 +104,7 @@ def check_writable_dir(path: str | Path, what: str = "folder") -> Path:
         os.close(fd)
         os.unlink(tmp)
     except OSError as err:
-        raise HQClipError(f"cannot write the {what} {path}: creating a file in {probe_in} failed "
-                          f"({err.strerror or err})") from None
+        raise HQClipError(
+            f"cannot write the {what} {path}: creating a file in {probe_in} failed ({err.strerror or err})"
+        ) from None
     return path

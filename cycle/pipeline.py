@@ -11,6 +11,7 @@ record; `out_dir` is its own folder, which the controller clears when the stage 
 depends on is its `keys(gen)` (dotted config keys) plus its pins: the controller fingerprints exactly
 that, so a refused resume names the key that changed (`loss.hni_weight: 1.0 -> 0.5`).
 """
+
 from __future__ import annotations
 
 import logging
@@ -94,15 +95,22 @@ def data_run(cfg: RunConfig, pins: dict, out_dir: Path, progress: bool = True) -
 
         counts = build_emoji_scenes(cfg.data.emoji, store, progress=progress, write_batch=cfg.store.write_batch)
     elif store.count("samples") == 0:
-        raise HQClipError(f"data.source=store but the run's samples table is empty: ingest first "
-                           f"(hqclip data ingest SOURCE --run {cfg.run_dir})")
+        raise HQClipError(
+            f"data.source=store but the run's samples table is empty: ingest first "
+            f"(hqclip data ingest SOURCE --run {cfg.run_dir})"
+        )
     samples = store.tag("samples", gen_tag(0))
     seed = store.tag("teacher", gen_tag(0))
     n_train = store.count("samples", "split = 'train'", version=samples)
-    return StageResult({"samples_version": samples, "teacher_version": seed},
-                       {"rows": store.count("samples", version=samples), "train_rows": n_train,
-                        "teacher_rows": store.count("teacher", version=seed),
-                        **{f"split/{k}": v for k, v in counts.items() if isinstance(v, int)}})
+    return StageResult(
+        {"samples_version": samples, "teacher_version": seed},
+        {
+            "rows": store.count("samples", version=samples),
+            "train_rows": n_train,
+            "teacher_rows": store.count("teacher", version=seed),
+            **{f"split/{k}": v for k, v in counts.items() if isinstance(v, int)},
+        },
+    )
 
 
 def lm_run(cfg: RunConfig, pins: dict, out_dir: Path, progress: bool = True) -> StageResult:
@@ -126,8 +134,11 @@ def previous_best(cfg: RunConfig, pins: dict, share: float) -> Optional[list[dic
     from .lvlm import best_previous_annotations
 
     prev = pins.get("previous")
-    return (best_previous_annotations(store_of(cfg), prev["annotations_version"], pins["generation"] - 1, share)
-            if prev else None)
+    return (
+        best_previous_annotations(store_of(cfg), prev["annotations_version"], pins["generation"] - 1, share)
+        if prev
+        else None
+    )
 
 
 def align_run(cfg: RunConfig, pins: dict, out_dir: Path, progress: bool = True) -> StageResult:
@@ -135,11 +146,20 @@ def align_run(cfg: RunConfig, pins: dict, out_dir: Path, progress: bool = True) 
     from .lvlm.data import alt_text_caption_ids
 
     d, store = pins["data"], store_of(cfg)
-    extra = alt_text_caption_ids(store, d["samples_version"], d["teacher_version"], cfg.lvlm.align_alt_text_share,
-                                 cfg.seed)
-    out, metrics = align_projector(pins["base"]["lvlm"], store, d["samples_version"], d["teacher_version"], cfg, out_dir,
-                                   extra_ids=extra, extra_records=previous_best(cfg, pins, cfg.lvlm.align_add_best),
-                                   progress=progress)
+    extra = alt_text_caption_ids(
+        store, d["samples_version"], d["teacher_version"], cfg.lvlm.align_alt_text_share, cfg.seed
+    )
+    out, metrics = align_projector(
+        pins["base"]["lvlm"],
+        store,
+        d["samples_version"],
+        d["teacher_version"],
+        cfg,
+        out_dir,
+        extra_ids=extra,
+        extra_records=previous_best(cfg, pins, cfg.lvlm.align_add_best),
+        progress=progress,
+    )
     return StageResult({"lvlm": str(out)}, metrics)
 
 
@@ -147,9 +167,16 @@ def sft_run(cfg: RunConfig, pins: dict, out_dir: Path, progress: bool = True) ->
     from .lvlm import sft
 
     d = pins["data"]
-    adapter, merged, metrics = sft(pins["aligned"]["lvlm"], store_of(cfg), d["samples_version"], d["teacher_version"],
-                                   cfg, out_dir, extra_records=previous_best(cfg, pins, cfg.lvlm.sft_add_best),
-                                   progress=progress)
+    adapter, merged, metrics = sft(
+        pins["aligned"]["lvlm"],
+        store_of(cfg),
+        d["samples_version"],
+        d["teacher_version"],
+        cfg,
+        out_dir,
+        extra_records=previous_best(cfg, pins, cfg.lvlm.sft_add_best),
+        progress=progress,
+    )
     return StageResult({"adapter": str(adapter) if adapter else None, "merged": str(merged)}, metrics)
 
 
@@ -157,8 +184,17 @@ def annotate_run(cfg: RunConfig, pins: dict, out_dir: Path, progress: bool = Tru
     from .annotate.run import annotate_generation
 
     gen, store = pins["generation"], store_of(cfg)
-    stats = annotate_generation(cfg.annotate, pins["model"]["merged"], store, pins["data"]["samples_version"], gen,
-                                out_dir, score_clip=pins["clip"], progress=progress, device=cfg.device)
+    stats = annotate_generation(
+        cfg.annotate,
+        pins["model"]["merged"],
+        store,
+        pins["data"]["samples_version"],
+        gen,
+        out_dir,
+        score_clip=pins["clip"],
+        progress=progress,
+        device=cfg.device,
+    )
     version = store.tag("annotations", gen_tag(gen))
     return StageResult({"annotations_version": version, "stats": str(out_dir / "stats.json")}, flat_numbers(stats))
 
@@ -172,11 +208,19 @@ def train_run(cfg: RunConfig, pins: dict, out_dir: Path, progress: bool = True) 
         usable = store_of(cfg).count("annotations", f"generation = {gen} AND {USABLE}", version=ann)
         if usable == 0:  # the annotator wrote nothing usable: CLIP_g sees raw alt-text only, like gen 0
             log.warning("generation %d has no usable annotation: CLIP_%d trains on raw alt-text only", gen, gen)
-    clip_dir = train_clip(cfg, store_of(cfg).uri, out_dir, pins["data"]["samples_version"],
-                          annotations_version=ann if usable else None, generation=gen if usable else None,
-                          init_clip=pins.get("init"), progress=progress)
-    return StageResult({"clip": str(clip_dir), "log": str(out_dir / "log.jsonl")},
-                       {"usable_annotations": usable} if gen > 0 else {})
+    clip_dir = train_clip(
+        cfg,
+        store_of(cfg).uri,
+        out_dir,
+        pins["data"]["samples_version"],
+        annotations_version=ann if usable else None,
+        generation=gen if usable else None,
+        init_clip=pins.get("init"),
+        progress=progress,
+    )
+    return StageResult(
+        {"clip": str(clip_dir), "log": str(out_dir / "log.jsonl")}, {"usable_annotations": usable} if gen > 0 else {}
+    )
 
 
 def eval_run(cfg: RunConfig, pins: dict, out_dir: Path, progress: bool = True) -> StageResult:
@@ -184,8 +228,16 @@ def eval_run(cfg: RunConfig, pins: dict, out_dir: Path, progress: bool = True) -
 
     out = out_dir / "metrics.json"
     # splits=None: eval.select_split + eval.splits, skipping those the data has not got (ingested data)
-    metrics = evaluate_clip(pins["clip"], store_of(cfg), None, cfg.eval, device=cfg.device,
-                            samples_version=pins["data"]["samples_version"], out_json=out, progress=progress)
+    metrics = evaluate_clip(
+        pins["clip"],
+        store_of(cfg),
+        None,
+        cfg.eval,
+        device=cfg.device,
+        samples_version=pins["data"]["samples_version"],
+        out_json=out,
+        progress=progress,
+    )
     return StageResult({"metrics": str(out)}, metrics)
 
 
@@ -234,8 +286,10 @@ def train_recover(cfg: RunConfig, pins: dict, out_dir: Path) -> Optional[StageRe
         return None
     gen, ann = pins["generation"], pins.get("annotations")
     usable = store_of(cfg).count("annotations", f"generation = {gen} AND {USABLE}", version=ann) if gen > 0 else 0
-    return StageResult({"clip": str(out_dir / "model"), "log": str(out_dir / "log.jsonl")},
-                       {"usable_annotations": usable} if gen > 0 else {})
+    return StageResult(
+        {"clip": str(out_dir / "model"), "log": str(out_dir / "log.jsonl")},
+        {"usable_annotations": usable} if gen > 0 else {},
+    )
 
 
 def eval_recover(cfg: RunConfig, pins: dict, out_dir: Path) -> Optional[StageResult]:
@@ -253,34 +307,92 @@ def _train_pins(record: Record, gen: int) -> dict:
 
 
 def _train_init(cfg_init: str) -> Callable[[Record, int], dict]:
-    return lambda record, gen: ({"init": clip_of(record, gen - 1)} if gen > 0 and cfg_init == "previous" else {})
+    return lambda record, gen: {"init": clip_of(record, gen - 1)} if gen > 0 and cfg_init == "previous" else {}
 
 
 def make_stages(cfg: RunConfig) -> dict[str, Stage]:
     """The stages of a run. Some pins depend on config values (which previous outputs a stage reads)."""
     lv = cfg.lvlm
     init = _train_init(cfg.clip.init)
-    return {s.name: s for s in [
-        Stage("data", lambda g: ("data", "seed"), lambda r, g: {}, data_run, "data", data_recover),
-        Stage("lm", lambda g: ("lvlm.lm", "seed"), data_pins, lm_run, "lm", lm_recover),
-        Stage("lvlm", lambda g: ("lvlm.vision_feature_layer", "lvlm.keep_cls_token", "seed"),
-              lambda r, g: {"clip": clip_of(r, g - 1), "lm": r.outputs(1, "lm")["lm"]}, lvlm_run, "lvlm/base", lvlm_recover),
-        Stage("align", lambda g: ("lvlm.align", "lvlm.align_alt_text_share", "lvlm.align_add_best", "seed"),
-              lambda r, g: {**data_pins(r, g), "generation": g, "base": r.outputs(g, "lvlm"),
-                            "previous": previous_annotate(r, g, lv.align_add_best)}, align_run, "lvlm/aligned", lvlm_recover),
-        Stage("sft", lambda g: ("lvlm.sft", "lvlm.lora", "lvlm.sft_add_best", "lvlm.sft_fresh_alt_text",
-                                "lvlm.lm.max_length", "seed"),
-              lambda r, g: {**data_pins(r, g), "generation": g, "aligned": r.outputs(g, "align"),
-                            "previous": previous_annotate(r, g, lv.sft_add_best)}, sft_run, "lvlm/sft", sft_recover),
-        # where the annotator runs (annotate.openai, annotate.vllm) does not change what it writes
-        Stage("annotate", lambda g: ("annotate", "-annotate.openai", "-annotate.vllm"),
-              lambda r, g: {**data_pins(r, g), "generation": g, "model": r.outputs(g, "sft"),
-                            "clip": clip_of(r, g - 1)}, annotate_run, "annotate", annotate_recover,
-              table_rows="annotations"),
-        Stage("train", lambda g: ("clip", "train", "seed") + (("loss",) if g > 0 else ()),
-              lambda r, g: {**_train_pins(r, g), **init(r, g)}, train_run, "clip", train_recover),
-        Stage("eval", lambda g: ("eval",), lambda r, g: {**data_pins(r, g), "clip": clip_of(r, g)}, eval_run, "eval", eval_recover),
-    ]}
+    return {
+        s.name: s
+        for s in [
+            Stage("data", lambda g: ("data", "seed"), lambda r, g: {}, data_run, "data", data_recover),
+            Stage("lm", lambda g: ("lvlm.lm", "seed"), data_pins, lm_run, "lm", lm_recover),
+            Stage(
+                "lvlm",
+                lambda g: ("lvlm.vision_feature_layer", "lvlm.keep_cls_token", "seed"),
+                lambda r, g: {"clip": clip_of(r, g - 1), "lm": r.outputs(1, "lm")["lm"]},
+                lvlm_run,
+                "lvlm/base",
+                lvlm_recover,
+            ),
+            Stage(
+                "align",
+                lambda g: ("lvlm.align", "lvlm.align_alt_text_share", "lvlm.align_add_best", "seed"),
+                lambda r, g: {
+                    **data_pins(r, g),
+                    "generation": g,
+                    "base": r.outputs(g, "lvlm"),
+                    "previous": previous_annotate(r, g, lv.align_add_best),
+                },
+                align_run,
+                "lvlm/aligned",
+                lvlm_recover,
+            ),
+            Stage(
+                "sft",
+                lambda g: (
+                    "lvlm.sft",
+                    "lvlm.lora",
+                    "lvlm.sft_add_best",
+                    "lvlm.sft_fresh_alt_text",
+                    "lvlm.lm.max_length",
+                    "seed",
+                ),
+                lambda r, g: {
+                    **data_pins(r, g),
+                    "generation": g,
+                    "aligned": r.outputs(g, "align"),
+                    "previous": previous_annotate(r, g, lv.sft_add_best),
+                },
+                sft_run,
+                "lvlm/sft",
+                sft_recover,
+            ),
+            # where the annotator runs (annotate.openai, annotate.vllm) does not change what it writes
+            Stage(
+                "annotate",
+                lambda g: ("annotate", "-annotate.openai", "-annotate.vllm"),
+                lambda r, g: {
+                    **data_pins(r, g),
+                    "generation": g,
+                    "model": r.outputs(g, "sft"),
+                    "clip": clip_of(r, g - 1),
+                },
+                annotate_run,
+                "annotate",
+                annotate_recover,
+                table_rows="annotations",
+            ),
+            Stage(
+                "train",
+                lambda g: ("clip", "train", "seed") + (("loss",) if g > 0 else ()),
+                lambda r, g: {**_train_pins(r, g), **init(r, g)},
+                train_run,
+                "clip",
+                train_recover,
+            ),
+            Stage(
+                "eval",
+                lambda g: ("eval",),
+                lambda r, g: {**data_pins(r, g), "clip": clip_of(r, g)},
+                eval_run,
+                "eval",
+                eval_recover,
+            ),
+        ]
+    }
 
 
 def stages_of(gen: int) -> list[str]:

@@ -7,6 +7,7 @@ Everything from the run (ids, alt-text, model output, state.json) is data: it re
 `_esc` (html.escape, quotes included) inside double-quoted attributes or text, and gallery files are named
 by `safe_name(id)`, never by the id itself.
 """
+
 from __future__ import annotations
 
 import html
@@ -35,10 +36,20 @@ th{background:#f4f4f4}td.l,th.l{text-align:left}img.plot{max-width:560px;margin:
 
 
 # What tells whether the annotator beat the alt-text it was given; the rest goes under "all".
-ANNOTATION_KEYS = ["rows", "parse_rate", "ok_rate", "quality/schema_valid_share", "quality/annotation/f1",
-                   "quality/alt_text/f1", "quality/f1_gain_over_alt_text", "quality/unseen/annotation_f1",
-                   "quality/unseen/alt_text_f1", "quality/neg_desc_false_share",
-                   "score_mean", "this_run/rows_per_s"]
+ANNOTATION_KEYS = [
+    "rows",
+    "parse_rate",
+    "ok_rate",
+    "quality/schema_valid_share",
+    "quality/annotation/f1",
+    "quality/alt_text/f1",
+    "quality/f1_gain_over_alt_text",
+    "quality/unseen/annotation_f1",
+    "quality/unseen/alt_text_f1",
+    "quality/neg_desc_false_share",
+    "score_mean",
+    "this_run/rows_per_s",
+]
 
 
 def _metric_rows(state: RunState) -> tuple[list[int], list[str], dict]:
@@ -82,10 +93,15 @@ def plot_losses(run_dir: Path, state: RunState, out: Path) -> Path | None:
         rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
         rows = [r for r in rows if "step" in r and "clip_loss" in r]
         if rows:  # the CLIP term compares across generations; the other terms exist from gen 1 on
-            line, = ax.plot([r["step"] for r in rows], [r["clip_loss"] for r in rows], label=f"gen {gen} clip")
+            (line,) = ax.plot([r["step"] for r in rows], [r["clip_loss"] for r in rows], label=f"gen {gen} clip")
             if any("hni_loss" in r or "stc_loss" in r for r in rows):
-                ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], ls="--", color=line.get_color(),
-                        label=f"gen {gen} total")
+                ax.plot(
+                    [r["step"] for r in rows],
+                    [r["loss"] for r in rows],
+                    ls="--",
+                    color=line.get_color(),
+                    label=f"gen {gen} total",
+                )
             drawn = True
     if not drawn:
         plt.close(fig)
@@ -137,22 +153,36 @@ def write_report(run_dir: str | Path, store: Store, gallery: int = 12, seed: int
     out = run_dir / "report"
     (out / "img").mkdir(parents=True, exist_ok=True)
     state = RunState(run_dir)
-    parts = [f'<!doctype html><html><head><meta charset="utf-8"><title>HQ-CLIP run {_esc(run_dir.name)}'
-             f"</title><style>{CSS}</style></head><body><h1>HQ-CLIP cycle: run {_esc(run_dir.name)}</h1>"]
+    parts = [
+        f'<!doctype html><html><head><meta charset="utf-8"><title>HQ-CLIP run {_esc(run_dir.name)}'
+        f"</title><style>{CSS}</style></head><body><h1>HQ-CLIP cycle: run {_esc(run_dir.name)}</h1>"
+    ]
 
     gens, names, metrics = _metric_rows(state)
     parts.append("<h2>Held-out metrics per generation</h2>")
     if gens:
         keys = [(label, key) for label, key in KEY_METRICS.items() if key in names]
-        parts.append(_table(["metric"] + [f"gen {g}" for g in gens],
-                            [[f"{label} ({key})"] + [metrics[g].get(key) for g in gens] for label, key in keys]))
-        parts.append("<details><summary>all metrics</summary>"
-                     + _table(["metric"] + [f"gen {g}" for g in gens],
-                              [[n] + [metrics[g].get(n) for g in gens] for n in names]) + "</details>")
+        parts.append(
+            _table(
+                ["metric"] + [f"gen {g}" for g in gens],
+                [[f"{label} ({key})"] + [metrics[g].get(key) for g in gens] for label, key in keys],
+            )
+        )
+        parts.append(
+            "<details><summary>all metrics</summary>"
+            + _table(["metric"] + [f"gen {g}" for g in gens], [[n] + [metrics[g].get(n) for g in gens] for n in names])
+            + "</details>"
+        )
     else:
         parts.append('<p class="muted">no generation evaluated yet</p>')
-    plots = [name for name, fn in (("metrics.png", lambda p: plot_metrics(state, p)),
-                                   ("loss.png", lambda p: plot_losses(run_dir, state, p))) if fn(out / name)]
+    plots = [
+        name
+        for name, fn in (
+            ("metrics.png", lambda p: plot_metrics(state, p)),
+            ("loss.png", lambda p: plot_losses(run_dir, state, p)),
+        )
+        if fn(out / name)
+    ]
     parts.append("<div>" + "".join(f'<img class="plot" src="{_esc(n)}" alt="{_esc(n)}">' for n in plots) + "</div>")
 
     stats = _annotation_stats(state)
@@ -161,10 +191,16 @@ def write_report(run_dir: str | Path, store: Store, gallery: int = 12, seed: int
         keys = sorted({k for f in flat.values() for k in f})
         parts.append("<h2>Annotation statistics</h2>")
         main_keys = [k for k in ANNOTATION_KEYS if k in keys]
-        parts.append(_table(["statistic"] + [f"gen {g}" for g in flat], [[k] + [flat[g].get(k) for g in flat] for k in main_keys]))
-        parts.append("<details><summary>all annotation statistics</summary>"
-                     + _table(["statistic"] + [f"gen {g}" for g in flat], [[k] + [flat[g].get(k) for g in flat] for k in keys])
-                     + "</details>")
+        parts.append(
+            _table(
+                ["statistic"] + [f"gen {g}" for g in flat], [[k] + [flat[g].get(k) for g in flat] for k in main_keys]
+            )
+        )
+        parts.append(
+            "<details><summary>all annotation statistics</summary>"
+            + _table(["statistic"] + [f"gen {g}" for g in flat], [[k] + [flat[g].get(k) for g in flat] for k in keys])
+            + "</details>"
+        )
 
     stage_rows = []
     for g in state.generations:
@@ -186,12 +222,16 @@ def write_report(run_dir: str | Path, store: Store, gallery: int = 12, seed: int
                 cells.append(f"<tr><td><b>teacher</b></td><td>{_formulas(r['teacher'])}</td></tr>")
             for key in sorted(k for k in r if k.startswith("gen-")):
                 cells.append(f"<tr><td><b>{_esc(key)}</b></td><td>{_formulas(r[key])}</td></tr>")
-            parts.append(f'<div class="card"><img src="{_esc(name)}" alt="{_esc(r["id"])}">'
-                         f'<div><b>{_esc(r["id"])}</b><table>{"".join(cells)}</table></div></div>')
+            parts.append(
+                f'<div class="card"><img src="{_esc(name)}" alt="{_esc(r["id"])}">'
+                f"<div><b>{_esc(r['id'])}</b><table>{''.join(cells)}</table></div></div>"
+            )
     # Lets a headless browser (and a curious reader) see that every picture loaded.
-    parts.append("<script>window.addEventListener('load',()=>{const i=[...document.images];"
-                 "document.body.dataset.images=i.length;"
-                 "document.body.dataset.imagesLoaded=i.filter(x=>x.complete&&x.naturalWidth>0).length;});</script>")
+    parts.append(
+        "<script>window.addEventListener('load',()=>{const i=[...document.images];"
+        "document.body.dataset.images=i.length;"
+        "document.body.dataset.imagesLoaded=i.filter(x=>x.complete&&x.naturalWidth>0).length;});</script>"
+    )
     parts.append("</body></html>")
     page = out / "index.html"
     write_text_atomic(page, "\n".join(parts))

@@ -1,4 +1,5 @@
 """The learning-rate schedule of every trainer (CLIP, LM pretraining, alignment, SFT)."""
+
 from __future__ import annotations
 
 import math

@@ -4,6 +4,7 @@ The state records, per generation and stage: status, the fingerprint of the stag
 outputs (paths, table versions) and metrics. A stage is "done" only once its entry is written, which
 happens after its outputs are on disk, so a kill anywhere leaves either a finished stage or one to redo.
 """
+
 from __future__ import annotations
 
 import errno
@@ -62,9 +63,11 @@ class RunState:
         if not isinstance(data, dict) or not isinstance(data.setdefault("generations", {}), dict):
             raise StateError(f"{self.path} is not a run record: {fix}")
         if data["generations"] and data.get("format") != STATE_FORMAT:
-            raise StateError(f"{self.path} was written by an earlier hqclip (record format {data.get('format', 1)}, "
-                             f"this one reads {STATE_FORMAT}): its models stay usable with `hqclip eval`/`export-clip`, "
-                             f"but the run cannot be resumed: start a new run")
+            raise StateError(
+                f"{self.path} was written by an earlier hqclip (record format {data.get('format', 1)}, "
+                f"this one reads {STATE_FORMAT}): its models stay usable with `hqclip eval`/`export-clip`, "
+                f"but the run cannot be resumed: start a new run"
+            )
         return data
 
     def save(self) -> None:
@@ -83,17 +86,28 @@ class RunState:
 
     def mark_running(self, gen: int, stage: str, fingerprint: str, inputs: dict | None = None) -> None:
         entry = self.data["generations"].setdefault(str(gen), {}).setdefault(stage, {})
-        entry.update(status="running", fingerprint=fingerprint, started=time.time(), inputs=inputs or {},
-                     attempts=entry.get("attempts", 0) + 1)
+        entry.update(
+            status="running",
+            fingerprint=fingerprint,
+            started=time.time(),
+            inputs=inputs or {},
+            attempts=entry.get("attempts", 0) + 1,
+        )
         self.save()
 
-    def mark_done(self, gen: int, stage: str, fingerprint: str, outputs: dict | None = None,
-                  metrics: dict | None = None) -> None:
+    def mark_done(
+        self, gen: int, stage: str, fingerprint: str, outputs: dict | None = None, metrics: dict | None = None
+    ) -> None:
         entry = self.data["generations"].setdefault(str(gen), {}).setdefault(stage, {})
         now = time.time()
-        entry.update(status="done", fingerprint=fingerprint, finished=now,
-                     duration_s=round(now - entry.get("started", now), 2),
-                     outputs=outputs or {}, metrics=metrics or {})
+        entry.update(
+            status="done",
+            fingerprint=fingerprint,
+            finished=now,
+            duration_s=round(now - entry.get("started", now), 2),
+            outputs=outputs or {},
+            metrics=metrics or {},
+        )
         self.save()
 
     def mark_failed(self, gen: int, stage: str, error: str) -> None:
@@ -145,15 +159,22 @@ class RunLock:
             holder = _read_holder(fd)
             os.close(fd)
             if err.errno in (errno.EAGAIN, errno.EACCES):
-                raise RunLocked(f"run {self.run_dir} is in use by another controller "
-                                f"(pid {holder.get('pid')} on {holder.get('host')}, since {holder.get('since')})") from None
+                raise RunLocked(
+                    f"run {self.run_dir} is in use by another controller "
+                    f"(pid {holder.get('pid')} on {holder.get('host')}, since {holder.get('since')})"
+                ) from None
             raise
         previous = _read_holder(fd)
         if previous.get("pid"):
             self.took_over_from = previous  # left by a process that died without releasing
         os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                  "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode(), 0)
+        os.pwrite(
+            fd,
+            json.dumps(
+                {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+            ).encode(),
+            0,
+        )
         os.fsync(fd)
         self._fd = fd
         return self

@@ -1,4 +1,5 @@
 """Looking at a run: the status table (generations x stages) and samples side by side across generations."""
+
 from __future__ import annotations
 
 import json
@@ -78,9 +79,15 @@ def print_status(run_dir: str | Path, console: Optional[Console] = None) -> None
     (console or wide_console()).print(status_table(run_dir))
 
 
-def samples_across_generations(store: Store, state: RunState, ids: Optional[Iterable[str]] = None,
-                               sample: int = 0, where: Optional[str] = None, gens: Optional[list[int]] = None,
-                               seed: int = 0) -> list[dict]:
+def samples_across_generations(
+    store: Store,
+    state: RunState,
+    ids: Optional[Iterable[str]] = None,
+    sample: int = 0,
+    where: Optional[str] = None,
+    gens: Optional[list[int]] = None,
+    seed: int = 0,
+) -> list[dict]:
     """Rows of `samples` with alt-text, the seed annotation and each generation's four formulas."""
     data = state.outputs(0, "data")
     version = data.get("samples_version")
@@ -91,8 +98,9 @@ def samples_across_generations(store: Store, state: RunState, ids: Optional[Iter
         filters.append(f"({where})")
     if where:
         store.check_filter("samples", where, version)  # a typo in --where: one line naming it
-    table = store.read("samples", ["id", "alt_text", "split", "image", "meta"],
-                       " AND ".join(filters) or None, version=version)
+    table = store.read(
+        "samples", ["id", "alt_text", "split", "image", "meta"], " AND ".join(filters) or None, version=version
+    )
     rows = table.to_pylist()
     if sample:
         import random
@@ -140,8 +148,13 @@ def print_samples(rows: list[dict], console: Optional[Console] = None, image_out
             rec = r.get(label)
             if rec:
                 status = f" ({rec['status']})" if rec.get("status") and rec["status"] != "ok" else ""
-                table.add_row(data_text(label + status), *[data_text("\n".join(map(str, rec.get(k) or [])))
-                                                           for k in ("desc", "neg_desc", "tags", "neg_tags")])
+                table.add_row(
+                    data_text(label + status),
+                    *[
+                        data_text("\n".join(map(str, rec.get(k) or [])))
+                        for k in ("desc", "neg_desc", "tags", "neg_tags")
+                    ],
+                )
         meta = r.get("meta")
         if isinstance(meta, dict) and meta.get("clean"):
             table.add_row("truth", data_text(meta["clean"]), "", "", "")

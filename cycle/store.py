@@ -6,6 +6,7 @@
 - A tag per finished generation (`gen-002`) pins exactly what CLIP_g trained on; readers take a pinned
   version, never "latest". Compaction and cleanup run from the controller (`Store.compact`), not writers.
 """
+
 from __future__ import annotations
 
 import re
@@ -24,47 +25,57 @@ PRESENT_LOOKUP_CHUNK = 1000
 
 _text_list = pa.list_(pa.string())
 
-SAMPLES = pa.schema([
-    ("id", pa.string()),
-    ("image", pa.binary()),  # encoded bytes as ingested (PNG / JPEG / WebP)
-    ("alt_text", pa.string()),
-    ("source", pa.string()),  # where the row came from: "emoji-scenes", a folder, a shard, a parquet file
-    ("split", pa.string()),  # "train", "val", "test_*" (held-out: never trained on)
-    ("width", pa.int32()),
-    ("height", pa.int32()),
-    ("sha256", pa.string()),  # of the image bytes
-    ("meta", pa.string()),  # JSON; the exact scene graph for the built-in data, else null
-])
+SAMPLES = pa.schema(
+    [
+        ("id", pa.string()),
+        ("image", pa.binary()),  # encoded bytes as ingested (PNG / JPEG / WebP)
+        ("alt_text", pa.string()),
+        ("source", pa.string()),  # where the row came from: "emoji-scenes", a folder, a shard, a parquet file
+        ("split", pa.string()),  # "train", "val", "test_*" (held-out: never trained on)
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("sha256", pa.string()),  # of the image bytes
+        ("meta", pa.string()),  # JSON; the exact scene graph for the built-in data, else null
+    ]
+)
 
 FORMULAS = [("desc", _text_list), ("neg_desc", _text_list), ("tags", _text_list), ("neg_tags", _text_list)]
 
 TEACHER = pa.schema([("id", pa.string()), *FORMULAS, ("origin", pa.string())])
 
-ANNOTATIONS = pa.schema([
-    ("id", pa.string()),
-    ("generation", pa.int32()),
-    *FORMULAS,
-    ("raw_output", pa.string()),
-    ("status", pa.string()),  # "ok", "repaired", "failed"
-    ("reason", pa.string()),  # what was repaired, or why it failed
-    ("attempts", pa.int32()),
-    ("annotator", pa.string()),  # model + adapter fingerprint
-    ("prompt_hash", pa.string()),
-    ("score", pa.float32()),  # CLIP_{g-1} margin of desc over neg_desc (null until scored)
-])
+ANNOTATIONS = pa.schema(
+    [
+        ("id", pa.string()),
+        ("generation", pa.int32()),
+        *FORMULAS,
+        ("raw_output", pa.string()),
+        ("status", pa.string()),  # "ok", "repaired", "failed"
+        ("reason", pa.string()),  # what was repaired, or why it failed
+        ("attempts", pa.int32()),
+        ("annotator", pa.string()),  # model + adapter fingerprint
+        ("prompt_hash", pa.string()),
+        ("score", pa.float32()),  # CLIP_{g-1} margin of desc over neg_desc (null until scored)
+    ]
+)
 
-REJECTS = pa.schema([
-    ("source", pa.string()),
-    ("key", pa.string()),  # file name, shard member or row number
-    ("reason", pa.string()),  # short class: "corrupt_image", "empty_text", "non_utf8_text", ...
-    ("detail", pa.string()),
-])
+REJECTS = pa.schema(
+    [
+        ("source", pa.string()),
+        ("key", pa.string()),  # file name, shard member or row number
+        ("reason", pa.string()),  # short class: "corrupt_image", "empty_text", "non_utf8_text", ...
+        ("detail", pa.string()),
+    ]
+)
 
 SCHEMAS = {"samples": SAMPLES, "teacher": TEACHER, "annotations": ANNOTATIONS, "rejects": REJECTS}
 # The first key column is the one looked up (`_drop_present`). Rejects are keyed too, so ingesting a
 # source again does not store its rejects again (the same source, key and reason once).
-KEYS = {"samples": ["id"], "teacher": ["id"], "annotations": ["id", "generation"],
-        "rejects": ["key", "source", "reason"]}
+KEYS = {
+    "samples": ["id"],
+    "teacher": ["id"],
+    "annotations": ["id", "generation"],
+    "rejects": ["key", "source", "reason"],
+}
 
 
 # The one definition of an annotation that training, alignment, SFT, quality and export may use: parsed
@@ -127,8 +138,10 @@ class Store:
         """Open a table, creating it empty with its schema on first use; `version` pins an int or a tag."""
         if not self.has(name):
             if name == "teacher" and self.has("seed"):
-                raise StoreError(f"{self.uri} keeps its teacher annotations in a table named 'seed' (written by "
-                                 f"hqclip before 0.2): start a new run, or rename {self.uri}/seed.lance to teacher.lance")
+                raise StoreError(
+                    f"{self.uri} keeps its teacher annotations in a table named 'seed' (written by "
+                    f"hqclip before 0.2): start a new run, or rename {self.uri}/seed.lance to teacher.lance"
+                )
             self.db.create_table(name, schema=SCHEMAS[name], exist_ok=True)
         tbl = self.db.open_table(name)
         if version is not None:
@@ -148,8 +161,12 @@ class Store:
     def count_by(self, name: str, column: str, version: int | str | None = None) -> dict:
         """Rows per value of one column (split, generation, status, reason), reading that column only."""
         counts = self.read(name, [column], version=version).group_by(column).aggregate([([], "count_all")])
-        return dict(sorted(zip(counts.column(column).to_pylist(), counts.column("count_all").to_pylist()),
-                           key=lambda kv: (kv[0] is None, kv[0])))
+        return dict(
+            sorted(
+                zip(counts.column(column).to_pylist(), counts.column("count_all").to_pylist()),
+                key=lambda kv: (kv[0] is None, kv[0]),
+            )
+        )
 
     # -- writes --------------------------------------------------------------------------------------
     def append(self, name: str, rows: pa.Table | list[dict]) -> int:
@@ -191,12 +208,19 @@ class Store:
         return before - tbl.count_rows()
 
     # -- reads ---------------------------------------------------------------------------------------
-    def read(self, name: str, columns: list[str] | None = None, where: str | None = None,
-             version: int | str | None = None) -> pa.Table:
+    def read(
+        self, name: str, columns: list[str] | None = None, where: str | None = None, version: int | str | None = None
+    ) -> pa.Table:
         return self.table(name, version).to_lance().to_table(columns=columns, filter=where)
 
-    def scan(self, name: str, columns: list[str] | None = None, where: str | None = None,
-             version: int | str | None = None, batch_size: int = 1024) -> Iterator[pa.RecordBatch]:
+    def scan(
+        self,
+        name: str,
+        columns: list[str] | None = None,
+        where: str | None = None,
+        version: int | str | None = None,
+        batch_size: int = 1024,
+    ) -> Iterator[pa.RecordBatch]:
         ds = self.table(name, version).to_lance()
         yield from ds.to_batches(columns=columns, filter=where, batch_size=batch_size)
 
@@ -268,11 +292,10 @@ def _drop_present(tbl, data: pa.Table, keys: list[str], chunk: int = PRESENT_LOO
     ids = data.column(keys[0]).to_pylist()
     present = set()
     for start in range(0, len(ids), chunk):
-        found = tbl.to_lance().to_table(columns=keys, filter=sql_in(keys[0], set(ids[start:start + chunk])))
+        found = tbl.to_lance().to_table(columns=keys, filter=sql_in(keys[0], set(ids[start : start + chunk])))
         present.update(zip(*(found.column(k).to_pylist() for k in keys)))
     if not present:
         return data
     cols = [data.column(k).to_pylist() for k in keys]
     keep = [i for i, key in enumerate(zip(*cols)) if key not in present]
     return data.take(pa.array(keep, pa.int64()))
-

@@ -53,6 +53,7 @@ case "$what" in
   env)  echo "$venv" ;;
   demo) exec hqclip demo "$@" ;;
   test) export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+        ruff check . && ruff format --check . >/dev/null  # lint and format (pyproject's [tool.ruff]) first
         exec python -m pytest -q "$@" ;;
   *) echo "usage: bash scripts/bootstrap.sh {demo|test|env} [args]" >&2; exit 2 ;;
 esac

@@ -3,6 +3,7 @@
 Run it with `python -P` from another folder (bootstrap.sh does): otherwise the current directory's
 `cycle/` would be imported and the check would pass whatever the venv points at.
 """
+
 import os
 import sys
 

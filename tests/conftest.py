@@ -1,4 +1,5 @@
 """Shared test setup: offline, CPU DeepSpeed, and small built datasets reused across a session."""
+
 from __future__ import annotations
 
 import os

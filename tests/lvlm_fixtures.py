@@ -1,4 +1,5 @@
 """Small, fast inputs for the LVLM tests: a synthetic shapes store, a micro CLIP, a tiny LM config."""
+
 from __future__ import annotations
 
 import hashlib
@@ -10,8 +11,16 @@ from PIL import Image, ImageDraw
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (50, 90, 220), "yellow": (235, 210, 40)}
 SHAPES = ("circle", "square")
 PLACES = {"left": 4, "right": 18}
-SWAP = {"red": "blue", "blue": "red", "green": "yellow", "yellow": "green", "circle": "square",
-        "square": "circle", "left": "right", "right": "left"}
+SWAP = {
+    "red": "blue",
+    "blue": "red",
+    "green": "yellow",
+    "yellow": "green",
+    "circle": "square",
+    "square": "circle",
+    "left": "right",
+    "right": "left",
+}
 
 
 def shape_png(color: str, shape: str, place: str) -> bytes:
@@ -34,10 +43,28 @@ def shapes_rows(n: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
         png = shape_png(color, shape, place)
         alt = rng.choice([f"{color} {shape}", f"a {shape}", f"IMG_{i:04d}.png", f"{SWAP[color]} {shape} sale"])
         sid = f"shape-{i:03d}"
-        samples.append({"id": sid, "image": png, "alt_text": alt, "source": "test-shapes", "split": "train",
-                        "width": 32, "height": 32, "sha256": hashlib.sha256(png).hexdigest(), "meta": None})
+        samples.append(
+            {
+                "id": sid,
+                "image": png,
+                "alt_text": alt,
+                "source": "test-shapes",
+                "split": "train",
+                "width": 32,
+                "height": 32,
+                "sha256": hashlib.sha256(png).hexdigest(),
+                "meta": None,
+            }
+        )
         desc = f"the image shows a {color} {shape} on the {place}."
-        seeds.append({"id": sid, "desc": [desc], "neg_desc": [desc.replace(place, SWAP[place])],
-                      "tags": [f"{color} {shape}", place], "neg_tags": [f"{SWAP[color]} {shape}", SWAP[place]],
-                      "origin": "test-shapes"})
+        seeds.append(
+            {
+                "id": sid,
+                "desc": [desc],
+                "neg_desc": [desc.replace(place, SWAP[place])],
+                "tags": [f"{color} {shape}", place],
+                "neg_tags": [f"{SWAP[color]} {shape}", SWAP[place]],
+                "origin": "test-shapes",
+            }
+        )
     return samples, seeds

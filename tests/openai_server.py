@@ -7,6 +7,7 @@ function. Faults are injected from a queue, one per incoming request: ("timeout"
 ("429", retry_after) and ("500",) / ("503",) answer with that status, ("no-choices",) answers 200 with
 an empty `choices` list.
 """
+
 from __future__ import annotations
 
 import base64
@@ -24,8 +25,13 @@ Responder = Callable[[str, Optional[int], dict], str]
 
 
 class ChatServer:
-    def __init__(self, responder: Responder, api_key: Optional[str] = None, supports_schema: bool = True,
-                 model: str = "teacher-test"):
+    def __init__(
+        self,
+        responder: Responder,
+        api_key: Optional[str] = None,
+        supports_schema: bool = True,
+        model: str = "teacher-test",
+    ):
         self.responder, self.api_key, self.supports_schema, self.model = responder, api_key, supports_schema, model
         self.faults: deque = deque()
         self.requests: list[dict] = []  # every request body received, faults included
@@ -77,8 +83,7 @@ class ChatServer:
         h.wfile.write(data)
 
     def _error(self, h, status: int, message: str, headers: Optional[dict] = None):
-        self._send(h, status, {"error": {"message": message, "type": "invalid_request_error", "code": status}},
-                   headers)
+        self._send(h, status, {"error": {"message": message, "type": "invalid_request_error", "code": status}}, headers)
 
     def _handle(self, h: BaseHTTPRequestHandler, raw: bytes) -> None:
         if h.path.rstrip("/") != "/v1/chat/completions":
@@ -109,13 +114,24 @@ class ChatServer:
         content = self.responder(prompt, seed, body)
         with self.lock:
             self.answered.append(body)
-        self._send(h, 200, {
-            "id": f"chatcmpl-{len(self.requests)}", "object": "chat.completion", "created": int(time.time()),
-            "model": self.model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": len(prompt.split()), "completion_tokens": len(content.split()),
-                      "total_tokens": len(prompt.split()) + len(content.split())},
-        })
+        self._send(
+            h,
+            200,
+            {
+                "id": f"chatcmpl-{len(self.requests)}",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": self.model,
+                "choices": [
+                    {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}
+                ],
+                "usage": {
+                    "prompt_tokens": len(prompt.split()),
+                    "completion_tokens": len(content.split()),
+                    "total_tokens": len(prompt.split()) + len(content.split()),
+                },
+            },
+        )
 
     def _check(self, body: dict) -> Optional[str]:
         if body.get("model") != self.model:

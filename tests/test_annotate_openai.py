@@ -1,4 +1,5 @@
 """The OpenAI-compatible backend against a real HTTP server on loopback: protocol, faults, log, teacher."""
+
 from __future__ import annotations
 
 import base64
@@ -6,6 +7,8 @@ import json
 import time
 
 import pytest
+from openai_server import ChatServer
+from test_annotate_support import make_store, png
 
 from cycle.annotate.backends.base import BackendError, FailedGeneration
 from cycle.annotate.backends.openai_backend import OpenAIBackend
@@ -14,19 +17,28 @@ from cycle.annotate.schema import build_prompt, to_target_json
 from cycle.annotate.teacher import choose_seed_ids, import_seed, teach_seed
 from cycle.config import AnnotateConfig, OpenAIBackendConfig
 
-from openai_server import ChatServer
-from test_annotate_support import make_store, png
-
 
 def echo(prompt, seed, body):
     alt = prompt.rsplit(": ", 1)[-1]
-    return to_target_json({"desc": [f"the image shows {alt}."], "neg_desc": [f"the image shows no {alt}."],
-                           "tags": [alt], "neg_tags": [f"no {alt}"]})
+    return to_target_json(
+        {
+            "desc": [f"the image shows {alt}."],
+            "neg_desc": [f"the image shows no {alt}."],
+            "tags": [alt],
+            "neg_tags": [f"no {alt}"],
+        }
+    )
 
 
 def backend_for(server, tmp_path=None, **cfg):
-    conf = OpenAIBackendConfig(base_url=server.base_url, model="teacher-test", concurrency=3,
-                               requests_per_minute=0, timeout_s=2.0, max_retries=3)
+    conf = OpenAIBackendConfig(
+        base_url=server.base_url,
+        model="teacher-test",
+        concurrency=3,
+        requests_per_minute=0,
+        timeout_s=2.0,
+        max_retries=3,
+    )
     for k, v in cfg.items():
         setattr(conf, k, v)
     log = tmp_path / "requests.jsonl" if tmp_path else None
@@ -151,8 +163,9 @@ def test_teach_seed_and_import(tmp_path):
 
     with ChatServer(teacher) as server:
         cfg = AnnotateConfig(batch_size=2, retries=1)
-        cfg.openai = OpenAIBackendConfig(base_url=server.base_url, model="teacher-test", requests_per_minute=0,
-                                         concurrency=1)
+        cfg.openai = OpenAIBackendConfig(
+            base_url=server.base_url, model="teacher-test", requests_per_minute=0, concurrency=1
+        )
         ids = [f"s{i:05d}" for i in range(4)]
         stats = teach_seed(cfg, store, v, ids, tmp_path / "teach", progress=False)
         assert stats == stats | {"asked": 4, "written": 4, "failed": 0}
@@ -175,8 +188,12 @@ def test_teach_seed_and_import(tmp_path):
     assert "no JSON object" in rejected[0]["detail"] and "no idea" in rejected[0]["detail"]
 
     # Import: a directory of <id>.json, a JSONL file; bad documents land in rejects with a reason.
-    rec = {"desc": ["the image shows a cup."], "neg_desc": ["the image shows a bowl."], "tags": ["cup"],
-           "neg_tags": ["bowl"]}
+    rec = {
+        "desc": ["the image shows a cup."],
+        "neg_desc": ["the image shows a bowl."],
+        "tags": ["cup"],
+        "neg_tags": ["bowl"],
+    }
     d = tmp_path / "vlm150m"
     d.mkdir()
     (d / "s00005.json").write_text(json.dumps(rec))
@@ -187,14 +204,25 @@ def test_teach_seed_and_import(tmp_path):
     (d / "zzz.json").write_text(json.dumps(rec))
     stats = import_seed(d, store, progress=False)
     assert stats["imported"] == 2 and stats["read"] == 6
-    assert stats["rejected"] == {"unreadable_json": 1, "invalid_annotation": 1, "failed_annotation": 1,
-                                 "unknown_id": 1}
+    assert stats["rejected"] == {"unreadable_json": 1, "invalid_annotation": 1, "failed_annotation": 1, "unknown_id": 1}
     rejects = [r for r in store.read("rejects").to_pylist() if r["source"].startswith("seed-import:")]
     assert {r["key"] for r in rejects} == {"s00007", "s00008", "s00009", "zzz"}
     jl = tmp_path / "more.jsonl"
-    jl.write_text(json.dumps({"id": "s00005", **rec}) + "\n" + json.dumps({"key": "s00009", **rec}) + "\n"
-                  + json.dumps(rec) + "\n")
-    assert import_seed(jl, store, progress=False) == {"read": 3, "valid": 2, "imported": 1, "already_present": 1,
-                                                      "teacher_rows_before": 6, "rejected": {"missing_id": 1}}
+    jl.write_text(
+        json.dumps({"id": "s00005", **rec})
+        + "\n"
+        + json.dumps({"key": "s00009", **rec})
+        + "\n"
+        + json.dumps(rec)
+        + "\n"
+    )
+    assert import_seed(jl, store, progress=False) == {
+        "read": 3,
+        "valid": 2,
+        "imported": 1,
+        "already_present": 1,
+        "teacher_rows_before": 6,
+        "rejected": {"missing_id": 1},
+    }
     with pytest.raises(FileNotFoundError, match="do not exist"):
         import_seed(tmp_path / "absent", store)

@@ -1,4 +1,5 @@
 """The four-formula schema and the parser's repair of malformed annotator output, one corpus per defect."""
+
 from __future__ import annotations
 
 import json
@@ -6,8 +7,15 @@ import json
 import pytest
 
 from cycle.annotate.parse import normalize_record, parse_output
-from cycle.annotate.schema import (FORMULA_JSON_SCHEMA, FORMULA_KEYS, build_prompt, model_input, prompt_hash,
-                                   to_target_json, validate)
+from cycle.annotate.schema import (
+    FORMULA_JSON_SCHEMA,
+    FORMULA_KEYS,
+    build_prompt,
+    model_input,
+    prompt_hash,
+    to_target_json,
+    validate,
+)
 
 GOOD = {
     "desc": ["the image shows two red apples.", "the apples are left of a cup."],
@@ -28,15 +36,18 @@ def test_target_json_is_compact_and_ordered():
     assert validate(json.loads(text)) == []
 
 
-@pytest.mark.parametrize("obj, needle", [
-    ([1, 2], "not a JSON object"),
-    ({k: v for k, v in GOOD.items() if k != "neg_tags"}, "missing key 'neg_tags'"),
-    ({**GOOD, "tags": "cup"}, "'tags' is str"),
-    ({**GOOD, "desc": []}, "'desc' is empty"),
-    ({**GOOD, "tags": ["cup", 3, ""]}, "'tags' items [1, 2]"),
-    ({**GOOD, "neg_desc": GOOD["neg_desc"][:1]}, "'desc' has 2 items but 'neg_desc' has 1"),
-    ({**GOOD, "caption": "x"}, "unexpected keys ['caption']"),
-])
+@pytest.mark.parametrize(
+    "obj, needle",
+    [
+        ([1, 2], "not a JSON object"),
+        ({k: v for k, v in GOOD.items() if k != "neg_tags"}, "missing key 'neg_tags'"),
+        ({**GOOD, "tags": "cup"}, "'tags' is str"),
+        ({**GOOD, "desc": []}, "'desc' is empty"),
+        ({**GOOD, "tags": ["cup", 3, ""]}, "'tags' items [1, 2]"),
+        ({**GOOD, "neg_desc": GOOD["neg_desc"][:1]}, "'desc' has 2 items but 'neg_desc' has 1"),
+        ({**GOOD, "caption": "x"}, "unexpected keys ['caption']"),
+    ],
+)
 def test_validate_names_each_problem(obj, needle):
     problems = validate(obj)
     assert any(needle in p for p in problems), problems
@@ -72,27 +83,51 @@ CORPUS = {
     "unterminated key": (GOOD_JSON[:-1] + ',"ex', "unterminated", GOOD),
     "trailing commas": (GOOD_JSON.replace('"],', '",],').replace("]}", ",]}"), "trailing comma", GOOD),
     "single quotes": (str(GOOD), "single quotes", GOOD),
-    "apostrophe": (str({**GOOD, "tags": ["cat's toy", "cup", "table"]}).replace('"', "'"),
-                   "single quotes", {**GOOD, "tags": ["cat's toy", "cup", "table"]}),
+    "apostrophe": (
+        str({**GOOD, "tags": ["cat's toy", "cup", "table"]}).replace('"', "'"),
+        "single quotes",
+        {**GOOD, "tags": ["cat's toy", "cup", "table"]},
+    ),
     "missing comma": (GOOD_JSON.replace('","', '" "'), "missing comma", GOOD),
-    "unquoted": ('{desc: [the image shows a cup.], neg_desc: [the image shows a bowl.], tags: [cup], '
-                 'neg_tags: [bowl]}', "unquoted",
-                 {"desc": ["the image shows a cup."], "neg_desc": ["the image shows a bowl."], "tags": ["cup"],
-                  "neg_tags": ["bowl"]}),
+    "unquoted": (
+        "{desc: [the image shows a cup.], neg_desc: [the image shows a bowl.], tags: [cup], neg_tags: [bowl]}",
+        "unquoted",
+        {
+            "desc": ["the image shows a cup."],
+            "neg_desc": ["the image shows a bowl."],
+            "tags": ["cup"],
+            "neg_tags": ["bowl"],
+        },
+    ),
     "no opening brace": (GOOD_JSON[1:], "missing opening brace", GOOD),
-    "count mismatch": (to_target_json({**GOOD, "neg_tags": GOOD["neg_tags"][:2]}), "counts 3/2",
-                       {**GOOD, "tags": GOOD["tags"][:2], "neg_tags": GOOD["neg_tags"][:2]}),
-    "string not list": (json.dumps({**GOOD, "tags": "cup", "neg_tags": "bowl"}), "made a list",
-                        {**GOOD, "tags": ["cup"], "neg_tags": ["bowl"]}),
-    "non-string items": (json.dumps({**GOOD, "tags": ["cup", 3, None, ["x"]], "neg_tags": ["bowl", 4, "a", "b"]}),
-                         "non-string", {**GOOD, "tags": ["cup", "3"], "neg_tags": ["bowl", "4"]}),
-    "empty items": (json.dumps({**GOOD, "tags": ["cup", " ", "table"], "neg_tags": ["bowl", "x", ""]}),
-                    "dropped 2", {**GOOD, "tags": ["cup"], "neg_tags": ["bowl"]}),
+    "count mismatch": (
+        to_target_json({**GOOD, "neg_tags": GOOD["neg_tags"][:2]}),
+        "counts 3/2",
+        {**GOOD, "tags": GOOD["tags"][:2], "neg_tags": GOOD["neg_tags"][:2]},
+    ),
+    "string not list": (
+        json.dumps({**GOOD, "tags": "cup", "neg_tags": "bowl"}),
+        "made a list",
+        {**GOOD, "tags": ["cup"], "neg_tags": ["bowl"]},
+    ),
+    "non-string items": (
+        json.dumps({**GOOD, "tags": ["cup", 3, None, ["x"]], "neg_tags": ["bowl", 4, "a", "b"]}),
+        "non-string",
+        {**GOOD, "tags": ["cup", "3"], "neg_tags": ["bowl", "4"]},
+    ),
+    "empty items": (
+        json.dumps({**GOOD, "tags": ["cup", " ", "table"], "neg_tags": ["bowl", "x", ""]}),
+        "dropped 2",
+        {**GOOD, "tags": ["cup"], "neg_tags": ["bowl"]},
+    ),
     "wrapped in array": (json.dumps([GOOD]), "text before JSON", GOOD),
     "extra keys": (json.dumps({**GOOD, "caption": "x"}), "dropped keys", GOOD),
     "key case": (json.dumps({k.upper(): v for k, v in GOOD.items()}), "key names", GOOD),
-    "escapes": (GOOD_JSON.replace("cup", "c\\u0075p").replace('"table"', '"ta\\"ble"')[:-1], "unterminated",
-                {**GOOD, "tags": ["red apple", "cup", 'ta"ble'], "desc": GOOD["desc"]}),
+    "escapes": (
+        GOOD_JSON.replace("cup", "c\\u0075p").replace('"table"', '"ta\\"ble"')[:-1],
+        "unterminated",
+        {**GOOD, "tags": ["red apple", "cup", 'ta"ble'], "desc": GOOD["desc"]},
+    ),
 }
 
 
@@ -111,12 +146,13 @@ FAILS = {
     "whitespace": ("  \n ", "empty output"),
     "prose": ("I cannot describe this image.", "no JSON object"),
     "garbage tokens": ("ap ap cup ,,] the the", "no JSON object"),
-    "missing negatives": (json.dumps({"desc": GOOD["desc"], "tags": GOOD["tags"]}),
-                          "missing keys ['neg_desc', 'neg_tags']"),
+    "missing negatives": (
+        json.dumps({"desc": GOOD["desc"], "tags": GOOD["tags"]}),
+        "missing keys ['neg_desc', 'neg_tags']",
+    ),
     "cut before tags": (GOOD_JSON[: GOOD_JSON.index('"tags"') + 3], "missing keys ['tags', 'neg_tags']"),
     "empty field": (json.dumps({**GOOD, "tags": [], "neg_tags": []}), "no usable aligned pair"),
-    "all items bad": (json.dumps({**GOOD, "desc": [None, {}], "neg_desc": ["a", "b"]}),
-                      "no usable aligned pair"),
+    "all items bad": (json.dumps({**GOOD, "desc": [None, {}], "neg_desc": ["a", "b"]}), "no usable aligned pair"),
     "other object": ('{"answer": 42}', "missing keys"),
 }
 

@@ -1,9 +1,12 @@
 """Annotation quality against the emoji scenes' truth: facts of desc + tags vs the scene graph and alt-text."""
+
 from __future__ import annotations
 
 import hashlib
 import json
 import shutil
+
+from openai_server import ChatServer
 
 from cycle.annotate.backends.openai_backend import OpenAIBackend
 from cycle.annotate.quality import annotation_quality
@@ -12,8 +15,6 @@ from cycle.annotate.schema import to_target_json
 from cycle.config import AnnotateConfig, OpenAIBackendConfig
 from cycle.data.emoji.language import describe
 from cycle.store import Store
-
-from openai_server import ChatServer
 
 
 def test_quality_compares_annotations_and_alt_text_with_scene_graphs(tmp_path, tiny_store):
@@ -36,9 +37,14 @@ def test_quality_compares_annotations_and_alt_text_with_scene_graphs(tmp_path, t
         first = scene["objects"][0]["name"]
         other = next(n for n in names if n != first and all(n != o["name"] for o in scene["objects"]))
         true = describe(scene)
-        return to_target_json({"desc": [true], "neg_desc": [true.replace(first, other, 1)],
-                               "tags": [o["name"] for o in scene["objects"]],
-                               "neg_tags": [other] * len(scene["objects"])})
+        return to_target_json(
+            {
+                "desc": [true],
+                "neg_desc": [true.replace(first, other, 1)],
+                "tags": [o["name"] for o in scene["objects"]],
+                "neg_tags": [other] * len(scene["objects"]),
+            }
+        )
 
     with ChatServer(truthful) as server:
         cfg = AnnotateConfig(batch_size=50, write_batch=200, retries=0)
@@ -63,5 +69,9 @@ def test_quality_compares_annotations_and_alt_text_with_scene_graphs(tmp_path, t
         if kind in by_kind:
             assert by_kind[kind]["alt_text_f1"] == 0.0 and by_kind[kind]["annotation_f1"] > 0.5
     # A generation without annotations has nothing to measure yet.
-    assert annotation_quality(store, version, 2) == {"scenes": 0, "schema_valid_share": None,
-                                                     "neg_desc_false_share": None, "by_alt_noise": {}}
+    assert annotation_quality(store, version, 2) == {
+        "scenes": 0,
+        "schema_valid_share": None,
+        "neg_desc_false_share": None,
+        "by_alt_noise": {},
+    }

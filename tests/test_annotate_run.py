@@ -1,4 +1,5 @@
 """The annotation pass: failed rows kept, resume after SIGKILL, retries, scores, annotator consistency."""
+
 from __future__ import annotations
 
 import json
@@ -11,14 +12,13 @@ import time
 from pathlib import Path
 
 import pytest
+from openai_server import ChatServer
+from test_annotate_support import build_random_llava, make_store, sample_rows
 
 from cycle.annotate.run import annotate_generation
 from cycle.annotate.schema import to_target_json
 from cycle.config import AnnotateConfig, OpenAIBackendConfig
 from cycle.store import Store
-
-from openai_server import ChatServer
-from test_annotate_support import build_random_llava, make_store, sample_rows
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -89,8 +89,12 @@ def test_bad_inputs_are_clear_errors(tmp_path, llava_dir):
         annotate_generation(small_cfg(), tmp_path / "missing", store, v, 1, tmp_path / "o", progress=False)
     assert issubclass(BackendError, HQClipError)
     # settings that are wrong whatever the data: refused when the config loads, naming the key
-    for override, key in (("annotate.write_batch=0", "annotate.write_batch"), ("annotate.retries=-1", "annotate.retries"),
-                          ("annotate.backend=nope", "annotate.backend"), ("annotate.kv_cache=paged", "annotate.kv_cache")):
+    for override, key in (
+        ("annotate.write_batch=0", "annotate.write_batch"),
+        ("annotate.retries=-1", "annotate.retries"),
+        ("annotate.backend=nope", "annotate.backend"),
+        ("annotate.kv_cache=paged", "annotate.kv_cache"),
+    ):
         with pytest.raises(ConfigError, match=f"config key '{key}'"):
             load_config(None, ["name=t", override])
     assert store.count("annotations") == 0
@@ -107,8 +111,18 @@ def test_the_device_setting_reaches_the_backend_and_the_scorer(tmp_path, llava_d
         annotate_generation(small_cfg(), llava_dir, store, v, 1, tmp_path / "o", device="cuda", progress=False)
     backend = TransformersBackend(llava_dir, device="cpu", max_new_tokens=4)
     with pytest.raises(HQClipError, match="'cuda' was asked for"):  # the CLIP scorer
-        annotate_generation(small_cfg(), llava_dir, store, v, 1, tmp_path / "o", backend=backend,
-                            score_clip=tmp_path / "any-clip", device="cuda", progress=False)
+        annotate_generation(
+            small_cfg(),
+            llava_dir,
+            store,
+            v,
+            1,
+            tmp_path / "o",
+            backend=backend,
+            score_clip=tmp_path / "any-clip",
+            device="cuda",
+            progress=False,
+        )
     assert store.count("annotations") == 0
 
 
@@ -131,8 +145,11 @@ def test_killed_pass_resumes_without_duplicates_or_losses(tmp_path, llava_dir):
     script = tmp_path / "child.py"
     script.write_text(CHILD)
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    child = subprocess.Popen([sys.executable, str(script), store.uri, str(llava_dir), str(version),
-                              str(tmp_path / "out")], env=env, stderr=subprocess.PIPE)
+    child = subprocess.Popen(
+        [sys.executable, str(script), store.uri, str(llava_dir), str(version), str(tmp_path / "out")],
+        env=env,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.time() + 90
     seen = 0
     while time.time() < deadline and child.poll() is None:
@@ -148,8 +165,15 @@ def test_killed_pass_resumes_without_duplicates_or_losses(tmp_path, llava_dir):
     assert 0 < at_kill < n, at_kill
 
     fresh = Store(store.uri)
-    stats = annotate_generation(AnnotateConfig(batch_size=8, write_batch=8, max_new_tokens=24, retries=0),
-                                llava_dir, fresh, version, 1, tmp_path / "out", progress=False)
+    stats = annotate_generation(
+        AnnotateConfig(batch_size=8, write_batch=8, max_new_tokens=24, retries=0),
+        llava_dir,
+        fresh,
+        version,
+        1,
+        tmp_path / "out",
+        progress=False,
+    )
     ids = fresh.read("annotations", ["id"]).column("id").to_pylist()
     assert len(ids) == n and len(set(ids)) == n  # every sample exactly once
     assert stats["this_run"]["written"] == n - at_kill and stats["this_run"]["already_done"] == at_kill
@@ -158,8 +182,12 @@ def test_killed_pass_resumes_without_duplicates_or_losses(tmp_path, llava_dir):
 def _responder(prompt: str, seed, body) -> str:
     """A teacher that writes the alt-text back as a record; flaky and broken cases by alt-text word."""
     alt = prompt.rsplit("reference: ", 1)[-1]
-    rec = {"desc": [f"the image shows {alt}."], "neg_desc": [f"the image shows no {alt}."],
-           "tags": alt.split(), "neg_tags": [w[::-1] for w in alt.split()]}
+    rec = {
+        "desc": [f"the image shows {alt}."],
+        "neg_desc": [f"the image shows no {alt}."],
+        "tags": alt.split(),
+        "neg_tags": [w[::-1] for w in alt.split()],
+    }
     if "cat" in alt.split() and seed is None:
         return "I am not sure what this is."  # fails the first time, fine when sampled again
     if "dog" in alt.split():
@@ -180,11 +208,13 @@ def test_annotation_over_http_with_retries_and_clip_scores(tmp_path):
     alts = {r["id"]: r["alt_text"].split() for r in store.read("samples", ["id", "alt_text"]).to_pylist()}
     with ChatServer(_responder) as server:
         cfg = small_cfg(backend="openai", retries=2)
-        cfg.openai = OpenAIBackendConfig(base_url=server.base_url, model="teacher-test", concurrency=4,
-                                         requests_per_minute=0, timeout_s=5)
+        cfg.openai = OpenAIBackendConfig(
+            base_url=server.base_url, model="teacher-test", concurrency=4, requests_per_minute=0, timeout_s=5
+        )
         backend = OpenAIBackend(cfg.openai, request_log=tmp_path / "out" / "requests.jsonl", backoff_s=0.01)
-        stats = annotate_generation(cfg, None, store, v, 1, tmp_path / "out", backend=backend,
-                                    score_clip=clip_dir, progress=False)
+        stats = annotate_generation(
+            cfg, None, store, v, 1, tmp_path / "out", backend=backend, score_clip=clip_dir, progress=False
+        )
         backend.close()
     rows = {r["id"]: r for r in store.read("annotations").to_pylist()}
     for sid, r in rows.items():

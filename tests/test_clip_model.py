@@ -1,4 +1,5 @@
 """The CLIP factory and checkpoint directories: build, save, load (ours and open_clip's own local-dir)."""
+
 from __future__ import annotations
 
 import json
@@ -9,7 +10,6 @@ import torch
 from torch import nn
 
 from cycle.clip.model import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, create_clip, list_architectures
-
 from cycle.clip.saved import is_checkpoint, load_clip, save_clip
 
 PROMPTS = ["a photo of a red apple.", "two dogs left of a bicycle", ""]

@@ -1,12 +1,12 @@
 """Config: schema <- YAML <- overrides; every kind of mistake stops with one line naming the key."""
+
 from __future__ import annotations
 
 import pytest
 import yaml
+from conftest import REPO, TINY_YAML
 
 from cycle.config import ConfigError, RunConfig, fingerprint, load_config, save_config
-
-from conftest import REPO, TINY_YAML
 
 
 def test_tiny_and_demo_configs_load():
@@ -23,16 +23,19 @@ def test_overrides_apply_with_types():
     assert cfg.name == "x"
 
 
-@pytest.mark.parametrize("overrides, expected", [
-    (["train.epochz=3"], "config key 'train.epochz': Key 'epochz' not in 'TrainConfig'. Did you mean: 'epochs'?"),
-    (["train.epochs=abc"], "config key 'train.epochs'"),
-    (["train.epochs=0"], "config key 'train.epochs': got 0, expected >= 1"),
-    (["loss.hni_mode=foo"], "config key 'loss.hni_mode': got 'foo', expected one of batch, pair"),
-    (["loss.long_text_prob=1.5"], "config key 'loss.long_text_prob': got 1.5, expected a probability"),
-    (["data.emoji.alt_noise.generic=0.9"], "config key 'data.emoji.alt_noise': rates sum to"),
-    (["train"], "override 'train': expected key=value"),
-    (["lvlm.lora.r=[1,2]"], "config key 'lvlm.lora.r'"),
-])
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["train.epochz=3"], "config key 'train.epochz': Key 'epochz' not in 'TrainConfig'. Did you mean: 'epochs'?"),
+        (["train.epochs=abc"], "config key 'train.epochs'"),
+        (["train.epochs=0"], "config key 'train.epochs': got 0, expected >= 1"),
+        (["loss.hni_mode=foo"], "config key 'loss.hni_mode': got 'foo', expected one of batch, pair"),
+        (["loss.long_text_prob=1.5"], "config key 'loss.long_text_prob': got 1.5, expected a probability"),
+        (["data.emoji.alt_noise.generic=0.9"], "config key 'data.emoji.alt_noise': rates sum to"),
+        (["train"], "override 'train': expected key=value"),
+        (["lvlm.lora.r=[1,2]"], "config key 'lvlm.lora.r'"),
+    ],
+)
 def test_each_kind_of_mistake_names_the_key(overrides, expected):
     with pytest.raises(ConfigError) as err:
         load_config(TINY_YAML, overrides)

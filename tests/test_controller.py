@@ -1,4 +1,5 @@
 """The cycle end to end on the tiny config: stages, resume after SIGKILL anywhere, refusals, inspection."""
+
 from __future__ import annotations
 
 import json
@@ -14,16 +15,14 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import TINY_YAML
 
 from cycle.cli import main
 from cycle.config import load_config
 from cycle.controller import ConfigChanged, run_cycle
-from cycle.pipeline import store_of
 from cycle.errors import HQClipError
-from cycle.pipeline import stages_of
+from cycle.pipeline import stages_of, store_of
 from cycle.state import RunLocked, RunState
-
-from conftest import TINY_YAML
 
 pytestmark = pytest.mark.slow
 
@@ -61,12 +60,16 @@ def test_every_stage_done_with_outputs_and_finite_metrics(finished_run):
     store = store_of(finished_run)
     n_train = store.count("samples", "split = 'train'", version="gen-000")
     for gen in (1, 2):
-        ids = store.read("annotations", ["id"], f"generation = {gen}", version=f"gen-{gen:03d}").column("id").to_pylist()
+        ids = (
+            store.read("annotations", ["id"], f"generation = {gen}", version=f"gen-{gen:03d}").column("id").to_pylist()
+        )
         assert len(ids) == len(set(ids)) == n_train  # every training image annotated exactly once
     # gen 2 also learns from gen 1's best-scored annotations (lvlm.align_add_best, lvlm.sft_add_best)
     align = [state.stage(g, "align")["metrics"] for g in (1, 2)]
     assert align[0]["align/examples_previous"] == 0 < align[1]["align/examples_previous"]
-    assert align[0]["align/examples_alt_text"] > 0 and align[1]["align/examples_seed"] == align[0]["align/examples_seed"]
+    assert (
+        align[0]["align/examples_alt_text"] > 0 and align[1]["align/examples_seed"] == align[0]["align/examples_seed"]
+    )
     assert state.stage(2, "sft")["metrics"]["sft/examples"] > state.stage(1, "sft")["metrics"]["sft/examples"]
 
 
@@ -90,13 +93,22 @@ def test_kill_anywhere_then_resume_matches_uninterrupted(finished_run, tmp_path)
     rng = random.Random(0)
     killed_inside = []
     # Short stages (align, eval: about a second here) get short delays, and a second chance in gen 2.
-    targets = [(1, "align"), (1, "sft"), (1, "annotate"), (1, "train"), (1, "eval"), (2, "align"), (2, "annotate"),
-               (2, "train"), (2, "eval")]
+    targets = [
+        (1, "align"),
+        (1, "sft"),
+        (1, "annotate"),
+        (1, "train"),
+        (1, "eval"),
+        (2, "align"),
+        (2, "annotate"),
+        (2, "train"),
+        (2, "eval"),
+    ]
     for gen, stage in targets:
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         state_path = cfg.run_dir / "state.json"
 
-        def running():
+        def running(state_path=state_path, gen=gen, stage=stage):
             if not state_path.exists():
                 return False
             try:
@@ -130,7 +142,9 @@ def test_changed_config_refused_then_redo_from(finished_run, tmp_path):
     run_dir = tmp_path / "copy"
     shutil.copytree(finished_run.run_dir, run_dir)
     cfg = tiny(tmp_path, "copy", "loss.hni_weight=0.5")
-    with pytest.raises(ConfigChanged, match=r"generation 1 stage 'train'.*loss\.hni_weight: 1\.0 -> 0\.5.*--from 1:train"):
+    with pytest.raises(
+        ConfigChanged, match=r"generation 1 stage 'train'.*loss\.hni_weight: 1\.0 -> 0\.5.*--from 1:train"
+    ):
         run_cycle(cfg, progress=False)
     before = RunState(run_dir)
     state = run_cycle(cfg, redo_from="1:train", progress=False, stop_after="1:train")
@@ -140,9 +154,19 @@ def test_changed_config_refused_then_redo_from(finished_run, tmp_path):
 
 
 def test_second_controller_refused(finished_run):
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys,time; from cycle.state import RunLock; RunLock(sys.argv[1]).acquire(); print('x', flush=True);"
-        " time.sleep(60)"), str(finished_run.run_dir)], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import sys,time; from cycle.state import RunLock; RunLock(sys.argv[1]).acquire();"
+                " print('x', flush=True); time.sleep(60)"
+            ),
+            str(finished_run.run_dir),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "x"
         with pytest.raises(RunLocked, match="in use by another controller"):
@@ -167,8 +191,10 @@ def test_status_inspect_export_cli(finished_run, tmp_path):
     assert (tmp_path / "exp" / "lvlm-hf" / "config.json").exists()
     docs = list((tmp_path / "exp" / "data-json").glob("*.json"))
     assert docs and set(json.loads(docs[0].read_text())) >= {"desc", "neg_desc", "tags", "neg_tags"}
-    res = runner.invoke(main, ["export", run_dir, "--gen", "1", "--what", "data", "--data-format", "wds",
-                               "--out", str(tmp_path / "wds")])
+    res = runner.invoke(
+        main,
+        ["export", run_dir, "--gen", "1", "--what", "data", "--data-format", "wds", "--out", str(tmp_path / "wds")],
+    )
     assert res.exit_code == 0 and list((tmp_path / "wds" / "data-wds").glob("shard-*.tar"))
 
 
@@ -179,10 +205,24 @@ def test_report_renders_in_headless_chromium(finished_run, tmp_path):
     page = finished_run.run_dir / "report" / "index.html"
     assert (page.parent / "metrics.png").exists() and (page.parent / "loss.png").exists()
     dom = subprocess.run(
-        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'ud'}",
-         "--virtual-time-budget=5000", "--dump-dom", page.as_uri()],
-        capture_output=True, text=True, timeout=120).stdout
+        [
+            "chromium",
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            f"--user-data-dir={tmp_path / 'ud'}",
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+            page.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
     assert "Held-out metrics per generation" in dom
     images = int(dom.split('data-images="')[1].split('"')[0])
     loaded = int(dom.split('data-images-loaded="')[1].split('"')[0])
@@ -196,24 +236,34 @@ def test_early_stop_when_the_selection_metric_stops_improving(finished_run, tmp_
     shutil.copytree(finished_run.run_dir, run_dir)
     state = RunState(run_dir)
     metrics = [state.stage(g, "eval")["metrics"] for g in (0, 1, 2)]
-    flat = [k for k, v in metrics[0].items() if isinstance(v, float)
-            and metrics[1].get(k, v) <= v and metrics[2].get(k, v) <= v and not k.endswith(("n_images", "n_texts"))]
+    flat = [
+        k
+        for k, v in metrics[0].items()
+        if isinstance(v, float)
+        and metrics[1].get(k, v) <= v
+        and metrics[2].get(k, v) <= v
+        and not k.endswith(("n_images", "n_texts"))
+    ]
     assert flat, "no metric got worse or stayed equal: nothing to test early stopping with"
-    cfg = tiny(tmp_path, "more", "cycle.generations=3", "cycle.early_stop_patience=1",
-               f"cycle.early_stop_metric={flat[0]}")
+    cfg = tiny(
+        tmp_path, "more", "cycle.generations=3", "cycle.early_stop_patience=1", f"cycle.early_stop_metric={flat[0]}"
+    )
     with caplog.at_level("INFO", logger="cycle.controller"):
         state = run_cycle(cfg, progress=False)
     assert 3 not in state.generations
     assert any("stopping early" in m and flat[0] in m for m in caplog.messages)
 
 
-@pytest.mark.parametrize("option,ref,message", [
-    ("redo_from", "-1:train", "generations 0 to 2"),
-    ("redo_from", "9:train", "generations 0 to 2"),
-    ("redo_from", "x", "expected GEN:STAGE"),
-    ("stop_after", "1:anotate", "generation 1 has stages"),
-    ("redo_from", "0:annotate", "generation 0 has stages"),
-])
+@pytest.mark.parametrize(
+    "option,ref,message",
+    [
+        ("redo_from", "-1:train", "generations 0 to 2"),
+        ("redo_from", "9:train", "generations 0 to 2"),
+        ("redo_from", "x", "expected GEN:STAGE"),
+        ("stop_after", "1:anotate", "generation 1 has stages"),
+        ("redo_from", "0:annotate", "generation 0 has stages"),
+    ],
+)
 def test_stage_refs_checked_before_anything_happens(finished_run, option, ref, message):
     state_before = (finished_run.run_dir / "state.json").read_bytes()
     with pytest.raises(HQClipError, match=message):

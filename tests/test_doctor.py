@@ -1,16 +1,16 @@
 """`hqclip doctor`: a lost, truncated or emptied state.json is found, and rebuilt from the run's tables and
 folders so that the run resumes with nothing redone (or from the first stage whose outputs are gone)."""
+
 from __future__ import annotations
 
 import shutil
 
 import pytest
+from test_controller import finished_run, tiny  # noqa: F401  (the shared finished tiny cycle)
 
 from cycle.controller import run_cycle
 from cycle.doctor import check, rebuild
 from cycle.state import RunState, StateError
-
-from test_controller import finished_run, tiny  # noqa: F401  (the shared finished tiny cycle)
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,5 @@
 """emoji-scenes built into a real LanceDB store: splits, held-out guarantees, pixels, determinism, errors."""
+
 from __future__ import annotations
 
 import io
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from PIL import Image
+from test_emoji_text import edit_kind
 
 from cycle.config import ConfigError
 from cycle.data.emoji import build_emoji_scenes
@@ -18,8 +20,6 @@ from cycle.data.emoji.render import EmojiFontError
 from cycle.data.emoji.scenes import scene_key
 from cycle.data.emoji.vocab import load_vocab
 from cycle.store import Store
-
-from test_emoji_text import edit_kind
 
 SPLITS = ["train", "val", "test_zeroshot", "test_retrieval", "test_negatives", "test_compositional"]
 
@@ -44,9 +44,14 @@ def by_split(rows, *splits):
 
 def test_splits_ids_and_counts(rows, tiny_cfg):
     c = tiny_cfg.data.emoji
-    expected = {"train": c.n_train, "val": c.n_val, "test_zeroshot": c.vocab_size * c.n_test_zeroshot_per_object,
-                "test_retrieval": c.n_test_retrieval, "test_negatives": c.n_test_negatives,
-                "test_compositional": c.n_test_compositional}
+    expected = {
+        "train": c.n_train,
+        "val": c.n_val,
+        "test_zeroshot": c.vocab_size * c.n_test_zeroshot_per_object,
+        "test_retrieval": c.n_test_retrieval,
+        "test_negatives": c.n_test_negatives,
+        "test_compositional": c.n_test_compositional,
+    }
     assert {s: len(by_split(rows, s)) for s in SPLITS} == expected
     assert len({r["id"] for r in rows}) == len(rows)
     assert all(r["id"].startswith(f"emoji-{r['split']}-") and r["source"] == "emoji-scenes" for r in rows)
@@ -58,8 +63,16 @@ def test_descriptions_match_scene_graphs(rows, vocab):
         assert text_facts(meta["clean"], vocab) == scene_facts(meta["scene"]), meta["clean"]
         for caption in meta.get("captions", []):
             assert text_facts(caption, vocab) == scene_facts(meta["scene"])
-        assert meta["alt_noise"] in ("none", "one_object", "wrong_count", "wrong_position", "sibling_name",
-                                     "generic", "filename", "shop_spam")
+        assert meta["alt_noise"] in (
+            "none",
+            "one_object",
+            "wrong_count",
+            "wrong_position",
+            "sibling_name",
+            "generic",
+            "filename",
+            "shop_spam",
+        )
         if meta["alt_noise"] == "none":
             assert r["alt_text"] == meta["clean"]
 
@@ -74,7 +87,7 @@ def test_images_show_the_graph(rows, tiny_cfg):
         inside = np.zeros((size, size), bool)
         for obj in scene["objects"]:
             for x, y, side in obj["boxes"]:
-                inside[y:y + side, x:x + side] = True
+                inside[y : y + side, x : x + side] = True
         off = np.abs(pixels - np.array(scene["rgb"])).sum(-1)
         assert (off[~inside] == 0).all()  # background exactly where no glyph is
         assert off[inside].mean() > 20  # glyphs drawn where the boxes say
@@ -83,16 +96,18 @@ def test_images_show_the_graph(rows, tiny_cfg):
 def test_heldout_scenes_and_pairs_never_trained_on(rows):
     seen = by_split(rows, "train", "val")
     seen_keys = {scene_key(r["meta"]["scene"]) for r in seen}
-    seen_pairs = {tuple(sorted((a["name"], b["name"]))) for r in seen
-                  for a, b in combinations(r["meta"]["scene"]["objects"], 2)}
+    seen_pairs = {
+        tuple(sorted((a["name"], b["name"]))) for r in seen for a, b in combinations(r["meta"]["scene"]["objects"], 2)
+    }
     heldout = by_split(rows, "test_retrieval", "test_negatives", "test_compositional")
     keys = [scene_key(r["meta"]["scene"]) for r in heldout]
     assert len(set(keys)) == len(keys) and not set(keys) & seen_keys
     for r in by_split(rows, "test_compositional"):
         pairs = {tuple(p) for p in r["meta"]["heldout_pairs"]}
         assert pairs and not pairs & seen_pairs
-        assert pairs == {tuple(sorted((a["name"], b["name"]))) for a, b in
-                         combinations(r["meta"]["scene"]["objects"], 2)}
+        assert pairs == {
+            tuple(sorted((a["name"], b["name"]))) for a, b in combinations(r["meta"]["scene"]["objects"], 2)
+        }
     seen_images = {r["sha256"] for r in seen}
     assert not {r["sha256"] for r in heldout + by_split(rows, "test_zeroshot")} & seen_images
 
@@ -176,9 +191,20 @@ def test_missing_or_bad_font_is_a_clear_error_and_writes_nothing(tmp_path, tiny_
 def test_cli_builds_into_run_dir(tmp_path):
     from cycle.cli import main
 
-    args = ["data", "build", "emoji-scenes", "--out", str(tmp_path / "run"), "data.emoji.vocab_size=12",
-            "data.emoji.n_train=30", "data.emoji.n_val=6", "data.emoji.n_test_retrieval=6",
-            "data.emoji.n_test_negatives=6", "data.emoji.n_test_compositional=4", "data.emoji.image_size=32"]
+    args = [
+        "data",
+        "build",
+        "emoji-scenes",
+        "--out",
+        str(tmp_path / "run"),
+        "data.emoji.vocab_size=12",
+        "data.emoji.n_train=30",
+        "data.emoji.n_val=6",
+        "data.emoji.n_test_retrieval=6",
+        "data.emoji.n_test_negatives=6",
+        "data.emoji.n_test_compositional=4",
+        "data.emoji.image_size=32",
+    ]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert "test_compositional" in result.output and Store(tmp_path / "run" / "lance").count("samples") == 76

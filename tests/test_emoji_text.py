@@ -1,4 +1,5 @@
 """emoji-scenes without pixels: vocabulary, grammar, facts, edits, alt-text noise, seeds, config errors."""
+
 from __future__ import annotations
 
 import random
@@ -46,8 +47,14 @@ def test_vocab_is_fixed_concrete_and_has_siblings(vocab):
 def test_plural_and_facts_read_tricky_names(vocab):
     assert plural("ear of corn") == "ears of corn" and plural("mouse") == "mice" and plural("wolf") == "wolves"
     facts = text_facts("two hot dogs at the top and a top hat at the bottom", ["dog", "hot dog", "top hat"])
-    assert facts == {("object", "hot dog"), ("count", "hot dog", 2), ("position", "hot dog", "top"),
-                     ("object", "top hat"), ("count", "top hat", 1), ("position", "top hat", "bottom")}
+    assert facts == {
+        ("object", "hot dog"),
+        ("count", "hot dog", 2),
+        ("position", "hot dog", "top"),
+        ("object", "top hat"),
+        ("count", "top hat", 1),
+        ("position", "top hat", "bottom"),
+    }
     assert text_facts("Buy Hot Dog Stickers", ["dog", "hot dog"]) == {("object", "hot dog")}
     assert text_facts(["dog", "pet"], ["dog"]) == {("object", "dog")}
     assert text_facts("IMG_2041.png", vocab) == set() and text_facts(None, vocab) == set()
@@ -81,8 +88,10 @@ def test_each_edit_changes_exactly_what_it_says(vocab):
 
 def edit_kind(pos: set, neg: set) -> str:
     """Which single edit turns the facts `pos` into `neg` ("object", "relation", "count"), else "other"."""
+
     def table(facts, k):
         return {f[1]: f[2] for f in facts if f[0] == k}
+
     objs_p, objs_n = {f[1] for f in pos if f[0] == "object"}, {f[1] for f in neg if f[0] == "object"}
     cnt_p, cnt_n = table(pos, "count"), table(neg, "count")
     pos_p, pos_n = table(pos, "position"), table(neg, "position")
@@ -92,7 +101,8 @@ def edit_kind(pos: set, neg: set) -> str:
             (a,), (b,) = gone, new
             rest = objs_p - gone
             if (cnt_p[a], pos_p[a]) == (cnt_n[b], pos_n[b]) and all(
-                    (cnt_p[o], pos_p[o]) == (cnt_n[o], pos_n[o]) for o in rest):
+                (cnt_p[o], pos_p[o]) == (cnt_n[o], pos_n[o]) for o in rest
+            ):
                 return "object"
         return "other"
     if cnt_p == cnt_n and pos_p != pos_n:
@@ -154,8 +164,15 @@ def test_seed_formulas_are_aligned_minimal_and_short(vocab):
 
 
 def test_plan_is_text_only_and_deterministic():
-    cfg = EmojiScenesConfig(vocab_size=30, n_train=300, n_val=30, n_test_retrieval=30, n_test_negatives=30,
-                            n_test_compositional=20, image_size=32)
+    cfg = EmojiScenesConfig(
+        vocab_size=30,
+        n_train=300,
+        n_val=30,
+        n_test_retrieval=30,
+        n_test_negatives=30,
+        n_test_compositional=20,
+        image_size=32,
+    )
     a, b = plan_emoji_scenes(cfg), plan_emoji_scenes(cfg)
     assert [(r.id, r.alt_text, r.meta) for r in a.rows] == [(r.id, r.alt_text, r.meta) for r in b.rows]
     c = plan_emoji_scenes(replace(cfg, seed=1))
@@ -164,20 +181,24 @@ def test_plan_is_text_only_and_deterministic():
     assert len(counts) == 30 and min(counts.values()) >= 10  # every object in many training scenes
 
 
-@pytest.mark.parametrize("change, key", [
-    ({"max_objects": 4}, "data.emoji.max_objects"),
-    ({"max_count": 10}, "data.emoji.max_count"),
-    ({"vocab_size": 5000}, "data.emoji.vocab_size"),
-    ({"image_size": 8}, "data.emoji.image_size"),
-    ({"n_train": -1}, "data.emoji.n_train"),
-    ({"seed_share": 1.5}, "data.emoji.seed_share"),
-    ({"heldout_pair_share": 0.0}, "data.emoji.n_test_compositional"),
-    ({"max_objects": 1}, "data.emoji.n_test_compositional"),
-    ({"alt_noise": AltNoiseConfig(generic=0.9)}, "data.emoji.alt_noise"),
-    ({"vocab_size": 2, "max_objects": 2, "max_count": 1, "n_test_retrieval": 500}, "data.emoji.n_test_retrieval"),
-])
+@pytest.mark.parametrize(
+    "change, key",
+    [
+        ({"max_objects": 4}, "data.emoji.max_objects"),
+        ({"max_count": 10}, "data.emoji.max_count"),
+        ({"vocab_size": 5000}, "data.emoji.vocab_size"),
+        ({"image_size": 8}, "data.emoji.image_size"),
+        ({"n_train": -1}, "data.emoji.n_train"),
+        ({"seed_share": 1.5}, "data.emoji.seed_share"),
+        ({"heldout_pair_share": 0.0}, "data.emoji.n_test_compositional"),
+        ({"max_objects": 1}, "data.emoji.n_test_compositional"),
+        ({"alt_noise": AltNoiseConfig(generic=0.9)}, "data.emoji.alt_noise"),
+        ({"vocab_size": 2, "max_objects": 2, "max_count": 1, "n_test_retrieval": 500}, "data.emoji.n_test_retrieval"),
+    ],
+)
 def test_bad_config_names_its_key(change, key):
-    cfg = replace(EmojiScenesConfig(n_train=20, n_val=5, n_test_retrieval=5, n_test_negatives=5,
-                                    n_test_compositional=3), **change)
+    cfg = replace(
+        EmojiScenesConfig(n_train=20, n_val=5, n_test_retrieval=5, n_test_negatives=5, n_test_compositional=3), **change
+    )
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         plan_emoji_scenes(cfg)

@@ -1,4 +1,5 @@
 """Evaluation: metric definitions (by hand and against CLIP_benchmark's own code), sets, the stage, the CLI."""
+
 from __future__ import annotations
 
 import hashlib
@@ -49,8 +50,10 @@ def negative_rows(n=8, prefix="n"):
     rows = []
     for i in range(n):
         pos = f"a {CLASSES[i % 6]} left of a {CLASSES[(i + 1) % 6]}"
-        negs = [{"text": f"a {CLASSES[(i + 2) % 6]} left of a {CLASSES[(i + 1) % 6]}", "edit": "object"},
-                {"text": f"two {CLASSES[i % 6]}s left of a {CLASSES[(i + 1) % 6]}", "edit": EDITS[1 + i % 2]}]
+        negs = [
+            {"text": f"a {CLASSES[(i + 2) % 6]} left of a {CLASSES[(i + 1) % 6]}", "edit": "object"},
+            {"text": f"two {CLASSES[i % 6]}s left of a {CLASSES[(i + 1) % 6]}", "edit": EDITS[1 + i % 2]},
+        ]
         rows.append((f"{prefix}{i:02d}", png(200 + i), {"positive": pos, "negatives": negs, "captions": [pos]}))
     return rows
 
@@ -132,8 +135,9 @@ def test_numbers_equal_clip_benchmark(micro):
     zs = build_set("zs", zeroshot_rows())
     ours = evaluate_set(model, tok, val_tf, zs, cfg, "cpu", progress=False)
     loader = torch.utils.data.DataLoader(_ClassDataset(zs, val_tf), batch_size=8)
-    theirs = cb_zs.evaluate(model, loader, tok, zs.classes, [t.replace("{}", "{c}") for t in cfg.templates],
-                            "cpu", amp=False)
+    theirs = cb_zs.evaluate(
+        model, loader, tok, zs.classes, [t.replace("{}", "{c}") for t in cfg.templates], "cpu", amp=False
+    )
     assert 0 < ours["top5"] < 1  # not a degenerate case
     assert ours["top1"] == pytest.approx(theirs["acc1"], abs=1e-12)
     assert ours["top5"] == pytest.approx(theirs["acc5"], abs=1e-12)
@@ -141,8 +145,11 @@ def test_numbers_equal_clip_benchmark(micro):
 
     ret = build_set("ret", retrieval_rows())
     ours = evaluate_set(model, tok, val_tf, ret, cfg, "cpu", progress=False)
-    loader = torch.utils.data.DataLoader(_ClassDataset(ret, val_tf), batch_size=8,
-                                         collate_fn=lambda b: (torch.stack([x for x, _ in b]), [t for _, t in b]))
+    loader = torch.utils.data.DataLoader(
+        _ClassDataset(ret, val_tf),
+        batch_size=8,
+        collate_fn=lambda b: (torch.stack([x for x, _ in b]), [t for _, t in b]),
+    )
     theirs = cb_ret.evaluate(model, loader, tok, "cpu", amp=False, recall_k_list=[1, 5, 10])
     for k in (1, 5, 10):  # CLIP_benchmark averages recalls in float32: equal to its precision
         assert ours[f"text_to_image_r{k}"] == pytest.approx(theirs[f"image_retrieval_recall@{k}"], abs=1e-7)
@@ -152,8 +159,17 @@ def test_numbers_equal_clip_benchmark(micro):
 
 # ----------------------------------------------------------------------------------------------- store
 def _sample(id_, image, split, meta):
-    return {"id": id_, "image": image, "alt_text": "x", "source": "test", "split": split, "width": 32,
-            "height": 32, "sha256": hashlib.sha256(image).hexdigest(), "meta": json.dumps(meta)}
+    return {
+        "id": id_,
+        "image": image,
+        "alt_text": "x",
+        "source": "test",
+        "split": split,
+        "width": 32,
+        "height": 32,
+        "sha256": hashlib.sha256(image).hexdigest(),
+        "meta": json.dumps(meta),
+    }
 
 
 @pytest.fixture
@@ -163,8 +179,10 @@ def eval_store(tmp_path):
     store = Store(tmp_path / "lance")
     rows = [_sample(i, im, "test_zeroshot", m) for i, im, m in zeroshot_rows(12)]
     rows += [_sample(i, im, "test_retrieval", m) for i, im, m in retrieval_rows(10)]
-    rows += [_sample(i, im, "test_negatives", {k: v for k, v in m.items() if k != "captions"})
-             for i, im, m in negative_rows(6)]
+    rows += [
+        _sample(i, im, "test_negatives", {k: v for k, v in m.items() if k != "captions"})
+        for i, im, m in negative_rows(6)
+    ]
     rows += [_sample(i, im, "val", m) for i, im, m in negative_rows(6, prefix="v")]
     rows += [_sample(f"t{i}", png(900 + i), "train", {}) for i in range(3)]
     store.append("samples", rows)
@@ -175,11 +193,21 @@ def test_evaluate_clip_on_store_splits(micro, eval_store, tmp_path):
     path = micro[3]
     version = eval_store.version("samples")
     out = tmp_path / "m" / "metrics.json"
-    metrics = evaluate_clip(path, eval_store, None, EvalConfig(batch_size=16), samples_version=version,
-                            out_json=out, progress=False)
-    for key in ("test_zeroshot/top1", "test_zeroshot/top5", "test_retrieval/image_to_text_r1",
-                "test_retrieval/text_to_image_r10", "test_negatives/acc", "test_negatives/acc_object",
-                "test_negatives/acc_count", "test_negatives/acc_relation", "val/retrieval_mean_r1", "val/acc_all"):
+    metrics = evaluate_clip(
+        path, eval_store, None, EvalConfig(batch_size=16), samples_version=version, out_json=out, progress=False
+    )
+    for key in (
+        "test_zeroshot/top1",
+        "test_zeroshot/top5",
+        "test_retrieval/image_to_text_r1",
+        "test_retrieval/text_to_image_r10",
+        "test_negatives/acc",
+        "test_negatives/acc_object",
+        "test_negatives/acc_count",
+        "test_negatives/acc_relation",
+        "val/retrieval_mean_r1",
+        "val/acc_all",
+    ):
         assert 0.0 <= metrics[key] <= 1.0, key
     assert "test_compositional/n_images" not in metrics  # absent split skipped when splits are defaults
     assert metrics["test_zeroshot/n_images"] == 12 and metrics["test_zeroshot/n_classes"] == 6
@@ -194,8 +222,10 @@ def test_evaluate_clip_on_store_splits(micro, eval_store, tmp_path):
 
 
 def test_bad_store_rows_are_named(eval_store):
-    eval_store.append("samples", [_sample("bad1", png(1), "broken", {"label": "cat"}),
-                                  _sample("bad2", png(2), "broken", {"label": "  "})])
+    eval_store.append(
+        "samples",
+        [_sample("bad1", png(1), "broken", {"label": "cat"}), _sample("bad2", png(2), "broken", {"label": "  "})],
+    )
     with pytest.raises(EvalDataError, match="row 'bad2': missing or empty 'label'"):
         load_store_split(eval_store, "broken")
     row = _sample("bad3", png(3), "notjson", {})
@@ -207,14 +237,17 @@ def test_bad_store_rows_are_named(eval_store):
         load_store_split(eval_store, "val' OR '1'='1")
 
 
-@pytest.mark.parametrize("meta, message", [
-    ({"positive": "a cat", "negatives": [{"edit": "object"}]}, "non-empty 'text'"),
-    ({"positive": "a cat", "negatives": "a dog"}, "must be a list"),
-    ({"captions": [3]}, "list of strings"),
-    ({"captions": ["  "]}, "no non-empty caption"),
-    ({"alt": "nothing to evaluate"}, "none of 'label', 'captions', 'positive'"),
-    ({"positive": "a cat", "negatives": []}, "no row has a negative"),
-])
+@pytest.mark.parametrize(
+    "meta, message",
+    [
+        ({"positive": "a cat", "negatives": [{"edit": "object"}]}, "non-empty 'text'"),
+        ({"positive": "a cat", "negatives": "a dog"}, "must be a list"),
+        ({"captions": [3]}, "list of strings"),
+        ({"captions": ["  "]}, "no non-empty caption"),
+        ({"alt": "nothing to evaluate"}, "none of 'label', 'captions', 'positive'"),
+        ({"positive": "a cat", "negatives": []}, "no row has a negative"),
+    ],
+)
 def test_bad_annotations(meta, message):
     with pytest.raises(EvalDataError, match=message):
         build_set("s", [("k", b"", meta)])
@@ -243,12 +276,19 @@ def test_csv_and_jsonl_datasets(tmp_path):
         (tmp_path / "img" / f"{i}.png").write_bytes(png(400 + i))
     (tmp_path / "caps.csv").write_text(
         "image,caption\nimg/0.png,a red apple\nimg/0.png,an apple on a plate\nimg/1.png,a dog\n"
-        "img/2.png,\"a hat, blue\"\n")
+        'img/2.png,"a hat, blue"\n'
+    )
     ev = load_dataset(tmp_path / "caps.csv")
     assert ev.captions == [["a red apple", "an apple on a plate"], ["a dog"], ["a hat, blue"]]
-    lines = [{"image": "img/0.png", "captions": ["a", "b"], "positive": "a red apple",
-              "negatives": [{"text": "a green apple", "edit": "attribute"}]},
-             {"image": "img/1.png", "captions": ["c"], "positive": "a dog", "negatives": ["two dogs"]}]
+    lines = [
+        {
+            "image": "img/0.png",
+            "captions": ["a", "b"],
+            "positive": "a red apple",
+            "negatives": [{"text": "a green apple", "edit": "attribute"}],
+        },
+        {"image": "img/1.png", "captions": ["c"], "positive": "a dog", "negatives": ["two dogs"]},
+    ]
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n\n")
     ev = load_dataset(tmp_path / "d.jsonl")
     assert ev.tasks == ["retrieval", "negatives"]
@@ -286,8 +326,9 @@ def test_dataset_errors(micro, tmp_path):
     with pytest.raises(EvalDataError, match="cat/0.png.*unreadable"):
         evaluate_set(micro[0], micro[2], micro[1], ev, EvalConfig(), progress=False)
     with pytest.raises(EvalDataError, match="templates is empty"):
-        evaluate_set(micro[0], micro[2], micro[1], load_dataset(tmp_path / "corrupt"), EvalConfig(templates=[]),
-                     progress=False)
+        evaluate_set(
+            micro[0], micro[2], micro[1], load_dataset(tmp_path / "corrupt"), EvalConfig(templates=[]), progress=False
+        )
 
 
 def test_cli_eval(micro, tmp_path):
@@ -297,8 +338,9 @@ def test_cli_eval(micro, tmp_path):
 
     _write_folder(tmp_path / "classes")
     out = tmp_path / "metrics.json"
-    result = CliRunner().invoke(main, ["eval", str(micro[3]), "--dataset", str(tmp_path / "classes"),
-                                       "--out", str(out)])
+    result = CliRunner().invoke(
+        main, ["eval", str(micro[3]), "--dataset", str(tmp_path / "classes"), "--out", str(out)]
+    )
     assert result.exit_code == 0, result.output
     metrics = json.loads(out.read_text())
     assert 0 <= metrics["classes/top1"] <= 1 and "top1" in result.output
@@ -339,8 +381,9 @@ def test_cli_eval_on_a_run(micro, tmp_path):
     store.append("samples", [_sample("v99", png(5), "val", negative_rows(1)[0][2])])  # after the pin
     RunState(cfg.run_dir).mark_done(0, "data", "fp", outputs={"samples_version": version})
     out = tmp_path / "m.json"
-    result = CliRunner().invoke(main, ["eval", str(micro[3]), "--run", str(cfg.run_dir), "--split", "val",
-                                       "--out", str(out)])
+    result = CliRunner().invoke(
+        main, ["eval", str(micro[3]), "--run", str(cfg.run_dir), "--split", "val", "--out", str(out)]
+    )
     assert result.exit_code == 0, result.output
     metrics = json.loads(out.read_text())
     assert metrics["val/n_images"] == 5 and "val/retrieval_mean_r1" in metrics  # the run's pinned version

@@ -1,5 +1,6 @@
 """benchmarks/evidence_loss.py on a minuscule setting: the teacher generation it writes, what each variant
 trains with, the seed spread it reports, resuming, and the inputs it refuses."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -14,9 +15,18 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 TINY_YAML = REPO / "configs" / "tiny.yaml"
 # 64 training scenes at 32 px, batch 16, one epoch: 4 steps per run.
-MICRO = ["clip.name=hqclip-micro", "data.emoji.n_train=64", "data.emoji.n_val=16", "data.emoji.n_test_retrieval=16",
-         "data.emoji.n_test_negatives=16", "data.emoji.n_test_compositional=12", "train.batch_size=16",
-         "train.epochs=1", "train.checkpoint_every=100", "loss.stc_min_count=1"]
+MICRO = [
+    "clip.name=hqclip-micro",
+    "data.emoji.n_train=64",
+    "data.emoji.n_val=16",
+    "data.emoji.n_test_retrieval=16",
+    "data.emoji.n_test_negatives=16",
+    "data.emoji.n_test_compositional=12",
+    "train.batch_size=16",
+    "train.epochs=1",
+    "train.checkpoint_every=100",
+    "loss.stc_min_count=1",
+]
 
 
 def _load_script():
@@ -112,8 +122,24 @@ def test_rerun_reuses_finished_runs_and_refuses_other_configs(ablation, tmp_path
 
     # the command line over finished runs: nothing is trained again, the report is written and printed
     out = tmp_path / "report.md"
-    ev.main(["--config", str(TINY_YAML), "--work", str(work), "--seeds", "0", "--variants", "a,c", "--threads", "1",
-             "--out", str(out), "--no-progress", *MICRO])
+    ev.main(
+        [
+            "--config",
+            str(TINY_YAML),
+            "--work",
+            str(work),
+            "--seeds",
+            "0",
+            "--variants",
+            "a,c",
+            "--threads",
+            "1",
+            "--out",
+            str(out),
+            "--no-progress",
+            *MICRO,
+        ]
+    )
     assert done.stat().st_mtime_ns == stamp
     assert "| (c) - (b) |" not in out.read_text() and "| (c) teacher, L_clip + HNI |" in out.read_text()
     with pytest.raises(SystemExit):

@@ -1,4 +1,5 @@
 """open_clip -> transformers conversion and the exports: same hidden states and embeddings (1e-5)."""
+
 from __future__ import annotations
 
 import copy
@@ -79,12 +80,15 @@ def test_quick_gelu_maps_to_quick_gelu():
     assert _max_diff(hf(pixel_values=images).pooler_output @ model.visual.proj, model.encode_image(images)) < TOL
 
 
-@pytest.mark.parametrize("change, reason", [
-    ({"pool_type": "avg"}, "pools 'avg'"),
-    ({"attentional_pool": True}, "attentional pooler"),
-    ({"ls_init_value": 0.1}, "layer scale"),
-    ({"no_ln_pre": True}, "no ln_pre"),
-])
+@pytest.mark.parametrize(
+    "change, reason",
+    [
+        ({"pool_type": "avg"}, "pools 'avg'"),
+        ({"attentional_pool": True}, "attentional pooler"),
+        ({"ls_init_value": 0.1}, "layer scale"),
+        ({"no_ln_pre": True}, "no ln_pre"),
+    ],
+)
 def test_non_plain_vits_are_refused(change, reason):
     register_model_configs()
     cfg = copy.deepcopy(open_clip.get_model_config("hqclip-micro"))
@@ -117,19 +121,25 @@ def test_hf_export_reloads_with_transformers(micro, ckpt, tmp_path):
     # the processor's tokenizer gives open_clip's ids, so HF text features equal open_clip's
     enc = processor(text=PROMPTS, padding="max_length", truncation=True, max_length=77, return_tensors="pt")
     assert torch.equal(enc["input_ids"], tok(PROMPTS))
-    assert _max_diff(hf.get_text_features(input_ids=enc["input_ids"]).pooler_output,
-                     model.encode_text(tok(PROMPTS))) < TOL
+    assert (
+        _max_diff(hf.get_text_features(input_ids=enc["input_ids"]).pooler_output, model.encode_text(tok(PROMPTS))) < TOL
+    )
     # the image processor reproduces the eval transform (resize/crop/normalise) on a native-size image
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8))
     pixels = processor(images=image, return_tensors="pt")["pixel_values"]
     assert _max_diff(pixels[0], val_tf(image)) < 1e-4
-    assert _max_diff(hf.get_image_features(pixel_values=pixels).pooler_output,
-                     model.encode_image(val_tf(image)[None])) < 1e-4
+    assert (
+        _max_diff(hf.get_image_features(pixel_values=pixels).pooler_output, model.encode_image(val_tf(image)[None]))
+        < 1e-4
+    )
 
 
 def test_open_clip_export(micro, ckpt, tmp_path):
     export_open_clip(ckpt, tmp_path / "oc")
-    assert sorted(p.name for p in (tmp_path / "oc").iterdir()) == ["open_clip_config.json", "open_clip_model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "oc").iterdir()) == [
+        "open_clip_config.json",
+        "open_clip_model.safetensors",
+    ]
     export_clip(ckpt, tmp_path / "oc2", "open_clip", include_extras=True)
     assert (tmp_path / "oc2" / "tag_vocab.json").is_file()
     model, _, tok = micro

@@ -1,6 +1,7 @@
 """Hostile data: ids that look like paths, HTML or rich markup, and the inputs that used to end in a
 traceback. Ids are data: they never name a file outside the folder being written, never run in the
 report, and never change what a terminal shows."""
+
 from __future__ import annotations
 
 import io
@@ -16,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
+from conftest import TINY_YAML
 from PIL import Image
 
 from cycle.cli import main
@@ -25,8 +27,6 @@ from cycle.data.ingest import ingest
 from cycle.files import SAFE_SLUG_MAX, safe_name
 from cycle.state import RunState
 from cycle.store import Store
-
-from conftest import TINY_YAML
 
 XSS_SINGLE = "x' onerror='document.body.dataset.pwned=42;[]"
 XSS_DOUBLE = 'y" onerror="document.body.dataset.pwned=43;[]'
@@ -51,12 +51,31 @@ def one_error_line(result) -> str:
 
 
 # --------------------------------------------------------------------------------------------- safe_name
-@pytest.mark.parametrize("sample_id", ["../../../../escaped_rel", "/some/abs/path", "sub/inner", "..", ".", ".hidden",
-                                       "a\\b", "C:\\x", XSS_SINGLE, XSS_TAG, MARKUP, "", "ünï cödé/名前",
-                                       "x" * 1000, "a.b.c", "-", "\x00nul"])
+@pytest.mark.parametrize(
+    "sample_id",
+    [
+        "../../../../escaped_rel",
+        "/some/abs/path",
+        "sub/inner",
+        "..",
+        ".",
+        ".hidden",
+        "a\\b",
+        "C:\\x",
+        XSS_SINGLE,
+        XSS_TAG,
+        MARKUP,
+        "",
+        "ünï cödé/名前",
+        "x" * 1000,
+        "a.b.c",
+        "-",
+        "\x00nul",
+    ],
+)
 def test_safe_name_stays_inside_the_folder(tmp_path, sample_id):
     name = safe_name(sample_id, "png")
-    stem = name[:-len(".png")]
+    stem = name[: -len(".png")]
     assert name.endswith(".png") and "." not in stem  # webdataset: the key ends at the first dot
     assert "/" not in name and "\\" not in name and not name.startswith((".", "-"))
     assert len(name) <= SAFE_SLUG_MAX + 1 + 16 + len(".png")
@@ -107,19 +126,43 @@ def hostile_run(tmp_path):
     src = tmp_path / "sources"
     src.mkdir()
 
-    parquet_ids = ["../../../../escaped_rel", str(tmp_path / "abs_escape"), XSS_SINGLE, XSS_DOUBLE, XSS_TAG,
-                   "[b]bold", "", "bad\nnewline", "tab\there", "..", ".hidden"]
-    pq.write_table(pa.table({"id": parquet_ids, "image": [png(i) for i in range(len(parquet_ids))],
-                             "caption": [f"{MARKUP} caption {i} <b>not bold</b> a cat [/b]" for i in
-                                         range(len(parquet_ids))]}), src / "hostile.parquet")
+    parquet_ids = [
+        "../../../../escaped_rel",
+        str(tmp_path / "abs_escape"),
+        XSS_SINGLE,
+        XSS_DOUBLE,
+        XSS_TAG,
+        "[b]bold",
+        "",
+        "bad\nnewline",
+        "tab\there",
+        "..",
+        ".hidden",
+    ]
+    pq.write_table(
+        pa.table(
+            {
+                "id": parquet_ids,
+                "image": [png(i) for i in range(len(parquet_ids))],
+                "caption": [f"{MARKUP} caption {i} <b>not bold</b> a cat [/b]" for i in range(len(parquet_ids))],
+            }
+        ),
+        src / "hostile.parquet",
+    )
     report = ingest(src / "hostile.parquet", store, cfg=cfg.data, progress=False)
     assert report.ingested == len(parquet_ids) - 3 and report.rejected == Counter({"bad_id": 3})
 
-    write_shard(src / "hostile.tar", [
-        ("../../wds_escape.png", png(20)), ("../../wds_escape.txt", b"from a shard"),
-        (f"{tmp_path}/wds_abs.png", png(21)), (f"{tmp_path}/wds_abs.txt", b"absolute member"),
-        (".png", png(22)), (".txt", b"an empty key"),
-    ])
+    write_shard(
+        src / "hostile.tar",
+        [
+            ("../../wds_escape.png", png(20)),
+            ("../../wds_escape.txt", b"from a shard"),
+            (f"{tmp_path}/wds_abs.png", png(21)),
+            (f"{tmp_path}/wds_abs.txt", b"absolute member"),
+            (".png", png(22)),
+            (".txt", b"an empty key"),
+        ],
+    )
     report = ingest(src / "hostile.tar", store, cfg=cfg.data, progress=False)
     assert report.ingested == 2 and report.rejected == Counter({"bad_id": 1})
 
@@ -132,7 +175,9 @@ def hostile_run(tmp_path):
     assert ingest(folder, store, cfg=cfg.data, progress=False).ingested == 2
 
     ids = sorted(store.ids("samples"))
-    assert {"sub/inner", "../../wds_escape", f"{tmp_path}/wds_abs", XSS_SINGLE, str(tmp_path / "abs_escape")} <= set(ids)
+    assert {"sub/inner", "../../wds_escape", f"{tmp_path}/wds_abs", XSS_SINGLE, str(tmp_path / "abs_escape")} <= set(
+        ids
+    )
     rejects = {r["key"]: (r["reason"], r["detail"]) for r in store.read("rejects").to_pylist()}
     assert rejects["hostile.parquet#6"][0] == "bad_id" and "empty id" in rejects["hostile.parquet#6"][1]
     assert rejects["hostile.parquet#7"][0] == "bad_id" and "U+000A" in rejects["hostile.parquet#7"][1]
@@ -141,10 +186,22 @@ def hostile_run(tmp_path):
     version = store.table("samples").version
     state = RunState(cfg.run_dir)
     state.mark_done(0, "data", "fp", outputs={"samples_version": version})
-    store.insert_new("annotations", [
-        {"id": i, "generation": 1, "desc": [f"{XSS_TAG} {MARKUP}"], "neg_desc": [XSS_SINGLE],
-         "tags": [MARKUP, "</td></tr></table><script>document.body.dataset.pwned=45</script>"],
-         "neg_tags": [XSS_DOUBLE], "status": "ok", "attempts": 1} for i in ids])
+    store.insert_new(
+        "annotations",
+        [
+            {
+                "id": i,
+                "generation": 1,
+                "desc": [f"{XSS_TAG} {MARKUP}"],
+                "neg_desc": [XSS_SINGLE],
+                "tags": [MARKUP, "</td></tr></table><script>document.body.dataset.pwned=45</script>"],
+                "neg_tags": [XSS_DOUBLE],
+                "status": "ok",
+                "attempts": 1,
+            }
+            for i in ids
+        ],
+    )
     state.mark_done(1, "annotate", "fp", outputs={"annotations_version": store.table("annotations").version})
     state.mark_done(1, "train", "fp", outputs={})
     return cfg.run_dir, ids
@@ -157,13 +214,27 @@ def test_hostile_ids_write_nothing_outside_and_run_no_script(hostile_run, tmp_pa
 
     res = runner.invoke(main, ["report", str(run_dir), "--gallery", "100"])
     assert res.exit_code == 0, res.output
-    res = runner.invoke(main, ["inspect", str(run_dir), "--where", "split = 'train'", "--image-out",
-                               str(tmp_path / "inspect-img")])
+    res = runner.invoke(
+        main, ["inspect", str(run_dir), "--where", "split = 'train'", "--image-out", str(tmp_path / "inspect-img")]
+    )
     assert res.exit_code == 0, res.output
     assert MARKUP in res.output and "[b]bold" in res.output  # markup in data prints as is
     for fmt in ("json", "wds"):
-        res = runner.invoke(main, ["export", str(run_dir), "--gen", "1", "--what", "data", "--data-format", fmt,
-                                   "--out", str(tmp_path / f"export-{fmt}")])
+        res = runner.invoke(
+            main,
+            [
+                "export",
+                str(run_dir),
+                "--gen",
+                "1",
+                "--what",
+                "data",
+                "--data-format",
+                fmt,
+                "--out",
+                str(tmp_path / f"export-{fmt}"),
+            ],
+        )
         assert res.exit_code == 0, res.output
 
     allowed = [run_dir / "report", tmp_path / "inspect-img", tmp_path / "export-json", tmp_path / "export-wds"]
@@ -192,10 +263,24 @@ def test_hostile_ids_write_nothing_outside_and_run_no_script(hostile_run, tmp_pa
     if shutil.which("chromium") is None:
         pytest.skip("Debian chromium is not installed")
     dom = subprocess.run(
-        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'ud'}",
-         "--virtual-time-budget=5000", "--dump-dom", page.as_uri()],
-        capture_output=True, text=True, timeout=120).stdout
+        [
+            "chromium",
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            f"--user-data-dir={tmp_path / 'ud'}",
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+            page.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
     assert "HQ-CLIP cycle: run hostile" in dom
     parser = Attributes()
     parser.feed(dom)
@@ -221,15 +306,18 @@ def test_nested_ids_report(tmp_path):
     res = CliRunner().invoke(main, ["report", str(cfg.run_dir)])
     assert res.exit_code == 0, res.output
     assert {p.name for p in (cfg.run_dir / "report" / "img").iterdir()} == {
-        safe_name(i, "png") for i in ("sub/inner", "sub/deeper/x", "top")}
+        safe_name(i, "png") for i in ("sub/inner", "sub/deeper/x", "top")
+    }
     assert 'alt="sub/inner"' in (cfg.run_dir / "report" / "index.html").read_text()
 
 
 # ------------------------------------------------------------------------------------ one line, exit 2
 def test_missing_emoji_font_is_one_line(tmp_path):
     # WARNING: the controller's "[gen 0] data ..." progress line is not part of the error
-    res = CliRunner().invoke(main, ["--log-level", "WARNING", "run", str(TINY_YAML), f"root={tmp_path}", "name=f",
-                                    "data.emoji.font=/nope.ttf"])
+    res = CliRunner().invoke(
+        main,
+        ["--log-level", "WARNING", "run", str(TINY_YAML), f"root={tmp_path}", "name=f", "data.emoji.font=/nope.ttf"],
+    )
     assert "emoji font not found at '/nope.ttf'" in one_error_line(res)
 
 
@@ -247,7 +335,9 @@ def test_report_into_an_unwritable_place_is_one_line(hostile_run):
     (run_dir / "report").write_text("a file where the report folder should go")
     res = CliRunner().invoke(main, ["report", str(run_dir)])
     assert f"cannot write the report folder {run_dir / 'report' / 'img'}" in one_error_line(res)
-    res = CliRunner().invoke(main, ["inspect", str(run_dir), "--id", "top", "--image-out", str(run_dir / "report" / "x")])
+    res = CliRunner().invoke(
+        main, ["inspect", str(run_dir), "--id", "top", "--image-out", str(run_dir / "report" / "x")]
+    )
     assert "cannot write the image folder" in one_error_line(res)
 
 
@@ -275,8 +365,9 @@ def test_multi_file_parquet_checked_before_anything_is_written(tmp_path):
     src = tmp_path / "pq"
     src.mkdir()
     pq.write_table(pa.table({"id": ["a"], "image": [png(1)], "caption": ["fine"]}), src / "0-good.parquet")
-    pq.write_table(pa.table({"id": ["b"], "picture_bytes": [png(2)], "caption": ["no image column"]}),
-                   src / "1-bad.parquet")
+    pq.write_table(
+        pa.table({"id": ["b"], "picture_bytes": [png(2)], "caption": ["no image column"]}), src / "1-bad.parquet"
+    )
     store = Store(tmp_path / "lance")
     with pytest.raises(ValueError, match="1-bad.parquet: no image column"):
         ingest(src, store, progress=False)
@@ -292,8 +383,9 @@ def test_duplicate_sidecar_caption_keeps_the_first_and_is_rejected(tmp_path):
     root.mkdir()
     (root / "x.png").write_bytes(png(1))
     (root / "y.png").write_bytes(png(2))
-    (root / "captions.jsonl").write_text('{"file": "x.png", "text": "first"}\n{"file": "y.png", "text": "why"}\n'
-                                         '{"file": "./x.png", "text": "second"}\n')
+    (root / "captions.jsonl").write_text(
+        '{"file": "x.png", "text": "first"}\n{"file": "y.png", "text": "why"}\n{"file": "./x.png", "text": "second"}\n'
+    )
     store = Store(tmp_path / "lance")
     report = ingest(root, store, progress=False)
     assert report.ingested == 2 and report.rejected == Counter({"duplicate_caption": 1})

@@ -1,4 +1,5 @@
 """Ingest: image checks, alt-text cleaning, the three source kinds, every bad-input class, the CLI."""
+
 from __future__ import annotations
 
 import io
@@ -39,8 +40,10 @@ def noisy_jpeg() -> bytes:
 
 def bomb_png(width=100_000, height=100_000) -> bytes:
     """A valid PNG header that claims huge dimensions (a few bytes: the decompression-bomb shape)."""
+
     def chunk(tag, data):
         return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
@@ -55,8 +58,11 @@ BAD_IMAGES = {  # file name -> (bytes, expected reason)
     "tiny.png": (encode("PNG", 1, size=(4, 30)), "too_small"),
     "scan.tiff": (encode("TIFF", 2), "unsupported_format"),
 }
-BAD_TEXTS = {"empty": (b"", "empty_text"), "blank": (b" \t\n  ", "empty_text"),
-             "latin1": ("caf\xe9 au lait".encode("latin-1"), "non_utf8_text")}
+BAD_TEXTS = {
+    "empty": (b"", "empty_text"),
+    "blank": (b" \t\n  ", "empty_text"),
+    "latin1": ("caf\xe9 au lait".encode("latin-1"), "non_utf8_text"),
+}
 
 
 # ---------------------------------------------------------------------------------------- unit checks
@@ -94,7 +100,7 @@ def test_decode_composites_alpha_on_white_and_takes_the_first_gif_frame():
 def test_clean_alt_text():
     assert clean_alt_text(b"  A\tred\x00 cat\r\n on   a mat \xe2\x80\x8b") == "A red cat on a mat"
     assert clean_alt_text("cafe\u0301") == "caf\u00e9"  # NFC
-    assert clean_alt_text("family \U0001F468\u200d\U0001F469") == "family \U0001F468\u200d\U0001F469"  # ZWJ kept
+    assert clean_alt_text("family \U0001f468\u200d\U0001f469") == "family \U0001f468\u200d\U0001f469"  # ZWJ kept
     for raw, reason in [*BAD_TEXTS.values(), ("\ud800 lone surrogate", "non_utf8_text"), (None, "empty_text")]:
         with pytest.raises(BadText) as err:
             clean_alt_text(raw)
@@ -109,8 +115,12 @@ def rejects_by_key(store: Store) -> dict[str, str]:
 def test_folder_with_txt_captions_and_every_bad_input(tmp_path):
     root = tmp_path / "photos"
     (root / "sub").mkdir(parents=True)
-    good = {"a.png": encode("PNG", 1), "b.jpg": encode("JPEG", 2), "sub/c.webp": encode("WEBP", 3),
-            "d.bmp": encode("BMP", 4)}
+    good = {
+        "a.png": encode("PNG", 1),
+        "b.jpg": encode("JPEG", 2),
+        "sub/c.webp": encode("WEBP", 3),
+        "d.bmp": encode("BMP", 4),
+    }
     for name, data in good.items():
         (root / name).write_bytes(data)
         (root / name).with_suffix(".txt").write_text(f"  caption of {name}\n")
@@ -177,8 +187,9 @@ def test_folder_with_csv_and_jsonl_sidecars(tmp_path):
     root.mkdir()
     for i in range(3):
         (root / f"img{i}.png").write_bytes(encode("PNG", i))
-    (root / "captions.csv").write_bytes(b"file,caption\nimg0.png,first one\nimg1.png,\"second, quoted\"\n"
-                                        b"img2.png,caf\xe9\nmissing.png,no image here\n")
+    (root / "captions.csv").write_bytes(
+        b'file,caption\nimg0.png,first one\nimg1.png,"second, quoted"\nimg2.png,caf\xe9\nmissing.png,no image here\n'
+    )
     store = Store(tmp_path / "lance")
     report = ingest(root, store, kind="folder", cfg=CFG, progress=False)
     assert report.ingested == 2 and report.rejected == Counter({"non_utf8_text": 1, "missing_image": 1})
@@ -188,8 +199,9 @@ def test_folder_with_csv_and_jsonl_sidecars(tmp_path):
     root2.mkdir()
     (root2 / "x.png").write_bytes(encode("PNG", 1))
     (root2 / "y.png").write_bytes(encode("PNG", 2))
-    (root2 / "captions.jsonl").write_text('{"file": "x.png", "text": "ex"}\n{not json\n'
-                                          '{"path": "./y.png", "alt_text": "why"}\n')
+    (root2 / "captions.jsonl").write_text(
+        '{"file": "x.png", "text": "ex"}\n{not json\n{"path": "./y.png", "alt_text": "why"}\n'
+    )
     report = ingest(root2, store, kind="folder", split="val", cfg=CFG, progress=False, id_prefix="j/")
     assert report.ingested == 2 and report.rejected == Counter({"bad_caption_record": 1})
     assert store.ids("samples", where="split = 'val'") == {"j/x", "j/y"}
@@ -212,22 +224,40 @@ def write_shard(path, members: list[tuple[str, bytes]]) -> None:
 def test_webdataset_shards_like_img2dataset(tmp_path):
     shards = tmp_path / "shards"
     shards.mkdir()
-    write_shard(shards / "00000.tar", [
-        ("000000000.jpg", encode("JPEG", 1)), ("000000000.json", b'{"caption": "json one", "key": "000000000"}'),
-        ("000000000.txt", b"txt wins"),
-        ("000000001.png", encode("PNG", 2)), ("000000001.json", b'{"caption": "only json"}'),
-        ("000000002.webp", encode("WEBP", 3)), ("000000002.txt", b"\xff\xfe bad"),
-        ("000000003.txt", b"no image"),
-        ("000000004.jpg", BAD_IMAGES["truncated.jpg"][0]), ("000000004.txt", b"broken"),
-    ])
-    write_shard(shards / "00001.tar", [
-        ("000000000.png", encode("PNG", 9)), ("000000000.txt", b"duplicate key"),
-        ("000010000.jpg", encode("JPEG", 4)), ("000010000.txt", b"second shard"),
-        ("000010001.jpg", encode("JPEG", 5)),
-    ])
+    write_shard(
+        shards / "00000.tar",
+        [
+            ("000000000.jpg", encode("JPEG", 1)),
+            ("000000000.json", b'{"caption": "json one", "key": "000000000"}'),
+            ("000000000.txt", b"txt wins"),
+            ("000000001.png", encode("PNG", 2)),
+            ("000000001.json", b'{"caption": "only json"}'),
+            ("000000002.webp", encode("WEBP", 3)),
+            ("000000002.txt", b"\xff\xfe bad"),
+            ("000000003.txt", b"no image"),
+            ("000000004.jpg", BAD_IMAGES["truncated.jpg"][0]),
+            ("000000004.txt", b"broken"),
+        ],
+    )
+    write_shard(
+        shards / "00001.tar",
+        [
+            ("000000000.png", encode("PNG", 9)),
+            ("000000000.txt", b"duplicate key"),
+            ("000010000.jpg", encode("JPEG", 4)),
+            ("000010000.txt", b"second shard"),
+            ("000010001.jpg", encode("JPEG", 5)),
+        ],
+    )
     good = io.BytesIO()
-    write_shard(good, [(f"{i:09d}.{ext}", blob) for i in range(20, 40)
-                       for ext, blob in (("png", encode("PNG", i, size=(64, 64))), ("txt", b"x" * 10))])
+    write_shard(
+        good,
+        [
+            (f"{i:09d}.{ext}", blob)
+            for i in range(20, 40)
+            for ext, blob in (("png", encode("PNG", i, size=(64, 64))), ("txt", b"x" * 10))
+        ],
+    )
     (shards / "00002.tar").write_bytes(good.getvalue()[: len(good.getvalue()) // 2])  # cut mid-member
 
     assert detect_kind(shards) == "wds"
@@ -257,28 +287,47 @@ def test_webdataset_shards_like_img2dataset(tmp_path):
 # ----------------------------------------------------------------------------------------- parquet
 def test_parquet_with_bytes_paths_and_hf_image_structs(tmp_path):
     store = Store(tmp_path / "lance")
-    pq.write_table(pa.table({"uid": ["u1", "u2", "u3", "u1"],
-                             "jpg": [encode("JPEG", 1), b"", encode("PNG", 3), encode("JPEG", 4)],
-                             "caption": ["one", "two", "   ", "dup"]}), tmp_path / "bytes.parquet", row_group_size=2)
+    pq.write_table(
+        pa.table(
+            {
+                "uid": ["u1", "u2", "u3", "u1"],
+                "jpg": [encode("JPEG", 1), b"", encode("PNG", 3), encode("JPEG", 4)],
+                "caption": ["one", "two", "   ", "dup"],
+            }
+        ),
+        tmp_path / "bytes.parquet",
+        row_group_size=2,
+    )
     report = ingest(tmp_path / "bytes.parquet", store, cfg=CFG, progress=False)
     assert report.kind == "parquet" and report.ingested == 1
     assert report.rejected == Counter({"empty_image": 1, "empty_text": 1, "duplicate_id": 1})
 
     (tmp_path / "imgs").mkdir()
     (tmp_path / "imgs" / "p.png").write_bytes(encode("PNG", 5))
-    pq.write_table(pa.table({"image_path": ["imgs/p.png", "imgs/gone.png"], "TEXT": ["by path", "lost"]}),
-                   tmp_path / "paths.parquet")
+    pq.write_table(
+        pa.table({"image_path": ["imgs/p.png", "imgs/gone.png"], "TEXT": ["by path", "lost"]}),
+        tmp_path / "paths.parquet",
+    )
     report = ingest(tmp_path / "paths.parquet", store, cfg=CFG, progress=False)
     assert report.ingested == 1 and report.rejected == Counter({"missing_image": 1})
     assert "paths-000000000" in store.ids("samples")
 
     struct_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
-    pq.write_table(pa.table({"picture": pa.array([{"bytes": encode("WEBP", 6), "path": None}], struct_type),
-                             "words": ["hf style"], "id": ["h1"]}), tmp_path / "hf.parquet")
+    pq.write_table(
+        pa.table(
+            {
+                "picture": pa.array([{"bytes": encode("WEBP", 6), "path": None}], struct_type),
+                "words": ["hf style"],
+                "id": ["h1"],
+            }
+        ),
+        tmp_path / "hf.parquet",
+    )
     with pytest.raises(ValueError, match="no image column"):
         ingest(tmp_path / "hf.parquet", store, cfg=CFG, progress=False, text_column="words")
-    report = ingest(tmp_path / "hf.parquet", store, cfg=CFG, progress=False, image_column="picture",
-                    text_column="words")
+    report = ingest(
+        tmp_path / "hf.parquet", store, cfg=CFG, progress=False, image_column="picture", text_column="words"
+    )
     assert report.ingested == 1 and "h1" in store.ids("samples")
     with pytest.raises(ValueError, match="no column 'nope'"):
         ingest(tmp_path / "hf.parquet", store, kind="parquet", cfg=CFG, progress=False, text_column="nope")

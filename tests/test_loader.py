@@ -1,4 +1,5 @@
 """Torch loading from the store: pinned reads, joins, spawn workers, a deterministic resumable sampler."""
+
 from __future__ import annotations
 
 import hashlib
@@ -24,13 +25,26 @@ def png(i: int, size: int = 16, mode: str = "RGB") -> bytes:
 
 def sample(i: int, split: str) -> dict:
     data = png(i)
-    return {"id": f"s{i:03d}", "image": data, "alt_text": f"picture {i}", "source": "test", "split": split,
-            "width": 16, "height": 16, "sha256": hashlib.sha256(data).hexdigest(), "meta": f'{{"i": {i}}}'}
+    return {
+        "id": f"s{i:03d}",
+        "image": data,
+        "alt_text": f"picture {i}",
+        "source": "test",
+        "split": split,
+        "width": 16,
+        "height": 16,
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "meta": f'{{"i": {i}}}',
+    }
 
 
 def formulas(i: int, who: str) -> dict:
-    return {"desc": [f"{who} desc {i}", "second"], "neg_desc": [f"{who} neg {i}", "other"],
-            "tags": [f"{who}-tag-{i}"], "neg_tags": [f"{who}-neg-{i}"]}
+    return {
+        "desc": [f"{who} desc {i}", "second"],
+        "neg_desc": [f"{who} neg {i}", "other"],
+        "tags": [f"{who}-tag-{i}"],
+        "neg_tags": [f"{who}-neg-{i}"],
+    }
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +59,10 @@ def store_uri(tmp_path_factory):
     ann = [{"id": f"s{i:03d}", "generation": 1, **formulas(i, "gen1"), "status": "ok"} for i in range(0, N_TRAIN, 2)]
     ann[2]["status"] = "failed"
     store.insert_new("annotations", ann)
-    store.insert_new("annotations", [{"id": f"s{i:03d}", "generation": 2, **formulas(i, "gen2"), "status": "ok"}
-                                     for i in range(N_TRAIN)])
+    store.insert_new(
+        "annotations",
+        [{"id": f"s{i:03d}", "generation": 2, **formulas(i, "gen2"), "status": "ok"} for i in range(N_TRAIN)],
+    )
     store.tag("annotations", "gen-001", store.versions("annotations")[-2])
     store.insert_new("teacher", [{"id": f"s{i:03d}", **formulas(i, "seed"), "origin": "teacher"} for i in (0, 1, 2, 3)])
     return store.uri
@@ -71,8 +87,14 @@ def test_split_and_pinned_version(store_uri):
 
 
 def test_join_annotations_of_one_generation_and_the_teacher(store_uri):
-    ds = PairDataset(store_uri, samples_version="gen-000", annotations_version="gen-001", generation=1,
-                     use_teacher=True, extra_columns=["meta"])
+    ds = PairDataset(
+        store_uri,
+        samples_version="gen-000",
+        annotations_version="gen-001",
+        generation=1,
+        use_teacher=True,
+        extra_columns=["meta"],
+    )
     by_id = {item["id"]: item for item in ds.__getitems__(list(range(len(ds))))}
     assert by_id["s006"]["annotated"] and by_id["s006"]["desc"] == ["gen1 desc 6", "second"]
     assert by_id["s006"]["text_source"] == "annotations" and by_id["s006"]["neg_tags"] == ["gen1-neg-6"]
@@ -89,7 +111,8 @@ def test_join_annotations_of_one_generation_and_the_teacher(store_uri):
     # only annotated rows: gen-1 even ids except the failed one, plus seed 1 and 3
     only = PairDataset(store_uri, samples_version="gen-000", generation=1, use_teacher=True, only_annotated=True)
     assert sorted(it["id"] for it in only.__getitems__(range(len(only)))) == sorted(
-        [f"s{i:03d}" for i in range(0, N_TRAIN, 2) if i != 4] + ["s001", "s003"])
+        [f"s{i:03d}" for i in range(0, N_TRAIN, 2) if i != 4] + ["s001", "s003"]
+    )
     # the latest annotations version also has generation 2 for every train row
     gen2 = PairDataset(store_uri, samples_version="gen-000", generation=2)
     assert all(it["annotated"] for it in gen2.__getitems__(range(len(gen2))))
@@ -200,8 +223,10 @@ def test_spawn_workers_return_the_same_items_as_the_main_process(store_uri):
 
 
 def test_collate_keeps_texts_as_lists():
-    items = [{"id": "a", "image": torch.zeros(3, 2, 2), "desc": ["x"], "annotated": True},
-             {"id": "b", "image": torch.ones(3, 2, 2), "desc": [], "annotated": False}]
+    items = [
+        {"id": "a", "image": torch.zeros(3, 2, 2), "desc": ["x"], "annotated": True},
+        {"id": "b", "image": torch.ones(3, 2, 2), "desc": [], "annotated": False},
+    ]
     batch = collate_pairs(items)
     assert batch["image"].shape == (2, 3, 2, 2) and batch["id"] == ["a", "b"]
     assert batch["desc"] == [["x"], []] and batch["annotated"].tolist() == [True, False]

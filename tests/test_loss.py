@@ -1,4 +1,5 @@
 """HQClipLoss against open_clip's ClipLoss and against explicit-loop references of our equations."""
+
 from __future__ import annotations
 
 import math
@@ -33,9 +34,17 @@ def _batch(seed=0, with_grad=False):
     tag_logits = torch.randn(N, K, generator=g)
     tag_targets = (torch.rand(N, K, generator=g) < 0.4).float()
     tag_targets[4] = 0  # a sample without vocabulary tags
-    return dict(image_features=img, text_features=txt, neg_text_features=neg, logit_scale=scale,
-                neg_valid=neg_valid, text_keys=text_keys, neg_keys=neg_keys,
-                tag_logits=tag_logits, tag_targets=tag_targets)
+    return dict(
+        image_features=img,
+        text_features=txt,
+        neg_text_features=neg,
+        logit_scale=scale,
+        neg_valid=neg_valid,
+        text_keys=text_keys,
+        neg_keys=neg_keys,
+        tag_logits=tag_logits,
+        tag_targets=tag_targets,
+    )
 
 
 def _cfg(**kw):
@@ -154,8 +163,11 @@ def test_gradients_reach_exactly_the_parameters_each_term_should(micro_clip):
     out = module(**batch)
 
     def nonzero(grads, prefix):
-        return all(g is not None and g.abs().sum() > 0 for n, g in grads.items()
-                   if n.startswith(prefix) and "token_embedding" not in n)
+        return all(
+            g is not None and g.abs().sum() > 0
+            for n, g in grads.items()
+            if n.startswith(prefix) and "token_embedding" not in n
+        )
 
     def untouched(grads, prefix):
         return all(g is None or g.abs().sum() == 0 for n, g in grads.items() if n.startswith(prefix))
@@ -205,8 +217,9 @@ def _two_rank_worker(rank, port, cfgs, batch, queue):
     try:
         n = N // 2
         for cfg in cfgs:
-            local = {k: (v[rank * n:(rank + 1) * n].clone() if k != "logit_scale" else v.clone())
-                     for k, v in batch.items()}
+            local = {
+                k: (v[rank * n : (rank + 1) * n].clone() if k != "logit_scale" else v.clone()) for k, v in batch.items()
+            }
             for k in FEATURES:
                 local[k].requires_grad_(True)
             losses = HQClipLoss(cfg, rank=rank, world_size=2)(**local)

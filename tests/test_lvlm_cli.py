@@ -1,16 +1,22 @@
 """`hqclip lvlm train` and `hqclip lvlm ask` on a run directory holding the synthetic shapes store."""
+
 from __future__ import annotations
 
 import json
 
 import torch
 from click.testing import CliRunner
-
-from cycle.cli import main
 from lvlm_fixtures import shape_png, shapes_rows
 
-SMALL = ["lvlm.lm.pretrain_epochs=2", "lvlm.align.epochs=1", "lvlm.sft.epochs=1", "lvlm.lora.enabled=false",
-         "device=cpu"]
+from cycle.cli import main
+
+SMALL = [
+    "lvlm.lm.pretrain_epochs=2",
+    "lvlm.align.epochs=1",
+    "lvlm.sft.epochs=1",
+    "lvlm.lora.enabled=false",
+    "device=cpu",
+]
 
 
 def test_lvlm_train_then_ask(tmp_path):
@@ -36,8 +42,9 @@ def test_lvlm_train_then_ask(tmp_path):
 
     image = tmp_path / "red.png"
     image.write_bytes(shape_png("red", "circle", "left"))
-    result = runner.invoke(main, ["lvlm", "ask", str(merged), str(image), "--alt", "red circle",
-                                  "--max-new-tokens", "8"])
+    result = runner.invoke(
+        main, ["lvlm", "ask", str(merged), str(image), "--alt", "red circle", "--max-new-tokens", "8"]
+    )
     assert result.exit_code == 0, result.output
     lines = [json.loads(x) for x in result.stdout.splitlines() if x.startswith('{"image"')]
     assert len(lines) == 1, result.output

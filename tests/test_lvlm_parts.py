@@ -1,27 +1,30 @@
 """LVLM parts: the tiny LM's tokenizer and pretraining, and the LLaVA assembled on a CLIP tower."""
+
 from __future__ import annotations
 
 import json
 
 import pytest
 import torch
+from conftest import TINY_YAML
+from lvlm_fixtures import shapes_rows
 from safetensors import safe_open
 
 from cycle.annotate.schema import build_prompt, model_input, to_target_json
 from cycle.config import ConfigError, LMConfig, LVLMConfig, load_config
-from lvlm_fixtures import shapes_rows
-from conftest import TINY_YAML
 
-LM_CFG = dict(hidden_size=64, num_layers=2, num_heads=2, vocab_size=512, pretrain_epochs=3, pretrain_lr=3e-3,
-              batch_size=16)
+LM_CFG = dict(
+    hidden_size=64, num_layers=2, num_heads=2, vocab_size=512, pretrain_epochs=3, pretrain_lr=3e-3, batch_size=16
+)
 
 
 @pytest.fixture(scope="module")
 def texts():
     samples, seeds = shapes_rows(48)
     alt = {s["id"]: s["alt_text"] for s in samples}
-    return [s["alt_text"] for s in samples] + [model_input(build_prompt(alt[r["id"]])) + to_target_json(r)
-                                               for r in seeds]
+    return [s["alt_text"] for s in samples] + [
+        model_input(build_prompt(alt[r["id"]])) + to_target_json(r) for r in seeds
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +64,8 @@ def test_tokenizer_round_trips_and_keeps_json_skeleton_whole(texts):
     from cycle.lvlm.tokenizer import SPECIAL_TOKENS, json_pieces, train_tokenizer
 
     tok = train_tokenizer(texts, 512)
-    target = texts[-1][texts[-1].index("answer:") + len("answer:"):]
-    for text in [target, texts[0], model_input(build_prompt("ünïcode 🐶 \"quoted\" text"))]:
+    target = texts[-1][texts[-1].index("answer:") + len("answer:") :]
+    for text in [target, texts[0], model_input(build_prompt('ünïcode 🐶 "quoted" text'))]:
         ids = tok(text).input_ids
         assert ids[0] == tok.bos_token_id
         assert tok.decode(ids, skip_special_tokens=True) == text.replace("<image>", "")
@@ -174,11 +177,17 @@ def test_llava_reloads_offline_and_generates(lvlm_dir):
     assert cfg.image_seq_length == 17  # 4x4 patches + CLS
     assert type(model.model.multi_modal_projector.act).__name__ == "GELUActivation"
     prompt = model_input(build_prompt("a red circle"))
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": build_prompt("a red circle")}]}]
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": build_prompt("a red circle")}]}
+    ]
     assert processor.apply_chat_template(messages, add_generation_prompt=True) == prompt
     processor.tokenizer.padding_side = "left"
-    inputs = processor(images=random_images(2), text=[prompt, model_input(build_prompt("IMG_1.png"))],
-                       return_tensors="pt", padding=True)
+    inputs = processor(
+        images=random_images(2),
+        text=[prompt, model_input(build_prompt("IMG_1.png"))],
+        return_tensors="pt",
+        padding=True,
+    )
     assert int((inputs.input_ids[0] == cfg.image_token_id).sum()) == 17
     out = model.generate(**inputs, max_new_tokens=6, min_new_tokens=6, do_sample=False)
     assert out.shape == (2, inputs.input_ids.shape[1] + 6)

@@ -1,24 +1,37 @@
 """LVLM training stages on a synthetic shapes store: projector alignment and SFT (LoRA and full LM)."""
+
 from __future__ import annotations
 
 import json
 
 import pytest
 import torch
+from conftest import TINY_YAML
+from lvlm_fixtures import shapes_rows
 
 from cycle.annotate.schema import build_prompt, model_input
 from cycle.config import load_config
-from conftest import TINY_YAML
-from lvlm_fixtures import shapes_rows
 
 TOWER, PROJECTOR, LM = "model.vision_tower.", "model.multi_modal_projector.", ("model.language_model.", "lm_head.")
 
 
 def run_cfg(*overrides: str):
-    return load_config(TINY_YAML, ["device=cpu", "lvlm.lm.pretrain_epochs=12", "lvlm.lm.pretrain_lr=3e-3",
-                                   "lvlm.lm.batch_size=16", "lvlm.align.epochs=2", "lvlm.align.lr=3e-3",
-                                   "lvlm.sft.epochs=4", "lvlm.sft.lr=3e-3", "lvlm.sft.warmup_steps=2",
-                                   "lvlm.lora.enabled=true", *overrides])  # LoRA unless a test says otherwise
+    return load_config(
+        TINY_YAML,
+        [
+            "device=cpu",
+            "lvlm.lm.pretrain_epochs=12",
+            "lvlm.lm.pretrain_lr=3e-3",
+            "lvlm.lm.batch_size=16",
+            "lvlm.align.epochs=2",
+            "lvlm.align.lr=3e-3",
+            "lvlm.sft.epochs=4",
+            "lvlm.sft.lr=3e-3",
+            "lvlm.sft.warmup_steps=2",
+            "lvlm.lora.enabled=true",
+            *overrides,
+        ],
+    )  # LoRA unless a test says otherwise
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +61,15 @@ def world(tmp_path_factory):
 def aligned(world):
     from cycle.lvlm import align_projector
 
-    out, metrics = align_projector(world["base"], world["store"], world["sv"], world["teacher_v"], run_cfg(),
-                                   world["root"] / "aligned", progress=False)
+    out, metrics = align_projector(
+        world["base"],
+        world["store"],
+        world["sv"],
+        world["teacher_v"],
+        run_cfg(),
+        world["root"] / "aligned",
+        progress=False,
+    )
     return out, metrics
 
 
@@ -57,8 +77,15 @@ def aligned(world):
 def lora_sft(world, aligned):
     from cycle.lvlm import sft
 
-    return sft(aligned[0], world["store"], world["sv"], world["teacher_v"], run_cfg(), world["root"] / "sft-lora",
-               progress=False)
+    return sft(
+        aligned[0],
+        world["store"],
+        world["sv"],
+        world["teacher_v"],
+        run_cfg(),
+        world["root"] / "sft-lora",
+        progress=False,
+    )
 
 
 def state(directory):
@@ -88,8 +115,9 @@ def test_align_trains_only_the_projector(world, aligned):
 def test_align_is_deterministic_and_records_its_metrics(world, aligned, tmp_path):
     from cycle.lvlm import align_projector
 
-    again, metrics = align_projector(world["base"], world["store"], world["sv"], world["teacher_v"], run_cfg(),
-                                     tmp_path / "again", progress=False)
+    again, metrics = align_projector(
+        world["base"], world["store"], world["sv"], world["teacher_v"], run_cfg(), tmp_path / "again", progress=False
+    )
     a, b = state(aligned[0]), state(again)
     assert all(torch.equal(a[k], b[k]) for k in a) and metrics == aligned[1]
     info = json.loads((again / "info.json").read_text())
@@ -113,7 +141,7 @@ def test_sft_batches_put_the_loss_on_the_target_only(world, aligned):
         assert target[-1] == tok.eos_token_id
         text = tok.decode(target[:-1])
         assert text.startswith('{"desc":["the image shows') and text.endswith('"]}')
-        assert torch.equal(row[n - len(target):n], target)  # the target is the end of the sequence
+        assert torch.equal(row[n - len(target) : n], target)  # the target is the end of the sequence
         assert int((row == processor.image_token_id).sum()) == 17
     assert steps == 4
     orders = [[tok.decode(b["input_ids"][0][:40]) for b in batches(e)] for e in (0, 0, 1)]
@@ -176,20 +204,31 @@ def test_merged_generates_what_model_plus_adapter_generates(world, aligned, lora
     merged_model, _ = load_lvlm(merged)
     processor.tokenizer.padding_side = "left"
     rows = world["samples"][:4]
-    inputs = processor(images=[decode(r["image"]) for r in rows],
-                       text=[model_input(build_prompt(r["alt_text"])) for r in rows], return_tensors="pt", padding=True)
+    inputs = processor(
+        images=[decode(r["image"]) for r in rows],
+        text=[model_input(build_prompt(r["alt_text"])) for r in rows],
+        return_tensors="pt",
+        padding=True,
+    )
     kwargs = dict(max_new_tokens=16, do_sample=False)
     a = with_adapter.generate(**inputs, **kwargs)
     b = merged_model.generate(**inputs, **kwargs)
     assert torch.equal(a, b)
-    assert (a[:, inputs.input_ids.shape[1]:] != processor.tokenizer.pad_token_id).any()
+    assert (a[:, inputs.input_ids.shape[1] :] != processor.tokenizer.pad_token_id).any()
 
 
 def test_full_sft_trains_the_lm_only(world, aligned, tmp_path):
     from cycle.lvlm import sft
 
-    adapter, merged, metrics = sft(aligned[0], world["store"], world["sv"], world["teacher_v"],
-                                   run_cfg("lvlm.lora.enabled=false"), tmp_path / "sft-full", progress=False)
+    adapter, merged, metrics = sft(
+        aligned[0],
+        world["store"],
+        world["sv"],
+        world["teacher_v"],
+        run_cfg("lvlm.lora.enabled=false"),
+        tmp_path / "sft-full",
+        progress=False,
+    )
     assert adapter is None and not (tmp_path / "sft-full" / "adapter").exists()
     assert metrics["sft/loss_after"] < metrics["sft/loss_before"] - 0.2, metrics
     before, after = state(aligned[0]), state(merged)
@@ -218,8 +257,16 @@ def test_bad_seed_and_extra_records_are_refused(world, aligned, tmp_path):
     with pytest.raises(ValueError, match="extra SFT record 'shape-000' is invalid.*'neg_desc' has 2"):
         sft_examples(world["store"], world["sv"], world["teacher_v"], [{**good, "neg_desc": ["b", "e"]}])
     with pytest.raises(ValueError, match="'tags' is empty"):
-        sft(aligned[0], world["store"], world["sv"], world["teacher_v"], cfg, tmp_path / "x",
-            extra_records=[{**good, "tags": [], "neg_tags": []}], progress=False)
+        sft(
+            aligned[0],
+            world["store"],
+            world["sv"],
+            world["teacher_v"],
+            cfg,
+            tmp_path / "x",
+            extra_records=[{**good, "tags": [], "neg_tags": []}],
+            progress=False,
+        )
     other = Store(tmp_path / "lance")  # a teacher table whose ids have no samples, and one invalid row
     other.insert_new("teacher", [{**good, "id": "nowhere", "origin": "t"}])
     other.append("samples", world["samples"][:2])
@@ -242,15 +289,29 @@ def test_bad_lora_targets_and_missing_gpu_are_refused(world, aligned, tmp_path):
     from cycle.lvlm import sft
 
     with pytest.raises(HQClipError, match="lvlm.lora.target_modules.*match no module"):
-        sft(aligned[0], world["store"], world["sv"], world["teacher_v"], run_cfg("lvlm.lora.target_modules=[qkv]"),
-            tmp_path / "x", progress=False)
+        sft(
+            aligned[0],
+            world["store"],
+            world["sv"],
+            world["teacher_v"],
+            run_cfg("lvlm.lora.target_modules=[qkv]"),
+            tmp_path / "x",
+            progress=False,
+        )
     with pytest.raises(ConfigError, match="lvlm.lora.target_modules': empty"):
         run_cfg("lvlm.lora.target_modules=[]")
     run_cfg("lvlm.lora.target_modules=[]", "lvlm.lora.enabled=false")  # unused without LoRA
     if not torch.cuda.is_available():
         with pytest.raises(HQClipError, match="no CUDA GPU"):
-            sft(aligned[0], world["store"], world["sv"], world["teacher_v"], run_cfg("device=cuda"), tmp_path / "y",
-                progress=False)
+            sft(
+                aligned[0],
+                world["store"],
+                world["sv"],
+                world["teacher_v"],
+                run_cfg("device=cuda"),
+                tmp_path / "y",
+                progress=False,
+            )
 
 
 def test_best_previous_annotations_takes_the_top_share(tmp_path):
@@ -258,17 +319,35 @@ def test_best_previous_annotations_takes_the_top_share(tmp_path):
     from cycle.store import Store
 
     store = Store(tmp_path / "lance")
-    rec = {"desc": ["a"], "neg_desc": ["b"], "tags": ["c"], "neg_tags": ["d"], "raw_output": "", "reason": "",
-           "attempts": 1, "annotator": "t", "prompt_hash": "h"}
-    rows = [{**rec, "id": f"s{i}", "generation": 1, "status": "repaired" if i == 8 else "ok", "score": float(i)}
-            for i in range(10)]
-    rows += [{**rec, "id": "bad", "generation": 1, "status": "failed", "score": 99.0},
-             {**rec, "id": "s9", "generation": 2, "status": "ok", "score": 100.0},
-             {**rec, "id": "unscored", "generation": 1, "status": "ok", "score": None}]
+    rec = {
+        "desc": ["a"],
+        "neg_desc": ["b"],
+        "tags": ["c"],
+        "neg_tags": ["d"],
+        "raw_output": "",
+        "reason": "",
+        "attempts": 1,
+        "annotator": "t",
+        "prompt_hash": "h",
+    }
+    rows = [
+        {**rec, "id": f"s{i}", "generation": 1, "status": "repaired" if i == 8 else "ok", "score": float(i)}
+        for i in range(10)
+    ]
+    rows += [
+        {**rec, "id": "bad", "generation": 1, "status": "failed", "score": 99.0},
+        {**rec, "id": "s9", "generation": 2, "status": "ok", "score": 100.0},
+        {**rec, "id": "unscored", "generation": 1, "status": "ok", "score": None},
+    ]
     store.insert_new("annotations", rows)
     best = best_previous_annotations(store, None, 1, 0.3)
-    assert [r["id"] for r in best] == ["s9", "s8", "s7"] and set(best[0]) == {"id", "desc", "neg_desc", "tags",
-                                                                              "neg_tags"}
+    assert [r["id"] for r in best] == ["s9", "s8", "s7"] and set(best[0]) == {
+        "id",
+        "desc",
+        "neg_desc",
+        "tags",
+        "neg_tags",
+    }
     assert best_previous_annotations(store, None, 1, 0.0) == []
 
 
@@ -291,9 +370,9 @@ def test_emoji_seeds_get_fresh_alt_text_each_epoch(tiny_store, tiny_cfg):
     with_variants = list(run_texts(tiny_store, None, None, tiny_cfg))  # + pretrain_seed_variants per seed
     variants = tiny_cfg.lvlm.lm.pretrain_seed_variants
     assert variants > 0 and len(with_variants) == n_train + len(examples) * (1 + variants)
-    first = with_variants[n_train:n_train + 1 + variants]  # one seed: stored alt-text, then fresh ones
-    assert len({t.split('answer:')[1] for t in first}) == 1  # the same answer ...
-    assert len({t.split('answer:')[0] for t in first}) > 1  # ... after different references
+    first = with_variants[n_train : n_train + 1 + variants]  # one seed: stored alt-text, then fresh ones
+    assert len({t.split("answer:")[1] for t in first}) == 1  # the same answer ...
+    assert len({t.split("answer:")[0] for t in first}) > 1  # ... after different references
 
 
 def test_samples_by_id_fetches_in_chunks_and_quotes_ids(tmp_path):
@@ -302,11 +381,11 @@ def test_samples_by_id_fetches_in_chunks_and_quotes_ids(tmp_path):
 
     store = Store(tmp_path / "lance")
     samples, _ = shapes_rows(5)
-    samples[2]["id"] = "it's \"odd\""
+    samples[2]["id"] = 'it\'s "odd"'
     store.append("samples", samples)
     got = samples_by_id(store, None, [s["id"] for s in samples[1:]] + ["absent"], chunk=2)
     assert sorted(got) == sorted(s["id"] for s in samples[1:])
-    assert got["it's \"odd\""]["image"] == samples[2]["image"]
+    assert got['it\'s "odd"']["image"] == samples[2]["image"]
 
 
 def test_alignment_adds_a_seeded_share_of_alt_text_captions(tiny_store):
@@ -331,8 +410,9 @@ def test_alignment_adds_the_previous_generations_best_annotations(tiny_store):
     from cycle.lvlm.data import align_examples
 
     seeds = {r["id"] for r in tiny_store.read("teacher", ["id"]).to_pylist()}
-    others = sorted(r["id"] for r in tiny_store.read("samples", ["id"], "split = 'train'").to_pylist()
-                    if r["id"] not in seeds)
+    others = sorted(
+        r["id"] for r in tiny_store.read("samples", ["id"], "split = 'train'").to_pylist() if r["id"] not in seeds
+    )
     best = [{"id": i, "desc": [f"the image shows thing {n}.", "more."]} for n, i in enumerate(others[:3])]
     best.append({"id": sorted(seeds)[0], "desc": ["a seed keeps its teacher caption."]})
     examples = {e.id: e for e in align_examples(tiny_store, None, None, extra_ids=others[:5], extra_records=best)}

@@ -1,5 +1,6 @@
 """The project's promises about itself: CI runs exactly the README's test command; the demo command exists;
 the package ships its configs."""
+
 from __future__ import annotations
 
 import re
@@ -9,7 +10,6 @@ import sys
 import zipfile
 
 import pytest
-
 from conftest import REPO
 
 
@@ -17,8 +17,11 @@ def test_ci_runs_the_readme_test_command():
     readme = (REPO / "README.md").read_text()
     commands = re.findall(r"```bash\n(bash scripts/bootstrap\.sh \w+)\n```", readme)
     assert "bash scripts/bootstrap.sh test" in commands and "bash scripts/bootstrap.sh demo" in commands
-    ci = [line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines()
-          if line.strip() and not line.lstrip().startswith("#")]
+    ci = [
+        line.strip()
+        for line in (REPO / ".ci" / "run").read_text().splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
     assert ci[-1] == "bash scripts/bootstrap.sh test"
 
 
@@ -48,12 +51,22 @@ def test_wheel_ships_the_configs(tmp_path):
     """`hqclip demo` and `hqclip run emoji` read cycle/configs/*.yaml: an installed package must hold the
     files themselves (the checkout's top-level configs/ is only a link to them)."""
     src = tmp_path / "src"
-    shutil.copytree(REPO, src, symlinks=True, ignore=shutil.ignore_patterns(
-        ".git", "build", "dist", "*.egg-info", "__pycache__", "generations", "benchmarks", "tests", ".ci"))
+    shutil.copytree(
+        REPO,
+        src,
+        symlinks=True,
+        ignore=shutil.ignore_patterns(
+            ".git", "build", "dist", "*.egg-info", "__pycache__", "generations", "benchmarks", "tests", ".ci"
+        ),
+    )
     out = tmp_path / "wheel"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out),
-                    str(src)], check=True, capture_output=True, timeout=600)
-    wheel, = out.glob("hqclip_cycle-*.whl")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(src)],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    (wheel,) = out.glob("hqclip_cycle-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     shipped = sorted(p.name for p in (REPO / "cycle" / "configs").glob("*.yaml"))
     assert shipped and all(f"cycle/configs/{name}" in names for name in shipped)

@@ -1,4 +1,5 @@
 """Run state: atomic writes; the run lock refuses a second controller and takes over a stale one."""
+
 from __future__ import annotations
 
 import json

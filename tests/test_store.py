@@ -1,4 +1,5 @@
 """The LanceDB store: idempotent keyed inserts, pinned versions and tags, compaction."""
+
 from __future__ import annotations
 
 import pytest
@@ -7,8 +8,16 @@ from cycle.store import TEACHER, Store, gen_tag
 
 
 def annotation(i: int, generation: int = 1, desc: str = "a cat") -> dict:
-    return {"id": f"img-{i:03d}", "generation": generation, "desc": [desc], "neg_desc": ["a dog"],
-            "tags": ["cat"], "neg_tags": ["dog"], "status": "ok", "attempts": 1}
+    return {
+        "id": f"img-{i:03d}",
+        "generation": generation,
+        "desc": [desc],
+        "neg_desc": ["a dog"],
+        "tags": ["cat"],
+        "neg_tags": ["dog"],
+        "status": "ok",
+        "attempts": 1,
+    }
 
 
 @pytest.fixture()

@@ -1,5 +1,6 @@
 """The CLIP trainer: texts per sample, feature-cache accumulation, DeepSpeed runs (resume after SIGKILL,
 two ranks against one), generation 0, and every bad input it refuses."""
+
 from __future__ import annotations
 
 import io
@@ -29,8 +30,16 @@ N_TRAIN = 64
 COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40)}
 SHAPES = ["circle", "square"]
 # 64 samples, batch 16, 6 epochs: 24 steps; checkpoints every 4; feature-cache accumulation (micro 8).
-RUN_OVERRIDES = ["clip.name=hqclip-micro", "train.batch_size=16", "train.micro_batch_size=8", "train.epochs=6",
-                 "train.checkpoint_every=4", "train.log_every=1", "train.warmup_steps=3", "loss.stc_min_count=1"]
+RUN_OVERRIDES = [
+    "clip.name=hqclip-micro",
+    "train.batch_size=16",
+    "train.micro_batch_size=8",
+    "train.epochs=6",
+    "train.checkpoint_every=4",
+    "train.log_every=1",
+    "train.warmup_steps=3",
+    "loss.stc_min_count=1",
+]
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -47,16 +56,34 @@ def _png(color: str, shape: str, background) -> bytes:
 
 def _annotation(i: int, color: str, shape: str) -> dict:
     other = list(COLORS)[(list(COLORS).index(color) + 1) % 4]
-    desc = [f"the image shows a {color} {shape}.", f"the {shape} is in the middle of a dark background.",
-            f"there is exactly one {shape} in this {color} picture with nothing else around it."]
-    neg = [f"the image shows a {other} {shape}.", f"the {shape} is in the corner of a dark background.",
-           f"there are exactly two {shape}s in this {other} picture with nothing else around it."]
+    desc = [
+        f"the image shows a {color} {shape}.",
+        f"the {shape} is in the middle of a dark background.",
+        f"there is exactly one {shape} in this {color} picture with nothing else around it.",
+    ]
+    neg = [
+        f"the image shows a {other} {shape}.",
+        f"the {shape} is in the corner of a dark background.",
+        f"there are exactly two {shape}s in this {other} picture with nothing else around it.",
+    ]
     tags, neg_tags = [f"{color} {shape}s", color, "dark background"], [f"{other} {shape}", other, "bright background"]
     if i == 6:  # a broken annotation whose negatives equal its positives: no usable negative
         neg, neg_tags = desc, tags
-    return dict(id=f"s{i:03d}", generation=1, desc=desc, neg_desc=neg, tags=tags, neg_tags=neg_tags, raw_output="",
-                status="failed" if i == 5 else "ok", reason="", attempts=1, annotator="test", prompt_hash="",
-                score=None)
+    return dict(
+        id=f"s{i:03d}",
+        generation=1,
+        desc=desc,
+        neg_desc=neg,
+        tags=tags,
+        neg_tags=neg_tags,
+        raw_output="",
+        status="failed" if i == 5 else "ok",
+        reason="",
+        attempts=1,
+        annotator="test",
+        prompt_hash="",
+        score=None,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -71,9 +98,19 @@ def pair_store(tmp_path_factory):
         color, shape = list(COLORS)[i % 4], SHAPES[(i // 4) % 2]
         background = tuple(int(v) for v in rng.integers(0, 60, 3))
         split = "train" if i < N_TRAIN else "val"
-        samples.append(dict(id=f"s{i:03d}", image=_png(color, shape, background), source="test", split=split,
-                            alt_text=["pic", f"{color} thing", f"IMG_{i}.png"][i % 3], width=32, height=32,
-                            sha256=str(i), meta=None))
+        samples.append(
+            dict(
+                id=f"s{i:03d}",
+                image=_png(color, shape, background),
+                source="test",
+                split=split,
+                alt_text=["pic", f"{color} thing", f"IMG_{i}.png"][i % 3],
+                width=32,
+                height=32,
+                sha256=str(i),
+                meta=None,
+            )
+        )
         if split == "train" and i % 4 != 3:
             annotations.append(_annotation(i, color, shape))
     store.append("samples", samples)
@@ -120,8 +157,9 @@ def reference_run(pair_store, tmp_path_factory):
     try:
         out = tmp_path_factory.mktemp("reference") / "clip"
         samples, annotations = _versions(pair_store)
-        model_dir = train_clip(_cfg(), pair_store.uri, out, samples, annotations_version=annotations, generation=1,
-                               progress=False)
+        model_dir = train_clip(
+            _cfg(), pair_store.uri, out, samples, annotations_version=annotations, generation=1, progress=False
+        )
     finally:
         torch.set_num_threads(before)
     return out, model_dir
@@ -131,9 +169,15 @@ def reference_run(pair_store, tmp_path_factory):
 def _text_batch(n=4, **overrides):
     desc = [f"the image shows a big red apple number {k} sitting on a wooden table near the window." for k in range(8)]
     neg = [s.replace("red", "green") for s in desc]
-    batch = {"id": [f"s{i}" for i in range(n)], "alt_text": [f"alt {i}" for i in range(n)],
-             "desc": [desc] * n, "neg_desc": [neg] * n, "tags": [["Red Apples", "table"]] * n,
-             "neg_tags": [["green apple", "chair"]] * n, "annotated": [True] * n}
+    batch = {
+        "id": [f"s{i}" for i in range(n)],
+        "alt_text": [f"alt {i}" for i in range(n)],
+        "desc": [desc] * n,
+        "neg_desc": [neg] * n,
+        "tags": [["Red Apples", "table"]] * n,
+        "neg_tags": [["green apple", "chair"]] * n,
+        "annotated": [True] * n,
+    }
     batch.update(overrides)
     return batch
 
@@ -167,7 +211,7 @@ def test_draws_depend_on_seed_step_and_id_only(tokenizer):
     cfg = replace(LossConfig(), long_text_prob=0.5, neg_tags_prob=0.5)
     drawer = TextDrawer(cfg, tokenizer, seed=1, tag_vocab=["red apple", "table"])
     whole = drawer(_text_batch(n=8), step=5)
-    halves = [drawer({k: v[i:i + 4] for k, v in _text_batch(n=8).items()}, step=5) for i in (0, 4)]
+    halves = [drawer({k: v[i : i + 4] for k, v in _text_batch(n=8).items()}, step=5) for i in (0, 4)]
     for key in ("texts", "neg_texts", "neg_valid", "tag_targets"):
         assert torch.equal(whole[key], torch.cat([h[key] for h in halves]))  # as one rank or as two
     assert not torch.equal(whole["texts"], drawer(_text_batch(n=8), step=6)["texts"])
@@ -204,8 +248,13 @@ def test_what_cannot_fit_is_counted_not_silently_cut(tokenizer):
 
 def test_tag_vocabulary_and_multi_hot_targets():
     assert normalise_tag("  Red   Apples. ") == "red apple"
-    assert [normalise_tag(t) for t in ("boxes", "berries", "glass", "bus", "cactus")] == \
-        ["box", "berry", "glass", "bus", "cactus"]
+    assert [normalise_tag(t) for t in ("boxes", "berries", "glass", "bus", "cactus")] == [
+        "box",
+        "berry",
+        "glass",
+        "bus",
+        "cactus",
+    ]
     lists = [["Red Apples", "box"], ["red apple", "boxes", "cat"], ["cats", "red apple", "dog"], []]
     assert build_tag_vocab(lists, size=10, min_count=2) == ["red apple", "box", "cat"]
     assert build_tag_vocab(lists, size=2, min_count=1) == ["red apple", "box"]
@@ -232,7 +281,7 @@ def test_feature_cache_accumulation_gives_the_full_batch_gradients(tokenizer, on
 
     def grads(micro):
         module.zero_grad(set_to_none=True)
-        losses = forward_backward(module, loss_fn, split_micro_batches(inputs, micro), lambda l: l.backward())
+        losses = forward_backward(module, loss_fn, split_micro_batches(inputs, micro), lambda loss: loss.backward())
         return losses, {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
 
     full_losses, full = grads(8)
@@ -267,9 +316,26 @@ def test_resume_after_sigkill_ends_with_the_uninterrupted_weights(pair_store, re
 
     out = tmp_path / "clip"
     samples, annotations = _versions(pair_store)
-    cmd = [sys.executable, "-m", "cycle.cli", "train", str(out), "--store", pair_store.uri, "--config", str(TINY_YAML),
-           "--generation", "1", "--samples-version", str(samples), "--annotations-version", str(annotations),
-           "--no-progress", "name=train-test", *RUN_OVERRIDES]
+    cmd = [
+        sys.executable,
+        "-m",
+        "cycle.cli",
+        "train",
+        str(out),
+        "--store",
+        pair_store.uri,
+        "--config",
+        str(TINY_YAML),
+        "--generation",
+        "1",
+        "--samples-version",
+        str(samples),
+        "--annotations-version",
+        str(annotations),
+        "--no-progress",
+        "name=train-test",
+        *RUN_OVERRIDES,
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu")
     proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     latest = out / "checkpoints" / "latest"
@@ -281,8 +347,9 @@ def test_resume_after_sigkill_ends_with_the_uninterrupted_weights(pair_store, re
     assert proc.returncode == -signal.SIGKILL, err.decode()[-2000:]
     assert not (out / "model").exists()  # killed mid-run
 
-    model_dir = train_clip(_cfg(), pair_store.uri, out, samples, annotations_version=annotations, generation=1,
-                           progress=False)
+    model_dir = train_clip(
+        _cfg(), pair_store.uri, out, samples, annotations_version=annotations, generation=1, progress=False
+    )
     steps, events = _log(out)
     resumed_at = [e["step"] for e in events if e["event"] == "resume"]
     assert len(resumed_at) == 1 and 0 < resumed_at[0] < 24
@@ -301,8 +368,15 @@ def test_two_ranks_give_the_losses_and_weights_of_one_rank(pair_store, reference
     samples, annotations = _versions(pair_store)
     out = tmp_path / "clip"
     # 2 ranks x 8 samples, each in micro-batches of 4: gather across ranks and feature cache together.
-    model_dir = train_clip(_cfg("train.world_size=2", "train.micro_batch_size=4"), pair_store.uri, out, samples,
-                           annotations_version=annotations, generation=1, progress=False)
+    model_dir = train_clip(
+        _cfg("train.world_size=2", "train.micro_batch_size=4"),
+        pair_store.uri,
+        out,
+        samples,
+        annotations_version=annotations,
+        generation=1,
+        progress=False,
+    )
     ref_steps, _ = _log(reference_run[0])
     steps, _ = _log(out)
     assert len(steps) == len(ref_steps) == 24
@@ -318,8 +392,14 @@ def test_generation_0_trains_on_alt_text_without_hni_or_stc(pair_store, referenc
 
     samples, _ = _versions(pair_store)
     # Started from a trained CLIP (the controller's clip.init=previous): its first loss is already low.
-    model_dir = train_clip(_cfg("train.epochs=1", "train.micro_batch_size=0"), pair_store.uri, tmp_path / "clip",
-                           samples, init_clip=reference_run[1], progress=False)
+    model_dir = train_clip(
+        _cfg("train.epochs=1", "train.micro_batch_size=0"),
+        pair_store.uri,
+        tmp_path / "clip",
+        samples,
+        init_clip=reference_run[1],
+        progress=False,
+    )
     steps, events = _log(tmp_path / "clip")
     assert events[0]["hni_weight"] == 0.0 and events[0]["stc_weight"] == 0.0
     assert len(steps) == 4 and "hni_loss" not in steps[0] and "stc_loss" not in steps[0]
@@ -329,14 +409,17 @@ def test_generation_0_trains_on_alt_text_without_hni_or_stc(pair_store, referenc
 
 
 # ------------------------------------------------------------------------------------ bad inputs
-@pytest.mark.parametrize("overrides,message", [
-    (["train.world_size=3"], "train.batch_size"),
-    (["train.world_size=0"], "train.world_size"),
-    (["train.micro_batch_size=5"], "train.micro_batch_size"),
-    (["train.micro_batch_size=-8"], "train.micro_batch_size"),
-    (["train.zero_stage=3"], "train.zero_stage"),
-    (["train.log_every=0"], "train.log_every"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["train.world_size=3"], "train.batch_size"),
+        (["train.world_size=0"], "train.world_size"),
+        (["train.micro_batch_size=5"], "train.micro_batch_size"),
+        (["train.micro_batch_size=-8"], "train.micro_batch_size"),
+        (["train.zero_stage=3"], "train.zero_stage"),
+        (["train.log_every=0"], "train.log_every"),
+    ],
+)
 def test_bad_sizes_are_refused_by_config_validation(overrides, message):
     from cycle.config import ConfigError
 
@@ -348,8 +431,13 @@ def test_fewer_samples_than_a_batch_is_refused_before_anything_starts(pair_store
     from cycle.clip.train import TrainInputError, train_clip
 
     with pytest.raises(TrainInputError, match="fewer than one batch"):
-        train_clip(_cfg("train.batch_size=128", "train.micro_batch_size=0"), pair_store.uri, tmp_path / "clip",
-                   _versions(pair_store)[0], progress=False)
+        train_clip(
+            _cfg("train.batch_size=128", "train.micro_batch_size=0"),
+            pair_store.uri,
+            tmp_path / "clip",
+            _versions(pair_store)[0],
+            progress=False,
+        )
     assert not (tmp_path / "clip" / "checkpoints").exists()
 
 
@@ -371,8 +459,14 @@ def test_resuming_into_another_runs_directory_is_refused(pair_store, reference_r
     samples, annotations = _versions(pair_store)
     before = (reference_run[0] / "checkpoints" / "run.json").read_text()
     with pytest.raises(ResumeError, match="train.lr"):
-        train_clip(_cfg("train.lr=0.001"), pair_store.uri, reference_run[0], samples,
-                   annotations_version=annotations, generation=1)
+        train_clip(
+            _cfg("train.lr=0.001"),
+            pair_store.uri,
+            reference_run[0],
+            samples,
+            annotations_version=annotations,
+            generation=1,
+        )
     assert (reference_run[0] / "checkpoints" / "run.json").read_text() == before
 
 
@@ -386,8 +480,9 @@ class _Payload:
         return exec, (f"open({str(self.marker)!r}, 'w').close()",)
 
 
-@pytest.mark.parametrize("planted", ["rng-rank0.pt", "mp_rank_00_model_states.pt",
-                                     "zero_pp_rank_0_mp_rank_00_optim_states.pt"])
+@pytest.mark.parametrize(
+    "planted", ["rng-rank0.pt", "mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"]
+)
 def test_resume_never_unpickles_objects_from_the_run_folder(pair_store, reference_run, tmp_path, planted):
     from cycle.clip.checkpoint import ResumeError
     from cycle.clip.train import train_clip
@@ -405,8 +500,7 @@ def test_resume_never_unpickles_objects_from_the_run_folder(pair_store, referenc
 
     samples, annotations = _versions(pair_store)
     with pytest.raises(ResumeError, match=f"{planted}.*refused"):
-        train_clip(_cfg(), pair_store.uri, out, samples, annotations_version=annotations, generation=1,
-                   progress=False)
+        train_clip(_cfg(), pair_store.uri, out, samples, annotations_version=annotations, generation=1, progress=False)
     assert not marker.exists()
     assert not (out / "model").exists()
 
@@ -429,17 +523,23 @@ def _collective_worker(rank: int, port: int, device: str, queue) -> None:
             tensors = (list(first) if isinstance(first, list) else [first]) + [a for a in args if torch.is_tensor(a)]
             seen.extend((collective.__name__, str(t.device), str(t.dtype)) for t in tensors)
             return collective(first, *args, **kwargs)  # the real collective still runs
+
         return call
 
     tdist.all_reduce, tdist.all_gather = recorded(tdist.all_reduce), recorded(tdist.all_gather)
     try:
         dev = torch.device(device)
         g = torch.Generator().manual_seed(rank)
-        feats = {k: torch.nn.functional.normalize(torch.randn(4, 8, generator=g), dim=-1).to(dev).requires_grad_(True)
-                 for k in ("image_features", "text_features", "neg_text_features")}
+        feats = {
+            k: torch.nn.functional.normalize(torch.randn(4, 8, generator=g), dim=-1).to(dev).requires_grad_(True)
+            for k in ("image_features", "text_features", "neg_text_features")
+        }
         loss_fn = HQClipLoss(replace(LossConfig(), stc_weight=0.0), rank=rank, world_size=2)
-        losses = loss_fn(**feats, logit_scale=torch.tensor([10.0], device=dev),
-                         neg_valid=torch.tensor([True, False, True, True], device=dev))
+        losses = loss_fn(
+            **feats,
+            logit_scale=torch.tensor([10.0], device=dev),
+            neg_valid=torch.tensor([True, False, True, True], device=dev),
+        )
         sum(losses.values()).backward()
         terms = reduce_for_logging({k: v.detach() for k, v in losses.items()}, 2)
         counts = text_counts(Counter(samples=8, long_text=2 + 4 * rank, truncated=rank), 2, dev)
@@ -448,8 +548,10 @@ def _collective_worker(rank: int, port: int, device: str, queue) -> None:
         tdist.destroy_process_group()
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="no CUDA device"))])
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))],
+)
 def test_every_tensor_handed_to_a_collective_is_on_the_engines_device(device):
     import torch.multiprocessing as mp
 
@@ -466,7 +568,7 @@ def test_every_tensor_handed_to_a_collective_is_on_the_engines_device(device):
         p.join(30)
         assert p.exitcode == 0
     expected = "cpu" if device == "cpu" else "cuda:0"
-    for rank, (seen, terms, counts) in results.items():
+    for seen, _terms, counts in results.values():
         kinds = {name for name, _, _ in seen}
         assert kinds == {"all_reduce", "all_gather"}, kinds  # the loss gathers; the logs reduce
         assert ("all_reduce", expected, "torch.float64") in seen  # the text counts

@@ -2,6 +2,7 @@
 
 Registered on the root command in `cycle/cli.py`. Thin: settings, store, one call, a printed summary.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,10 +28,16 @@ def _settings(run_dir: str, config_path, overrides):
     return cfg, store, version
 
 
-_run_option = click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False),
-                           help="Run directory (store: RUN/lance unless store.uri is set).")
-_config_option = click.option("--config", "config_path", type=click.Path(dir_okay=False),
-                              help="Default: RUN/config.yaml if any.")
+_run_option = click.option(
+    "--run",
+    "run_dir",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Run directory (store: RUN/lance unless store.uri is set).",
+)
+_config_option = click.option(
+    "--config", "config_path", type=click.Path(dir_okay=False), help="Default: RUN/config.yaml if any."
+)
 _overrides_argument = click.argument("overrides", nargs=-1)  # key=value, like every other command
 
 
@@ -69,8 +76,18 @@ def annotate_run(model_dir, overrides, run_dir, generation, splits, score_clip, 
     model_dir, overrides = _split_model_dir(model_dir, overrides)
     cfg, store, version = _settings(run_dir, config_path, overrides)
     out = Path(out) if out else gen_dir(run_dir, generation) / "annotate"
-    stats = annotate_generation(cfg.annotate, model_dir, store, version, generation, out,
-                                score_clip=score_clip, progress=progress, splits=splits, device=device)
+    stats = annotate_generation(
+        cfg.annotate,
+        model_dir,
+        store,
+        version,
+        generation,
+        out,
+        score_clip=score_clip,
+        progress=progress,
+        splits=splits,
+        device=device,
+    )
     keys = ("rows", "by_status", "parse_rate", "sentences_per_image", "tags_per_image", "score_mean", "this_run")
     for key in keys:
         click.echo(f"{key}: {json.dumps(stats.get(key))}")

@@ -5,6 +5,7 @@ closed), trailing and missing commas, single-quoted and unquoted strings, stray 
 (a quote not followed by a delimiter is text: "the cat's toy"). Used by `parse.parse_output` when
 strict JSON fails.
 """
+
 from __future__ import annotations
 
 import json
@@ -126,7 +127,7 @@ class LenientReader:
                 nxt = self.s[self.i + 1]
                 if nxt == "u" and self.i + 6 <= self.n:
                     try:
-                        buf.append(chr(int(self.s[self.i + 2:self.i + 6], 16)))
+                        buf.append(chr(int(self.s[self.i + 2 : self.i + 6], 16)))
                         self.i += 6
                         continue
                     except ValueError:
@@ -152,7 +153,7 @@ class LenientReader:
         start = self.i
         while self.i < self.n and self.s[self.i] not in stop and self.s[self.i] not in "\n":
             self.i += 1
-        word = self.s[start:self.i].strip()
+        word = self.s[start : self.i].strip()
         if self.i >= self.n:
             raise Eof
         if not word:

@@ -18,6 +18,7 @@ Failed, by decision: a missing or empty field among the four. The training loss 
 positive text is drawn from `desc`, the hard negative from `neg_desc` or `neg_tags`, the tag head learns
 `tags`), and a negative cannot be invented without the model. A failed row still keeps its raw output.
 """
+
 from __future__ import annotations
 
 import json
@@ -78,11 +79,11 @@ def _read_object(text: str) -> tuple[Optional[dict], list[str]]:
     # The opening brace left out: the text starts at the first key.
     key = re.search(r"[\"']\s*(%s)\s*[\"']\s*:" % "|".join(FORMULA_KEYS), text)
     if key and (first_dict[0] is None or not _has_formula_key(first_dict[0])):
-        reader = LenientReader("{" + text[key.start():], 0)
+        reader = LenientReader("{" + text[key.start() :], 0)
         obj = reader.value()
         if isinstance(obj, dict) and _has_formula_key(obj):
-            repairs = ["missing opening brace"] + (["text before JSON"] if text[:key.start()].strip() else [])
-            if text[key.start():][reader.i - 1:].strip():
+            repairs = ["missing opening brace"] + (["text before JSON"] if text[: key.start()].strip() else [])
+            if text[key.start() :][reader.i - 1 :].strip():
                 repairs.append("text after JSON")
             return obj, repairs + reader.repairs
     return first_dict

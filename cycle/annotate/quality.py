@@ -10,6 +10,7 @@ vocabulary), so an alt-text naming a sibling object counts as the wrong fact it 
 both F1s by the corruption the alt-text got (samples.meta["alt_noise"]): where the annotator reads the
 image (generic, filename: the alt-text states nothing) and where it only has to keep what it was given.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,8 +26,9 @@ def _mean(values: list[float]) -> Optional[float]:
     return round(sum(values) / len(values), 4) if values else None
 
 
-def annotation_quality(store, samples_version: int | str, generation: int,
-                       splits: Sequence[str] = ("train",)) -> Optional[dict]:
+def annotation_quality(
+    store, samples_version: int | str, generation: int, splits: Sequence[str] = ("train",)
+) -> Optional[dict]:
     """Fact precision/recall/F1 of annotations and of alt-text against scene graphs; None without scenes."""
     scenes = {}
     alts = {}
@@ -44,8 +46,12 @@ def annotation_quality(store, samples_version: int | str, generation: int,
     from ..data.emoji.vocab import candidates
 
     names = tuple(o.name for o in candidates())
-    ann = {r["id"]: r for r in store.read("annotations", ["id", "status", "desc", "neg_desc", "tags"],
-                                          f"generation = {int(generation)}").to_pylist()}
+    ann = {
+        r["id"]: r
+        for r in store.read(
+            "annotations", ["id", "status", "desc", "neg_desc", "tags"], f"generation = {int(generation)}"
+        ).to_pylist()
+    }
     # Seed images were the annotator's SFT data: their annotations are partly recall, so the images it
     # never trained on are scored apart too (`unseen`).
     seeds = {r["id"] for r in store.read("teacher", ["id"]).to_pylist()} if store.has("teacher") else set()
@@ -79,14 +85,19 @@ def annotation_quality(store, samples_version: int | str, generation: int,
                 neg_total += 1
                 neg_false += bool(text_facts(sentence, names) - true)
     n = sum(1 for sid in scenes if sid in ann)
-    out: dict = {"scenes": n, "schema_valid_share": round(usable / n, 4) if n else None,
-                 "neg_desc_false_share": round(neg_false / neg_total, 4) if neg_total else None}
+    out: dict = {
+        "scenes": n,
+        "schema_valid_share": round(usable / n, 4) if n else None,
+        "neg_desc_false_share": round(neg_false / neg_total, 4) if neg_total else None,
+    }
     for key, values in sorted(scores.items()):
         who, metric = key.split(".")
         out.setdefault(who, {})[metric] = _mean(values)
     # Where the annotator helps and where it hurts: the same F1s per kind of alt-text corruption.
-    out["by_alt_noise"] = {kind: {"n": len(v["alt_text_f1"]), **{k: _mean(x) for k, x in sorted(v.items())}}
-                           for kind, v in sorted(by_kind.items())}
+    out["by_alt_noise"] = {
+        kind: {"n": len(v["alt_text_f1"]), **{k: _mean(x) for k, x in sorted(v.items())}}
+        for kind, v in sorted(by_kind.items())
+    }
     if seeds and unseen:
         out["unseen"] = {"scenes": len(unseen["alt_text_f1"]), **{k: _mean(v) for k, v in sorted(unseen.items())}}
     if out.get("annotation", {}).get("f1") is not None and out.get("alt_text", {}).get("f1") is not None:

@@ -5,6 +5,7 @@ are written with insert-if-absent in batches, so a pass killed at any point and 
 duplicates nor loses a row. A sample whose output cannot be parsed is retried with sampling and another
 seed, then kept as a failed row with its raw output and the reason (never dropped).
 """
+
 from __future__ import annotations
 
 import json
@@ -33,10 +34,19 @@ class AnnotateError(HQClipError, ValueError):
     Also a ValueError, so callers that caught the plain ValueError these used to be still do."""
 
 
-def annotate_generation(cfg: Any, model_dir: Optional[str | Path], store, samples_version: int | str,
-                        generation: int, out_dir: str | Path, backend: Optional[Backend] = None,
-                        score_clip: Optional[str | Path] = None, progress: bool = True,
-                        splits: Sequence[str] = ("train",), device: str = "auto") -> dict:
+def annotate_generation(
+    cfg: Any,
+    model_dir: Optional[str | Path],
+    store,
+    samples_version: int | str,
+    generation: int,
+    out_dir: str | Path,
+    backend: Optional[Backend] = None,
+    score_clip: Optional[str | Path] = None,
+    progress: bool = True,
+    splits: Sequence[str] = ("train",),
+    device: str = "auto",
+) -> dict:
     """Annotate the samples of `splits` at `samples_version` into `annotations` (generation `generation`).
 
     `cfg` is an `AnnotateConfig` (checked by `cycle.config`); `backend` overrides the one it names (tests,
@@ -71,11 +81,18 @@ def annotate_generation(cfg: Any, model_dir: Optional[str | Path], store, sample
     seconds = time.time() - t0
     stats = generation_stats(store, generation)
     stats.update(
-        samples_version=samples_version, splits=list(splits), annotator=backend.fingerprint,
-        prompt_hash=prompt_hash(), scored_with=str(score_clip) if score_clip else None,
-        this_run={"written": written, "already_done": len(done), "seconds": round(seconds, 2),
-                  "rows_per_s": round(written / seconds, 2) if seconds > 0 else None,
-                  "generated_tokens": None if tokens0 is None else backend.generated_tokens - tokens0},
+        samples_version=samples_version,
+        splits=list(splits),
+        annotator=backend.fingerprint,
+        prompt_hash=prompt_hash(),
+        scored_with=str(score_clip) if score_clip else None,
+        this_run={
+            "written": written,
+            "already_done": len(done),
+            "seconds": round(seconds, 2),
+            "rows_per_s": round(written / seconds, 2) if seconds > 0 else None,
+            "generated_tokens": None if tokens0 is None else backend.generated_tokens - tokens0,
+        },
     )
     quality = annotation_quality(store, samples_version, generation, splits)
     if quality is not None:
@@ -91,16 +108,18 @@ def _check_annotator(store, gen_where: str, generation: int, fingerprint: str) -
     found = set(store.read("annotations", ["annotator"], gen_where).column("annotator").to_pylist())
     others = found - {fingerprint}
     if others:
-        raise AnnotateError(f"annotations of generation {generation} were begun by annotator {sorted(others)[0]}, "
-                         f"this pass uses {fingerprint}: finish with the same model, or delete that "
-                         "generation's annotations first")
+        raise AnnotateError(
+            f"annotations of generation {generation} were begun by annotator {sorted(others)[0]}, "
+            f"this pass uses {fingerprint}: finish with the same model, or delete that "
+            "generation's annotations first"
+        )
 
 
-def _annotate(cfg, backend, store, samples_version, where, todo: set[str], generation: int, scorer,
-              progress: bool) -> int:
+def _annotate(
+    cfg, backend, store, samples_version, where, todo: set[str], generation: int, scorer, progress: bool
+) -> int:
     written, pending, batch = 0, [], []
-    bar = tqdm(total=len(todo), desc=f"annotate gen {generation}", unit="img", disable=not progress,
-               dynamic_ncols=True)
+    bar = tqdm(total=len(todo), desc=f"annotate gen {generation}", unit="img", disable=not progress, dynamic_ncols=True)
 
     def flush():
         nonlocal written, pending
@@ -120,8 +139,13 @@ def _annotate(cfg, backend, store, samples_version, where, todo: set[str], gener
             flush()
 
     try:
-        for rb in store.scan("samples", ["id", "image", "alt_text"], where, version=samples_version,
-                             batch_size=max(cfg.batch_size, SCAN_ROWS_MIN)):
+        for rb in store.scan(
+            "samples",
+            ["id", "image", "alt_text"],
+            where,
+            version=samples_version,
+            batch_size=max(cfg.batch_size, SCAN_ROWS_MIN),
+        ):
             for row in rb.to_pylist():
                 if row["id"] in todo:
                     batch.append(row)
@@ -135,8 +159,9 @@ def _annotate(cfg, backend, store, samples_version, where, todo: set[str], gener
     return written
 
 
-def generate_with_retries(backend: Backend, items: list, keys: list[str], cfg: Any
-                          ) -> tuple[list, list[ParseResult], list[int]]:
+def generate_with_retries(
+    backend: Backend, items: list, keys: list[str], cfg: Any
+) -> tuple[list, list[ParseResult], list[int]]:
     """Generate, parse, and retry the unusable outputs `cfg.retries` times with another seed (sampling).
 
     Returns the raw outputs, their parse results and the attempts each took. A backend failure marked
@@ -146,13 +171,17 @@ def generate_with_retries(backend: Backend, items: list, keys: list[str], cfg: A
     results: list[ParseResult] = [_parse(o) for o in raws]
     attempts = [1] * len(items)
     for attempt in range(1, cfg.retries + 1):
-        again = [i for i, (r, o) in enumerate(zip(results, raws))
-                 if not r.usable and not (isinstance(o, FailedGeneration) and not o.retryable)]
+        again = [
+            i
+            for i, (r, o) in enumerate(zip(results, raws))
+            if not r.usable and not (isinstance(o, FailedGeneration) and not o.retryable)
+        ]
         if not again:
             break
         temperature = cfg.temperature if cfg.temperature > 0 else cfg.retry_temperature
-        retry = backend.generate([items[i] for i in again], seed=attempt, temperature=temperature,
-                                 keys=[keys[i] for i in again])
+        retry = backend.generate(
+            [items[i] for i in again], seed=attempt, temperature=temperature, keys=[keys[i] for i in again]
+        )
         for i, out in zip(again, retry):
             attempts[i] += 1
             raws[i], results[i] = out, _parse(out)
@@ -163,13 +192,23 @@ def annotate_batch(backend: Backend, samples: list[dict], cfg: Any, generation: 
     """Annotation rows for `samples` (dicts with id, image, alt_text), retries included."""
     items = [(s["image"], build_prompt(s["alt_text"])) for s in samples]
     raws, results, attempts = generate_with_retries(backend, items, [s["id"] for s in samples], cfg)
-    scores = scorer.score([s["image"] for s in samples], [r.record for r in results]) if scorer else [None] * len(samples)
+    scores = (
+        scorer.score([s["image"] for s in samples], [r.record for r in results]) if scorer else [None] * len(samples)
+    )
     fingerprint, ph = backend.fingerprint, prompt_hash()
     rows = []
     for s, res, raw, n, score in zip(samples, results, raws, attempts, scores):
-        row = {"id": s["id"], "generation": int(generation), "raw_output": str(raw), "status": res.status,
-               "reason": res.reason if res.status != "failed" or n == 1 else f"{res.reason} ({n} attempts)",
-               "attempts": n, "annotator": fingerprint, "prompt_hash": ph, "score": score}
+        row = {
+            "id": s["id"],
+            "generation": int(generation),
+            "raw_output": str(raw),
+            "status": res.status,
+            "reason": res.reason if res.status != "failed" or n == 1 else f"{res.reason} ({n} attempts)",
+            "attempts": n,
+            "annotator": fingerprint,
+            "prompt_hash": ph,
+            "score": score,
+        }
         for key in FORMULA_KEYS:
             row[key] = res.record[key] if res.record else None
         rows.append(row)
@@ -191,18 +230,25 @@ def generation_stats(store, generation: int) -> dict:
     usable = [r for r in rows if is_usable(r["status"])]
     sentences = [s for r in usable for s in r["desc"]]
     tags = [t for r in usable for t in r["tags"]]
-    pairs = [(p, q) for r in usable for k, nk in (("desc", "neg_desc"), ("tags", "neg_tags"))
-             for p, q in zip(r[k], r[nk])]
+    pairs = [
+        (p, q) for r in usable for k, nk in (("desc", "neg_desc"), ("tags", "neg_tags")) for p, q in zip(r[k], r[nk])
+    ]
     scores = [r["score"] for r in rows if r["score"] is not None]
-    repairs = Counter(part.split(":")[0].strip() for r in rows if r["status"] == "repaired"
-                      for part in (r["reason"] or "").split("; "))
+    repairs = Counter(
+        part.split(":")[0].strip()
+        for r in rows
+        if r["status"] == "repaired"
+        for part in (r["reason"] or "").split("; ")
+    )
     failures = Counter((r["reason"] or "").split(" (")[0] for r in rows if r["status"] == "failed")
 
     def mean(xs):
         return round(sum(xs) / len(xs), 4) if xs else None
 
     return {
-        "generation": int(generation), "rows": n, "by_status": dict(status),
+        "generation": int(generation),
+        "rows": n,
+        "by_status": dict(status),
         "parse_rate": round(len(usable) / n, 4) if n else None,
         "ok_rate": round(status.get("ok", 0) / n, 4) if n else None,
         "mean_attempts": mean([r["attempts"] for r in rows]),
@@ -211,6 +257,8 @@ def generation_stats(store, generation: int) -> dict:
         "tags_per_image": mean([len(r["tags"]) for r in usable]),
         "words_per_tag": mean([len(t.split()) for t in tags]),
         "identical_negative_share": mean([float(p.strip().lower() == q.strip().lower()) for p, q in pairs]),
-        "score_mean": mean(scores), "score_positive_share": mean([float(s > 0) for s in scores]),
-        "repairs": dict(repairs.most_common(TOP_REASONS)), "failures": dict(failures.most_common(TOP_REASONS)),
+        "score_mean": mean(scores),
+        "score_positive_share": mean([float(s > 0) for s in scores]),
+        "repairs": dict(repairs.most_common(TOP_REASONS)),
+        "failures": dict(failures.most_common(TOP_REASONS)),
     }

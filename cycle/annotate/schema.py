@@ -12,6 +12,7 @@ the answer `to_target_json(record)`; the SFT code and the annotation backends bo
 from here so the two can never drift apart. A processor with a chat template is not used for the tiny
 LM: one fixed, short text format is easier for a model trained from scratch.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -43,10 +44,10 @@ STUDENT_PROMPT = "Please generate descriptions (tags) & negative descriptions (t
 TEACHER_PROMPT = (
     "Given an image-text pair crawled from the internet, take the text only as a reference: it may be "
     "wrong, incomplete or spam. Describe what the image really shows. Answer with one JSON object with "
-    "four lists of strings: \"desc\": lower-case sentences, each starting \"the image shows\"; "
-    "\"neg_desc\": the same number of sentences, each a minimal edit of the matching desc sentence that "
-    "makes it false (swap one object, attribute, number or position); \"tags\": about 7 short noun "
-    "phrases that are in the image; \"neg_tags\": the same number, each a swapped version of the matching "
+    'four lists of strings: "desc": lower-case sentences, each starting "the image shows"; '
+    '"neg_desc": the same number of sentences, each a minimal edit of the matching desc sentence that '
+    'makes it false (swap one object, attribute, number or position); "tags": about 7 short noun '
+    'phrases that are in the image; "neg_tags": the same number, each a swapped version of the matching '
     "tag that is not in the image."
 )
 
@@ -105,6 +106,5 @@ def validate(obj: Any) -> list[str]:
 
 def prompt_hash() -> str:
     """Fingerprint of everything that shapes the model's input and expected output format."""
-    blob = json.dumps([FORMAT_VERSION, STUDENT_PROMPT, model_input("{prompt}"), FORMULA_JSON_SCHEMA],
-                      sort_keys=True)
+    blob = json.dumps([FORMAT_VERSION, STUDENT_PROMPT, model_input("{prompt}"), FORMULA_JSON_SCHEMA], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

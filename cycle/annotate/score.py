@@ -5,6 +5,7 @@ the previous CLIP agrees that the description fits better than its minimal edit 
 compares CLIP scores of descriptions and negatives the same way). Rows are scored before they are
 written, so the score lands in the row's first and only write.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -31,7 +32,7 @@ class ClipScorer:
     def _texts(self, texts: list[str]) -> torch.Tensor:
         chunks = []
         for i in range(0, len(texts), self.text_batch):
-            tokens = self.tokenizer(texts[i:i + self.text_batch]).to(self.device)
+            tokens = self.tokenizer(texts[i : i + self.text_batch]).to(self.device)
             chunks.append(torch.nn.functional.normalize(self.model.encode_text(tokens).float(), dim=-1))
         return torch.cat(chunks)
 
@@ -51,14 +52,15 @@ class ClipScorer:
         if not rows:
             return out
         img = torch.nn.functional.normalize(
-            self.model.encode_image(torch.stack(pixels).to(self.device)).float(), dim=-1)
+            self.model.encode_image(torch.stack(pixels).to(self.device)).float(), dim=-1
+        )
         pos, neg, owner = [], [], []
         for k, i in enumerate(rows):
             for p, n in zip(records[i]["desc"], records[i]["neg_desc"]):
                 pos.append(p), neg.append(n), owner.append(k)
         emb = self._texts(pos + neg)
         owner_t = torch.tensor(owner, device=self.device)
-        margin = ((emb[: len(pos)] - emb[len(pos):]) * img[owner_t]).sum(-1)
+        margin = ((emb[: len(pos)] - emb[len(pos) :]) * img[owner_t]).sum(-1)
         sums = torch.zeros(len(rows), device=self.device).index_add_(0, owner_t, margin)
         counts = torch.zeros(len(rows), device=self.device).index_add_(0, owner_t, torch.ones_like(margin))
         for k, i in enumerate(rows):

@@ -7,6 +7,7 @@ unknown id, an annotation that does not repair into the four formulas) goes to t
 its reason: nothing is silently dropped. Seed rows carry no status: a seed row is a usable record by
 construction (a document whose own `status` is not usable, `store.is_usable`, is rejected on import).
 """
+
 from __future__ import annotations
 
 import json
@@ -79,13 +80,19 @@ def _doc_id(where: str, doc: Any) -> Optional[str]:
     return None
 
 
-def import_seed(path: str | Path, store, samples_version: Optional[int | str] = None,
-                origin: Optional[str] = None, progress: bool = True) -> dict:
+def import_seed(
+    path: str | Path,
+    store,
+    samples_version: Optional[int | str] = None,
+    origin: Optional[str] = None,
+    progress: bool = True,
+) -> dict:
     """Import teacher annotations into `seed`. Returns counts: read, imported, already_present, rejected."""
     path = Path(path)
     if not path.exists():
-        raise SeedFileNotFound(f"seed annotations '{path}' do not exist (expected a directory of <id>.json, "
-                               "a .jsonl file or a .json file)")
+        raise SeedFileNotFound(
+            f"seed annotations '{path}' do not exist (expected a directory of <id>.json, a .jsonl file or a .json file)"
+        )
     known = store.ids("samples", version=samples_version)
     origin = origin or f"import:{path.name}"
     rows, rejects, read = [], [], 0
@@ -116,14 +123,22 @@ def import_seed(path: str | Path, store, samples_version: Optional[int | str] = 
     reasons: dict[str, int] = {}
     for reason, _, _ in rejects:
         reasons[reason] = reasons.get(reason, 0) + 1
-    return {"read": read, "valid": len(rows), "imported": imported, "already_present": len(rows) - imported,
-            "teacher_rows_before": before, "rejected": reasons}
+    return {
+        "read": read,
+        "valid": len(rows),
+        "imported": imported,
+        "already_present": len(rows) - imported,
+        "teacher_rows_before": before,
+        "rejected": reasons,
+    }
 
 
 def _reject(store, source: str, rejects: list[tuple[str, str, str]]) -> None:
     if rejects:
-        store.append("rejects", [{"source": source, "key": k, "reason": r, "detail": d[:REJECT_DETAIL_CHARS]}
-                                 for r, k, d in rejects])
+        store.append(
+            "rejects",
+            [{"source": source, "key": k, "reason": r, "detail": d[:REJECT_DETAIL_CHARS]} for r, k, d in rejects],
+        )
 
 
 def choose_seed_ids(store, samples_version: int | str, n: int, seed: int = 0, split: str = "train") -> list[str]:
@@ -134,8 +149,15 @@ def choose_seed_ids(store, samples_version: int | str, n: int, seed: int = 0, sp
     return sorted(random.Random(seed).sample(ids, n))
 
 
-def teach_seed(cfg: Any, store, samples_version: int | str, ids: Iterable[str], out_dir: str | Path,
-               backend: Optional[Backend] = None, progress: bool = True) -> dict:
+def teach_seed(
+    cfg: Any,
+    store,
+    samples_version: int | str,
+    ids: Iterable[str],
+    out_dir: str | Path,
+    backend: Optional[Backend] = None,
+    progress: bool = True,
+) -> dict:
     """Have the teacher (the openai backend of `cfg`, an `AnnotateConfig`) annotate `ids` into `seed`.
 
     Ids already in `seed` are skipped; the request log in `out_dir` makes a restart re-pay nothing.
@@ -151,8 +173,12 @@ def teach_seed(cfg: Any, store, samples_version: int | str, ids: Iterable[str], 
     if own:
         from .backends.openai_backend import OpenAIBackend
 
-        backend = OpenAIBackend(cfg.openai, max_new_tokens=max(cfg.max_new_tokens, 1024),
-                                temperature=cfg.temperature, request_log=out_dir / "requests.jsonl")
+        backend = OpenAIBackend(
+            cfg.openai,
+            max_new_tokens=max(cfg.max_new_tokens, 1024),
+            temperature=cfg.temperature,
+            request_log=out_dir / "requests.jsonl",
+        )
     origin = f"teacher:{backend.fingerprint}"
     written, failed = 0, 0
     bar = tqdm(total=len(wanted), desc="teach seed", unit="img", disable=not progress)
@@ -162,7 +188,7 @@ def teach_seed(cfg: Any, store, samples_version: int | str, ids: Iterable[str], 
         for rb in scan:
             batch += [r for r in rb.to_pylist() if r["id"] in wanted]
             while len(batch) >= cfg.batch_size:
-                chunk, batch = batch[: cfg.batch_size], batch[cfg.batch_size:]
+                chunk, batch = batch[: cfg.batch_size], batch[cfg.batch_size :]
                 w, f = _teach_batch(backend, chunk, cfg, store, origin)
                 written, failed = written + w, failed + f
                 bar.update(len(chunk))
@@ -183,7 +209,10 @@ def _teach_batch(backend: Backend, samples: list[dict], cfg: Any, store, origin:
     items = [(s["image"], build_teacher_prompt(s["alt_text"])) for s in samples]
     outputs, results, _ = generate_with_retries(backend, items, [s["id"] for s in samples], cfg)
     rows = [{"id": s["id"], **r.record, "origin": origin} for s, r in zip(samples, results) if r.usable]
-    bad = [("teacher_output_unusable", s["id"], f"{getattr(o, 'reason', '') or r.reason}: {str(o)[:RAW_OUTPUT_CHARS]}")
-           for s, r, o in zip(samples, results, outputs) if not r.usable]
+    bad = [
+        ("teacher_output_unusable", s["id"], f"{getattr(o, 'reason', '') or r.reason}: {str(o)[:RAW_OUTPUT_CHARS]}")
+        for s, r, o in zip(samples, results, outputs)
+        if not r.usable
+    ]
     _reject(store, "teacher", bad)
     return store.insert_new("teacher", rows), len(bad)

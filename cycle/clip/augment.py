@@ -5,6 +5,7 @@ inside loader workers: a resumed run, or a run split over another number of rank
 crops. Here the dataset yields the deterministic (validation) transform's tensors and the crop is drawn
 from a generator keyed by the sample, so resume and rank count never change what a step sees.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -26,8 +27,9 @@ CROP_TRIES = 10
 CROP_STREAM = 0xA06
 
 
-def _crop_box(rng: np.random.Generator, height: int, width: int, scale: tuple[float, float],
-              ratio: tuple[float, float]) -> tuple[int, int, int, int]:
+def _crop_box(
+    rng: np.random.Generator, height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float]
+) -> tuple[int, int, int, int]:
     """RandomResizedCrop's box rule (`CROP_TRIES` tries, then the whole image), from an explicit generator."""
     area = height * width
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
@@ -43,9 +45,14 @@ def _crop_box(rng: np.random.Generator, height: int, width: int, scale: tuple[fl
     return 0, 0, height, width
 
 
-def random_resized_crop(images: torch.Tensor, ids: Sequence[str], seed: int, step: int,
-                        scale: tuple[float, float] = CROP_SCALE,
-                        ratio: tuple[float, float] = CROP_RATIO) -> torch.Tensor:
+def random_resized_crop(
+    images: torch.Tensor,
+    ids: Sequence[str],
+    seed: int,
+    step: int,
+    scale: tuple[float, float] = CROP_SCALE,
+    ratio: tuple[float, float] = CROP_RATIO,
+) -> torch.Tensor:
     """Crop each image of an (N, C, H, W) batch and resize it back to (H, W), seeded by (seed, step, id)."""
     if scale[0] >= 1.0:
         return images
@@ -55,6 +62,7 @@ def random_resized_crop(images: torch.Tensor, ids: Sequence[str], seed: int, ste
         key = int.from_bytes(hashlib.blake2b(str(ids[i]).encode(), digest_size=8).digest(), "little")
         rng = np.random.default_rng([int(seed), int(step), key, CROP_STREAM])
         top, left, h, w = _crop_box(rng, height, width, scale, ratio)
-        out[i] = TF.resized_crop(images[i], top, left, h, w, [height, width],
-                                 interpolation=InterpolationMode.BICUBIC, antialias=True)
+        out[i] = TF.resized_crop(
+            images[i], top, left, h, w, [height, width], interpolation=InterpolationMode.BICUBIC, antialias=True
+        )
     return out

@@ -17,6 +17,7 @@ Resume unpickles no objects from the run folder: every file, DeepSpeed's include
 `torch.load(weights_only=True)` (tensors, plain data, and the few DeepSpeed data classes in
 `_deepspeed_data_classes`); a file that holds anything else is refused with a `ResumeError`.
 """
+
 from __future__ import annotations
 
 import json
@@ -59,7 +60,8 @@ def check_run(root: Path, identity: dict) -> None:
             if key != "fingerprint" and mine.get(key) != theirs.get(key):
                 raise ResumeError(
                     f"checkpoint directory '{root}' belongs to a run with another {key} ({theirs.get(key)!r}, now "
-                    f"{mine.get(key)!r}); use another out_dir, or delete it to start over")
+                    f"{mine.get(key)!r}); use another out_dir, or delete it to start over"
+                )
     else:
         write_json_atomic(run_file, identity, indent=1)
 
@@ -101,7 +103,7 @@ def save(engine, root: Path, step: int, client_state: dict, info: DistInfo, keep
         _fsync_path(root)
         write_text_atomic(root / LATEST, tag + "\n")
         old = sorted(p for p in root.glob("step-*") if p.is_dir() and p.name != tag)
-        for p in old[:max(0, len(old) - (keep - 1))]:
+        for p in old[: max(0, len(old) - (keep - 1))]:
             shutil.rmtree(p, ignore_errors=True)
     barrier()
     return tag
@@ -124,11 +126,17 @@ def _rng_state() -> dict:
     """This process's RNG states as tensors and plain numbers (what `weights_only=True` reads back)."""
     np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
     py_version, py_words, py_gauss = random.getstate()
-    state = {"torch": torch.get_rng_state(),
-             "numpy": {"kind": np_kind, "keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
-                       "has_gauss": int(np_has_gauss), "cached_gaussian": float(np_gauss)},
-             "python": {"version": py_version, "words": torch.tensor(py_words, dtype=torch.int64),
-                        "gauss_next": py_gauss}}
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "kind": np_kind,
+            "keys": torch.from_numpy(np_keys.astype(np.int64)),
+            "pos": int(np_pos),
+            "has_gauss": int(np_has_gauss),
+            "cached_gaussian": float(np_gauss),
+        },
+        "python": {"version": py_version, "words": torch.tensor(py_words, dtype=torch.int64), "gauss_next": py_gauss},
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -137,8 +145,9 @@ def _rng_state() -> dict:
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
+    np.random.set_state(
+        (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
     p = state["python"]
     random.setstate((p["version"], tuple(int(w) for w in p["words"].tolist()), p["gauss_next"]))
     if "cuda" in state and torch.cuda.is_available():
@@ -165,8 +174,9 @@ def load(engine, root: Path, info: DistInfo) -> Optional[dict]:
     original = engine.checkpoint_engine
     engine.checkpoint_engine = _WeightsOnlyLoads(original)
     try:
-        path, client_state = engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True,
-                                                    load_lr_scheduler_states=False)
+        path, client_state = engine.load_checkpoint(
+            str(root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False
+        )
     finally:
         engine.checkpoint_engine = original
     if path is None:
@@ -181,8 +191,10 @@ def load_weights_only(path: Path, map_location=None):
         with torch.serialization.safe_globals(_deepspeed_data_classes()):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        raise ResumeError(f"checkpoint file '{path}' holds more than tensors and plain data; refused (resume "
-                          f"never unpickles objects from the run folder): {str(err).splitlines()[0]}") from None
+        raise ResumeError(
+            f"checkpoint file '{path}' holds more than tensors and plain data; refused (resume "
+            f"never unpickles objects from the run folder): {str(err).splitlines()[0]}"
+        ) from None
 
 
 def _deepspeed_data_classes() -> list:

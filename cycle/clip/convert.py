@@ -15,6 +15,7 @@ Exactness notes:
   `eos` pooling maps to HF's first-occurrence-of-`eos_token_id` rule.
 - Both text towers use the causal mask and no padding mask, so the padding after EOT never reaches it.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -67,15 +68,22 @@ def _block_state(block: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
     q_w, k_w, v_w = attn.in_proj_weight.detach().chunk(3, dim=0)
     q_b, k_b, v_b = attn.in_proj_bias.detach().chunk(3, dim=0)
     out = {
-        "self_attn.q_proj.weight": q_w, "self_attn.q_proj.bias": q_b,
-        "self_attn.k_proj.weight": k_w, "self_attn.k_proj.bias": k_b,
-        "self_attn.v_proj.weight": v_w, "self_attn.v_proj.bias": v_b,
+        "self_attn.q_proj.weight": q_w,
+        "self_attn.q_proj.bias": q_b,
+        "self_attn.k_proj.weight": k_w,
+        "self_attn.k_proj.bias": k_b,
+        "self_attn.v_proj.weight": v_w,
+        "self_attn.v_proj.bias": v_b,
         "self_attn.out_proj.weight": attn.out_proj.weight.detach(),
         "self_attn.out_proj.bias": attn.out_proj.bias.detach(),
-        "layer_norm1.weight": block.ln_1.weight.detach(), "layer_norm1.bias": block.ln_1.bias.detach(),
-        "layer_norm2.weight": block.ln_2.weight.detach(), "layer_norm2.bias": block.ln_2.bias.detach(),
-        "mlp.fc1.weight": block.mlp.c_fc.weight.detach(), "mlp.fc1.bias": block.mlp.c_fc.bias.detach(),
-        "mlp.fc2.weight": block.mlp.c_proj.weight.detach(), "mlp.fc2.bias": block.mlp.c_proj.bias.detach(),
+        "layer_norm1.weight": block.ln_1.weight.detach(),
+        "layer_norm1.bias": block.ln_1.bias.detach(),
+        "layer_norm2.weight": block.ln_2.weight.detach(),
+        "layer_norm2.bias": block.ln_2.bias.detach(),
+        "mlp.fc1.weight": block.mlp.c_fc.weight.detach(),
+        "mlp.fc1.bias": block.mlp.c_fc.bias.detach(),
+        "mlp.fc2.weight": block.mlp.c_proj.weight.detach(),
+        "mlp.fc2.bias": block.mlp.c_proj.bias.detach(),
     }
     return {f"{prefix}{k}": v.clone() for k, v in out.items()}
 
@@ -194,7 +202,9 @@ def hf_text_config(model: nn.Module) -> CLIPTextConfig:
         hidden_act=_hidden_act(block),
         layer_norm_eps=_ln_eps(text.ln_final),
         projection_dim=_proj_weight(proj).shape[0],
-        pad_token_id=0, bos_token_id=49406, eos_token_id=eos_id,
+        pad_token_id=0,
+        bos_token_id=49406,
+        eos_token_id=eos_id,
     )
 
 
@@ -227,11 +237,16 @@ def openclip_to_hf_clip(model: nn.Module) -> CLIPModel:
     logit_scale = float(model.logit_scale.detach().reshape(-1)[0])
     if getattr(model, "logit_bias", None) is not None:
         raise ConversionError("model has a logit bias (SigLIP-style): HF CLIPModel has none")
-    config = CLIPConfig(text_config=text_cfg.to_dict(), vision_config=vision_cfg.to_dict(),
-                        projection_dim=vision_cfg.projection_dim, logit_scale_init_value=logit_scale)
+    config = CLIPConfig(
+        text_config=text_cfg.to_dict(),
+        vision_config=vision_cfg.to_dict(),
+        projection_dim=vision_cfg.projection_dim,
+        logit_scale_init_value=logit_scale,
+    )
     if text_cfg.projection_dim != vision_cfg.projection_dim:
-        raise ConversionError(f"text and image embeddings differ in size ({text_cfg.projection_dim} vs "
-                              f"{vision_cfg.projection_dim})")
+        raise ConversionError(
+            f"text and image embeddings differ in size ({text_cfg.projection_dim} vs {vision_cfg.projection_dim})"
+        )
     hf = CLIPModel(config)
     state = {f"vision_model.{k}": v for k, v in vision_state_dict(visual).items()}
     state.update({f"text_model.{k}": v for k, v in text_state_dict(model).items()})
@@ -247,6 +262,7 @@ def _load_exact(hf: nn.Module, state: dict[str, torch.Tensor], what: str) -> Non
     expected = set(hf.state_dict().keys())
     missing, unexpected = expected - set(state), set(state) - expected
     if missing or unexpected:
-        raise ConversionError(f"{what} weight mapping incomplete: missing {sorted(missing)[:5]}, "
-                              f"unexpected {sorted(unexpected)[:5]}")
+        raise ConversionError(
+            f"{what} weight mapping incomplete: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+        )
     hf.load_state_dict(state, strict=True)

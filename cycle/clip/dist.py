@@ -8,6 +8,7 @@
 - `DistInfo.current()`: rank, local rank and world size of this process.
 - `init_process_group(device)` / `shutdown()`: DeepSpeed's comm backend up and down, idempotent.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -32,8 +33,9 @@ class DistInfo:
 
     @classmethod
     def current(cls) -> "DistInfo":
-        return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
-                   int(os.environ.get("WORLD_SIZE", 1)))
+        return cls(
+            int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        )
 
     @property
     def is_main(self) -> bool:
@@ -54,8 +56,9 @@ def free_port() -> int:
 @contextlib.contextmanager
 def _rendezvous_env(rank: int, world_size: int, port: int):
     saved = {k: os.environ.get(k) for k in _RENDEZVOUS}
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     try:
         yield
     finally:
@@ -108,8 +111,14 @@ def _run_ranks(fn: Callable, world_size: int, args: tuple) -> None:
             pickle.dump((fn.__module__, fn.__qualname__, args, threads), fh)
         procs = []
         for rank in range(world_size):
-            env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+            env = dict(
+                os.environ,
+                RANK=str(rank),
+                LOCAL_RANK=str(rank),
+                WORLD_SIZE=str(world_size),
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=str(port),
+            )
             procs.append(subprocess.Popen([sys.executable, "-m", "cycle.clip.dist", payload], env=env))
         failed = _wait_all(procs)
     if failed:
@@ -192,6 +201,7 @@ def shutdown() -> None:
         import deepspeed.comm
 
         deepspeed.comm.destroy_process_group()
+
 
 if __name__ == "__main__":
     import sys

@@ -7,6 +7,7 @@
   (tokenizer built from open_clip's bundled BPE vocabulary, image processor from the preprocess config).
   The export is reloaded and its embeddings compared with open_clip's before it is put in place.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,8 @@ from typing import Optional
 import torch
 
 from ..errors import HQClipError
-from .convert import openclip_to_hf_clip
 from ..files import replace_dir
+from .convert import openclip_to_hf_clip
 from .model import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, read_checkpoint_config
 from .saved import load_clip
 
@@ -77,14 +78,17 @@ def hf_image_processor(preprocess_cfg: dict):
     size = size[0] if isinstance(size, (list, tuple)) else size
     resample = {"bicubic": 3, "bilinear": 2, "nearest": 0}.get(preprocess_cfg.get("interpolation", "bicubic"), 3)
     return CLIPImageProcessor(
-        size={"shortest_edge": size}, crop_size={"height": size, "width": size}, resample=resample,
+        size={"shortest_edge": size},
+        crop_size={"height": size, "width": size},
+        resample=resample,
         image_mean=list(preprocess_cfg.get("mean", (0.48145466, 0.4578275, 0.40821073))),
         image_std=list(preprocess_cfg.get("std", (0.26862954, 0.26130258, 0.27577711))),
     )
 
 
-def export_hf_clip(clip_dir: str | Path, out_dir: str | Path, tolerance: float = EXPORT_TOLERANCE,
-                   seed: int = 0) -> dict:
+def export_hf_clip(
+    clip_dir: str | Path, out_dir: str | Path, tolerance: float = EXPORT_TOLERANCE, seed: int = 0
+) -> dict:
     """Write a transformers `CLIPModel` + `CLIPProcessor` for a checkpoint; returns the measured differences.
 
     The text tokenizer and processor are saved only for open_clip's bundled BPE tokenizer (the model
@@ -102,11 +106,14 @@ def export_hf_clip(clip_dir: str | Path, out_dir: str | Path, tolerance: float =
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         hf.save_pretrained(tmp)
-        bundled_bpe = (type(tokenizer).__name__ == "SimpleTokenizer"
-                       and not config["model_cfg"]["text_cfg"].get("hf_tokenizer_name"))
+        bundled_bpe = type(tokenizer).__name__ == "SimpleTokenizer" and not config["model_cfg"]["text_cfg"].get(
+            "hf_tokenizer_name"
+        )
         if bundled_bpe:
-            processor = CLIPProcessor(image_processor=hf_image_processor(config.get("preprocess_cfg") or {}),
-                                      tokenizer=hf_tokenizer(int(model.context_length)))
+            processor = CLIPProcessor(
+                image_processor=hf_image_processor(config.get("preprocess_cfg") or {}),
+                tokenizer=hf_tokenizer(int(model.context_length)),
+            )
             processor.save_pretrained(tmp)
         reloaded = CLIPModel.from_pretrained(tmp).eval()
         diffs = compare_embeddings(model, reloaded, tokenizer, seed=seed)
@@ -116,8 +123,11 @@ def export_hf_clip(clip_dir: str | Path, out_dir: str | Path, tolerance: float =
         bad = [k for k in ("image", "text") if diffs[k] > tolerance * max(1.0, diffs[f"{k}_max_abs"])]
         if bad or diffs["logit_scale"] > tolerance or diffs.get("tokenizer_ids_equal") is False:
             raise ExportError(f"HF export of '{clip_dir}' differs from open_clip: {diffs}")
-        (tmp / "hqclip_export.json").write_text(json.dumps(
-            {"source": str(clip_dir), "model_name": config.get("model_name"), "max_abs_diff": diffs}, indent=2))
+        (tmp / "hqclip_export.json").write_text(
+            json.dumps(
+                {"source": str(clip_dir), "model_name": config.get("model_name"), "max_abs_diff": diffs}, indent=2
+            )
+        )
         replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -136,22 +146,28 @@ def compare_embeddings(model, hf, tokenizer, n_images: int = 4, seed: int = 0) -
     img_hf = hf.get_image_features(pixel_values=images).pooler_output
     txt_hf = hf.get_text_features(input_ids=ids).pooler_output
     scale = (model.logit_scale.reshape(()) - hf.logit_scale.reshape(())).abs()
-    return {"image": float((img_oc - img_hf).abs().max()), "text": float((txt_oc - txt_hf).abs().max()),
-            "logit_scale": float(scale), "image_max_abs": float(img_oc.abs().max()),
-            "text_max_abs": float(txt_oc.abs().max())}
+    return {
+        "image": float((img_oc - img_hf).abs().max()),
+        "text": float((txt_oc - txt_hf).abs().max()),
+        "logit_scale": float(scale),
+        "image_max_abs": float(img_oc.abs().max()),
+        "text_max_abs": float(txt_oc.abs().max()),
+    }
 
 
 def _tokenizer_matches(hf_dir: Path, tokenizer, context_length: int) -> bool:
     from transformers import CLIPTokenizer
 
     hf_tok = CLIPTokenizer.from_pretrained(hf_dir)
-    hf_ids = hf_tok(PROMPTS, padding="max_length", truncation=True, max_length=context_length,
-                    return_tensors="pt")["input_ids"]
+    hf_ids = hf_tok(PROMPTS, padding="max_length", truncation=True, max_length=context_length, return_tensors="pt")[
+        "input_ids"
+    ]
     return bool(torch.equal(hf_ids, tokenizer(PROMPTS)))
 
 
-def export_clip(clip_dir: str | Path, out_dir: str | Path, fmt: str = "hf",
-                include_extras: bool = False) -> Optional[dict]:
+def export_clip(
+    clip_dir: str | Path, out_dir: str | Path, fmt: str = "hf", include_extras: bool = False
+) -> Optional[dict]:
     """The `hqclip export-clip` stage: `fmt` is "hf" (transformers) or "open_clip"."""
     if fmt == "hf":
         return export_hf_clip(clip_dir, out_dir)

@@ -25,6 +25,7 @@ and scaled by W, so the average over ranks (what DeepSpeed's gradient averaging 
 global loss above. The returned terms are already weighted; a zero weight means the term is not computed
 and not returned. The clamp of t at ln(100) is the trainer's job, after the optimizer step.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -57,7 +58,7 @@ class _AllGatherWithGrad(torch.autograd.Function):
 
         grad = grad.contiguous().clone()
         dist.all_reduce(grad)
-        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
 
 
 def _gather_with_grad(t: Tensor) -> Tensor:
@@ -87,8 +88,14 @@ class HQClipLoss(nn.Module):
     `cfg.hni_mode` is "batch" or "pair": config validation (`loss.hni_mode`) refuses anything else.
     """
 
-    def __init__(self, cfg: LossConfig, rank: int = 0, world_size: int = 1,
-                 hni_weight: Optional[float] = None, stc_weight: Optional[float] = None):
+    def __init__(
+        self,
+        cfg: LossConfig,
+        rank: int = 0,
+        world_size: int = 1,
+        hni_weight: Optional[float] = None,
+        stc_weight: Optional[float] = None,
+    ):
         super().__init__()
         self.rank, self.world_size = rank, world_size
         self.hni_mode = cfg.hni_mode
@@ -113,11 +120,19 @@ class HQClipLoss(nn.Module):
             count = _global_sum(count)
         return local_sum * self.world_size / count.clamp(min=1.0)
 
-    def forward(self, image_features: Tensor, text_features: Tensor, logit_scale: Tensor,
-                neg_text_features: Optional[Tensor] = None, neg_valid: Optional[Tensor] = None,
-                text_keys: Optional[Tensor] = None, neg_keys: Optional[Tensor] = None,
-                tag_logits: Optional[Tensor] = None, tag_targets: Optional[Tensor] = None,
-                **_unused) -> dict[str, Tensor]:
+    def forward(
+        self,
+        image_features: Tensor,
+        text_features: Tensor,
+        logit_scale: Tensor,
+        neg_text_features: Optional[Tensor] = None,
+        neg_valid: Optional[Tensor] = None,
+        text_keys: Optional[Tensor] = None,
+        neg_keys: Optional[Tensor] = None,
+        tag_logits: Optional[Tensor] = None,
+        tag_targets: Optional[Tensor] = None,
+        **_unused,
+    ) -> dict[str, Tensor]:
         n = image_features.shape[0]
         # The softmax and its log in fp32 even when the towers run in bf16.
         image_features, text_features = image_features.float(), text_features.float()
@@ -130,8 +145,9 @@ class HQClipLoss(nn.Module):
             logits_per_image = logit_scale * image_features @ text_features.T
             logits_per_text = logit_scale * text_features @ image_features.T
         labels = torch.arange(n, device=image_features.device) + n * self.rank
-        losses = {"clip_loss": (F.cross_entropy(logits_per_image, labels)
-                                + F.cross_entropy(logits_per_text, labels)) / 2}
+        losses = {
+            "clip_loss": (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+        }
 
         if self.uses_negatives:
             if neg_text_features is None or neg_valid is None:
@@ -141,11 +157,15 @@ class HQClipLoss(nn.Module):
             if self.hni_mode == "pair":
                 pos_logit = logit_scale * (image_features * text_features).sum(-1)
                 neg_logit = logit_scale * (image_features * neg).sum(-1)
-                per_row = F.cross_entropy(torch.stack([pos_logit, neg_logit], 1),
-                                          torch.zeros(n, dtype=torch.long, device=neg.device), reduction="none")
+                per_row = F.cross_entropy(
+                    torch.stack([pos_logit, neg_logit], 1),
+                    torch.zeros(n, dtype=torch.long, device=neg.device),
+                    reduction="none",
+                )
             else:
-                per_row = self._batch_hni_rows(image_features, logits_per_image, logit_scale, neg, neg_valid,
-                                               text_keys, neg_keys, labels)
+                per_row = self._batch_hni_rows(
+                    image_features, logits_per_image, logit_scale, neg, neg_valid, text_keys, neg_keys, labels
+                )
             losses["hni_loss"] = self.hni_weight * self._masked_mean(per_row, neg_valid)
 
         if self.uses_tags:
@@ -156,8 +176,9 @@ class HQClipLoss(nn.Module):
             losses["stc_loss"] = self.stc_weight * self._masked_mean(per_row, targets.sum(-1) > 0)
         return losses
 
-    def _batch_hni_rows(self, image_features, logits_per_image, logit_scale, neg, neg_valid, text_keys,
-                        neg_keys, labels) -> Tensor:
+    def _batch_hni_rows(
+        self, image_features, logits_per_image, logit_scale, neg, neg_valid, text_keys, neg_keys, labels
+    ) -> Tensor:
         if self.world_size > 1:
             all_neg = _gather_with_grad(neg)
             all_valid = _gather_no_grad(neg_valid.to(torch.uint8)).bool()

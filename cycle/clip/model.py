@@ -8,6 +8,7 @@ A saved CLIP (the checkpoint directory) is `saved.py`.
 
 `ClipWithTagHead` is the module the trainer optimises: the CLIP plus, when STC is on, the tag head.
 """
+
 from __future__ import annotations
 
 import json
@@ -69,6 +70,7 @@ def list_architectures() -> list[str]:
 @contextmanager
 def _quiet_random_init():
     """open_clip warns "initialized randomly" whenever it loads no weights itself: expected here."""
+
     def drop(record: logging.LogRecord) -> bool:
         return "Model initialized randomly" not in record.getMessage()
 
@@ -90,8 +92,9 @@ def _resolve_pretrained(pretrained: Optional[str]) -> Optional[str]:
     return pretrained
 
 
-def create_clip(name: str, pretrained: Optional[str] = None, device: str | torch.device = "cpu",
-                image_size: Optional[int] = None):
+def create_clip(
+    name: str, pretrained: Optional[str] = None, device: str | torch.device = "cpu", image_size: Optional[int] = None
+):
     """Build a CLIP by architecture name. Returns (model, preprocess_train, preprocess_val, tokenizer).
 
     `pretrained` is an open_clip tag (downloads: needs a hub), a weights file, or a checkpoint directory
@@ -106,7 +109,10 @@ def create_clip(name: str, pretrained: Optional[str] = None, device: str | torch
         raise UnknownArchitectureError(f"unknown CLIP architecture '{name}'; known: {known}")
     with _quiet_random_init() if pretrained is None else nullcontext():
         model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
-            name, pretrained=_resolve_pretrained(pretrained), device=device, force_image_size=image_size,
+            name,
+            pretrained=_resolve_pretrained(pretrained),
+            device=device,
+            force_image_size=image_size,
             nonscalar_logit_scale=True,
         )
     tokenizer = open_clip.get_tokenizer(name)
@@ -175,8 +181,9 @@ class ClipWithTagHead(nn.Module):
     (the others stay zero rows, masked by the loss).
     """
 
-    def __init__(self, clip: nn.Module, num_tags: int = 0, embed_dim: Optional[int] = None,
-                 cut_text_padding: bool = True):
+    def __init__(
+        self, clip: nn.Module, num_tags: int = 0, embed_dim: Optional[int] = None, cut_text_padding: bool = True
+    ):
         super().__init__()
         self.clip = clip
         self.cut_text_padding = cut_text_padding
@@ -199,8 +206,14 @@ class ClipWithTagHead(nn.Module):
             return encode_text(self.clip, tokens)
         return self.clip.encode_text(tokens, normalize=True)
 
-    def forward(self, images: Tensor, texts: Tensor, neg_texts: Optional[Tensor] = None,
-                neg_valid: Optional[Tensor] = None, **_unused) -> dict[str, Tensor]:
+    def forward(
+        self,
+        images: Tensor,
+        texts: Tensor,
+        neg_texts: Optional[Tensor] = None,
+        neg_valid: Optional[Tensor] = None,
+        **_unused,
+    ) -> dict[str, Tensor]:
         image_features = self.clip.encode_image(images, normalize=True)
         n = texts.shape[0]
         out = {"image_features": image_features}
@@ -235,15 +248,17 @@ def encode_text(clip: nn.Module, tokens: Tensor) -> Tensor:
     # the split into (short, long) that runs the fewest token positions
     k = min(range(1, n), key=lambda i: i * ordered[i - 1] + (n - i) * ordered[-1])
     parts = [order[:k], order[k:]]
-    feats = torch.cat([_encode_cut(clip, tokens[idx, :int(max(lengths[idx].max(), 1))]) for idx in parts])
+    feats = torch.cat([_encode_cut(clip, tokens[idx, : int(max(lengths[idx].max(), 1))]) for idx in parts])
     return feats[torch.argsort(torch.cat(parts))]
 
 
 def _trimmable(clip: nn.Module) -> bool:
     """open_clip `CLIP` with a causal text tower pooled at the end-of-text token (argmax / eos)."""
-    return (all(hasattr(clip, a) for a in ("token_embedding", "positional_embedding", "transformer", "ln_final"))
-            and getattr(clip, "attn_mask", None) is not None
-            and getattr(clip, "text_pool_type", None) in ("argmax", "eos"))
+    return (
+        all(hasattr(clip, a) for a in ("token_embedding", "positional_embedding", "transformer", "ln_final"))
+        and getattr(clip, "attn_mask", None) is not None
+        and getattr(clip, "text_pool_type", None) in ("argmax", "eos")
+    )
 
 
 def _encode_cut(clip: nn.Module, tokens: Tensor) -> Tensor:

@@ -2,6 +2,7 @@
 
 (The schedule itself, `cosine_lr`, is shared by every trainer: `cycle.schedule`.)
 """
+
 from __future__ import annotations
 
 import math
@@ -17,8 +18,15 @@ NEVER = 2**31 - 1  # a step count no run reaches: DeepSpeed's own step printing 
 
 def no_weight_decay(name: str, param: nn.Parameter) -> bool:
     """Biases, norms, the logit scale and embeddings are not decayed (open_clip's rule, plus embeddings)."""
-    return (param.ndim < 2 or "bias" in name or "ln" in name or "norm" in name or "bn" in name
-            or "logit_scale" in name or "embedding" in name)
+    return (
+        param.ndim < 2
+        or "bias" in name
+        or "ln" in name
+        or "norm" in name
+        or "bn" in name
+        or "logit_scale" in name
+        or "embedding" in name
+    )
 
 
 def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
@@ -31,8 +39,9 @@ def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
 
 def make_optimizer(module: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     # A torch AdamW, not DeepSpeed's config optimizer: that one JIT-compiles a fused Adam for minutes on CPU.
-    return torch.optim.AdamW(param_groups(module, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                             eps=cfg.eps)
+    return torch.optim.AdamW(
+        param_groups(module, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps
+    )
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

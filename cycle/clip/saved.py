@@ -7,6 +7,7 @@ offline (`open_clip.create_model_and_transforms("local-dir:PATH")`):
 
 Weights are read with safetensors only: nothing in a checkpoint directory is unpickled.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,18 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..files import replace_dir
-from .model import (CONFIG_FILE, WEIGHTS_FILE, CheckpointError, _plain_name, _quiet_random_init, _remember,
-                    model_config_of, read_checkpoint_config, register_model_configs)
+from .model import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    CheckpointError,
+    _plain_name,
+    _quiet_random_init,
+    _remember,
+    model_config_of,
+    read_checkpoint_config,
+    register_model_configs,
+)
+
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """DeepSpeed engines and DDP wrap the CLIP in `.module`."""
@@ -31,9 +42,13 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def save_clip(model: torch.nn.Module, model_name: Optional[str], path: str | Path,
-              extra_tensors: Optional[dict[str, dict[str, torch.Tensor]]] = None,
-              extra_json: Optional[dict[str, Any]] = None) -> Path:
+def save_clip(
+    model: torch.nn.Module,
+    model_name: Optional[str],
+    path: str | Path,
+    extra_tensors: Optional[dict[str, dict[str, torch.Tensor]]] = None,
+    extra_json: Optional[dict[str, Any]] = None,
+) -> Path:
     """Write a checkpoint directory (see the module doc). Atomic: written aside, then renamed into place.
 
     `extra_tensors` maps a file stem to a state dict (`{"stc_head": head.state_dict()}` ->
@@ -91,7 +106,8 @@ def load_clip(path: str | Path, device: str | torch.device = "cpu"):
         # silently resize a position embedding that does not match the config.
         with _quiet_random_init():
             model, _, preprocess_val = open_clip.create_model_and_transforms(
-                f"local-dir:{path}", load_weights=False, nonscalar_logit_scale=True)
+                f"local-dir:{path}", load_weights=False, nonscalar_logit_scale=True
+            )
         state = load_file(path / WEIGHTS_FILE)
         if "logit_scale" in state:
             state["logit_scale"] = state["logit_scale"].reshape(model.logit_scale.shape)

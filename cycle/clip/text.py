@@ -13,6 +13,7 @@ Per sample (see `TextDrawer`):
   batch stats (`truncated`), never silent.
 Draws are a pure function of (seed, step, sample id): the same on any rank count, and on resume.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -149,9 +150,17 @@ class TextDrawer:
         negatives: tokenize negatives (HNI on); tag_vocab: STC vocabulary (STC on), else None.
     """
 
-    def __init__(self, cfg: LossConfig, tokenizer, seed: int = 0, *, use_annotations: bool = True,
-                 negatives: bool = True, tag_vocab: Optional[Sequence[str]] = None,
-                 context_length: Optional[int] = None):
+    def __init__(
+        self,
+        cfg: LossConfig,
+        tokenizer,
+        seed: int = 0,
+        *,
+        use_annotations: bool = True,
+        negatives: bool = True,
+        tag_vocab: Optional[Sequence[str]] = None,
+        context_length: Optional[int] = None,
+    ):
         self.cfg, self.tokenizer, self.seed = cfg, tokenizer, int(seed)
         self.context_length = int(context_length or getattr(tokenizer, "context_length", OPEN_CLIP_CONTEXT))
         self.count = TokenCounter(tokenizer, self.context_length)
@@ -174,16 +183,24 @@ class TextDrawer:
         for i in range(n):
             rng = np.random.default_rng([self.seed, int(step), _id_entropy(ids[i])])
             use = self.use_annotations and annotated[i]
-            pos, neg = self._draw_one(rng, alts[i] or "", desc[i] if use else [], neg_desc[i] if use else [],
-                                      neg_tags[i] if use else [], stats)
+            pos, neg = self._draw_one(
+                rng,
+                alts[i] or "",
+                desc[i] if use else [],
+                neg_desc[i] if use else [],
+                neg_tags[i] if use else [],
+                stats,
+            )
             positives.append(pos)
             if self.negatives:
                 ok = bool(neg) and text_key(neg) != text_key(pos)
                 stats["neg_same_as_pos"] += int(bool(neg) and not ok)
                 negatives.append(neg if ok else "")
                 valid.append(ok)
-        out = {"texts": self.tokenizer(positives, context_length=self.context_length),
-               "text_keys": torch.tensor([text_key(t) for t in positives], dtype=torch.long)}
+        out = {
+            "texts": self.tokenizer(positives, context_length=self.context_length),
+            "text_keys": torch.tensor([text_key(t) for t in positives], dtype=torch.long),
+        }
         if self.negatives:
             out["neg_texts"] = self.tokenizer(negatives, context_length=self.context_length)
             out["neg_valid"] = torch.tensor(valid, dtype=torch.bool)

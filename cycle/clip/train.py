@@ -11,6 +11,7 @@ check: the data, the tag vocabulary, the initial CLIP, the checkpoint directory'
 (one rank in this process, or spawned ranks) -> `trainer.train_rank` (the `Trainer`: DeepSpeed engine,
 loop, checkpoints, final save).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -45,8 +46,9 @@ class TrainPlan:
         local = t.batch_size // t.world_size
         micro = t.micro_batch_size or local
         if num_samples < t.batch_size:
-            raise TrainInputError(f"the train split has {num_samples} samples, fewer than one batch "
-                                  f"(train.batch_size={t.batch_size})")
+            raise TrainInputError(
+                f"the train split has {num_samples} samples, fewer than one batch (train.batch_size={t.batch_size})"
+            )
         spe = num_samples // t.batch_size
         return cls(num_samples, t.world_size, t.batch_size, local, micro, local // micro, spe, spe * t.epochs)
 
@@ -69,9 +71,17 @@ class TrainJob:
     notes: list[str] = field(default_factory=list)
 
 
-def train_clip(cfg: RunConfig, store_uri, out_dir, samples_version, annotations_version=None,
-               generation: Optional[int] = None, init_clip=None, progress: bool = True,
-               teacher_version=None) -> Path:
+def train_clip(
+    cfg: RunConfig,
+    store_uri,
+    out_dir,
+    samples_version,
+    annotations_version=None,
+    generation: Optional[int] = None,
+    init_clip=None,
+    progress: bool = True,
+    teacher_version=None,
+) -> Path:
     """Train a CLIP on the train split of `store_uri` at the pinned versions; returns `<out_dir>/model`.
 
     `generation` None or 0: raw alt-text only, HNI and STC off (the baseline). `generation` g >= 1 joins
@@ -84,15 +94,25 @@ def train_clip(cfg: RunConfig, store_uri, out_dir, samples_version, annotations_
     from .trainer import train_rank
 
     device_type = resolve_device(cfg.device).type  # no GPU for device=cuda: refused before anything starts
-    job = prepare(cfg, store_uri, out_dir, samples_version, annotations_version, generation, init_clip,
-                  progress, teacher_version)
+    job = prepare(
+        cfg, store_uri, out_dir, samples_version, annotations_version, generation, init_clip, progress, teacher_version
+    )
     launch(train_rank, cfg.train.world_size, job, accelerator=device_type)
     return job.out_dir / "model"
 
 
 # ----------------------------------------------------------------------------------------------- prepare
-def prepare(cfg: RunConfig, store_uri, out_dir, samples_version, annotations_version=None, generation=None,
-            init_clip=None, progress=True, teacher_version=None) -> TrainJob:
+def prepare(
+    cfg: RunConfig,
+    store_uri,
+    out_dir,
+    samples_version,
+    annotations_version=None,
+    generation=None,
+    init_clip=None,
+    progress=True,
+    teacher_version=None,
+) -> TrainJob:
     from ..data.loader import PairDataset
     from . import checkpoint
     from .text import build_tag_vocab, normalise_tag
@@ -106,20 +126,35 @@ def prepare(cfg: RunConfig, store_uri, out_dir, samples_version, annotations_ver
     if use_annotations:
         _require_annotations(store_uri, generation, annotations_version)
     # The CLIP's (deterministic) transform is set by each rank once it has built the model.
-    dataset = PairDataset(store_uri, "train", samples_version=samples_version,
-                          annotations_version=annotations_version if use_annotations else None,
-                          generation=generation if use_annotations else None,
-                          teacher_version=teacher_version if use_annotations else None)
+    dataset = PairDataset(
+        store_uri,
+        "train",
+        samples_version=samples_version,
+        annotations_version=annotations_version if use_annotations else None,
+        generation=generation if use_annotations else None,
+        teacher_version=teacher_version if use_annotations else None,
+    )
     plan = TrainPlan.make(cfg, len(dataset))
     hni = cfg.loss.hni_weight if use_annotations else 0.0
     stc = cfg.loss.stc_weight if use_annotations else 0.0
-    job = TrainJob(cfg, out_dir, dataset, plan, use_annotations, hni, stc, init_clip=init_clip and str(init_clip),
-                   progress=progress)
+    job = TrainJob(
+        cfg,
+        out_dir,
+        dataset,
+        plan,
+        use_annotations,
+        hni,
+        stc,
+        init_clip=init_clip and str(init_clip),
+        progress=progress,
+    )
     if use_annotations:
         tag_lists = _annotated_tags(store_uri, dataset, generation, teacher_version is not None)
         if not tag_lists:
-            raise TrainInputError(f"generation {generation} has no usable annotations for the train split "
-                             f"(annotations@{dataset.pins.get('annotations')}); annotate before training")
+            raise TrainInputError(
+                f"generation {generation} has no usable annotations for the train split "
+                f"(annotations@{dataset.pins.get('annotations')}); annotate before training"
+            )
         if stc:
             job.tag_vocab = build_tag_vocab(tag_lists, cfg.loss.stc_vocab_size, cfg.loss.stc_min_count)
             if not job.tag_vocab:
@@ -130,11 +165,17 @@ def prepare(cfg: RunConfig, store_uri, out_dir, samples_version, annotations_ver
                 hits = sum(len({normalise_tag(t) for t in tags} & vocab) for tags in tag_lists)
                 job.tag_positive_rate = hits / (len(tag_lists) * len(job.tag_vocab))
     identity = {
-        "clip": to_dict(cfg.clip), "loss": to_dict(cfg.loss) if use_annotations else None,
+        "clip": to_dict(cfg.clip),
+        "loss": to_dict(cfg.loss) if use_annotations else None,
         "train": {k: v for k, v in to_dict(cfg.train).items() if k not in ("checkpoint_every", "log_every")},
-        "data": {"samples": dataset.pins.get("samples"), "annotations": dataset.pins.get("annotations"),
-                 "teacher": dataset.pins.get("teacher"), "generation": generation},
-        "init_clip": job.init_clip, "seed": cfg.seed,
+        "data": {
+            "samples": dataset.pins.get("samples"),
+            "annotations": dataset.pins.get("annotations"),
+            "teacher": dataset.pins.get("teacher"),
+            "generation": generation,
+        },
+        "init_clip": job.init_clip,
+        "seed": cfg.seed,
     }
     identity["fingerprint"] = fingerprint(identity)
     checkpoint.check_run(out_dir / "checkpoints", identity)
@@ -158,11 +199,16 @@ def _require_annotations(store_uri, generation: int, annotations_version) -> Non
     from ..store import USABLE, Store
 
     store = Store(store_uri)
-    usable = store.count("annotations", f"generation = {int(generation)} AND {USABLE}",
-                         version=annotations_version) if store.has("annotations") else 0
+    usable = (
+        store.count("annotations", f"generation = {int(generation)} AND {USABLE}", version=annotations_version)
+        if store.has("annotations")
+        else 0
+    )
     if usable == 0:
-        raise TrainInputError(f"generation {generation} has no usable annotations (annotations@{annotations_version}); "
-                         f"annotate before training")
+        raise TrainInputError(
+            f"generation {generation} has no usable annotations (annotations@{annotations_version}); "
+            f"annotate before training"
+        )
 
 
 def _annotated_tags(store_uri, dataset, generation: int, with_seed: bool) -> list[list[str]]:
@@ -171,8 +217,12 @@ def _annotated_tags(store_uri, dataset, generation: int, with_seed: bool) -> lis
 
     store = Store(store_uri)
     train_ids = store.ids("samples", "split = 'train'", version=dataset.pins["samples"])
-    rows = store.read("annotations", ["id", "tags", "status"], where=f"generation = {int(generation)}",
-                      version=dataset.pins["annotations"]).to_pylist()
+    rows = store.read(
+        "annotations",
+        ["id", "tags", "status"],
+        where=f"generation = {int(generation)}",
+        version=dataset.pins["annotations"],
+    ).to_pylist()
     found = {}
     for r in rows:
         if r["id"] in train_ids and is_usable(r["status"]) and r["id"] not in found:

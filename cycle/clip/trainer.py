@@ -7,6 +7,7 @@ Modelled on torchtitan's `Trainer` (`train` / `train_step` / `forward_backward_s
 pure function of the step: a resume restores the engine, the RNGs, the step and the sampler position
 (see `checkpoint`), nothing else of the loop.
 """
+
 from __future__ import annotations
 
 import copy
@@ -26,8 +27,8 @@ from . import checkpoint, dist
 from .augment import random_resized_crop
 from .loss import HQClipLoss, reduce_for_logging
 from .model import FEATURE_KEYS, ClipWithTagHead, create_clip
-from .saved import save_clip
 from .optim import clamp_logit_scale, deepspeed_config, make_optimizer, set_lr
+from .saved import save_clip
 from .text import TextDrawer
 
 # Per-sample inputs the loss reads directly (not through the model).
@@ -84,17 +85,31 @@ class Trainer:
         module = ClipWithTagHead(clip, num_tags=len(job.tag_vocab) if job.stc_weight else 0)
         module.init_tag_prior(job.tag_positive_rate)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=module, optimizer=make_optimizer(module, cfg.train),
-            config=deepspeed_config(cfg.train, plan.micro_batch, plan.accum_steps, plan.world_size, self.bf16))
+            model=module,
+            optimizer=make_optimizer(module, cfg.train),
+            config=deepspeed_config(cfg.train, plan.micro_batch, plan.accum_steps, plan.world_size, self.bf16),
+        )
         self.logit_scale = module.clip.logit_scale
-        self.loss_fn = HQClipLoss(cfg.loss, rank=info.rank, world_size=info.world_size,
-                                  hni_weight=job.hni_weight, stc_weight=job.stc_weight)
-        self.drawer = TextDrawer(cfg.loss, tokenizer, seed=cfg.train.seed, use_annotations=job.use_annotations,
-                                 negatives=self.loss_fn.uses_negatives,
-                                 tag_vocab=job.tag_vocab if self.loss_fn.uses_tags else None,
-                                 context_length=getattr(clip, "context_length", None))
-        self.sampler = ResumableSampler(plan.num_samples, seed=cfg.train.seed, drop_last=True,
-                                        batch_size=plan.global_batch, rank=info.rank, world_size=info.world_size)
+        self.loss_fn = HQClipLoss(
+            cfg.loss, rank=info.rank, world_size=info.world_size, hni_weight=job.hni_weight, stc_weight=job.stc_weight
+        )
+        self.drawer = TextDrawer(
+            cfg.loss,
+            tokenizer,
+            seed=cfg.train.seed,
+            use_annotations=job.use_annotations,
+            negatives=self.loss_fn.uses_negatives,
+            tag_vocab=job.tag_vocab if self.loss_fn.uses_tags else None,
+            context_length=getattr(clip, "context_length", None),
+        )
+        self.sampler = ResumableSampler(
+            plan.num_samples,
+            seed=cfg.train.seed,
+            drop_last=True,
+            batch_size=plan.global_batch,
+            rank=info.rank,
+            world_size=info.world_size,
+        )
         self.loader = make_loader(job.dataset, sampler=self.sampler, num_workers=cfg.data.num_workers)
         self.checkpoints = job.out_dir / "checkpoints"
         self.step = 0
@@ -109,13 +124,27 @@ class Trainer:
         plan = self.plan
         self.log = JsonlLog(self.job.out_dir / "log.jsonl", self.step, self.info.is_main)
         if self.step == 0:
-            self.log.write({"event": "start", "step": 0, "plan": vars(plan), "notes": self.job.notes,
-                            "hni_weight": self.job.hni_weight, "stc_weight": self.job.stc_weight,
-                            "tag_vocab_size": len(self.job.tag_vocab)})
+            self.log.write(
+                {
+                    "event": "start",
+                    "step": 0,
+                    "plan": vars(plan),
+                    "notes": self.job.notes,
+                    "hni_weight": self.job.hni_weight,
+                    "stc_weight": self.job.stc_weight,
+                    "tag_vocab_size": len(self.job.tag_vocab),
+                }
+            )
         elif self.step < plan.total_steps:
             self.log.write({"event": "resume", "step": self.step})
-        bar = tqdm(total=plan.total_steps, initial=self.step, desc="train clip", unit="step", dynamic_ncols=True,
-                   disable=not (self.job.progress and self.info.is_main))
+        bar = tqdm(
+            total=plan.total_steps,
+            initial=self.step,
+            desc="train clip",
+            unit="step",
+            dynamic_ncols=True,
+            disable=not (self.job.progress and self.info.is_main),
+        )
         self.window = _Window()
         try:
             while self.step < plan.total_steps:
@@ -139,8 +168,11 @@ class Trainer:
         set_lr(self.optimizer, lr)
         texts = self.drawer(batch, self.step)
         self.window.text_stats.update(texts.pop("stats"))
-        inputs = {"images": random_resized_crop(batch["image"], batch["id"], train.seed, self.step).to(
-            device=self.engine.device, dtype=self.dtype)}
+        inputs = {
+            "images": random_resized_crop(batch["image"], batch["id"], train.seed, self.step).to(
+                device=self.engine.device, dtype=self.dtype
+            )
+        }
         inputs.update({k: v.to(self.engine.device) for k, v in texts.items()})
         losses = self.forward_backward_step(inputs)
         self.engine.step()
@@ -151,8 +183,12 @@ class Trainer:
 
     def forward_backward_step(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
         """The batch's gradients into the engine, micro-batch by micro-batch (no division by their count)."""
-        return forward_backward(self.engine, self.loss_fn, split_micro_batches(inputs, self.plan.micro_batch),
-                                lambda loss: self.engine.backward(loss, scale_wrt_gas=False))
+        return forward_backward(
+            self.engine,
+            self.loss_fn,
+            split_micro_batches(inputs, self.plan.micro_batch),
+            lambda loss: self.engine.backward(loss, scale_wrt_gas=False),
+        )
 
     def _report(self, bar, lr: float, terms: dict[str, float]) -> None:
         """The progress bar every step; a log line (a collective: every rank calls this) on the cadence."""
@@ -161,16 +197,28 @@ class Trainer:
         bar.update(1)
         bar.set_postfix({k.replace("_loss", ""): f"{v:.3f}" for k, v in terms.items()} | {"img/s": f"{rate:.0f}"})
         if self.step % self.cfg.train.log_every == 0 or self.step == plan.total_steps:
-            self.log.write({"step": self.step, "epoch": (self.step - 1) // plan.steps_per_epoch, "lr": lr, **terms,
-                            "logit_scale": float(self.logit_scale.detach().float().exp().reshape(-1)[0]),
-                            "samples_per_s": rate,
-                            **text_counts(self.window.text_stats, self.info.world_size, self.engine.device)})
+            self.log.write(
+                {
+                    "step": self.step,
+                    "epoch": (self.step - 1) // plan.steps_per_epoch,
+                    "lr": lr,
+                    **terms,
+                    "logit_scale": float(self.logit_scale.detach().float().exp().reshape(-1)[0]),
+                    "samples_per_s": rate,
+                    **text_counts(self.window.text_stats, self.info.world_size, self.engine.device),
+                }
+            )
             self.window = _Window()
 
     # ------------------------------------------------------------------------------------- state
     def save_checkpoint(self) -> None:
-        checkpoint.save(self.engine, self.checkpoints, self.step,
-                        {"step": self.step, "sampler": self.sampler.state_dict()}, self.info)
+        checkpoint.save(
+            self.engine,
+            self.checkpoints,
+            self.step,
+            {"step": self.step, "sampler": self.sampler.state_dict()},
+            self.info,
+        )
 
     def resume(self) -> None:
         """Continue from the newest complete checkpoint, if there is one (else a fresh start at step 0)."""
@@ -182,8 +230,10 @@ class Trainer:
         self.sampler.set_epoch(step // spe)
         where = (step // spe, (step % spe) * self.plan.global_batch)
         if (self.sampler.epoch, self.sampler.position) != where:
-            raise checkpoint.ResumeError(f"checkpoint at step {step} has sampler state {state['sampler']}, "
-                                         f"expected epoch {where[0]} position {where[1]}")
+            raise checkpoint.ResumeError(
+                f"checkpoint at step {step} has sampler state {state['sampler']}, "
+                f"expected epoch {where[0]} position {where[1]}"
+            )
         self.step = step
 
     def save_model(self) -> Path:
@@ -202,21 +252,35 @@ class Trainer:
             if module.stc_head is not None:
                 extra_tensors["stc_head"] = _strip(state, "stc_head.")
                 extra_json["tag_vocab"] = job.tag_vocab
-            save_clip(clip, self.cfg.clip.name, job.out_dir / "model", extra_tensors=extra_tensors or None,
-                      extra_json=extra_json)
+            save_clip(
+                clip,
+                self.cfg.clip.name,
+                job.out_dir / "model",
+                extra_tensors=extra_tensors or None,
+                extra_json=extra_json,
+            )
         dist.barrier()
         return job.out_dir / "model"
 
     def _summary(self) -> dict:
         p, job = self.plan, self.job
-        return {"steps": p.total_steps, "samples_seen": p.total_steps * p.global_batch, "global_batch": p.global_batch,
-                "micro_batch": p.micro_batch, "world_size": p.world_size, "use_annotations": job.use_annotations,
-                "hni_weight": job.hni_weight, "stc_weight": job.stc_weight, "tag_vocab_size": len(job.tag_vocab),
-                "notes": job.notes, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        return {
+            "steps": p.total_steps,
+            "samples_seen": p.total_steps * p.global_batch,
+            "global_batch": p.global_batch,
+            "micro_batch": p.micro_batch,
+            "world_size": p.world_size,
+            "use_annotations": job.use_annotations,
+            "hni_weight": job.hni_weight,
+            "stc_weight": job.stc_weight,
+            "tag_vocab_size": len(job.tag_vocab),
+            "notes": job.notes,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
 
 
 def _strip(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 # ----------------------------------------------------------------------------------------- pure parts
@@ -224,11 +288,15 @@ def split_micro_batches(inputs: dict[str, Tensor], micro_batch: int) -> list[dic
     n = next(iter(inputs.values())).shape[0]
     if n % micro_batch:
         raise ValueError(f"a batch of {n} does not split into micro-batches of {micro_batch}")
-    return [{k: v[i:i + micro_batch] for k, v in inputs.items()} for i in range(0, n, micro_batch)]
+    return [{k: v[i : i + micro_batch] for k, v in inputs.items()} for i in range(0, n, micro_batch)]
 
 
-def forward_backward(model: Callable[..., dict], loss_fn: Callable[..., dict], micro_batches: list[dict],
-                     backward: Callable[[Tensor], object]) -> dict[str, Tensor]:
+def forward_backward(
+    model: Callable[..., dict],
+    loss_fn: Callable[..., dict],
+    micro_batches: list[dict],
+    backward: Callable[[Tensor], object],
+) -> dict[str, Tensor]:
     """Forward and backward of one batch given as micro-batches; returns the loss terms (detached).
 
     A contrastive loss needs every sample of the batch as a negative, so micro-batches cannot simply add
@@ -253,8 +321,9 @@ def forward_backward(model: Callable[..., dict], loss_fn: Callable[..., dict], m
     loss_inputs = {k: torch.cat([mb[k] for mb in micro_batches]) for k in LOSS_INPUT_KEYS if k in micro_batches[0]}
     for j, mb in enumerate(micro_batches):
         fresh = model(**mb)
-        features = {k: torch.cat([c[k] for c in cached[:j]] + [fresh[k]] + [c[k] for c in cached[j + 1:]])
-                    for k in keys}
+        features = {
+            k: torch.cat([c[k] for c in cached[:j]] + [fresh[k]] + [c[k] for c in cached[j + 1 :]]) for k in keys
+        }
         # The logit scale multiplies every logit, cached ones included: each pass would add the whole
         # batch's d(loss)/d(scale), so only the first pass lets it through (open_clip's accum_freq counts
         # it accum_freq times).
@@ -273,9 +342,11 @@ def text_counts(stats: Counter, world_size: int, device: torch.device) -> dict:
         tdist.all_reduce(values)
     counts = dict(zip(TEXT_COUNT_KEYS, values.tolist()))
     n = max(counts["samples"], 1.0)
-    return {"long_text_share": counts["long_text"] / n,
-            "neg_share": (counts["neg_desc"] + counts["neg_tags"] - counts["neg_same_as_pos"]) / n,
-            "truncated_texts": int(counts["truncated"])}
+    return {
+        "long_text_share": counts["long_text"] / n,
+        "neg_share": (counts["neg_desc"] + counts["neg_tags"] - counts["neg_same_as_pos"]) / n,
+        "truncated_texts": int(counts["truncated"]),
+    }
 
 
 class JsonlLog:

@@ -1,4 +1,5 @@
 """Data: the built-in emoji-scenes dataset (`cycle.data.emoji`), ingest of your own pairs, loaders."""
+
 from __future__ import annotations
 
 from ..errors import HQClipError

@@ -1,4 +1,5 @@
 """`hqclip data`: build the built-in dataset, ingest your own data, list what a run holds."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -28,7 +29,9 @@ def _data_settings(run_dir, config_path, overrides):
 @data.command("ingest")
 @click.argument("source")
 @click.argument("overrides", nargs=-1)
-@click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False), help="Run directory (store: RUN/lance).")
+@click.option(
+    "--run", "run_dir", required=True, type=click.Path(file_okay=False), help="Run directory (store: RUN/lance)."
+)
 @click.option("--kind", type=click.Choice(["auto", "folder", "wds", "parquet"]), default="auto", show_default=True)
 @click.option("--split", default="train", show_default=True)
 @click.option("--id-prefix", default="", help="Prepended to every id (keeps several sources apart).")
@@ -37,21 +40,33 @@ def _data_settings(run_dir, config_path, overrides):
 @click.option("--id-column", help="Parquet: the id column (default: id, uid or key if present).")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="Default: RUN/config.yaml if any.")
 @click.option("--progress/--no-progress", default=True)
-def data_ingest(source, run_dir, kind, split, id_prefix, image_column, text_column, id_column, config_path,
-                overrides, progress):
+def data_ingest(
+    source, run_dir, kind, split, id_prefix, image_column, text_column, id_column, config_path, overrides, progress
+):
     """Ingest SOURCE (image folder, webdataset shards, parquet) into the run's samples table.
 
     OVERRIDES are key=value pairs, e.g. `data.max_pixels=20000000 store.write_batch=4096`.
     """
     from rich.console import Console
 
-    from .ingest import ingest, report_table
     from ..store import Store
+    from .ingest import ingest, report_table
 
     data_cfg, store_cfg = _data_settings(run_dir, config_path, overrides)
     store = Store(store_cfg.uri or Path(run_dir) / "lance")
-    report = ingest(source, store, kind, split, data_cfg, progress, write_batch=store_cfg.write_batch,
-                    id_prefix=id_prefix, image_column=image_column, text_column=text_column, id_column=id_column)
+    report = ingest(
+        source,
+        store,
+        kind,
+        split,
+        data_cfg,
+        progress,
+        write_batch=store_cfg.write_batch,
+        id_prefix=id_prefix,
+        image_column=image_column,
+        text_column=text_column,
+        id_column=id_column,
+    )
     Console().print(report_table(report))
 
 
@@ -79,14 +94,22 @@ def data_list(run_dir):
             continue
         parts = store.count_by(name, by_column[name]) if name in by_column else {}
         tags = ", ".join(f"{t}=v{v}" for t, v in sorted(store.tags(name).items()))
-        tables.add_row(name, str(store.count(name)), escape(", ".join(f"{k}: {v}" for k, v in parts.items())),
-                       str(store.version(name)), str(len(store.versions(name))), escape(tags))
+        tables.add_row(
+            name,
+            str(store.count(name)),
+            escape(", ".join(f"{k}: {v}" for k, v in parts.items())),
+            str(store.version(name)),
+            str(len(store.versions(name))),
+            escape(tags),
+        )
     console.print(tables)
     if store.has("rejects") and store.count("rejects"):
         rejects = Table(title="rejects by source and reason")
         for column in ("source", "reason", "rows"):
             rejects.add_column(column, justify="right" if column == "rows" else "left")
-        counts = store.read("rejects", ["source", "reason"]).group_by(["source", "reason"]).aggregate([([], "count_all")])
+        counts = (
+            store.read("rejects", ["source", "reason"]).group_by(["source", "reason"]).aggregate([([], "count_all")])
+        )
         for row in sorted(counts.to_pylist(), key=lambda r: (r["source"], -r["count_all"])):
             rejects.add_row(Text(row["source"]), Text(row["reason"]), str(row["count_all"]))  # data, as is
         console.print(rejects)
@@ -95,8 +118,12 @@ def data_list(run_dir):
 @data.command("build", context_settings={"ignore_unknown_options": True})
 @click.argument("dataset", type=click.Choice(["emoji-scenes"]))
 @click.argument("overrides", nargs=-1)
-@click.option("--out", required=True, type=click.Path(file_okay=False),
-              help="A run directory (the data goes to OUT/lance) or an existing LanceDB directory.")
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="A run directory (the data goes to OUT/lance) or an existing LanceDB directory.",
+)
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="A run config (uses data.emoji).")
 def data_build(dataset, overrides, out, config_path):
     """Build the built-in dataset into a store; the same command again finishes or confirms it.

@@ -13,6 +13,7 @@ default) still applies, and an image over it is `too_large` too.
 `decode_image` returns RGB; transparency is composited on white (web images with alpha are mostly logos
 and stickers drawn for a light page).
 """
+
 from __future__ import annotations
 
 import io
@@ -27,7 +28,12 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 
 # Containers Pillow cannot open here but that are images all the same: say so rather than "corrupt".
 _OTHER_IMAGE_SIGNATURES = (
-    (4, b"ftypheic"), (4, b"ftypheix"), (4, b"ftypmif1"), (4, b"ftypavif"), (0, b"<svg"), (0, b"<?xml"),
+    (4, b"ftypheic"),
+    (4, b"ftypheix"),
+    (4, b"ftypmif1"),
+    (4, b"ftypavif"),
+    (0, b"<svg"),
+    (0, b"<?xml"),
 )
 
 
@@ -59,7 +65,7 @@ def _open_header(data: bytes) -> Image.Image:
             raise BadImage("too_large", str(err)) from None
         except UnidentifiedImageError:
             head = data[:64].lstrip()
-            if any(head[off:off + len(sig)] == sig for off, sig in _OTHER_IMAGE_SIGNATURES):
+            if any(head[off : off + len(sig)] == sig for off, sig in _OTHER_IMAGE_SIGNATURES):
                 raise BadImage("unsupported_format", "not one of " + ", ".join(ACCEPTED_FORMATS)) from None
             raise BadImage("corrupt_image", f"cannot identify an image in {len(data)} bytes") from None
         except Exception as err:  # malformed headers raise all sorts (SyntaxError, struct.error, ...)
@@ -126,7 +132,7 @@ def clean_alt_text(raw: bytes | str) -> str:
         try:
             text = bytes(raw).decode("utf-8")
         except UnicodeDecodeError as err:
-            raise BadText("non_utf8_text", f"byte {err.start}: {bytes(raw)[err.start:err.start + 4]!r}") from None
+            raise BadText("non_utf8_text", f"byte {err.start}: {bytes(raw)[err.start : err.start + 4]!r}") from None
     elif isinstance(raw, str):
         text = raw
     elif raw is None:

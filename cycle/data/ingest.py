@@ -18,6 +18,7 @@ An id already in `samples` (from this ingest or an earlier one) is rejected as "
 wins, so ingesting the same source twice adds nothing to `samples`. Rejects are stored once per
 (source, key, reason): ingesting a source again does not add its rejects again.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -55,13 +56,19 @@ class IngestReport:
         return sum(self.rejected.values())
 
     def as_dict(self) -> dict:
-        return {"source": self.source, "kind": self.kind, "split": self.split, "ingested": self.ingested,
-                "rejected": dict(sorted(self.rejected.items())), "samples_version": self.samples_version,
-                "seconds": round(self.seconds, 3)}
+        return {
+            "source": self.source,
+            "kind": self.kind,
+            "split": self.split,
+            "ingested": self.ingested,
+            "rejected": dict(sorted(self.rejected.items())),
+            "samples_version": self.samples_version,
+            "seconds": round(self.seconds, 3),
+        }
 
 
 def detect_kind(source: str | Path) -> str:
-    """"wds" for .tar files (or a directory of them), "parquet" likewise, else "folder" for a directory."""
+    """ "wds" for .tar files (or a directory of them), "parquet" likewise, else "folder" for a directory."""
     path = Path(source)
     if path.is_dir():
         names = [p.name for p in path.iterdir() if p.is_file()]
@@ -79,8 +86,9 @@ def detect_kind(source: str | Path) -> str:
     raise DataError(f"source '{source}': cannot tell its kind; pass kind= one of folder, wds, parquet")
 
 
-def open_source(source: str | Path, kind: str, image_column=None, text_column=None,
-                id_column=None) -> tuple[Iterator[RawPair], Optional[int]]:
+def open_source(
+    source: str | Path, kind: str, image_column=None, text_column=None, id_column=None
+) -> tuple[Iterator[RawPair], Optional[int]]:
     """The reader for a source and, where cheap to know, how many pairs it holds (for the progress bar)."""
     if kind == "folder":
         if not Path(source).is_dir():
@@ -108,10 +116,20 @@ def open_source(source: str | Path, kind: str, image_column=None, text_column=No
     raise DataError(f"kind={kind!r}: expected one of {', '.join(KINDS)}")
 
 
-def ingest(source: str | Path, store: Store, kind: str = "auto", split: str = "train",
-           cfg: Optional[DataConfig] = None, progress: bool = True, *, write_batch: int = StoreConfig.write_batch,
-           id_prefix: str = "", image_column: Optional[str] = None, text_column: Optional[str] = None,
-           id_column: Optional[str] = None) -> IngestReport:
+def ingest(
+    source: str | Path,
+    store: Store,
+    kind: str = "auto",
+    split: str = "train",
+    cfg: Optional[DataConfig] = None,
+    progress: bool = True,
+    *,
+    write_batch: int = StoreConfig.write_batch,
+    id_prefix: str = "",
+    image_column: Optional[str] = None,
+    text_column: Optional[str] = None,
+    id_column: Optional[str] = None,
+) -> IngestReport:
     """Read pairs from `source`, check them, and append the good ones to `samples` (split `split`).
 
     `cfg` gives the image limits (`max_pixels`, `min_side`); the parquet column names are detected
@@ -141,8 +159,14 @@ def ingest(source: str | Path, store: Store, kind: str = "auto", split: str = "t
         reason, detail, row = _check(pair, cfg, seen, id_prefix, split)
         if row is None:
             report.rejected[reason] += 1
-            rejects.append({"source": _printable(pair.source), "key": _printable(pair.key), "reason": reason,
-                            "detail": _printable(detail)})
+            rejects.append(
+                {
+                    "source": _printable(pair.source),
+                    "key": _printable(pair.key),
+                    "reason": reason,
+                    "detail": _printable(detail),
+                }
+            )
             bar.set_postfix(rejected=report.rejected_total, refresh=False)
         else:
             seen.add(row["id"])
@@ -175,9 +199,21 @@ def _check(pair: RawPair, cfg: DataConfig, seen: set, id_prefix: str, split: str
         width, height, _ = check_image(pair.image, cfg.max_pixels, cfg.min_side)
     except (BadImage, BadText) as err:
         return err.reason, err.detail, None
-    return None, None, {"id": sample_id, "image": pair.image, "alt_text": text, "source": pair.source,
-                        "split": split, "width": width, "height": height,
-                        "sha256": hashlib.sha256(pair.image).hexdigest(), "meta": pair.meta}
+    return (
+        None,
+        None,
+        {
+            "id": sample_id,
+            "image": pair.image,
+            "alt_text": text,
+            "source": pair.source,
+            "split": split,
+            "width": width,
+            "height": height,
+            "sha256": hashlib.sha256(pair.image).hexdigest(),
+            "meta": pair.meta,
+        },
+    )
 
 
 def _id_problem(raw_id: str) -> Optional[str]:
@@ -203,8 +239,9 @@ def report_table(report: IngestReport):
     from rich.text import Text
 
     # Text, not a markup string: the source path and split are the user's, printed as they are
-    table = Table(title=Text(f"ingest {report.kind}: {report.source} -> split '{report.split}'"),
-                  min_width=REPORT_TABLE_MIN_WIDTH)
+    table = Table(
+        title=Text(f"ingest {report.kind}: {report.source} -> split '{report.split}'"), min_width=REPORT_TABLE_MIN_WIDTH
+    )
     table.add_column("outcome")
     table.add_column("rows", justify="right")
     table.add_row("ingested", str(report.ingested), style="green")

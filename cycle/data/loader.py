@@ -10,6 +10,7 @@
 - `make_loader` builds the `DataLoader`: "spawn" workers (Lance is not fork-safe: a forked worker of a
   parent that touched Lance segfaults), and exact consumption tracking for the sampler.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -80,10 +81,21 @@ class PairDataset(Dataset):
     "failed" count as absent.
     """
 
-    def __init__(self, store_uri, split: Optional[str] = "train", samples_version=None,
-                 annotations_version=None, generation: Optional[int] = None, teacher_version=None,
-                 transform: Optional[Callable] = None, *, use_teacher: bool = False, prefer: str = "annotations",
-                 only_annotated: bool = False, extra_columns: Sequence[str] = ()):
+    def __init__(
+        self,
+        store_uri,
+        split: Optional[str] = "train",
+        samples_version=None,
+        annotations_version=None,
+        generation: Optional[int] = None,
+        teacher_version=None,
+        transform: Optional[Callable] = None,
+        *,
+        use_teacher: bool = False,
+        prefer: str = "annotations",
+        only_annotated: bool = False,
+        extra_columns: Sequence[str] = (),
+    ):
         if annotations_version is not None and generation is None:
             raise ValueError("annotations_version given without generation: say which generation to join")
         if prefer not in ("annotations", "teacher"):
@@ -111,8 +123,10 @@ class PairDataset(Dataset):
         if generation is not None:
             self._pin("annotations", annotations_version)
             ann = self._handle("annotations").to_table(columns=["id", "generation", "status"])
-            usable = pc.and_(pc.equal(ann.column("generation"), generation),
-                             pc.not_equal(pc.fill_null(ann.column("status"), "ok"), "failed"))
+            usable = pc.and_(
+                pc.equal(ann.column("generation"), generation),
+                pc.not_equal(pc.fill_null(ann.column("status"), "ok"), "failed"),
+            )
             self._ann_rows = _positions_of(ids, ann.column("id"), usable)
         if teacher_version is not None or use_teacher:
             self._pin("teacher", teacher_version)
@@ -161,7 +175,9 @@ class PairDataset(Dataset):
         ann = self._formulas("annotations", self._ann_rows, idx)
         teacher = self._formulas("teacher", self._teacher_rows, idx)
         first, second = (ann, teacher) if self.prefer == "annotations" else (teacher, ann)
-        first_src, second_src = ("annotations", "teacher") if self.prefer == "annotations" else ("teacher", "annotations")
+        first_src, second_src = (
+            ("annotations", "teacher") if self.prefer == "annotations" else ("teacher", "annotations")
+        )
         items = []
         for i, row in enumerate(samples):
             item = {"id": row["id"], "image": self.transform(decode_image(row["image"])), "alt_text": row["alt_text"]}
@@ -237,10 +253,18 @@ class _TrackingLoader(DataLoader):
             yield batch
 
 
-def make_loader(dataset: Dataset, batch_size: Optional[int] = None, sampler=None, num_workers: int = 0,
-                collate_fn: Callable = collate_pairs, *, multiprocessing_context: str = "spawn",
-                persistent_workers: bool = True, prefetch_factor: Optional[int] = None,
-                pin_memory: bool = False) -> DataLoader:
+def make_loader(
+    dataset: Dataset,
+    batch_size: Optional[int] = None,
+    sampler=None,
+    num_workers: int = 0,
+    collate_fn: Callable = collate_pairs,
+    *,
+    multiprocessing_context: str = "spawn",
+    persistent_workers: bool = True,
+    prefetch_factor: Optional[int] = None,
+    pin_memory: bool = False,
+) -> DataLoader:
     """A DataLoader over `dataset` that is safe with Lance and resumable with a `ResumableSampler`.
 
     With a `ResumableSampler` the sampler forms the batches (`batch_size` may be omitted, or equal the
@@ -252,15 +276,33 @@ def make_loader(dataset: Dataset, batch_size: Optional[int] = None, sampler=None
         raise ValueError(f"multiprocessing_context={multiprocessing_context!r}: Lance needs 'spawn' or 'forkserver'")
     worker_args = {}
     if num_workers > 0:
-        worker_args = {"multiprocessing_context": multiprocessing_context, "persistent_workers": persistent_workers,
-                       "prefetch_factor": prefetch_factor}
+        worker_args = {
+            "multiprocessing_context": multiprocessing_context,
+            "persistent_workers": persistent_workers,
+            "prefetch_factor": prefetch_factor,
+        }
     if isinstance(sampler, ResumableSampler):
         if batch_size not in (None, sampler.batch_size, sampler.local_batch_size):
-            raise ValueError(f"batch_size={batch_size} disagrees with the sampler's batch size "
-                             f"{sampler.batch_size} (per rank {sampler.local_batch_size})")
+            raise ValueError(
+                f"batch_size={batch_size} disagrees with the sampler's batch size "
+                f"{sampler.batch_size} (per rank {sampler.local_batch_size})"
+            )
         if sampler.num_samples != len(dataset):
             raise ValueError(f"sampler covers {sampler.num_samples} samples but the dataset has {len(dataset)}")
-        return _TrackingLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate_fn,
-                               pin_memory=pin_memory, **worker_args)
-    return DataLoader(dataset, batch_size=batch_size or 1, sampler=sampler, num_workers=num_workers,
-                      collate_fn=collate_fn, pin_memory=pin_memory, **worker_args)
+        return _TrackingLoader(
+            dataset,
+            batch_sampler=sampler,
+            num_workers=num_workers,
+            collate_fn=collate_fn,
+            pin_memory=pin_memory,
+            **worker_args,
+        )
+    return DataLoader(
+        dataset,
+        batch_size=batch_size or 1,
+        sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=collate_fn,
+        pin_memory=pin_memory,
+        **worker_args,
+    )

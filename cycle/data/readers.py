@@ -4,6 +4,7 @@ Each reader yields `RawPair`s one at a time and never holds more than one shard 
 record batch. A reader does not judge the content (that is `ingest`'s job); it only reports pairs it
 could not assemble (no image, no text, an unreadable shard) with a reason, so nothing is dropped unseen.
 """
+
 from __future__ import annotations
 
 import csv
@@ -53,6 +54,7 @@ def expand_sources(source: str | Path, suffix: str) -> list[Path]:
     else:
         try:
             from braceexpand import braceexpand
+
             patterns = list(braceexpand(str(source)))
         except ImportError:  # webdataset brings it; without it only plain globs
             patterns = [str(source)]
@@ -81,8 +83,13 @@ def _sidecar_captions(root: Path) -> tuple[dict[str, bytes | str | None], list[t
     def add(file_key: str, text, where: str) -> None:
         file_key = _norm(file_key)
         if file_key in captions:
-            bad.append((where, "duplicate_caption", f"a second caption for '{file_key}' "
-                                                    f"(the first, {first_at[file_key]}, is kept)"))
+            bad.append(
+                (
+                    where,
+                    "duplicate_caption",
+                    f"a second caption for '{file_key}' (the first, {first_at[file_key]}, is kept)",
+                )
+            )
             return
         captions[file_key] = text
         first_at[file_key] = where
@@ -109,11 +116,19 @@ def _sidecar_captions(root: Path) -> tuple[dict[str, bytes | str | None], list[t
                     record = json.loads(line)
                     file_key = next(record[k] for k in FILE_COLUMNS if isinstance(record.get(k), str))
                 except (ValueError, StopIteration, AttributeError) as err:
-                    bad.append((f"{jsonl_path.name}:{number}", "bad_caption_record",
-                                f"{type(err).__name__}: {line.strip()[:200]}"))
+                    bad.append(
+                        (
+                            f"{jsonl_path.name}:{number}",
+                            "bad_caption_record",
+                            f"{type(err).__name__}: {line.strip()[:200]}",
+                        )
+                    )
                     continue
-                add(file_key, next((record[k] for k in TEXT_COLUMNS if k in record), None),
-                    f"{jsonl_path.name}:{number}")
+                add(
+                    file_key,
+                    next((record[k] for k in TEXT_COLUMNS if k in record), None),
+                    f"{jsonl_path.name}:{number}",
+                )
     return captions, bad
 
 
@@ -139,8 +154,11 @@ def read_folder(root: str | Path) -> Iterator[RawPair]:
     root = Path(root)
     source = str(root.resolve())
     captions, bad = _sidecar_captions(root)
-    files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
-                   if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    files = sorted(
+        p.relative_to(root).as_posix()
+        for p in root.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
     present = set(files)
     for where, reason, detail in bad:
         yield RawPair(where, None, None, None, source, error=(reason, detail))
@@ -161,7 +179,9 @@ def read_folder(root: str | Path) -> Iterator[RawPair]:
         else:
             text = None
         if text is None:
-            yield RawPair(rel, stem, None, None, source, error=("missing_text", "no caption in a sidecar, .txt or .json"))
+            yield RawPair(
+                rel, stem, None, None, source, error=("missing_text", "no caption in a sidecar, .txt or .json")
+            )
             continue
         yield RawPair(rel, stem, (root / rel).read_bytes(), text, source, meta)
     orphans = [k for k in captions if k not in claimed]
@@ -231,8 +251,14 @@ def read_shards(shards: list[Path]) -> Iterator[RawPair]:
         except (tarfile.TarError, OSError, EOFError) as err:
             error = f"{type(err).__name__}: {err}"
         if error:
-            yield RawPair(shard.name, None, None, None, str(shard),
-                          error=("corrupt_shard", f"{error}; lost from key {current!r} on"))
+            yield RawPair(
+                shard.name,
+                None,
+                None,
+                None,
+                str(shard),
+                error=("corrupt_shard", f"{error}; lost from key {current!r} on"),
+            )
         elif current is not None:
             yield _assemble(shard, current, members)
 
@@ -258,11 +284,14 @@ def parquet_columns(schema: pa.Schema, where: str, image_column=None, text_colum
     id_column = id_column or next((c for c in ID_COLUMNS if c in names), None)
     if image_column is None:
         image_column = next((c for c in IMAGE_COLUMNS if c in names and _image_kind(schema.field(c).type)), None)
-        image_column = image_column or next((c for c in PATH_COLUMNS if c in names
-                                             and pa.types.is_string(schema.field(c).type)), None)
+        image_column = image_column or next(
+            (c for c in PATH_COLUMNS if c in names and pa.types.is_string(schema.field(c).type)), None
+        )
     if image_column is None:
-        raise DataError(f"{where}: no image column (bytes: {', '.join(IMAGE_COLUMNS)}; "
-                         f"paths: {', '.join(PATH_COLUMNS)}; found {', '.join(names)})")
+        raise DataError(
+            f"{where}: no image column (bytes: {', '.join(IMAGE_COLUMNS)}; "
+            f"paths: {', '.join(PATH_COLUMNS)}; found {', '.join(names)})"
+        )
     kind = _image_kind(schema.field(image_column).type)
     if kind is None:
         raise DataError(f"{where}: column '{image_column}' holds neither image bytes nor paths")
@@ -279,13 +308,15 @@ def _image_kind(dtype: pa.DataType) -> Optional[str]:
     return None
 
 
-def read_parquet(files: list[Path], image_column=None, text_column=None, id_column=None,
-                 batch_rows: int = 256) -> Iterator[RawPair]:
+def read_parquet(
+    files: list[Path], image_column=None, text_column=None, id_column=None, batch_rows: int = 256
+) -> Iterator[RawPair]:
     """Rows of parquet files, one record batch in memory at a time. Paths are relative to the file."""
     for path in files:
         pf = pq.ParquetFile(path)
-        image_col, kind, text_col, id_col = parquet_columns(pf.schema_arrow, str(path), image_column,
-                                                            text_column, id_column)
+        image_col, kind, text_col, id_col = parquet_columns(
+            pf.schema_arrow, str(path), image_column, text_column, id_column
+        )
         columns = list(dict.fromkeys(c for c in (image_col, text_col, id_col) if c))
         row = 0
         for batch in pf.iter_batches(batch_size=batch_rows, columns=columns):

@@ -4,6 +4,7 @@ Global batch b of an epoch is the same set of samples, in the same order, whatev
 each rank takes a *contiguous* slice of it (rank r gets items [r * B/W, (r+1) * B/W)), so concatenating
 the ranks' features in rank order (what an all-gather does) gives back the single-process batch.
 """
+
 from __future__ import annotations
 
 from typing import Iterator
@@ -30,8 +31,17 @@ class ResumableSampler(Sampler[list[int]]):
     rolls over to the next one, so a state saved right after the last batch resumes at the next epoch.
     """
 
-    def __init__(self, num_samples: int, seed: int = 0, drop_last: bool = True, batch_size: int = 1, *,
-                 rank: int = 0, world_size: int = 1, shuffle: bool = True):
+    def __init__(
+        self,
+        num_samples: int,
+        seed: int = 0,
+        drop_last: bool = True,
+        batch_size: int = 1,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle: bool = True,
+    ):
         if num_samples < 0 or batch_size < 1:
             raise ValueError(f"num_samples={num_samples}, batch_size={batch_size}: expected >= 0 and >= 1")
         if not 0 <= rank < world_size:
@@ -75,9 +85,9 @@ class ResumableSampler(Sampler[list[int]]):
     def _batches(self, order: np.ndarray, start: int) -> Iterator[list[int]]:
         share = self.local_batch_size
         for begin in range(start, self.epoch_length, self.batch_size):
-            batch = order[begin:min(begin + self.batch_size, self.epoch_length)]
+            batch = order[begin : min(begin + self.batch_size, self.epoch_length)]
             if self.world_size > 1:
-                batch = batch[self.rank * share:(self.rank + 1) * share]
+                batch = batch[self.rank * share : (self.rank + 1) * share]
             self.position = min(begin + self.batch_size, self.epoch_length)  # before yield: taken = counted
             yield batch.tolist()
 

@@ -1,4 +1,5 @@
 """Evaluation of a CLIP: metrics on embeddings (metrics), evaluation sets (datasets), the stage (run)."""
+
 from .datasets import EvalDataError, EvalSet, load_dataset, load_store_split
 from .run import evaluate_clip, evaluate_set
 

@@ -11,6 +11,7 @@ a space), or a CSV / JSONL file with an image path column (`image`, `path`, `fil
 `file`, relative to the file) and `caption` / `captions` / `caption_N` / `text` columns, or `label`, or
 (JSONL) `positive` + `negatives`. Rows naming the same image are merged (several captions per image).
 """
+
 from __future__ import annotations
 
 import csv
@@ -50,8 +51,11 @@ class EvalSet:
 
     @property
     def tasks(self) -> list[str]:
-        return [t for t, v in (("zeroshot", self.labels), ("retrieval", self.captions),
-                               ("negatives", self.positives)) if v is not None]
+        return [
+            t
+            for t, v in (("zeroshot", self.labels), ("retrieval", self.captions), ("negatives", self.positives))
+            if v is not None
+        ]
 
     def image(self, i: int) -> Image.Image:
         src = self.images[i]
@@ -81,7 +85,7 @@ def _check_negatives(value: Any, where: str) -> list[dict]:
         except json.JSONDecodeError:
             pass
     if not isinstance(value, list):
-        raise EvalDataError(f"{where}: 'negatives' must be a list of {{\"text\", \"edit\"}} objects")
+        raise EvalDataError(f'{where}: \'negatives\' must be a list of {{"text", "edit"}} objects')
     out = []
     for neg in value:
         if isinstance(neg, str):
@@ -138,8 +142,10 @@ def load_store_split(store, split: str, samples_version: int | str | None = None
         raise EvalDataError(f"split name '{split}': letters, digits, '_' and '-' only")
     table = store.read("samples", ["id", "image", "meta"], where=f"split = '{split}'", version=samples_version)
     if table.num_rows == 0:
-        raise EvalDataError(f"split '{split}' has no rows in the store"
-                            + (f" at version {samples_version}" if samples_version is not None else ""))
+        raise EvalDataError(
+            f"split '{split}' has no rows in the store"
+            + (f" at version {samples_version}" if samples_version is not None else "")
+        )
     ids, images, metas = (table.column(c).to_pylist() for c in ("id", "image", "meta"))
     rows = []
     for id_, image, meta in sorted(zip(ids, images, metas), key=lambda r: r[0]):
@@ -178,8 +184,7 @@ def load_image_folder(path: Path, name: str) -> EvalSet:
             if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS:
                 rows.append((str(f.relative_to(path)), f, {"label": label}))
     if not rows:
-        raise EvalDataError(f"dataset folder '{path}': no class subfolders with images "
-                            f"({', '.join(IMAGE_EXTENSIONS)})")
+        raise EvalDataError(f"dataset folder '{path}': no class subfolders with images ({', '.join(IMAGE_EXTENSIONS)})")
     return build_set(name, rows)
 
 
@@ -205,8 +210,9 @@ def _merge_rows(path: Path, name: str, records: list[tuple[str, dict]]) -> EvalS
                     raise EvalDataError(f"{where}: image '{image}' has two different '{key}' values")
                 ann[key] = rec[key]
     if missing:
-        raise EvalDataError(f"dataset '{path}': {len(missing)} image file(s) not found, e.g. "
-                            + ", ".join(repr(m) for m in missing[:5]))
+        raise EvalDataError(
+            f"dataset '{path}': {len(missing)} image file(s) not found, e.g. " + ", ".join(repr(m) for m in missing[:5])
+        )
     return build_set(name, [(image, file, ann) for file, (image, ann) in merged.items()])
 
 

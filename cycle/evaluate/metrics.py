@@ -8,6 +8,7 @@ The definitions follow CLIP_benchmark's (the tests check equality on the same em
 - negatives (ours): for each (image, negative) pair, does the image sit closer to its positive text than
   to that negative? Reported overall, per edit type, and per image (positive beats all its negatives).
 """
+
 from __future__ import annotations
 
 from collections import defaultdict
@@ -27,8 +28,9 @@ def class_vectors(template_embeddings: torch.Tensor) -> torch.Tensor:
     return mean / mean.norm(dim=-1, keepdim=True)
 
 
-def zeroshot_metrics(image_embeddings: torch.Tensor, class_embeddings: torch.Tensor,
-                     targets: torch.Tensor) -> dict[str, float]:
+def zeroshot_metrics(
+    image_embeddings: torch.Tensor, class_embeddings: torch.Tensor, targets: torch.Tensor
+) -> dict[str, float]:
     """Top-1 / top-5 accuracy and mean per-class recall. top5 is left out with fewer than 5 classes."""
     targets = torch.as_tensor(targets, dtype=torch.long)
     n, c = image_embeddings.shape[0], class_embeddings.shape[0]
@@ -54,9 +56,12 @@ def _recall_at_k(scores: torch.Tensor, positives: torch.Tensor, k: int) -> float
     return _share(positives.gather(1, top).any(dim=1))
 
 
-def retrieval_metrics(image_embeddings: torch.Tensor, text_embeddings: torch.Tensor,
-                      text_image_index: Sequence[int] | torch.Tensor,
-                      ks: Sequence[int] = RECALL_KS) -> dict[str, float]:
+def retrieval_metrics(
+    image_embeddings: torch.Tensor,
+    text_embeddings: torch.Tensor,
+    text_image_index: Sequence[int] | torch.Tensor,
+    ks: Sequence[int] = RECALL_KS,
+) -> dict[str, float]:
     """Recall@k both ways. `text_image_index[j]` is the image that caption j describes.
 
     Keys: `image_to_text_r{k}` (an image finds one of its captions), `text_to_image_r{k}` (a caption
@@ -76,13 +81,19 @@ def retrieval_metrics(image_embeddings: torch.Tensor, text_embeddings: torch.Ten
         out[f"image_to_text_r{k}"] = _recall_at_k(scores.t(), positives.t(), k)
         out[f"text_to_image_r{k}"] = _recall_at_k(scores, positives, k)
     out["retrieval_mean_r1"] = (out["image_to_text_r1"] + out["text_to_image_r1"]) / 2 if 1 in ks else float("nan")
-    out["retrieval_mean"] = sum(out[f"{d}_r{k}"] for d in ("image_to_text", "text_to_image") for k in ks) / (2 * len(ks))
+    out["retrieval_mean"] = sum(out[f"{d}_r{k}"] for d in ("image_to_text", "text_to_image") for k in ks) / (
+        2 * len(ks)
+    )
     return out
 
 
-def negative_metrics(image_embeddings: torch.Tensor, positive_embeddings: torch.Tensor,
-                     negative_embeddings: torch.Tensor, negative_image_index: Sequence[int] | torch.Tensor,
-                     negative_edits: Sequence[str]) -> dict[str, float]:
+def negative_metrics(
+    image_embeddings: torch.Tensor,
+    positive_embeddings: torch.Tensor,
+    negative_embeddings: torch.Tensor,
+    negative_image_index: Sequence[int] | torch.Tensor,
+    negative_edits: Sequence[str],
+) -> dict[str, float]:
     """Positive-vs-negative discrimination. Row i of `positive_embeddings` belongs to image i; negative j
     belongs to image `negative_image_index[j]` and was made by edit `negative_edits[j]`.
 

@@ -5,6 +5,7 @@ Metric names are `<set>/<metric>`: `test_zeroshot/top1`, `test_retrieval/image_t
 `<set>/n_images` and `<set>/n_texts`. Which metrics a set gets follows its annotations
 (see `datasets.py`), not its name.
 """
+
 from __future__ import annotations
 
 import logging
@@ -36,13 +37,14 @@ def embed_images(model, preprocess, ev: EvalSet, batch_size: int, device, progre
 
 
 @torch.no_grad()
-def embed_texts(model, tokenizer, texts: Sequence[str], batch_size: int, device, desc: str = "texts",
-                progress: bool = True) -> torch.Tensor:
+def embed_texts(
+    model, tokenizer, texts: Sequence[str], batch_size: int, device, desc: str = "texts", progress: bool = True
+) -> torch.Tensor:
     """Text features (not normalised), in order; each distinct text is encoded once."""
     unique = list(dict.fromkeys(texts))
     feats = []
     for start in tqdm(range(0, len(unique), batch_size), desc=desc, disable=not progress, leave=False):
-        ids = tokenizer(unique[start:start + batch_size]).to(device)
+        ids = tokenizer(unique[start : start + batch_size]).to(device)
         feats.append(model.encode_text(ids).float().cpu())
     table = torch.cat(feats) if feats else torch.empty(0)
     where = {t: i for i, t in enumerate(unique)}
@@ -54,8 +56,15 @@ def format_template(template: str, classname: str) -> str:
     return template.format(classname, c=classname)
 
 
-def evaluate_set(model, tokenizer, preprocess, ev: EvalSet, cfg: EvalConfig, device: str | torch.device = "cpu",
-                 progress: bool = True) -> dict[str, float]:
+def evaluate_set(
+    model,
+    tokenizer,
+    preprocess,
+    ev: EvalSet,
+    cfg: EvalConfig,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> dict[str, float]:
     """Every task the set supports, on one pass of image embeddings. Keys are not prefixed.
 
     `device` is where `model` already is (a torch device, or a setting such as "cpu" or "auto")."""
@@ -69,7 +78,7 @@ def evaluate_set(model, tokenizer, preprocess, ev: EvalSet, cfg: EvalConfig, dev
         feats = embed_texts(model, tokenizer, prompts, cfg.batch_size, device, f"{ev.name}: classes", progress)
         classes = class_vectors(feats.reshape(len(ev.classes), len(cfg.templates), -1))
         index = {c: i for i, c in enumerate(ev.classes)}
-        out.update(zeroshot_metrics(images, classes, torch.tensor([index[l] for l in ev.labels])))
+        out.update(zeroshot_metrics(images, classes, torch.tensor([index[label] for label in ev.labels])))
         out["n_classes"] = len(ev.classes)
     if ev.captions is not None:
         texts = [c for caps in ev.captions for c in caps]
@@ -81,15 +90,23 @@ def evaluate_set(model, tokenizer, preprocess, ev: EvalSet, cfg: EvalConfig, dev
         negs = [(i, n["text"], n["edit"]) for i, row in enumerate(ev.negatives) for n in row]
         texts = list(ev.positives) + [t for _, t, _ in negs]
         feats = embed_texts(model, tokenizer, texts, cfg.batch_size, device, f"{ev.name}: negatives", progress)
-        pos, neg = feats[:len(ev.positives)], feats[len(ev.positives):]
+        pos, neg = feats[: len(ev.positives)], feats[len(ev.positives) :]
         out.update(negative_metrics(images, pos, neg, [i for i, _, _ in negs], [e for _, _, e in negs]))
         out["n_negatives"] = len(negs)
     return out
 
 
-def evaluate_clip(clip_dir: str | Path, store, splits: Optional[Iterable[str]], cfg: EvalConfig,
-                  samples_version: int | str | None = None, out_json: str | Path | None = None,
-                  datasets: Iterable[str | Path] = (), device: str = "auto", progress: bool = True) -> dict:
+def evaluate_clip(
+    clip_dir: str | Path,
+    store,
+    splits: Optional[Iterable[str]],
+    cfg: EvalConfig,
+    samples_version: int | str | None = None,
+    out_json: str | Path | None = None,
+    datasets: Iterable[str | Path] = (),
+    device: str = "auto",
+    progress: bool = True,
+) -> dict:
     """Evaluate a CLIP checkpoint on store splits and user datasets; returns flat `<set>/<metric>` numbers.
 
     `splits=None` means `cfg.select_split` + `cfg.splits`, skipping those the store lacks; a split named
@@ -130,4 +147,3 @@ def evaluate_clip(clip_dir: str | Path, store, splits: Optional[Iterable[str]], 
     if out_json is not None:
         write_json_atomic(out_json, metrics, indent=METRICS_JSON_INDENT)
     return metrics
-

@@ -12,15 +12,22 @@ and writes `out` atomically; whether an earlier output may be reused is the cont
 
 Imports are lazy: `import cycle.lvlm` stays cheap; the names load their module on first use.
 """
+
 from __future__ import annotations
 
 import importlib
 
 _EXPORTS = {
-    "prepare_lm": "lm", "pretrain_lm": "lm", "run_texts": "lm",
-    "build_lvlm": "assemble", "load_lvlm": "assemble", "save_lvlm": "assemble",
+    "prepare_lm": "lm",
+    "pretrain_lm": "lm",
+    "run_texts": "lm",
+    "build_lvlm": "assemble",
+    "load_lvlm": "assemble",
+    "save_lvlm": "assemble",
     "align_projector": "align",
-    "sft": "finetune", "best_previous_annotations": "data", "alt_text_caption_ids": "data",
+    "sft": "finetune",
+    "best_previous_annotations": "data",
+    "alt_text_caption_ids": "data",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -5,6 +5,7 @@ Only the projector trains; the vision tower and the LM stay frozen (as in LLaVA'
 captioned by their own alt-text and `extra_records` (the previous generation's best-scored annotations)
 captioned by their `desc`.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -23,10 +24,17 @@ def text_budget(cfg: RunConfig, model) -> int:
     return int(model.config.image_seq_length) + cfg.lvlm.lm.max_length
 
 
-def align_projector(lvlm_dir: str | Path, store: Store, samples_version, teacher_version, cfg: RunConfig,
-                    out_dir: str | Path, extra_ids: Optional[Iterable[str]] = None,
-                    extra_records: Optional[list[dict]] = None,
-                    progress: bool = True) -> tuple[Path, dict]:
+def align_projector(
+    lvlm_dir: str | Path,
+    store: Store,
+    samples_version,
+    teacher_version,
+    cfg: RunConfig,
+    out_dir: str | Path,
+    extra_ids: Optional[Iterable[str]] = None,
+    extra_records: Optional[list[dict]] = None,
+    progress: bool = True,
+) -> tuple[Path, dict]:
     """Train the projector of the LLaVA in `lvlm_dir`; save the whole LLaVA to `out_dir`.
 
     Returns (out_dir, metrics); `out_dir` is replaced atomically, its `info.json` holds the metrics.
@@ -40,16 +48,32 @@ def align_projector(lvlm_dir: str | Path, store: Store, samples_version, teacher
     projector = model.model.multi_modal_projector
     projector.requires_grad_(True)
     examples = align_examples(store, samples_version, teacher_version, extra, extra_records)
-    batches, steps = make_batches(examples, processor, stage.batch_size, cfg.seed, text_budget(cfg, model),
-                                  align_input)
+    batches, steps = make_batches(examples, processor, stage.batch_size, cfg.seed, text_budget(cfg, model), align_input)
     before = eval_loss(model, batches(0), device)
-    losses = train_loop(model, list(projector.parameters()), batches, stage.epochs, steps, stage.lr,
-                        stage.warmup_steps, device, "align projector", progress)
+    losses = train_loop(
+        model,
+        list(projector.parameters()),
+        batches,
+        stage.epochs,
+        steps,
+        stage.lr,
+        stage.warmup_steps,
+        device,
+        "align projector",
+        progress,
+    )
     after = eval_loss(model, batches(0), device)
     by_source = {f"align/examples_{s}": sum(e.source == s for e in examples) for s in ("seed", "previous", "alt_text")}
-    metrics = {"align/examples": len(examples), **by_source, "align/loss_before": before, "align/loss_after": after,
-               "align/epoch_loss_first": losses[0], "align/epoch_loss_last": losses[-1],
-               "align/truncated": len(batches.truncated)}
-    out = save_lvlm(model.to("cpu"), processor, out_dir,
-                    {"base": str(lvlm_dir), "metrics": metrics, "epoch_losses": losses})
+    metrics = {
+        "align/examples": len(examples),
+        **by_source,
+        "align/loss_before": before,
+        "align/loss_after": after,
+        "align/epoch_loss_first": losses[0],
+        "align/epoch_loss_last": losses[-1],
+        "align/truncated": len(batches.truncated),
+    }
+    out = save_lvlm(
+        model.to("cpu"), processor, out_dir, {"base": str(lvlm_dir), "metrics": metrics, "epoch_losses": losses}
+    )
     return out, metrics

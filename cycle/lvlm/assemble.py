@@ -14,14 +14,22 @@ vLLM and older transformers alike:
 The processor's chat template renders `cycle.annotate.schema.model_input` exactly, so chat-style
 serving (an OpenAI-compatible vLLM server) feeds the model what SFT trained it on.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Optional
 
 import torch
-from transformers import (AutoModelForCausalLM, AutoProcessor, AutoTokenizer, CLIPImageProcessor, LlavaConfig,
-                          LlavaForConditionalGeneration, LlavaProcessor)
+from transformers import (
+    AutoModelForCausalLM,
+    AutoProcessor,
+    AutoTokenizer,
+    CLIPImageProcessor,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+)
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
 from ..annotate.schema import IMAGE_TOKEN
@@ -58,9 +66,12 @@ def image_processor_for(visual) -> CLIPImageProcessor:
     pre = dict(getattr(visual, "preprocess_cfg", {}) or {})
     size = visual.image_size[0] if isinstance(visual.image_size, (tuple, list)) else visual.image_size
     return CLIPImageProcessor(
-        size={"shortest_edge": size}, crop_size={"height": size, "width": size},
-        image_mean=list(pre.get("mean", CLIP_MEAN)), image_std=list(pre.get("std", CLIP_STD)),
-        resample=PIL_BICUBIC if pre.get("interpolation", "bicubic") == "bicubic" else PIL_BILINEAR)
+        size={"shortest_edge": size},
+        crop_size={"height": size, "width": size},
+        image_mean=list(pre.get("mean", CLIP_MEAN)),
+        image_std=list(pre.get("std", CLIP_STD)),
+        resample=PIL_BICUBIC if pre.get("interpolation", "bicubic") == "bicubic" else PIL_BILINEAR,
+    )
 
 
 def _lm_with_image_token(lm_dir: str | Path):
@@ -76,8 +87,7 @@ def _lm_with_image_token(lm_dir: str | Path):
     return lm, tokenizer
 
 
-def build_lvlm(clip_dir: str | Path, lm_dir: str | Path, cfg: LVLMConfig, out_dir: str | Path,
-               seed: int = 0) -> Path:
+def build_lvlm(clip_dir: str | Path, lm_dir: str | Path, cfg: LVLMConfig, out_dir: str | Path, seed: int = 0) -> Path:
     """CLIP_{g-1} (a `save_clip` directory) + LM (`prepare_lm`'s output or an HF name) -> LLaVA directory.
 
     Always builds (the controller decides reuse); `out_dir` appears whole or not at all.
@@ -89,18 +99,24 @@ def build_lvlm(clip_dir: str | Path, lm_dir: str | Path, cfg: LVLMConfig, out_di
     tower = openclip_vit_to_hf_vision(clip.visual)
     n_layers = tower.config.num_hidden_layers
     if not -(n_layers + 1) <= cfg.vision_feature_layer <= n_layers:
-        raise LVLMError(f"config key 'lvlm.vision_feature_layer': {cfg.vision_feature_layer} is outside the "
-                         f"tower's hidden states (-{n_layers + 1}..{n_layers})")
+        raise LVLMError(
+            f"config key 'lvlm.vision_feature_layer': {cfg.vision_feature_layer} is outside the "
+            f"tower's hidden states (-{n_layers + 1}..{n_layers})"
+        )
     lm, tokenizer = _lm_with_image_token(lm_dir)
     strategy = "full" if cfg.keep_cls_token else "default"
     n_patches = (tower.config.image_size // tower.config.patch_size) ** 2
     config = LlavaConfig(
-        vision_config=tower.config, text_config=lm.config,
+        vision_config=tower.config,
+        text_config=lm.config,
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        vision_feature_layer=cfg.vision_feature_layer, vision_feature_select_strategy=strategy,
-        projector_hidden_act="gelu", multimodal_projector_bias=True,
+        vision_feature_layer=cfg.vision_feature_layer,
+        vision_feature_select_strategy=strategy,
+        projector_hidden_act="gelu",
+        multimodal_projector_bias=True,
         image_seq_length=n_patches + (1 if cfg.keep_cls_token else 0),
-        tie_word_embeddings=bool(getattr(lm.config, "tie_word_embeddings", False)))
+        tie_word_embeddings=bool(getattr(lm.config, "tie_word_embeddings", False)),
+    )
     seed_everything(seed)
     with torch.device("meta"):  # shell only: every part is replaced by a real module below
         model = LlavaForConditionalGeneration(config)
@@ -112,9 +128,14 @@ def build_lvlm(clip_dir: str | Path, lm_dir: str | Path, cfg: LVLMConfig, out_di
     if left:
         raise RuntimeError(f"build_lvlm: parameters left uninitialised: {left[:5]}")
     processor = LlavaProcessor(
-        image_processor=image_processor_for(clip.visual), tokenizer=tokenizer,
-        patch_size=tower.config.patch_size, vision_feature_select_strategy=strategy,
-        chat_template=CHAT_TEMPLATE, image_token=IMAGE_TOKEN, num_additional_image_tokens=1)
+        image_processor=image_processor_for(clip.visual),
+        tokenizer=tokenizer,
+        patch_size=tower.config.patch_size,
+        vision_feature_select_strategy=strategy,
+        chat_template=CHAT_TEMPLATE,
+        image_token=IMAGE_TOKEN,
+        num_additional_image_tokens=1,
+    )
     return save_lvlm(model, processor, out_dir, {"clip": str(clip_dir), "lm": str(lm_dir), "seed": seed})
 
 
@@ -127,8 +148,9 @@ def write_lvlm(model: LlavaForConditionalGeneration, processor, directory: str |
     return directory
 
 
-def save_lvlm(model: LlavaForConditionalGeneration, processor, out_dir: str | Path,
-              info: Optional[dict] = None) -> Path:
+def save_lvlm(
+    model: LlavaForConditionalGeneration, processor, out_dir: str | Path, info: Optional[dict] = None
+) -> Path:
     """`write_lvlm` into `out_dir` atomically: written aside (with `info.json`), then renamed into place."""
     tmp = staging_dir(out_dir)
     write_lvlm(model, processor, tmp)

@@ -2,6 +2,7 @@
 
 Registered on the root command in `cycle/cli.py`. Thin: settings, store, the stage functions, a summary.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,8 +27,12 @@ def _settings(run_dir: str, config_path, overrides):
     outputs = pinned_data(run_dir)
     if not store.has("teacher") or store.count("teacher") == 0:
         raise HQClipError(f"no teacher annotations in {store.uri}: build the data or import a seed set first")
-    return (cfg, store, outputs.get("samples_version", store.version("samples")),
-            outputs.get("teacher_version", store.version("teacher")))
+    return (
+        cfg,
+        store,
+        outputs.get("samples_version", store.version("samples")),
+        outputs.get("teacher_version", store.version("teacher")),
+    )
 
 
 @click.group()
@@ -54,8 +59,14 @@ def lvlm_train(clip_dir, overrides, run_dir, out, stop_after, config_path, progr
     out = Path(out) if out else Path(run_dir) / "lvlm-manual"
     last = STAGES.index(stop_after)
     metrics: dict = {}
-    lm = prepare_lm(cfg.lvlm.lm, run_texts(store, sv, teacher_v, cfg), out / "lm", seed=cfg.seed, progress=progress,
-                    device=cfg.device)
+    lm = prepare_lm(
+        cfg.lvlm.lm,
+        run_texts(store, sv, teacher_v, cfg),
+        out / "lm",
+        seed=cfg.seed,
+        progress=progress,
+        device=cfg.device,
+    )
     click.echo(f"lm: {lm}")
     if last >= 1:
         model = build_lvlm(clip_dir, lm, cfg.lvlm, out / "base", seed=cfg.seed)
@@ -94,10 +105,11 @@ def lvlm_ask(model_dir, images, alt_text, max_new_tokens):
     except (OSError, ValueError) as err:  # transformers' own errors for a directory that is not a model
         raise HQClipError(f"cannot load an LVLM from '{model_dir}': {str(err).splitlines()[0]}") from None
     processor.tokenizer.padding_side = "left"
-    inputs = processor(images=pictures, text=[model_input(build_prompt(alt_text))] * len(pictures),
-                       return_tensors="pt", padding=True)
+    inputs = processor(
+        images=pictures, text=[model_input(build_prompt(alt_text))] * len(pictures), return_tensors="pt", padding=True
+    )
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    answers = processor.batch_decode(out[:, inputs.input_ids.shape[1]:], skip_special_tokens=True)
+    answers = processor.batch_decode(out[:, inputs.input_ids.shape[1] :], skip_special_tokens=True)
     for path, answer in zip(images, answers):
         click.echo(json.dumps({"image": str(path), "answer": answer}, ensure_ascii=False))

@@ -4,6 +4,7 @@ training loop (AdamW, `cycle.schedule.cosine_lr`, progress bar, loss log).
 Stages keep no completion record of their own: the controller's `state.json` is the only one. A stage
 writes its whole output into a staging sibling and renames it into place, so a kill never leaves half.
 """
+
 from __future__ import annotations
 
 import json
@@ -79,10 +80,21 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: cosine_lr(step, 1.0, warmup, total))
 
 
-def train_loop(model: torch.nn.Module, params: list[torch.nn.Parameter], batches: Callable[[int], Iterable[dict]],
-               epochs: int, steps_per_epoch: int, lr: float, warmup: int, device: torch.device,
-               desc: str, progress: bool = True, weight_decay: float = 0.0, grad_clip: float = 1.0,
-               log_path: Optional[Path] = None) -> list[float]:
+def train_loop(
+    model: torch.nn.Module,
+    params: list[torch.nn.Parameter],
+    batches: Callable[[int], Iterable[dict]],
+    epochs: int,
+    steps_per_epoch: int,
+    lr: float,
+    warmup: int,
+    device: torch.device,
+    desc: str,
+    progress: bool = True,
+    weight_decay: float = 0.0,
+    grad_clip: float = 1.0,
+    log_path: Optional[Path] = None,
+) -> list[float]:
     """Train `params` of `model` on `batches(epoch)` (dicts of model inputs incl. `labels`).
 
     Returns the mean loss of every epoch; with `log_path`, one JSON line per step (epoch, step, loss, lr).
@@ -94,8 +106,10 @@ def train_loop(model: torch.nn.Module, params: list[torch.nn.Parameter], batches
     model.train()
     epoch_losses: list[float] = []
     step = 0
-    with open(log_path or os.devnull, "w") as log, \
-            tqdm(total=epochs * steps_per_epoch, desc=desc, disable=not progress, unit="step") as bar:
+    with (
+        open(log_path or os.devnull, "w") as log,
+        tqdm(total=epochs * steps_per_epoch, desc=desc, disable=not progress, unit="step") as bar,
+    ):
         for epoch in range(epochs):
             total, n = 0.0, 0
             for batch in batches(epoch):
@@ -111,8 +125,10 @@ def train_loop(model: torch.nn.Module, params: list[torch.nn.Parameter], batches
                 step, total, n = step + 1, total + loss.item(), n + 1
                 bar.update(1)
                 bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}")
-                log.write(json.dumps({"epoch": epoch, "step": step, "loss": loss.item(),
-                                      "lr": scheduler.get_last_lr()[0]}) + "\n")
+                log.write(
+                    json.dumps({"epoch": epoch, "step": step, "loss": loss.item(), "lr": scheduler.get_last_lr()[0]})
+                    + "\n"
+                )
             epoch_losses.append(total / max(1, n))
     model.eval()
     return epoch_losses

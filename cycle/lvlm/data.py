@@ -5,6 +5,7 @@ An example is (image, input text, target text). The input is what annotation wil
 the processor expands `<image>` to the tower's token count exactly as at annotation time. Labels are
 -100 on the input and on padding: the loss covers the target and its closing eos only.
 """
+
 from __future__ import annotations
 
 import io
@@ -41,14 +42,16 @@ class Example:
     source: str = "seed"  # where the target comes from: "seed", "previous" (best annotations), "alt_text"
 
 
-def samples_by_id(store: Store, samples_version, ids, columns=("id", "image", "alt_text", "meta"),
-                  chunk: int = IDS_PER_QUERY) -> dict[str, dict]:
+def samples_by_id(
+    store: Store, samples_version, ids, columns=("id", "image", "alt_text", "meta"), chunk: int = IDS_PER_QUERY
+) -> dict[str, dict]:
     """The `samples` rows of `ids` at a version, fetched by filter in chunks (never the whole table)."""
     ids = sorted(set(ids))
     out: dict[str, dict] = {}
     for start in range(0, len(ids), chunk):
-        rows = store.read("samples", list(columns), sql_in("id", ids[start:start + chunk]),
-                          version=samples_version).to_pylist()
+        rows = store.read(
+            "samples", list(columns), sql_in("id", ids[start : start + chunk]), version=samples_version
+        ).to_pylist()
         out.update((r["id"], r) for r in rows)
     return out
 
@@ -62,8 +65,7 @@ def teacher_records(store: Store, teacher_version) -> list[dict]:
     return recs
 
 
-def align_examples(store: Store, samples_version, teacher_version, extra_ids=None,
-                   extra_records=None) -> list[Example]:
+def align_examples(store: Store, samples_version, teacher_version, extra_ids=None, extra_records=None) -> list[Example]:
     """(image -> description) pairs: each seed row's `desc` sentences joined; with `extra_records` (id +
     `desc`, e.g. the previous generation's best annotations), theirs, for ids that are not seeds; with
     `extra_ids`, those samples with their own alt-text as the caption (LLaVA's stage 1 used filtered web
@@ -76,11 +78,30 @@ def align_examples(store: Store, samples_version, teacher_version, extra_ids=Non
             recs.append((r, "previous"))
     extra_ids = set(extra_ids or ()) - seen
     samples = samples_by_id(store, samples_version, seen | extra_ids)
-    out = [Example(r["id"], samples[r["id"]]["image"], samples[r["id"]]["alt_text"] or "", " ".join(r["desc"]),
-                   meta=samples[r["id"]]["meta"], source=source) for r, source in recs if r["id"] in samples]
-    out += [Example(i, samples[i]["image"], samples[i]["alt_text"], samples[i]["alt_text"], meta=samples[i]["meta"],
-                    source="alt_text")
-            for i in sorted(extra_ids) if i in samples and (samples[i]["alt_text"] or "").strip()]
+    out = [
+        Example(
+            r["id"],
+            samples[r["id"]]["image"],
+            samples[r["id"]]["alt_text"] or "",
+            " ".join(r["desc"]),
+            meta=samples[r["id"]]["meta"],
+            source=source,
+        )
+        for r, source in recs
+        if r["id"] in samples
+    ]
+    out += [
+        Example(
+            i,
+            samples[i]["image"],
+            samples[i]["alt_text"],
+            samples[i]["alt_text"],
+            meta=samples[i]["meta"],
+            source="alt_text",
+        )
+        for i in sorted(extra_ids)
+        if i in samples and (samples[i]["alt_text"] or "").strip()
+    ]
     _check_found(out, len(recs) + len(extra_ids), "alignment")
     return out
 
@@ -91,11 +112,13 @@ def alt_text_caption_ids(store: Store, samples_version, teacher_version, share: 
     if share <= 0:
         return []
     seeds = {r["id"] for r in store.read("teacher", ["id"], version=teacher_version).to_pylist()}
-    ids = sorted(r["id"] for r in store.read("samples", ["id", "alt_text"], "split = 'train'",
-                                             version=samples_version).to_pylist()
-                 if r["id"] not in seeds and (r["alt_text"] or "").strip())
+    ids = sorted(
+        r["id"]
+        for r in store.read("samples", ["id", "alt_text"], "split = 'train'", version=samples_version).to_pylist()
+        if r["id"] not in seeds and (r["alt_text"] or "").strip()
+    )
     random.Random(f"align-alt-text:{seed}").shuffle(ids)
-    return sorted(ids[:round(share * len(ids))])
+    return sorted(ids[: round(share * len(ids))])
 
 
 def sft_examples(store: Store, samples_version, teacher_version, extra_records=None) -> list[Example]:
@@ -117,8 +140,17 @@ def sft_examples(store: Store, samples_version, teacher_version, extra_records=N
         s = samples.get(r["id"])
         if s is not None:
             record = {k: list(r[k]) for k in FORMULA_KEYS}
-            out.append(Example(r["id"], s["image"], s["alt_text"] or "", to_target_json(record), record, s["meta"],
-                               source="seed" if i < n_seeds else "previous"))
+            out.append(
+                Example(
+                    r["id"],
+                    s["image"],
+                    s["alt_text"] or "",
+                    to_target_json(record),
+                    record,
+                    s["meta"],
+                    source="seed" if i < n_seeds else "previous",
+                )
+            )
     _check_found(out, len(recs), "SFT")
     return out
 
@@ -131,7 +163,9 @@ def _check_found(out: list, wanted: int, what: str) -> None:
             with Image.open(io.BytesIO(e.image or b"")) as im:
                 im.verify()
         except Exception as err:
-            raise LVLMError(f"{what} example '{e.id}': its image does not decode ({type(err).__name__}: {err})") from None
+            raise LVLMError(
+                f"{what} example '{e.id}': its image does not decode ({type(err).__name__}: {err})"
+            ) from None
     if len(out) < wanted:
         log.warning("%s: %d of %d ids have no sample row at this version; skipped", what, wanted - len(out), wanted)
 
@@ -147,13 +181,21 @@ class Batches:
     batches are made: read it after an epoch).
     """
 
-    def __init__(self, examples: list[Example], processor, batch_size: int, seed: int, max_length: int,
-                 input_text: Callable[[Example, int], str]):
+    def __init__(
+        self,
+        examples: list[Example],
+        processor,
+        batch_size: int,
+        seed: int,
+        max_length: int,
+        input_text: Callable[[Example, int], str],
+    ):
         self.examples, self.processor, self.batch_size = examples, processor, batch_size
         self.seed, self.max_length, self.input_text = seed, max_length, input_text
         tokenizer = processor.tokenizer
-        self.targets = [tokenizer(e.target, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-                        for e in examples]
+        self.targets = [
+            tokenizer(e.target, add_special_tokens=False).input_ids + [tokenizer.eos_token_id] for e in examples
+        ]
         self.steps = math.ceil(len(examples) / batch_size)
         self.truncated: set[int] = set()
 
@@ -162,10 +204,13 @@ class Batches:
         order = list(range(len(examples)))
         random.Random(self.seed * SHUFFLE_SEED_STRIDE + epoch).shuffle(order)
         for start in range(0, len(order), self.batch_size):
-            idx = order[start:start + self.batch_size]
-            enc = self.processor(images=[decode(examples[i].image) for i in idx],
-                                 text=[self.input_text(examples[i], epoch) for i in idx], return_tensors="pt",
-                                 padding=True)
+            idx = order[start : start + self.batch_size]
+            enc = self.processor(
+                images=[decode(examples[i].image) for i in idx],
+                text=[self.input_text(examples[i], epoch) for i in idx],
+                return_tensors="pt",
+                padding=True,
+            )
             rows, labels = [], []
             for ids, keep, i in zip(enc["input_ids"], enc["attention_mask"], idx):
                 prompt_ids = ids[keep.bool()].tolist()
@@ -173,7 +218,7 @@ class Batches:
                 lab = [-100] * len(prompt_ids) + targets[i]
                 if len(seq) > self.max_length:
                     self.truncated.add(i)
-                    seq, lab = seq[:self.max_length], lab[:self.max_length]
+                    seq, lab = seq[: self.max_length], lab[: self.max_length]
                 rows.append(seq)
                 labels.append(lab)
             width = max(len(r) for r in rows)
@@ -181,14 +226,27 @@ class Batches:
             label_t = torch.full((len(rows), width), -100, dtype=torch.long)
             mask = torch.zeros((len(rows), width), dtype=torch.long)
             for j, (r, lab) in enumerate(zip(rows, labels)):
-                input_ids[j, :len(r)], label_t[j, :len(r)], mask[j, :len(r)] = (
-                    torch.tensor(r), torch.tensor(lab), 1)
-            yield {"input_ids": input_ids, "attention_mask": mask, "labels": label_t,
-                   "pixel_values": enc["pixel_values"]}
+                input_ids[j, : len(r)], label_t[j, : len(r)], mask[j, : len(r)] = (
+                    torch.tensor(r),
+                    torch.tensor(lab),
+                    1,
+                )
+            yield {
+                "input_ids": input_ids,
+                "attention_mask": mask,
+                "labels": label_t,
+                "pixel_values": enc["pixel_values"],
+            }
 
 
-def make_batches(examples: list[Example], processor, batch_size: int, seed: int, max_length: int,
-                 input_text: Callable[[Example, int], str]) -> tuple[Batches, int]:
+def make_batches(
+    examples: list[Example],
+    processor,
+    batch_size: int,
+    seed: int,
+    max_length: int,
+    input_text: Callable[[Example, int], str],
+) -> tuple[Batches, int]:
     """(`Batches`, steps per epoch). `input_text(example, epoch)` gives the model input (it may change per
     epoch: fresh alt-text noise); sequences longer than `max_length` lose their end (`Batches.truncated`)."""
     batches = Batches(examples, processor, batch_size, seed, max_length, input_text)
@@ -197,9 +255,11 @@ def make_batches(examples: list[Example], processor, batch_size: int, seed: int,
 
 def sft_input(alt_text_fn: Optional[Callable[[Example, int], Optional[str]]] = None):
     """Stage 2 input: the annotation prompt around the alt-text (fresh per epoch when `alt_text_fn` gives one)."""
+
     def text(e: Example, epoch: int) -> str:
         alt = alt_text_fn(e, epoch) if alt_text_fn else None
         return model_input(build_prompt(e.alt_text if alt is None else alt))
+
     return text
 
 
@@ -231,5 +291,5 @@ def best_previous_annotations(store: Store, annotations_version, generation: int
     where = f"generation = {int(generation)} AND {USABLE} AND score IS NOT NULL"
     rows = store.read("annotations", ["id", *FORMULA_KEYS, "score"], where, version=annotations_version).to_pylist()
     rows.sort(key=lambda r: (-r["score"], r["id"]))
-    keep = rows[:math.ceil(share * len(rows))] if share > 0 else []
+    keep = rows[: math.ceil(share * len(rows))] if share > 0 else []
     return [{k: r[k] for k in ("id", *FORMULA_KEYS)} for r in keep]

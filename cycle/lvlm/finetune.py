@@ -10,6 +10,7 @@ Output `out_dir/`: `adapter/` (peft adapter over the aligned LLaVA, for vLLM's L
 LoRA), `merged/` (a complete LLaVA directory with the adapter merged in: what annotation serves),
 `log.jsonl` (per step loss) and `info.json` (base and metrics).
 """
+
 from __future__ import annotations
 
 import re
@@ -34,20 +35,36 @@ def lora_target_pattern(names: list[str]) -> str:
 
 
 def with_lora(model, cfg: LoraConfig):
-    from peft import LoraConfig as PeftLoraConfig, get_peft_model
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
 
-    peft_cfg = PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, bias="none",
-                              target_modules=lora_target_pattern(list(cfg.target_modules)))
+    peft_cfg = PeftLoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        bias="none",
+        target_modules=lora_target_pattern(list(cfg.target_modules)),
+    )
     try:
         return get_peft_model(model, peft_cfg)
     except ValueError as err:  # peft: "Target modules ... not found in the base model"
-        raise LVLMError(f"config key 'lvlm.lora.target_modules': {list(cfg.target_modules)} match no module "
-                         f"of the LM ({str(err).splitlines()[0]})") from None
+        raise LVLMError(
+            f"config key 'lvlm.lora.target_modules': {list(cfg.target_modules)} match no module "
+            f"of the LM ({str(err).splitlines()[0]})"
+        ) from None
 
 
-def sft(lvlm_dir: str | Path, store: Store, samples_version, teacher_version, cfg: RunConfig, out_dir: str | Path,
-        extra_records: Optional[list[dict]] = None, progress: bool = True,
-        alt_text_fn: Optional[Callable[[Example, int], Optional[str]]] = None) -> tuple[Optional[Path], Path, dict]:
+def sft(
+    lvlm_dir: str | Path,
+    store: Store,
+    samples_version,
+    teacher_version,
+    cfg: RunConfig,
+    out_dir: str | Path,
+    extra_records: Optional[list[dict]] = None,
+    progress: bool = True,
+    alt_text_fn: Optional[Callable[[Example, int], Optional[str]]] = None,
+) -> tuple[Optional[Path], Path, dict]:
     """SFT of the aligned LLaVA in `lvlm_dir`. Returns (adapter dir or None, merged dir, metrics).
 
     `extra_records`: more (id + four formulas) targets beyond the teacher table. `alt_text_fn(example, epoch)`
@@ -71,18 +88,35 @@ def sft(lvlm_dir: str | Path, store: Store, samples_version, teacher_version, cf
         model.lm_head.requires_grad_(True)
     params = [p for p in model.parameters() if p.requires_grad]
     examples = sft_examples(store, samples_version, teacher_version, extra_records)
-    batches, steps = make_batches(examples, processor, stage.batch_size, cfg.seed, text_budget(cfg, base),
-                                  sft_input(alt_text_fn))
+    batches, steps = make_batches(
+        examples, processor, stage.batch_size, cfg.seed, text_budget(cfg, base), sft_input(alt_text_fn)
+    )
     plain = make_batches(examples, processor, stage.batch_size, cfg.seed, text_budget(cfg, base), sft_input())[0]
     before = eval_loss(model, plain(0), device)
     tmp = staging_dir(out_dir)
-    losses = train_loop(model, params, batches, stage.epochs, steps, stage.lr, stage.warmup_steps, device,
-                        "SFT" + (" (LoRA)" if lora.enabled else " (full LM)"), progress,
-                        log_path=tmp / "log.jsonl")
+    losses = train_loop(
+        model,
+        params,
+        batches,
+        stage.epochs,
+        steps,
+        stage.lr,
+        stage.warmup_steps,
+        device,
+        "SFT" + (" (LoRA)" if lora.enabled else " (full LM)"),
+        progress,
+        log_path=tmp / "log.jsonl",
+    )
     after = eval_loss(model, plain(0), device)
-    metrics = {"sft/examples": len(examples), "sft/trainable_params": sum(p.numel() for p in params),
-               "sft/loss_before": before, "sft/loss_after": after, "sft/epoch_loss_first": losses[0],
-               "sft/epoch_loss_last": losses[-1], "sft/truncated": len(batches.truncated)}
+    metrics = {
+        "sft/examples": len(examples),
+        "sft/trainable_params": sum(p.numel() for p in params),
+        "sft/loss_before": before,
+        "sft/loss_after": after,
+        "sft/epoch_loss_first": losses[0],
+        "sft/epoch_loss_last": losses[-1],
+        "sft/truncated": len(batches.truncated),
+    }
     model.to("cpu")
     if lora.enabled:
         model.save_pretrained(tmp / "adapter")

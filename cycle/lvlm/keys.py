@@ -5,6 +5,7 @@ llava-hf layout `vision_tower.vision_model.<...>`. transformers 5 loads that lay
 conversion), so one directory in that layout serves every loader. Light on purpose (safetensors only):
 the vLLM backend imports it without transformers' model code.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,7 +18,7 @@ INDEX_SUFFIX = ".safetensors.index.json"
 def llava_hf_key(key: str) -> str:
     """transformers 5 saved key -> llava-hf layout key (what vLLM loads); other keys unchanged."""
     if key.startswith(TOWER) and not key.startswith(TOWER_NESTED):
-        return TOWER_NESTED + key[len(TOWER):]
+        return TOWER_NESTED + key[len(TOWER) :]
     return key
 
 

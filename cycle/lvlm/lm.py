@@ -6,6 +6,7 @@ such as Qwen2.5-7B-Instruct): `prepare_lm` hands the name on and `build_lvlm` lo
 here: a byte-level BPE tokenizer trained on the run's text (`tokenizer.py`) and a small `LlamaConfig` LM
 pretrained briefly on the same text, so that SFT later only has to teach it to look at the image.
 """
+
 from __future__ import annotations
 
 import logging
@@ -35,8 +36,9 @@ PRETRAIN_WARMUP_STEPS = 50  # at most; fewer when an epoch has fewer steps
 PRETRAIN_WEIGHT_DECAY = 0.01
 
 
-def run_texts(store: Store, samples_version: int | str | None, teacher_version: int | str | None,
-              cfg: Optional[RunConfig] = None) -> Iterator[str]:
+def run_texts(
+    store: Store, samples_version: int | str | None, teacher_version: int | str | None, cfg: Optional[RunConfig] = None
+) -> Iterator[str]:
     """The run's text the tiny LM learns from: every training alt-text, and for each seed row of the
     training split the whole model input (prompt with its alt-text) followed by the teacher's answer
     JSON, as SFT will show it. Lazy: nothing is read until iterated (a hub LM never iterates it).
@@ -53,8 +55,7 @@ def run_texts(store: Store, samples_version: int | str | None, teacher_version: 
         variants = cfg.lvlm.lm.pretrain_seed_variants
         fresh = emoji_alt_text_fn(cfg.data.emoji, seed=cfg.seed + VARIANT_SEED_OFFSET)
     seeds = store.read("teacher", ["id", *FORMULA_KEYS], version=teacher_version).to_pylist()
-    rows = samples_by_id(store, samples_version, [r["id"] for r in seeds],
-                         columns=("id", "alt_text", "split", "meta"))
+    rows = samples_by_id(store, samples_version, [r["id"] for r in seeds], columns=("id", "alt_text", "split", "meta"))
     for rec in seeds:
         row = rows.get(rec["id"])
         if row is None or row["split"] != "train":
@@ -71,11 +72,18 @@ def run_texts(store: Store, samples_version: int | str | None, teacher_version: 
 def tiny_lm_config(cfg: LMConfig, tokenizer) -> LlamaConfig:
     """The Llama config of the tiny LM (`lvlm.lm.*`, checked by `cycle.config`)."""
     return LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, intermediate_size=FFN_MULT * cfg.hidden_size,
-        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_heads,
-        max_position_embeddings=max(cfg.max_length, MIN_POSITIONS), tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id)
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=FFN_MULT * cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_heads,
+        max_position_embeddings=max(cfg.max_length, MIN_POSITIONS),
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
 
 
 def _length_grouped(ids: list[list[int]], batch_size: int, gen: torch.Generator) -> list[list[int]]:
@@ -85,8 +93,8 @@ def _length_grouped(ids: list[list[int]], batch_size: int, gen: torch.Generator)
     window = LENGTH_WINDOW_BATCHES * batch_size
     groups = []
     for w in range(0, len(order), window):
-        chunk = sorted(order[w:w + window], key=lambda i: len(ids[i]))
-        groups += [chunk[s:s + batch_size] for s in range(0, len(chunk), batch_size)]
+        chunk = sorted(order[w : w + window], key=lambda i: len(ids[i]))
+        groups += [chunk[s : s + batch_size] for s in range(0, len(chunk), batch_size)]
     return [groups[i] for i in torch.randperm(len(groups), generator=gen).tolist()]
 
 
@@ -99,15 +107,16 @@ def _text_batches(ids: list[list[int]], batch_size: int, pad_id: int, seed: int)
             input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
             mask = torch.zeros((len(rows), width), dtype=torch.long)
             for i, r in enumerate(rows):
-                input_ids[i, :len(r)] = torch.tensor(r)
-                mask[i, :len(r)] = 1
-            yield {"input_ids": input_ids, "attention_mask": mask,
-                   "labels": input_ids.masked_fill(mask == 0, -100)}
+                input_ids[i, : len(r)] = torch.tensor(r)
+                mask[i, : len(r)] = 1
+            yield {"input_ids": input_ids, "attention_mask": mask, "labels": input_ids.masked_fill(mask == 0, -100)}
+
     return batches
 
 
-def pretrain_lm(cfg: LMConfig, texts: Iterable[str], out_dir: str | Path, seed: int = 0, device: str = "cpu",
-                progress: bool = True) -> Path:
+def pretrain_lm(
+    cfg: LMConfig, texts: Iterable[str], out_dir: str | Path, seed: int = 0, device: str = "cpu", progress: bool = True
+) -> Path:
     """Train the tiny LM's tokenizer and pretrain the LM on `texts`; save both as one HF directory.
 
     Always trains: whether an existing `out_dir` may be reused is the caller's (the controller's) call.
@@ -121,22 +130,42 @@ def pretrain_lm(cfg: LMConfig, texts: Iterable[str], out_dir: str | Path, seed: 
     model = LlamaForCausalLM(tiny_lm_config(cfg, tokenizer))
     dev = resolve_device(device)
     model.to(dev)
-    ids = [enc[:cfg.max_length - 1] + [tokenizer.eos_token_id] for enc in tokenizer(texts).input_ids]
+    ids = [enc[: cfg.max_length - 1] + [tokenizer.eos_token_id] for enc in tokenizer(texts).input_ids]
     # every length window holds whole batches, so an epoch has ceil(n / batch_size) of them
     steps = math.ceil(len(ids) / cfg.batch_size)
-    losses = train_loop(model, list(model.parameters()), _text_batches(ids, cfg.batch_size, tokenizer.pad_token_id, seed),
-                        cfg.pretrain_epochs, steps, cfg.pretrain_lr, warmup=min(PRETRAIN_WARMUP_STEPS, steps),
-                        device=dev, desc="pretrain tiny LM", progress=progress, weight_decay=PRETRAIN_WEIGHT_DECAY)
+    losses = train_loop(
+        model,
+        list(model.parameters()),
+        _text_batches(ids, cfg.batch_size, tokenizer.pad_token_id, seed),
+        cfg.pretrain_epochs,
+        steps,
+        cfg.pretrain_lr,
+        warmup=min(PRETRAIN_WARMUP_STEPS, steps),
+        device=dev,
+        desc="pretrain tiny LM",
+        progress=progress,
+        weight_decay=PRETRAIN_WEIGHT_DECAY,
+    )
     tmp = staging_dir(out_dir)
     model.to("cpu").save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     log.info("tiny LM pretrained on %d texts: epoch losses %s", len(texts), [round(x, 4) for x in losses])
-    return finish(tmp, out_dir, {"epoch_losses": losses, "texts": len(texts), "seed": seed,
-                                 "tokens": sum(len(i) for i in ids), "vocab": len(tokenizer)})
+    return finish(
+        tmp,
+        out_dir,
+        {
+            "epoch_losses": losses,
+            "texts": len(texts),
+            "seed": seed,
+            "tokens": sum(len(i) for i in ids),
+            "vocab": len(tokenizer),
+        },
+    )
 
 
-def prepare_lm(cfg: LMConfig, texts: Iterable[str], out_dir: str | Path, seed: int = 0, progress: bool = True,
-               device: str = "cpu") -> Path | str:
+def prepare_lm(
+    cfg: LMConfig, texts: Iterable[str], out_dir: str | Path, seed: int = 0, progress: bool = True, device: str = "cpu"
+) -> Path | str:
     """The LM directory for `build_lvlm`: `cfg.name == "tiny"` pretrains one into `out_dir` (`pretrain_lm`,
     every call); any other name is an HF model name or path and is returned unchanged (`texts` unread)."""
     if cfg.name != "tiny":

@@ -8,6 +8,7 @@ Byte-level, so no text is ever unknown. Besides the learned merges it holds:
   from `schema.to_target_json` itself so they follow the format: a tiny model then writes the whole
   structure in a handful of tokens and rarely breaks it (measured, see ENV-FACTS).
 """
+
 from __future__ import annotations
 
 from typing import Iterable
@@ -35,13 +36,25 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(texts, trainer)
     tok.add_tokens([AddedToken(p, normalized=False, special=False) for p in json_pieces()])
     tok.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, tok.token_to_id(BOS))])
+        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, tok.token_to_id(BOS))]
+    )
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
         extra_special_tokens={"image_token": IMAGE_TOKEN},
-        clean_up_tokenization_spaces=False, padding_side="right", model_max_length=1_000_000)
+        clean_up_tokenization_spaces=False,
+        padding_side="right",
+        model_max_length=1_000_000,
+    )

@@ -10,6 +10,7 @@ a request the server refuses) comes back as a `FailedGeneration`: a str (empty) 
 so the row is kept as failed rather than the whole pass stopping. `backend.fingerprint` names the
 annotator (model and weights) and is stored with every row. `make_backend` (in the package) picks one.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -44,8 +45,13 @@ class FailedGeneration(str):
 class Backend(Protocol):
     fingerprint: str
 
-    def generate(self, batch: Sequence[BatchItem], seed: Optional[int] = None,
-                 temperature: Optional[float] = None, keys: Optional[Sequence[str]] = None) -> list[str]: ...
+    def generate(
+        self,
+        batch: Sequence[BatchItem],
+        seed: Optional[int] = None,
+        temperature: Optional[float] = None,
+        keys: Optional[Sequence[str]] = None,
+    ) -> list[str]: ...
 
     def close(self) -> None: ...
 

@@ -7,6 +7,7 @@ per completed response, keyed by sample id and seed) makes a restarted pass reus
 paid for. Structured output (`response_format` json_schema) is asked for, and dropped for the rest of the
 run if the server refuses it.
 """
+
 from __future__ import annotations
 
 import base64
@@ -75,13 +76,31 @@ class RequestLog:
             if self.path:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 with open(self.path, "a", encoding="utf-8") as fh:
-                    fh.write(json.dumps({"key": key, "seed": seed, "model": model, "content": content,
-                                         "time": round(time.time(), 3)}, ensure_ascii=False) + "\n")
+                    fh.write(
+                        json.dumps(
+                            {
+                                "key": key,
+                                "seed": seed,
+                                "model": model,
+                                "content": content,
+                                "time": round(time.time(), 3),
+                            },
+                            ensure_ascii=False,
+                        )
+                        + "\n"
+                    )
 
 
 class OpenAIBackend:
-    def __init__(self, cfg: Any, max_new_tokens: int = 512, temperature: float = 0.0,
-                 request_log: Optional[str | Path] = None, backoff_s: float = 1.0, use_schema: bool = True):
+    def __init__(
+        self,
+        cfg: Any,
+        max_new_tokens: int = 512,
+        temperature: float = 0.0,
+        request_log: Optional[str | Path] = None,
+        backoff_s: float = 1.0,
+        use_schema: bool = True,
+    ):
         """`cfg` is an `OpenAIBackendConfig`; `backoff_s` is the first retry delay (doubled each retry)."""
         self.cfg = cfg
         self.url = cfg.base_url.rstrip("/") + "/chat/completions"
@@ -102,18 +121,25 @@ class OpenAIBackend:
         url = f"data:{mime};base64,{base64.b64encode(data).decode()}"
         body = {
             "model": self.cfg.model,
-            "messages": [{"role": "user", "content": [
-                {"type": "text", "text": prompt},
-                {"type": "image_url", "image_url": {"url": url}},
-            ]}],
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": prompt},
+                        {"type": "image_url", "image_url": {"url": url}},
+                    ],
+                }
+            ],
             "max_tokens": self.max_new_tokens,
             "temperature": temperature,
         }
         if seed is not None:
             body["seed"] = seed
         if self.use_schema:
-            body["response_format"] = {"type": "json_schema", "json_schema": {
-                "name": "four_formulas", "schema": FORMULA_JSON_SCHEMA, "strict": True}}
+            body["response_format"] = {
+                "type": "json_schema",
+                "json_schema": {"name": "four_formulas", "schema": FORMULA_JSON_SCHEMA, "strict": True},
+            }
         return body
 
     def _post(self, body: dict) -> tuple[int, dict, Any]:
@@ -168,8 +194,10 @@ class OpenAIBackend:
                 body.pop("response_format", None)
                 continue
             if status in (401, 403, 404):
-                raise BackendError(f"{self.url} answered {status}: {detail} (check base_url, model, "
-                                   f"and the key in ${self.cfg.api_key_env})")
+                raise BackendError(
+                    f"{self.url} answered {status}: {detail} (check base_url, model, "
+                    f"and the key in ${self.cfg.api_key_env})"
+                )
             if status not in _RETRY_STATUS:
                 return FailedGeneration(f"HTTP {status}: {detail}")
             last = f"HTTP {status}: {detail}"
@@ -178,15 +206,22 @@ class OpenAIBackend:
         raise BackendError(f"{self.url}: giving up after {self.cfg.max_retries + 1} attempts, last: {last}")
 
     def _backoff(self, attempt: int) -> float:
-        return min(_MAX_BACKOFF_S, self.backoff_s * 2 ** attempt) * (0.5 + random.random() / 2)
+        return min(_MAX_BACKOFF_S, self.backoff_s * 2**attempt) * (0.5 + random.random() / 2)
 
     # -- backend interface --------------------------------------------------------------------------
-    def generate(self, batch: Sequence[BatchItem], seed: Optional[int] = None,
-                 temperature: Optional[float] = None, keys: Optional[Sequence[str]] = None) -> list[str]:
+    def generate(
+        self,
+        batch: Sequence[BatchItem],
+        seed: Optional[int] = None,
+        temperature: Optional[float] = None,
+        keys: Optional[Sequence[str]] = None,
+    ) -> list[str]:
         temperature = self.temperature if temperature is None else temperature
         keys = list(keys) if keys is not None else [None] * len(batch)
-        futures = [self.pool.submit(self._one, image, prompt, key, seed, temperature)
-                   for (image, prompt), key in zip(batch, keys)]
+        futures = [
+            self.pool.submit(self._one, image, prompt, key, seed, temperature)
+            for (image, prompt), key in zip(batch, keys)
+        ]
         return [f.result() for f in futures]
 
     def close(self) -> None:

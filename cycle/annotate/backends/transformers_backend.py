@@ -7,6 +7,7 @@ Sampling seeds torch's global generator: `generate` has no generator argument (i
 `torch.multinomial` on the default one), so a retry with `seed` calls `torch.manual_seed(seed)` first,
 explicitly (`_seed_sampling`). Later unseeded draws in the process continue from that state.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -28,15 +29,24 @@ def _seed_sampling(seed: Optional[int]) -> None:
 class TransformersBackend:
     """`LlavaForConditionalGeneration` + `AutoProcessor` loaded from `model_dir` (an HF LLaVA directory)."""
 
-    def __init__(self, model_dir: str | Path, device: str = "auto", max_new_tokens: int = 96,
-                 temperature: float = 0.0, min_new_tokens: int = 0, dtype: Optional[torch.dtype] = None,
-                 kv_cache: str = "dynamic"):
+    def __init__(
+        self,
+        model_dir: str | Path,
+        device: str = "auto",
+        max_new_tokens: int = 96,
+        temperature: float = 0.0,
+        min_new_tokens: int = 0,
+        dtype: Optional[torch.dtype] = None,
+        kv_cache: str = "dynamic",
+    ):
         from transformers import AutoProcessor, LlavaForConditionalGeneration
 
         model_dir = Path(model_dir) if model_dir else None
         if model_dir is None or not (model_dir / "config.json").is_file():
-            raise BackendError(f"annotator model directory '{model_dir}' has no config.json "
-                               "(expected a merged LlavaForConditionalGeneration directory)")
+            raise BackendError(
+                f"annotator model directory '{model_dir}' has no config.json "
+                "(expected a merged LlavaForConditionalGeneration directory)"
+            )
         self.device = resolve_device(device)
         if dtype is None:
             dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
@@ -57,8 +67,13 @@ class TransformersBackend:
         self.generated_tokens = 0  # running count, for throughput figures
 
     @torch.inference_mode()
-    def generate(self, batch: Sequence[BatchItem], seed: Optional[int] = None,
-                 temperature: Optional[float] = None, keys: Optional[Sequence[str]] = None) -> list[str]:
+    def generate(
+        self,
+        batch: Sequence[BatchItem],
+        seed: Optional[int] = None,
+        temperature: Optional[float] = None,
+        keys: Optional[Sequence[str]] = None,
+    ) -> list[str]:
         outputs: list[str] = [FailedGeneration("not generated")] * len(batch)
         images, texts, where = [], [], []
         for i, (image, prompt) in enumerate(batch):
@@ -78,12 +93,18 @@ class TransformersBackend:
         sample = temperature > 0
         _seed_sampling(seed)
         gen = self.model.generate(
-            **inputs, max_new_tokens=self.max_new_tokens, min_new_tokens=self.min_new_tokens or None,
-            do_sample=sample, temperature=temperature if sample else None, top_p=None, top_k=None,
-            pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
+            **inputs,
+            max_new_tokens=self.max_new_tokens,
+            min_new_tokens=self.min_new_tokens or None,
+            do_sample=sample,
+            temperature=temperature if sample else None,
+            top_p=None,
+            top_k=None,
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.tokenizer.eos_token_id,
             **({"cache_implementation": "static"} if self.kv_cache == "static" else {}),
         )
-        new = gen[:, inputs["input_ids"].shape[1]:]
+        new = gen[:, inputs["input_ids"].shape[1] :]
         eos = self.tokenizer.eos_token_id
         pad = self.tokenizer.pad_token_id
         self.generated_tokens += int(((new != pad) & (new != eos)).sum()) if pad != eos else int((new != pad).sum())

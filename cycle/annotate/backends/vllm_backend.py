@@ -10,6 +10,7 @@
 The checkpoint is prepared once per model: vLLM reads the tower as `vision_tower.vision_model.*`
 (`cycle.lvlm.keys`, the one home of that rename; directories written by `save_lvlm` already have it).
 """
+
 from __future__ import annotations
 
 import base64
@@ -51,10 +52,20 @@ def prepare_vllm_model(model_dir: str | Path, out_dir: str | Path) -> Path:
 
 
 class VLLMBackend:
-    def __init__(self, cfg: Any, model_dir: Optional[str | Path], lora_dir: Optional[str | Path] = None,
-                 out_dir: Optional[str | Path] = None, structured: bool = True, min_new_tokens: int = 0,
-                 startup_timeout_s: float = STARTUP_TIMEOUT_S, device: str = "auto", logprobs: int = 0,
-                 schema: Optional[dict] = None, dtype: str = "auto"):
+    def __init__(
+        self,
+        cfg: Any,
+        model_dir: Optional[str | Path],
+        lora_dir: Optional[str | Path] = None,
+        out_dir: Optional[str | Path] = None,
+        structured: bool = True,
+        min_new_tokens: int = 0,
+        startup_timeout_s: float = STARTUP_TIMEOUT_S,
+        device: str = "auto",
+        logprobs: int = 0,
+        schema: Optional[dict] = None,
+        dtype: str = "auto",
+    ):
         """`cfg` is an `AnnotateConfig`. `structured=False` leaves decoding unconstrained (also settable per
         call through the `structured` attribute); `schema` replaces the four-formula JSON schema;
         `logprobs=k` keeps the top-k log-probabilities of every generated token in `last_logprobs`; `dtype`
@@ -69,8 +80,13 @@ class VLLMBackend:
             from .openai_backend import OpenAIBackend
 
             log = Path(out_dir) / "requests.jsonl" if out_dir else None
-            self.inner = OpenAIBackend(cfg.openai, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                       request_log=log, use_schema=structured)
+            self.inner = OpenAIBackend(
+                cfg.openai,
+                max_new_tokens=cfg.max_new_tokens,
+                temperature=cfg.temperature,
+                request_log=log,
+                use_schema=structured,
+            )
             self.fingerprint = f"vllm-server:{cfg.openai.model}:{weights}:{adapter}"
             return
         if not model_dir or not (Path(model_dir) / "config.json").is_file():
@@ -82,19 +98,33 @@ class VLLMBackend:
         self.fingerprint = f"vllm:{Path(model_dir).name}:{weights}:{adapter}"
         python = vcfg.python or sys.executable
         if not Path(python).exists() and shutil.which(python) is None:
-            raise BackendError(f"annotate.vllm.python '{python}' does not exist "
-                               "(build one with scripts/build_vllm_cpu_env.sh)")
-        worker_cfg = {"model": str(served), "lora": str(lora_dir) if lora_dir else None,
-                      "max_new_tokens": cfg.max_new_tokens, "min_new_tokens": min_new_tokens,
-                      "max_num_seqs": vcfg.max_num_seqs, "gpu_memory_utilization": vcfg.gpu_memory_utilization,
-                      "cpu_memory_utilization": vcfg.cpu_memory_utilization,
-                      "device": device, "schema": schema or FORMULA_JSON_SCHEMA,
-                      "logprobs": logprobs, "dtype": dtype}
+            raise BackendError(
+                f"annotate.vllm.python '{python}' does not exist (build one with scripts/build_vllm_cpu_env.sh)"
+            )
+        worker_cfg = {
+            "model": str(served),
+            "lora": str(lora_dir) if lora_dir else None,
+            "max_new_tokens": cfg.max_new_tokens,
+            "min_new_tokens": min_new_tokens,
+            "max_num_seqs": vcfg.max_num_seqs,
+            "gpu_memory_utilization": vcfg.gpu_memory_utilization,
+            "cpu_memory_utilization": vcfg.cpu_memory_utilization,
+            "device": device,
+            "schema": schema or FORMULA_JSON_SCHEMA,
+            "logprobs": logprobs,
+            "dtype": dtype,
+        }
         (out_dir / "vllm-worker.json").write_text(json.dumps(worker_cfg, indent=1))
         self.log_path = out_dir / "vllm-worker.log"
         self.log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([python, str(WORKER), str(out_dir / "vllm-worker.json")], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=self.log, text=True, bufsize=1)
+        self.proc = subprocess.Popen(
+            [python, str(WORKER), str(out_dir / "vllm-worker.json")],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            text=True,
+            bufsize=1,
+        )
         self.lines: queue.Queue = queue.Queue()
         threading.Thread(target=self._pump, daemon=True).start()
         hello = self._read(startup_timeout_s, "start")
@@ -116,12 +146,19 @@ class VLLMBackend:
         if line is None or line == "timeout":
             tail = self.log_path.read_text(errors="replace")[-LOG_TAIL_CHARS:] if self.log_path.exists() else ""
             self.close()
-            raise BackendError(f"vLLM worker {'timed out' if line else 'exited'} during {what}; "
-                               f"its log ({self.log_path}) ends:\n{tail}")
+            raise BackendError(
+                f"vLLM worker {'timed out' if line else 'exited'} during {what}; "
+                f"its log ({self.log_path}) ends:\n{tail}"
+            )
         return json.loads(line)
 
-    def generate(self, batch: Sequence[BatchItem], seed: Optional[int] = None,
-                 temperature: Optional[float] = None, keys: Optional[Sequence[str]] = None) -> list[str]:
+    def generate(
+        self,
+        batch: Sequence[BatchItem],
+        seed: Optional[int] = None,
+        temperature: Optional[float] = None,
+        keys: Optional[Sequence[str]] = None,
+    ) -> list[str]:
         if self.inner is not None:
             return self.inner.generate(batch, seed=seed, temperature=temperature, keys=keys)
         outputs: list[str] = [FailedGeneration("not generated")] * len(batch)
@@ -138,8 +175,18 @@ class VLLMBackend:
         if not where:
             return outputs
         temperature = self.temperature if temperature is None else temperature
-        self.proc.stdin.write(json.dumps({"prompts": prompts, "images": images, "seed": seed,
-                                          "temperature": temperature, "structured": self.structured}) + "\n")
+        self.proc.stdin.write(
+            json.dumps(
+                {
+                    "prompts": prompts,
+                    "images": images,
+                    "seed": seed,
+                    "temperature": temperature,
+                    "structured": self.structured,
+                }
+            )
+            + "\n"
+        )
         self.proc.stdin.flush()
         reply = self._read(BATCH_TIMEOUT_S, "generation")
         if "error" in reply:

@@ -11,6 +11,7 @@ project installed. Protocol, one JSON object per line:
   "logprobs": [[{token id: logprob}]] (with "logprobs": k in the config)} or {"error": str}
 vLLM's own logging goes to stderr; stdout carries the protocol alone.
 """
+
 import base64
 import io
 import json
@@ -35,13 +36,19 @@ def main() -> int:
     from PIL import Image
     from vllm import LLM, SamplingParams
 
-    kwargs = dict(model=cfg["model"], max_num_seqs=cfg["max_num_seqs"], seed=0, limit_mm_per_prompt={"image": 1},
-                  max_model_len=cfg.get("max_model_len") or None, enable_lora=bool(cfg.get("lora")),
-                  dtype=cfg.get("dtype") or "auto",
-                  # compact JSON, as the annotator was trained to write it: free whitespace wastes tokens
-                  structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True},
-                  # on a CPU this flag is the share of RAM vLLM reserves
-                  gpu_memory_utilization=cfg["cpu_memory_utilization"] if on_cpu else cfg["gpu_memory_utilization"])
+    kwargs = dict(
+        model=cfg["model"],
+        max_num_seqs=cfg["max_num_seqs"],
+        seed=0,
+        limit_mm_per_prompt={"image": 1},
+        max_model_len=cfg.get("max_model_len") or None,
+        enable_lora=bool(cfg.get("lora")),
+        dtype=cfg.get("dtype") or "auto",
+        # compact JSON, as the annotator was trained to write it: free whitespace wastes tokens
+        structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True},
+        # on a CPU this flag is the share of RAM vLLM reserves
+        gpu_memory_utilization=cfg["cpu_memory_utilization"] if on_cpu else cfg["gpu_memory_utilization"],
+    )
     llm = LLM(**{k: v for k, v in kwargs.items() if v is not None})
     lora = None
     if cfg.get("lora"):
@@ -60,20 +67,31 @@ def main() -> int:
             continue
         try:
             req = json.loads(line)
-            inputs = [{"prompt": p, "multi_modal_data": {"image": Image.open(io.BytesIO(base64.b64decode(b))).convert("RGB")}}
-                      for p, b in zip(req["prompts"], req["images"])]
-            params = SamplingParams(max_tokens=cfg["max_new_tokens"], min_tokens=cfg.get("min_new_tokens", 0),
-                                    temperature=req.get("temperature") or 0.0, seed=req.get("seed"),
-                                    structured_outputs=structured if req.get("structured", True) else None,
-                                    logprobs=cfg.get("logprobs") or None)
+            inputs = [
+                {"prompt": p, "multi_modal_data": {"image": Image.open(io.BytesIO(base64.b64decode(b))).convert("RGB")}}
+                for p, b in zip(req["prompts"], req["images"])
+            ]
+            params = SamplingParams(
+                max_tokens=cfg["max_new_tokens"],
+                min_tokens=cfg.get("min_new_tokens", 0),
+                temperature=req.get("temperature") or 0.0,
+                seed=req.get("seed"),
+                structured_outputs=structured if req.get("structured", True) else None,
+                logprobs=cfg.get("logprobs") or None,
+            )
             results = llm.generate(inputs, params, lora_request=lora, use_tqdm=False)
             outputs = [r.outputs[0].text for r in results]
             token_ids = [list(r.outputs[0].token_ids) for r in results]
-            reply = {"outputs": outputs, "tokens": sum(map(len, token_ids)), "token_ids": token_ids,
-                     "prompt_token_ids": [list(r.prompt_token_ids) for r in results]}
+            reply = {
+                "outputs": outputs,
+                "tokens": sum(map(len, token_ids)),
+                "token_ids": token_ids,
+                "prompt_token_ids": [list(r.prompt_token_ids) for r in results],
+            }
             if cfg.get("logprobs"):  # per generated token: the top candidates' log-probabilities
-                reply["logprobs"] = [[{str(t): lp.logprob for t, lp in step.items()} for step in r.outputs[0].logprobs]
-                                     for r in results]
+                reply["logprobs"] = [
+                    [{str(t): lp.logprob for t, lp in step.items()} for step in r.outputs[0].logprobs] for r in results
+                ]
             proto.write(json.dumps(reply) + "\n")
         except Exception as err:  # the caller decides; the worker stays up for the next batch
             traceback.print_exc(file=sys.stderr)

@@ -27,6 +27,7 @@ The `seed` table gets the teacher annotations of `seed_share` of the training ro
 "emoji-scenes:scene-graph", format in `seeds`). `facts` reads checkable facts back from any text, which is
 how annotation quality is measured. The vocabulary of a config: `vocab.load_vocab(cfg.vocab_size)`.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -37,14 +38,18 @@ __all__ = ["build_emoji_scenes", "plan_emoji_scenes", "load_vocab", "scene_facts
 def __getattr__(name: str) -> Any:  # lazy: reading facts should not import Pillow or the store
     if name == "build_emoji_scenes":
         from .build import build_emoji_scenes
+
         return build_emoji_scenes
     if name == "plan_emoji_scenes":
         from .plan import plan_emoji_scenes
+
         return plan_emoji_scenes
     if name == "load_vocab":
         from .vocab import load_vocab
+
         return load_vocab
     if name in ("scene_facts", "text_facts", "fact_prf"):
         from . import facts
+
         return getattr(facts, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

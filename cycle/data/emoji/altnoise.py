@@ -15,6 +15,7 @@ Each scene draws exactly one kind, with the probabilities of `AltNoiseConfig` (t
 The kind drawn is kept in `samples.meta["alt_noise"]`. Generic, file-name and spam templates are checked
 (by the tests) never to contain an object name by accident.
 """
+
 from __future__ import annotations
 
 import random
@@ -27,13 +28,38 @@ from .vocab import Vocab
 
 KINDS = ("one_object", "wrong_count", "wrong_position", "sibling_name", "generic", "filename", "shop_spam")
 
-GENERIC = ("image", "picture", "photo", "untitled", "clip art", "stock photo", "my new wallpaper",
-           "cute stuff", "sticker", "look at this", "collection", "artwork")
-FILENAME = ("IMG_{n4}.png", "DSC{n5}.JPG", "emoji-sticker-{n2}.jpg", "image ({n2}).png",
-            "screenshot_2021-{n2}-{n2}.png", "download ({n2}).webp", "photo_{n4}_{n4}.jpeg", "sticker{n2}.gif")
-SHOP_SPAM = ("Buy {Name} Emoji Sticker - Free Shipping!", "Cute {Name} Sticker Pack | Best Price Online",
-             "{Name} Vinyl Decal SALE", "HOT DEAL: {Name} Emoji Print, Order Now",
-             "{Name} Sticker Wholesale Cheap", "Funny {Name} Emoji T Shirt Design - Shop Now")
+GENERIC = (
+    "image",
+    "picture",
+    "photo",
+    "untitled",
+    "clip art",
+    "stock photo",
+    "my new wallpaper",
+    "cute stuff",
+    "sticker",
+    "look at this",
+    "collection",
+    "artwork",
+)
+FILENAME = (
+    "IMG_{n4}.png",
+    "DSC{n5}.JPG",
+    "emoji-sticker-{n2}.jpg",
+    "image ({n2}).png",
+    "screenshot_2021-{n2}-{n2}.png",
+    "download ({n2}).webp",
+    "photo_{n4}_{n4}.jpeg",
+    "sticker{n2}.gif",
+)
+SHOP_SPAM = (
+    "Buy {Name} Emoji Sticker - Free Shipping!",
+    "Cute {Name} Sticker Pack | Best Price Online",
+    "{Name} Vinyl Decal SALE",
+    "HOT DEAL: {Name} Emoji Print, Order Now",
+    "{Name} Sticker Wholesale Cheap",
+    "Funny {Name} Emoji T Shirt Design - Shop Now",
+)
 
 
 def draw_kind(rates: AltNoiseConfig, rng: random.Random) -> str:
@@ -48,9 +74,11 @@ def draw_kind(rates: AltNoiseConfig, rng: random.Random) -> str:
 def _filename(rng: random.Random) -> str:
     template = rng.choice(FILENAME)
     while "{n" in template:
-        template = (template.replace("{n4}", f"{rng.randint(0, 9999):04d}", 1)
-                    .replace("{n5}", f"{rng.randint(0, 99999):05d}", 1)
-                    .replace("{n2}", f"{rng.randint(1, 28):02d}", 1))
+        template = (
+            template.replace("{n4}", f"{rng.randint(0, 9999):04d}", 1)
+            .replace("{n5}", f"{rng.randint(0, 99999):05d}", 1)
+            .replace("{n2}", f"{rng.randint(1, 28):02d}", 1)
+        )
     return template
 
 

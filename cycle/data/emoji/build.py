@@ -3,6 +3,7 @@
 Idempotent and resumable: rows whose id is already in `samples` are neither rendered nor written again,
 and writes go in batches of `write_batch` rows through `Store.insert_new`.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -32,9 +33,17 @@ def _meta_json(meta: dict) -> str:
 def sample_row(row: PlannedRow, glyphs: GlyphCache, image_size: int) -> dict:
     """One `samples` row: the rendered PNG and the planned text."""
     image = png_bytes(render_scene(row.scene, glyphs, image_size))
-    return {"id": row.id, "image": image, "alt_text": row.alt_text, "source": SOURCE, "split": row.split,
-            "width": image_size, "height": image_size, "sha256": hashlib.sha256(image).hexdigest(),
-            "meta": _meta_json(row.meta)}
+    return {
+        "id": row.id,
+        "image": image,
+        "alt_text": row.alt_text,
+        "source": SOURCE,
+        "split": row.split,
+        "width": image_size,
+        "height": image_size,
+        "sha256": hashlib.sha256(image).hexdigest(),
+        "meta": _meta_json(row.meta),
+    }
 
 
 def _check_same_build(plan: Plan, store: "Store") -> set[str]:
@@ -45,14 +54,17 @@ def _check_same_build(plan: Plan, store: "Store") -> set[str]:
     ids, metas = built.column("id").to_pylist(), built.column("meta").to_pylist()
     differ = [i for i, m in zip(ids, metas) if i not in planned or m != _meta_json(planned[i])]
     if differ:
-        raise ConfigError(f"config key 'data.emoji': the store at {store.uri} already holds emoji-scenes built "
-                          f"from another config ({len(differ)} of {len(ids)} rows differ, e.g. {differ[0]}): "
-                          "build into a fresh directory, or use the config it was built with")
+        raise ConfigError(
+            f"config key 'data.emoji': the store at {store.uri} already holds emoji-scenes built "
+            f"from another config ({len(differ)} of {len(ids)} rows differ, e.g. {differ[0]}): "
+            "build into a fresh directory, or use the config it was built with"
+        )
     return set(ids)
 
 
-def build_emoji_scenes(cfg: EmojiScenesConfig, store: "Store", progress: bool = True,
-                       write_batch: int = StoreConfig.write_batch) -> dict[str, int]:
+def build_emoji_scenes(
+    cfg: EmojiScenesConfig, store: "Store", progress: bool = True, write_batch: int = StoreConfig.write_batch
+) -> dict[str, int]:
     """Build (or finish building) the dataset of `cfg` into `store`; returns the row count per split.
 
     `write_batch` is the run's `store.write_batch`: rows per commit. It changes how many versions the
@@ -70,7 +82,7 @@ def build_emoji_scenes(cfg: EmojiScenesConfig, store: "Store", progress: bool = 
             glyphs.base(obj.emoji)
         with tqdm(total=len(todo), desc="emoji-scenes: render", unit="img", disable=not progress) as bar:
             for start in range(0, len(todo), write_batch):
-                batch = [sample_row(row, glyphs, cfg.image_size) for row in todo[start:start + write_batch]]
+                batch = [sample_row(row, glyphs, cfg.image_size) for row in todo[start : start + write_batch]]
                 store.insert_new("samples", batch)
                 bar.update(len(batch))
     seeded = store.ids("teacher")
@@ -87,8 +99,9 @@ def lance_dir(out: Path) -> Path:
     return out / "lance"
 
 
-def build_command(out: str | Path, cfg: EmojiScenesConfig,
-                  write_batch: int = StoreConfig.write_batch) -> dict[str, int]:
+def build_command(
+    out: str | Path, cfg: EmojiScenesConfig, write_batch: int = StoreConfig.write_batch
+) -> dict[str, int]:
     """`hqclip data build emoji-scenes`: build into OUT's database and print a table of rows per split."""
     from rich.console import Console
     from rich.markup import escape

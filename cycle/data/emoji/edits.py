@@ -7,6 +7,7 @@
 Each edit keeps everything else, including the order of objects, so the edited sentence differs from the
 original only in the edited words. Boxes are left as they were: an edited graph is text, not an image.
 """
+
 from __future__ import annotations
 
 import copy

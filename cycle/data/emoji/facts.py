@@ -12,6 +12,7 @@ tags, alt-text, an annotator's output): object names (singular or plural, longes
 phrase after it, before the next name. Text it cannot read yields no facts, never wrong ones.
 This is how annotation quality is measured: `fact_prf(text_facts(annotation), scene_facts(scene))`.
 """
+
 from __future__ import annotations
 
 import re
@@ -30,8 +31,11 @@ _COUNT_VALUE = {"a": 1, "an": 1, **{w: i for i, w in enumerate(COUNT_WORDS)}}
 def scene_facts(scene: dict) -> set[tuple]:
     facts: set[tuple] = set()
     for obj in scene["objects"]:
-        facts |= {("object", obj["name"]), ("count", obj["name"], obj["count"]),
-                  ("position", obj["name"], obj["position"])}
+        facts |= {
+            ("object", obj["name"]),
+            ("count", obj["name"], obj["count"]),
+            ("position", obj["name"], obj["position"]),
+        }
     return facts
 
 
@@ -59,11 +63,11 @@ def text_facts(text: Union[str, Iterable[str], None], vocab: Union[Vocab, Iterab
     facts: set[tuple] = set()
     for i, (start, end, name) in enumerate(mentions):
         facts.add(("object", name))
-        before = lowered[mentions[i - 1][1] if i else 0:start]
+        before = lowered[mentions[i - 1][1] if i else 0 : start]
         count = _COUNT_BEFORE.search(before)
         if count:
             facts.add(("count", name, _COUNT_VALUE[count.group(1)]))
-        after = lowered[end:mentions[i + 1][0] if i + 1 < len(mentions) else len(lowered)]
+        after = lowered[end : mentions[i + 1][0] if i + 1 < len(mentions) else len(lowered)]
         position = _POSITION.search(after)
         if position:
             facts.add(("position", name, _PHRASE_TO_POSITION[position.group(1)]))

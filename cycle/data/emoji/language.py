@@ -6,6 +6,7 @@ One sentence: each object as `<count> <name>` (a/an for one, plural names otherw
 position phrase, objects listed ("x and y", "x, y and z") in the graph's order (random, so word order never gives away
 where things are), then the background colour. `cycle.data.emoji.facts` reads the same phrases back.
 """
+
 from __future__ import annotations
 
 COUNT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -18,17 +19,48 @@ POSITION_PHRASES = {
     "center": "in the center",
 }
 COLORS = {  # named background colours, RGB
-    "white": (245, 245, 245), "gray": (150, 150, 150), "black": (25, 25, 25), "red": (215, 50, 45),
-    "orange": (240, 145, 40), "yellow": (245, 220, 70), "green": (70, 170, 80), "blue": (60, 110, 210),
-    "purple": (140, 80, 180), "pink": (240, 160, 200),
+    "white": (245, 245, 245),
+    "gray": (150, 150, 150),
+    "black": (25, 25, 25),
+    "red": (215, 50, 45),
+    "orange": (240, 145, 40),
+    "yellow": (245, 220, 70),
+    "green": (70, 170, 80),
+    "blue": (60, 110, 210),
+    "purple": (140, 80, 180),
+    "pink": (240, 160, 200),
 }
 
-_IRREGULAR = {"mouse": "mice", "goose": "geese", "ox": "oxen", "leaf": "leaves", "knife": "knives",
-              "wolf": "wolves", "scarf": "scarves", "potato": "potatoes", "tomato": "tomatoes",
-              "mango": "mangoes", "fish": "fish", "deer": "deer", "shrimp": "shrimp", "squid": "squid",
-              "bison": "bison", "moose": "moose", "sheep": "sheep", "sushi": "sushi", "sake": "sake",
-              "tamale": "tamales", "oden": "oden", "dango": "dango", "mate": "mate", "kimono": "kimonos",
-              "skis": "skis", "tennis": "tennis", "jellyfish": "jellyfish", "blowfish": "blowfish"}
+_IRREGULAR = {
+    "mouse": "mice",
+    "goose": "geese",
+    "ox": "oxen",
+    "leaf": "leaves",
+    "knife": "knives",
+    "wolf": "wolves",
+    "scarf": "scarves",
+    "potato": "potatoes",
+    "tomato": "tomatoes",
+    "mango": "mangoes",
+    "fish": "fish",
+    "deer": "deer",
+    "shrimp": "shrimp",
+    "squid": "squid",
+    "bison": "bison",
+    "moose": "moose",
+    "sheep": "sheep",
+    "sushi": "sushi",
+    "sake": "sake",
+    "tamale": "tamales",
+    "oden": "oden",
+    "dango": "dango",
+    "mate": "mate",
+    "kimono": "kimonos",
+    "skis": "skis",
+    "tennis": "tennis",
+    "jellyfish": "jellyfish",
+    "blowfish": "blowfish",
+}
 _PREPOSITIONS = (" of ", " without ", " with ", " on ", " in ")
 
 

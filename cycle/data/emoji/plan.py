@@ -3,6 +3,7 @@
 Everything is drawn from `random.Random` streams named by (seed, purpose), so the plan is a pure function
 of the config, and changing one part (say the alt-text rates) leaves the others (the scenes) as they were.
 """
+
 from __future__ import annotations
 
 import random
@@ -60,8 +61,9 @@ class _Planner:
         check_config(cfg)
         self.cfg = cfg
         self.vocab = load_vocab(cfg.vocab_size)
-        heldout = heldout_pairs(self.vocab.names, cfg.heldout_pair_share, self.rng("pairs"),
-                                at_least_one=cfg.n_test_compositional > 0)
+        heldout = heldout_pairs(
+            self.vocab.names, cfg.heldout_pair_share, self.rng("pairs"), at_least_one=cfg.n_test_compositional > 0
+        )
         self.plan = Plan(self.vocab, heldout)
         self.seen_keys: set[tuple] = set()  # train/val scene keys, then every held-out scene's
         self.train_signatures: set[tuple] = set()
@@ -75,14 +77,21 @@ class _Planner:
 
     def add(self, split: str, index: int, scene: dict, alt_rng: random.Random, **meta) -> PlannedRow:
         alt_text, kind = corrupt(scene, self.vocab, self.cfg.alt_noise, alt_rng, self.cfg.max_count)
-        row = PlannedRow(row_id(split, index), split, scene, alt_text,
-                         {"scene": scene, "clean": describe(scene), "alt_noise": kind, **meta})
+        row = PlannedRow(
+            row_id(split, index),
+            split,
+            scene,
+            alt_text,
+            {"scene": scene, "clean": describe(scene), "alt_noise": kind, **meta},
+        )
         self.plan.rows.append(row)
         return row
 
     def negatives(self, scene: dict, rng: random.Random) -> list[dict]:
-        return [{"text": describe(apply_edit(kind, scene, self.vocab, rng, self.cfg.max_count)[0]), "edit": kind}
-                for kind in EDITS]
+        return [
+            {"text": describe(apply_edit(kind, scene, self.vocab, rng, self.cfg.max_count)[0]), "edit": kind}
+            for kind in EDITS
+        ]
 
     def plain_flags(self, n: int, rng: random.Random) -> list[bool]:
         k = round(self.cfg.single_object_share * n)
@@ -105,8 +114,10 @@ class _Planner:
             if scene is not None and scene_key(scene) not in self.seen_keys:
                 self.seen_keys.add(scene_key(scene))
                 return scene
-        raise ConfigError(f"config key 'data.emoji.n_{split}': could not draw enough scenes unlike those of "
-                          "the other splits; raise vocab_size, max_objects or max_count, or lower n_" + split)
+        raise ConfigError(
+            f"config key 'data.emoji.n_{split}': could not draw enough scenes unlike those of "
+            "the other splits; raise vocab_size, max_objects or max_count, or lower n_" + split
+        )
 
     def build(self) -> Plan:
         c, plan = self.cfg, self.plan
@@ -130,8 +141,11 @@ class _Planner:
             for i in range(getattr(c, f"n_{split}")):
                 s = self.unseen(split, sampler.scene)
                 clean = describe(s)
-                extra = ({"captions": [clean]} if split == "test_retrieval"
-                         else {"positive": clean, "negatives": self.negatives(s, neg)})
+                extra = (
+                    {"captions": [clean]}
+                    if split == "test_retrieval"
+                    else {"positive": clean, "negatives": self.negatives(s, neg)}
+                )
                 self.add(split, i, s, alt, **extra)
 
         self.compositional()
@@ -147,8 +161,11 @@ class _Planner:
         def draw() -> dict:
             names = list(pairs.draw())
             if c.max_objects >= 3 and rng.random() < 0.5:
-                third = [n for n in self.vocab.names if n not in names
-                         and all(tuple(sorted((n, m))) in plan.heldout for m in names)]
+                third = [
+                    n
+                    for n in self.vocab.names
+                    if n not in names and all(tuple(sorted((n, m))) in plan.heldout for m in names)
+                ]
                 if third:
                     names.append(rng.choice(third))
             rng.shuffle(names)
@@ -156,8 +173,9 @@ class _Planner:
 
         for i in range(c.n_test_compositional):
             s = self.unseen("test_compositional", draw)
-            self.add("test_compositional", i, s, alt, captions=[describe(s)],
-                     heldout_pairs=sorted(map(list, scene_pairs(s))))
+            self.add(
+                "test_compositional", i, s, alt, captions=[describe(s)], heldout_pairs=sorted(map(list, scene_pairs(s)))
+            )
 
     def zeroshot(self) -> None:
         sampler, alt = self.sampler("test_zeroshot", set()), self.rng("test_zeroshot:alt")

@@ -4,6 +4,7 @@ The colour font is a bitmap font with one strike: Pillow draws it at size 109 on
 the RAQM layout so that ZWJ sequences ("black cat") become one glyph. Each glyph is drawn once, cropped
 to its visible pixels, padded square, and cached; scaled copies are cached per side length.
 """
+
 from __future__ import annotations
 
 import io
@@ -14,8 +15,10 @@ from PIL import Image, ImageDraw, ImageFont, features
 from cycle.errors import HQClipError
 
 FONT_SIZE = 109  # the only size Noto Color Emoji's bitmap strike offers
-INSTALL_HINT = ("install it (Debian/Ubuntu: apt-get install fonts-noto-color-emoji) or point "
-                "data.emoji.font at a copy of NotoColorEmoji.ttf")
+INSTALL_HINT = (
+    "install it (Debian/Ubuntu: apt-get install fonts-noto-color-emoji) or point "
+    "data.emoji.font at a copy of NotoColorEmoji.ttf"
+)
 
 
 class EmojiFontError(HQClipError, RuntimeError):
@@ -26,13 +29,16 @@ def load_font(path: str) -> ImageFont.FreeTypeFont:
     if not Path(path).is_file():
         raise EmojiFontError(f"emoji font not found at '{path}': {INSTALL_HINT}")
     if not features.check("raqm"):
-        raise EmojiFontError("Pillow was built without libraqm, which emoji sequences need: install "
-                             "libraqm (apt-get install libraqm0) and reinstall Pillow")
+        raise EmojiFontError(
+            "Pillow was built without libraqm, which emoji sequences need: install "
+            "libraqm (apt-get install libraqm0) and reinstall Pillow"
+        )
     try:
         return ImageFont.truetype(path, FONT_SIZE, layout_engine=ImageFont.Layout.RAQM)
     except OSError as err:
-        raise EmojiFontError(f"cannot use '{path}' as the emoji font at size {FONT_SIZE} ({err}): "
-                             f"{INSTALL_HINT}") from None
+        raise EmojiFontError(
+            f"cannot use '{path}' as the emoji font at size {FONT_SIZE} ({err}): {INSTALL_HINT}"
+        ) from None
 
 
 class GlyphCache:
@@ -52,8 +58,10 @@ class GlyphCache:
             ImageDraw.Draw(canvas).text((0, 0), emoji, font=self.font, embedded_color=True)
             box = canvas.getchannel("A").getbbox()
             if box is None:
-                raise EmojiFontError(f"the font '{self.font_path}' draws nothing for {emoji!r} "
-                                     f"(U+{'-'.join(f'{ord(c):04X}' for c in emoji)}): {INSTALL_HINT}")
+                raise EmojiFontError(
+                    f"the font '{self.font_path}' draws nothing for {emoji!r} "
+                    f"(U+{'-'.join(f'{ord(c):04X}' for c in emoji)}): {INSTALL_HINT}"
+                )
             glyph = canvas.crop(box)
             side = max(glyph.size)
             square = Image.new("RGBA", (side, side), (0, 0, 0, 0))

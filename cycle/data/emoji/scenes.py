@@ -13,6 +13,7 @@ the bare emoji: one object, count 1, large, centered on the whole canvas. `boxes
 (top-left x, y, side in pixels) of every copy, so rendering is a pure function of the graph.
 Object order in the graph is random: descriptions follow it, so word order says nothing about place.
 """
+
 from __future__ import annotations
 
 import random
@@ -54,8 +55,13 @@ def region(layout: str, position: str, n: int, plain: bool) -> tuple[float, floa
     if plain:
         return (0.0, 0.0, 1.0, 1.0)
     if layout == "single":
-        return {"left": (0, 0, .5, 1), "right": (.5, 0, 1, 1), "top": (0, 0, 1, .5), "bottom": (0, .5, 1, 1),
-                "center": (.15, .15, .85, .85)}[position]
+        return {
+            "left": (0, 0, 0.5, 1),
+            "right": (0.5, 0, 1, 1),
+            "top": (0, 0, 1, 0.5),
+            "bottom": (0, 0.5, 1, 1),
+            "center": (0.15, 0.15, 0.85, 0.85),
+        }[position]
     slots = _SLOTS[n] if layout == "row" else tuple(_VERTICAL[s] for s in _SLOTS[n])
     i = slots.index(position)
     a, b = i / n, (i + 1) / n
@@ -105,8 +111,15 @@ class Deck:
 class SceneSampler:
     """Draws scene graphs for one split. `forbidden` pairs never co-occur in its scenes."""
 
-    def __init__(self, vocab: Vocab, image_size: int, max_objects: int, max_count: int, rng: random.Random,
-                 forbidden: Optional[set[tuple[str, str]]] = None):
+    def __init__(
+        self,
+        vocab: Vocab,
+        image_size: int,
+        max_objects: int,
+        max_count: int,
+        rng: random.Random,
+        forbidden: Optional[set[tuple[str, str]]] = None,
+    ):
         check_limits(max_objects, max_count)
         self.vocab, self.image_size, self.rng = vocab, image_size, rng
         self.max_objects, self.max_count = max_objects, max_count
@@ -145,9 +158,14 @@ class SceneSampler:
         objects = []
         for name, position in zip(names, positions):
             obj = self.vocab.by_name[name]
-            entry = {"name": name, "emoji": obj.emoji, "subgroup": obj.subgroup,
-                     "count": 1 if plain else self.rng.randint(1, self.max_count), "position": position,
-                     "size": "large" if plain else self.rng.choice(("large", "small"))}
+            entry = {
+                "name": name,
+                "emoji": obj.emoji,
+                "subgroup": obj.subgroup,
+                "count": 1 if plain else self.rng.randint(1, self.max_count),
+                "position": position,
+                "size": "large" if plain else self.rng.choice(("large", "small")),
+            }
             entry["boxes"] = place(entry, region(layout, position, n, plain), self.image_size, self.rng)
             objects.append(entry)
         return {"background": background, "rgb": rgb, "plain": plain, "layout": layout, "objects": objects}
@@ -155,8 +173,10 @@ class SceneSampler:
 
 def check_limits(max_objects: int, max_count: int) -> None:
     if not 1 <= max_objects <= MAX_OBJECTS:
-        raise ConfigError(f"config key 'data.emoji.max_objects': got {max_objects}, expected 1..{MAX_OBJECTS} "
-                          "(the scene layouts have three slots)")
+        raise ConfigError(
+            f"config key 'data.emoji.max_objects': got {max_objects}, expected 1..{MAX_OBJECTS} "
+            "(the scene layouts have three slots)"
+        )
     if not 1 <= max_count <= MAX_COUNT:
         raise ConfigError(f"config key 'data.emoji.max_count': got {max_count}, expected 1..{MAX_COUNT}")
 

@@ -13,6 +13,7 @@ the sibling's name (`object`), a keyword for a keyword of that sibling the objec
 (`keyword`), the colour for another (`color`); a negative tag is never one of the positive tags. The
 edits made are returned beside the formulas and kept in the training row's `meta["seed_edits"]`.
 """
+
 from __future__ import annotations
 
 import random
@@ -24,11 +25,13 @@ from .vocab import Vocab
 
 def _negative_keyword(obj_name: str, sibling: str, vocab: Vocab, taken: set[str], rng: random.Random) -> str:
     own = set(vocab.by_name[obj_name].keywords)
-    pools = ([k for k in vocab.by_name[sibling].keywords],
-             [k for o in vocab if o.subgroup == vocab.by_name[obj_name].subgroup for k in o.keywords],
-             [k for o in vocab if o.group == vocab.by_name[obj_name].group for k in o.keywords],
-             [k for o in vocab for k in o.keywords],
-             vocab.siblings(obj_name))
+    pools = (
+        [k for k in vocab.by_name[sibling].keywords],
+        [k for o in vocab if o.subgroup == vocab.by_name[obj_name].subgroup for k in o.keywords],
+        [k for o in vocab if o.group == vocab.by_name[obj_name].group for k in o.keywords],
+        [k for o in vocab for k in o.keywords],
+        vocab.siblings(obj_name),
+    )
     for pool in pools:
         options = sorted({k for k in pool if k not in own and k not in taken})
         if options:
@@ -57,11 +60,16 @@ def seed_annotation(scene: dict, vocab: Vocab, rng: random.Random, max_count: in
     other = rng.choice([c for c in sorted(COLORS) if c != scene["background"]])
     pairs.append(("color", f"{other} background"))
     positive = set(tags)
-    for tag, (edit, payload) in zip(tags, pairs):
+    for _tag, (edit, payload) in zip(tags, pairs):
         if edit == "keyword":
             name, sibling = payload
             payload = _negative_keyword(name, sibling, vocab, positive | set(neg_tags), rng)
         neg_tags.append(payload)
         tag_edits.append(edit)
-    return {"desc": [describe(scene)], "neg_desc": [describe(negative)], "tags": tags, "neg_tags": neg_tags,
-            "edits": {"neg_desc": [kind], "neg_tags": tag_edits}}
+    return {
+        "desc": [describe(scene)],
+        "neg_desc": [describe(negative)],
+        "tags": tags,
+        "neg_tags": neg_tags,
+        "edits": {"neg_desc": [kind], "neg_tags": tag_edits},
+    }

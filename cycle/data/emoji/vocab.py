@@ -9,6 +9,7 @@ vocabulary: subgroups take turns, two objects each on their first turn (so every
 one on later turns, groups interleaved (mammals, fruit, ground transport, sport, clothing, birds, ...), each
 subgroup in Unicode's own order.
 """
+
 from __future__ import annotations
 
 import re
@@ -29,25 +30,71 @@ EMOJI_TEST = VENDOR / "emoji-test.txt"
 CLDR_ANNOTATIONS = VENDOR / "cldr-annotations-en.xml"
 
 SUBGROUPS = (
-    "animal-mammal", "animal-bird", "animal-amphibian", "animal-reptile", "animal-marine", "animal-bug",
-    "plant-flower", "plant-other",
-    "food-fruit", "food-vegetable", "food-prepared", "food-asian", "food-marine", "food-sweet", "drink",
+    "animal-mammal",
+    "animal-bird",
+    "animal-amphibian",
+    "animal-reptile",
+    "animal-marine",
+    "animal-bug",
+    "plant-flower",
+    "plant-other",
+    "food-fruit",
+    "food-vegetable",
+    "food-prepared",
+    "food-asian",
+    "food-marine",
+    "food-sweet",
+    "drink",
     "dishware",
-    "transport-ground", "transport-water", "transport-air",
-    "sport", "clothing", "musical-instrument", "tool", "household", "writing",
+    "transport-ground",
+    "transport-water",
+    "transport-air",
+    "sport",
+    "clothing",
+    "musical-instrument",
+    "tool",
+    "household",
+    "writing",
 )
 # A plain category word per subgroup: the tag of an object that has no usable CLDR keyword.
 CATEGORIES = {
-    "animal": "animal", "plant": "plant", "food": "food", "drink": "drink", "dishware": "tableware",
-    "transport": "vehicle", "sport": "sports equipment", "clothing": "clothing", "musical": "instrument",
-    "tool": "tool", "household": "household item", "writing": "stationery",
+    "animal": "animal",
+    "plant": "plant",
+    "food": "food",
+    "drink": "drink",
+    "dishware": "tableware",
+    "transport": "vehicle",
+    "sport": "sports equipment",
+    "clothing": "clothing",
+    "musical": "instrument",
+    "tool": "tool",
+    "household": "household item",
+    "writing": "stationery",
 }
 # Names that are scenes, signs or actions rather than one depictable object.
 NOT_OBJECTS = {
-    "cooking", "construction", "motorway", "railway track", "station", "bus stop", "airplane departure",
-    "airplane arrival", "clinking beer mugs", "clinking glasses", "pouring liquid", "steaming bowl",
-    "pig nose", "suspension railway", "mountain cableway", "aerial tramway", "police car light",
-    "horizontal traffic light", "vertical traffic light", "stop sign", "flag in hole", "goal net",
+    "cooking",
+    "construction",
+    "motorway",
+    "railway track",
+    "station",
+    "bus stop",
+    "airplane departure",
+    "airplane arrival",
+    "clinking beer mugs",
+    "clinking glasses",
+    "pouring liquid",
+    "steaming bowl",
+    "pig nose",
+    "suspension railway",
+    "mountain cableway",
+    "aerial tramway",
+    "police car light",
+    "horizontal traffic light",
+    "vertical traffic light",
+    "stop sign",
+    "flag in hole",
+    "goal net",
 }
 _WORD_LIMIT = 3
 # Keywords that would clash with the scene grammar (colours, counts, positions) or describe a face.
@@ -135,8 +182,11 @@ def parse_emoji_test(path: Path = EMOJI_TEST) -> list[tuple[str, str, str, str]]
 def parse_cldr_keywords(path: Path = CLDR_ANNOTATIONS) -> dict[str, list[str]]:
     """Emoji (FE0F removed, as CLDR keys them) -> its keyword list."""
     root = ET.parse(path).getroot()
-    return {el.get("cp"): [k.strip() for k in (el.text or "").split("|") if k.strip()]
-            for el in root.iter("annotation") if el.get("type") is None}
+    return {
+        el.get("cp"): [k.strip() for k in (el.text or "").split("|") if k.strip()]
+        for el in root.iter("annotation")
+        if el.get("type") is None
+    }
 
 
 @lru_cache(maxsize=1)
@@ -156,15 +206,26 @@ def candidates() -> tuple[EmojiObject, ...]:
         seen |= forms
         rows.append((emoji, name, group, subgroup))
     names = {r[1] for r in rows}
-    name_pattern = re.compile(r"\b(" + "|".join(sorted((re.escape(n) for n in names | {plural(n) for n in names}),
-                                                        key=len, reverse=True)) + r")\b")
+    name_pattern = re.compile(
+        r"\b("
+        + "|".join(sorted((re.escape(n) for n in names | {plural(n) for n in names}), key=len, reverse=True))
+        + r")\b"
+    )
     out = []
     for emoji, name, group, subgroup in rows:
         words = keywords.get(emoji.replace("\ufe0f", ""), [])
         # A keyword that contains any object's name ("dog" for the poodle) would read as that object.
-        usable = tuple(dict.fromkeys(k for k in (_ascii_name(w) for w in words)
-                                     if k and k != name and k not in _NOT_KEYWORDS
-                                     and re.fullmatch(r"[a-z][a-z' -]*", k) and not name_pattern.search(k)))
+        usable = tuple(
+            dict.fromkeys(
+                k
+                for k in (_ascii_name(w) for w in words)
+                if k
+                and k != name
+                and k not in _NOT_KEYWORDS
+                and re.fullmatch(r"[a-z][a-z' -]*", k)
+                and not name_pattern.search(k)
+            )
+        )
         out.append(EmojiObject(name, emoji, group, subgroup, usable))
     return tuple(out)
 
@@ -173,8 +234,10 @@ def load_vocab(vocab_size: int) -> Vocab:
     """The first `vocab_size` objects of the fixed round-robin order over subgroups (see module doc)."""
     pool = candidates()
     if vocab_size < 2 or vocab_size > len(pool):
-        raise ConfigError(f"config key 'data.emoji.vocab_size': got {vocab_size}, expected 2..{len(pool)} "
-                          f"(the usable concrete objects of {len(SUBGROUPS)} emoji subgroups)")
+        raise ConfigError(
+            f"config key 'data.emoji.vocab_size': got {vocab_size}, expected 2..{len(pool)} "
+            f"(the usable concrete objects of {len(SUBGROUPS)} emoji subgroups)"
+        )
     by_subgroup: dict[str, list[EmojiObject]] = {s: [] for s in SUBGROUPS}
     for obj in pool:
         by_subgroup[obj.subgroup].append(obj)

@@ -9,6 +9,7 @@ says it was modified, as the Unicode license asks (see LICENSE-UNICODE.txt). CLD
 `annotationsDerived/en.xml` is not vendored: it covers skin-tone and gender variants, keycaps and flags,
 none of which is in the kept groups (checked for CLDR 42 / Emoji 15.0: zero entries).
 """
+
 from __future__ import annotations
 
 import sys
@@ -17,8 +18,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 GROUPS = ("Animals & Nature", "Food & Drink", "Travel & Places", "Activities", "Objects")
-NOTICE = ("Excerpt made by hqclip-cycle (cycle/data/vendor/trim.py): only the groups {groups}, only "
-          "fully-qualified emoji (and, for CLDR, only their annotations). Otherwise unchanged.")
+NOTICE = (
+    "Excerpt made by hqclip-cycle (cycle/data/vendor/trim.py): only the groups {groups}, only "
+    "fully-qualified emoji (and, for CLDR, only their annotations). Otherwise unchanged."
+)
 
 
 def trim_emoji_test(src: Path) -> tuple[str, set[str]]:
