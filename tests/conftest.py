@@ -38,3 +38,22 @@ def tiny_store(tmp_path_factory, tiny_cfg):
     store = Store(tmp_path_factory.mktemp("tiny-store") / "lance")
     build_emoji_scenes(tiny_cfg.data.emoji, store, progress=False)
     return store
+
+
+def chromium_dom(page: Path, tmp_path: Path) -> str:
+    """The DOM of a local page after its scripts ran, from headless Chromium (Debian's package)."""
+    import subprocess
+
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        f"--user-data-dir={tmp_path / 'ud'}",
+        "--virtual-time-budget=5000",
+        "--dump-dom",
+    ]
+    return subprocess.run(["chromium", *flags, page.as_uri()], capture_output=True, text=True, timeout=120).stdout

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import TINY_YAML
+from conftest import TINY_YAML, chromium_dom
 
 from cycle.cli import main
 from cycle.config import load_config
@@ -204,25 +204,7 @@ def test_report_renders_in_headless_chromium(finished_run, tmp_path):
     assert res.exit_code == 0, res.output
     page = finished_run.run_dir / "report" / "index.html"
     assert (page.parent / "metrics.png").exists() and (page.parent / "loss.png").exists()
-    dom = subprocess.run(
-        [
-            "chromium",
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--no-first-run",
-            f"--user-data-dir={tmp_path / 'ud'}",
-            "--virtual-time-budget=5000",
-            "--dump-dom",
-            page.as_uri(),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    ).stdout
+    dom = chromium_dom(page, tmp_path)
     assert "Held-out metrics per generation" in dom
     images = int(dom.split('data-images="')[1].split('"')[0])
     loaded = int(dom.split('data-images-loaded="')[1].split('"')[0])

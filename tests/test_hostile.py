@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import json
 import shutil
-import subprocess
 import tarfile
 from collections import Counter
 from html.parser import HTMLParser
@@ -17,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
-from conftest import TINY_YAML
+from conftest import TINY_YAML, chromium_dom
 from PIL import Image
 
 from cycle.cli import main
@@ -262,25 +261,7 @@ def test_hostile_ids_write_nothing_outside_and_run_no_script(hostile_run, tmp_pa
     assert XSS_SINGLE not in text and XSS_DOUBLE not in text and XSS_TAG not in text and "<script>document" not in text
     if shutil.which("chromium") is None:
         pytest.skip("Debian chromium is not installed")
-    dom = subprocess.run(
-        [
-            "chromium",
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--no-first-run",
-            f"--user-data-dir={tmp_path / 'ud'}",
-            "--virtual-time-budget=5000",
-            "--dump-dom",
-            page.as_uri(),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    ).stdout
+    dom = chromium_dom(page, tmp_path)
     assert "HQ-CLIP cycle: run hostile" in dom
     parser = Attributes()
     parser.feed(dom)
