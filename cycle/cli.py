@@ -49,11 +49,19 @@ def _run_dir_arg(run):
 @click.argument("overrides", nargs=-1)
 @click.option("--from", "redo_from", metavar="GEN:STAGE", help="Redo from this stage on (e.g. 1:annotate).")
 @click.option("--stop-after", metavar="GEN:STAGE", help="Stop once this stage is done.")
-def run(config_path, overrides, redo_from, stop_after):
+@click.option("--dry-run", is_flag=True, help="Print the plan, memory per stage and disk per generation; run nothing.")
+@click.option(
+    "--gpu-memory-gb",
+    type=float,
+    default=None,
+    help="With --dry-run: refuse stages over this GPU memory (default: the gpu_memory_gb config key).",
+)
+def run(config_path, overrides, redo_from, stop_after, dry_run, gpu_memory_gb):
     """Run generation 0 and the configured generations; the same command again resumes.
 
     CONFIG is a path or a shipped config's name; OVERRIDES are key=value pairs, e.g.
-    `cycle.generations=3 train.epochs=5 name=myrun`.
+    `cycle.generations=3 train.epochs=5 name=myrun`. Under the `deepspeed` launcher its appended
+    `--local_rank=N` is accepted and ignored (ranks read LOCAL_RANK).
     """
     from rich.markup import escape
 
@@ -61,6 +69,16 @@ def run(config_path, overrides, redo_from, stop_after):
     from .status import print_status, wide_console
 
     cfg = config_from(config_path, overrides)
+    if dry_run:
+        from .plan import check_fits, format_plan, make_plan
+
+        plan = make_plan(cfg, gpu_memory_gb)
+        for line in format_plan(cfg, plan):
+            click.echo(line)
+        check_fits(plan)
+        return
+    if gpu_memory_gb is not None:
+        raise HQClipError("--gpu-memory-gb goes with --dry-run (or set the gpu_memory_gb config key)")
     check_writable_dir(cfg.run_dir, "run folder")  # before any stage: not a traceback from deep inside one
     console = wide_console()
     run_cycle(cfg, redo_from=redo_from, stop_after=stop_after)

@@ -75,9 +75,28 @@ def config_file(name_or_path: str | Path) -> Path:
     raise ConfigError(f"config file '{name_or_path}' does not exist (nor is it a shipped config: {names})")
 
 
+# What launchers append to the program's arguments: the `deepspeed` launcher adds `--local_rank=N` (torch's
+# old launch utility `--local-rank N`); each rank reads LOCAL_RANK from its environment instead.
+LAUNCHER_ARGS = ("--local_rank", "--local-rank")
+
+
+def without_launcher_args(args) -> list[str]:
+    """`args` without a launcher's `--local_rank=N` / `--local_rank N` (not config overrides)."""
+    out, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg in LAUNCHER_ARGS:
+            skip = True  # its value is the next argument
+        elif arg.split("=", 1)[0] not in LAUNCHER_ARGS:
+            out.append(arg)
+    return out
+
+
 def config_from(config_path, overrides):
-    """`load_config` of a path or shipped config name (None: the defaults) with `key=value` overrides."""
-    return load_config(config_file(config_path) if config_path is not None else None, list(overrides))
+    """`load_config` of a path or shipped config name (None: the defaults) with `key=value` overrides
+    (a launcher's `--local_rank` dropped from them)."""
+    return load_config(config_file(config_path) if config_path is not None else None, without_launcher_args(overrides))
 
 
 def run_config(run_dir, config_path=None, overrides=()):

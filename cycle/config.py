@@ -118,7 +118,7 @@ class TrainConfig:
     checkpoint_every: int = 100  # steps
     log_every: int = 10
     seed: int = 0
-    world_size: int = 1  # >1 starts that many processes on this machine
+    world_size: int = 1  # >1 starts that many processes on this machine; under a launcher, its WORLD_SIZE
 
 
 @dataclass
@@ -170,6 +170,10 @@ class LoraConfig:
 
 @dataclass
 class LVLMConfig:
+    # an existing LLaVA-family checkpoint (llava-hf layout: a hub name or a directory that
+    # `LlavaForConditionalGeneration` loads): its LM, tokenizer and chat template are reused, and its
+    # projector too when the tower's width matches the projector's input; "" builds on `lm.name`
+    base: str = ""
     lm: LMConfig = field(default_factory=LMConfig)
     vision_feature_layer: int = -2
     keep_cls_token: bool = True  # "full" feature select: keep the CLS image token
@@ -184,6 +188,12 @@ class LVLMConfig:
     # emoji-scenes seeds: fresh alt-text noise every SFT epoch (from the scene graph), so the annotator
     # learns to read the image rather than memorise one alt-text per seed (measured to help, ENV-FACTS)
     sft_fresh_alt_text: bool = True
+    sft_gradient_checkpointing: bool = False  # recompute LM activations in SFT: far less memory, ~30% slower
+    # what SFT keeps: "merged" (a whole LLaVA with the adapter merged in), "adapter" (LoRA only: the
+    # adapter + the projector beside the aligned LLaVA, no full copy; the annotator merges in memory or
+    # vLLM serves the adapter), "auto" (adapter for a real LM with LoRA, merged otherwise)
+    sft_save: str = "auto"
+    dtype: str = "auto"  # LLaVA weights: "auto" (bf16 on GPU, fp32 on CPU), "fp32", "bf16"
 
 
 @dataclass
@@ -237,6 +247,7 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"  # "auto", "cpu", "cuda"
     cpu_threads: int = 0  # torch intra-op threads on the CPU; 0: torch's default. 1 is steadier on shared cores
+    gpu_memory_gb: float = 0.0  # memory of one GPU the run is planned for (`hqclip run --dry-run`); 0: no check
     data: DataConfig = field(default_factory=DataConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     clip: ClipModelConfig = field(default_factory=ClipModelConfig)
@@ -262,6 +273,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "annotate.backend": ("transformers", "vllm", "openai"),
     "annotate.vllm.mode": ("offline", "server"),
     "annotate.kv_cache": ("dynamic", "static"),
+    "lvlm.sft_save": ("auto", "merged", "adapter"),
+    "lvlm.dtype": ("auto", "fp32", "bf16"),
     "device": ("auto", "cpu", "cuda"),
 }
 PROBABILITIES = (
@@ -372,9 +385,38 @@ def _validate_lvlm_annotate(cfg: DictConfig) -> None:
         )
     if cfg.lvlm.lora.enabled and not cfg.lvlm.lora.target_modules:
         raise ConfigError("config key 'lvlm.lora.target_modules': empty, expected LM projection names")
+    if cfg.lvlm.base.strip() and lm.name != "tiny":
+        raise ConfigError(
+            f"config key 'lvlm.base': '{cfg.lvlm.base}' brings its own LM, but lvlm.lm.name is '{lm.name}' too: "
+            "set one of them (lvlm.lm.name=tiny with a base)"
+        )
+    if cfg.lvlm.sft_save == "adapter" and not cfg.lvlm.lora.enabled:
+        raise ConfigError("config key 'lvlm.sft_save': 'adapter' needs lvlm.lora.enabled=true (full tuning has none)")
+    if cfg.gpu_memory_gb < 0:
+        raise ConfigError(f"config key 'gpu_memory_gb': got {cfg.gpu_memory_gb!r}, expected >= 0 (0: no check)")
+
+
+def sft_adapter_only(lv: LVLMConfig) -> bool:
+    """Whether SFT keeps the LoRA adapter (+ projector) alone, no merged copy (`lvlm.sft_save`)."""
+    if not lv.lora.enabled or lv.sft_save == "merged":
+        return False
+    return lv.sft_save == "adapter" or bool(lv.base.strip()) or lv.lm.name != "tiny"
 
 
 # --- end lvlm / annotate
+
+
+def launcher_world_size() -> Optional[int]:
+    """WORLD_SIZE when a launcher (torchrun, `deepspeed`) started this process, else None. Launchers set
+    RANK, WORLD_SIZE and MASTER_ADDR together; our own ranks (`cycle.clip.dist`) never load a config."""
+    import os
+
+    if not all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR")):
+        return None
+    try:
+        return int(os.environ["WORLD_SIZE"])
+    except ValueError:
+        raise ConfigError(f"environment WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not an integer") from None
 
 
 # --- clip / train / loss: how the batch splits over ranks and micro-batches (the trainer relies on it)
@@ -389,6 +431,12 @@ def _validate_clip_train(cfg: DictConfig) -> None:
         )
     if t.zero_stage not in (1, 2):
         raise ConfigError(f"config key 'train.zero_stage': got {t.zero_stage}, expected 1 or 2")
+    launched = launcher_world_size()
+    if launched is not None and launched != t.world_size:
+        raise ConfigError(
+            f"config key 'train.world_size': {t.world_size}, but the launcher started {launched} processes "
+            f"(WORLD_SIZE={launched}): set train.world_size={launched}"
+        )
     local = t.batch_size // t.world_size
     if t.micro_batch_size < 0 or (t.micro_batch_size and local % t.micro_batch_size):
         raise ConfigError(
@@ -440,6 +488,14 @@ def check_clip_name(name: str) -> None:
 
 def _validate_names(cfg: DictConfig) -> None:
     check_clip_name(cfg.clip.name)
+    pretrained = cfg.clip.pretrained
+    if pretrained and ":" not in cfg.clip.name.split("/")[0] and not Path(pretrained).exists():
+        from .clip.model import check_quickgelu  # an open_clip tag: offline, from open_clip's own tables
+
+        try:
+            check_quickgelu(cfg.clip.name, pretrained)
+        except HQClipError as err:
+            raise ConfigError(str(err)) from None
 
 
 # --- end names

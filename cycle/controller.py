@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from .config import RunConfig, fingerprint, save_config
+from .device import free_accelerator_memory
 from .errors import HQClipError
 from .pipeline import ALL_STAGES, Stage, config_inputs, make_stages, stages_of, store_of
 from .state import RunLock, RunState, gen_dir
@@ -143,6 +144,7 @@ def run_cycle(
                     )
                     raise
                 state.mark_done(gen, name, fp, result.outputs, result.metrics)
+                free_accelerator_memory()  # the next stage loads another model onto the same GPU
                 if stop == (gen, name):
                     return state
             store.compact()  # between generations, with no writer running; tagged versions stay

@@ -21,3 +21,15 @@ def resolve_device(device: str = "auto", local_rank: int | None = None):
             torch.cuda.set_device(local_rank)
             return torch.device("cuda", local_rank)
     return torch.device(device)
+
+
+def free_accelerator_memory() -> None:
+    """Between in-process stages: drop unreachable tensors and hand cached CUDA blocks back, so the next
+    stage (another model) starts from an empty GPU. A no-op without torch loaded or without CUDA."""
+    import gc
+    import sys
+
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()

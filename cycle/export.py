@@ -120,9 +120,22 @@ def export_generation(
         export_hf_clip(clip_dir, out / "clip-hf")
         done["clip"] = [str(out / "clip-open_clip"), str(out / "clip-hf")]
     if "lvlm" in what and gen > 0:
-        merged = Path(state.outputs(gen, "sft")["merged"])
-        shutil.copytree(merged, out / "lvlm-hf", dirs_exist_ok=True)
+        sft = state.outputs(gen, "sft")
+        if sft.get("merged"):
+            shutil.copytree(Path(sft["merged"]), out / "lvlm-hf", dirs_exist_ok=True)
+        else:  # adapter-only SFT: the export is where the one merged copy is made
+            _merge_adapter(sft["base"], sft["adapter"], out / "lvlm-hf")
         done["lvlm"] = str(out / "lvlm-hf")
     if "data" in what:
         done["data"] = export_dataset(store, run_dir, gen, out / f"data-{data_format}", data_format)
     return done
+
+
+def _merge_adapter(base_dir: str, adapter_dir: str, out: Path) -> None:
+    """The aligned LLaVA with the SFT adapter merged in, written as one HF LLaVA directory."""
+    from peft import PeftModel
+
+    from .lvlm.assemble import load_lvlm, write_lvlm
+
+    model, processor = load_lvlm(base_dir)
+    write_lvlm(PeftModel.from_pretrained(model, adapter_dir).merge_and_unload(), processor, out)

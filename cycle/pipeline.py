@@ -117,6 +117,8 @@ def lm_run(cfg: RunConfig, pins: dict, out_dir: Path, progress: bool = True) -> 
     """The LLaVA's language model, once per run: pretrained here ("tiny") or named (an HF model)."""
     from .lvlm import prepare_lm, run_texts
 
+    if cfg.lvlm.base.strip():  # an existing LLaVA brings its LM: nothing to prepare
+        return StageResult({"lm": cfg.lvlm.base})
     d = pins["data"]
     texts = run_texts(store_of(cfg), d["samples_version"], d["teacher_version"], cfg)
     lm_dir = prepare_lm(cfg.lvlm.lm, texts, out_dir, seed=cfg.seed, progress=progress, device=cfg.device)
@@ -126,7 +128,8 @@ def lm_run(cfg: RunConfig, pins: dict, out_dir: Path, progress: bool = True) -> 
 def lvlm_run(cfg: RunConfig, pins: dict, out_dir: Path, progress: bool = True) -> StageResult:
     from .lvlm import build_lvlm
 
-    return StageResult({"lvlm": str(build_lvlm(pins["clip"], pins["lm"], cfg.lvlm, out_dir, seed=cfg.seed))})
+    out = build_lvlm(pins["clip"], pins["lm"], cfg.lvlm, out_dir, seed=cfg.seed, device=cfg.device)
+    return StageResult({"lvlm": str(out)})
 
 
 def previous_best(cfg: RunConfig, pins: dict, share: float) -> Optional[list[dict]]:
@@ -177,16 +180,32 @@ def sft_run(cfg: RunConfig, pins: dict, out_dir: Path, progress: bool = True) ->
         extra_records=previous_best(cfg, pins, cfg.lvlm.sft_add_best),
         progress=progress,
     )
-    return StageResult({"adapter": str(adapter) if adapter else None, "merged": str(merged)}, metrics)
+    # adapter-only (a real LM with LoRA): annotation serves the aligned LLaVA + adapter, no merged copy
+    return StageResult(
+        {
+            "adapter": str(adapter) if adapter else None,
+            "merged": str(merged) if merged else None,
+            "base": pins["aligned"]["lvlm"],
+        },
+        metrics,
+    )
+
+
+def annotator_of(sft_outputs: dict) -> tuple[str, Optional[str]]:
+    """(model dir, LoRA adapter dir or None) that annotation loads from the sft stage's outputs."""
+    if sft_outputs.get("merged"):
+        return sft_outputs["merged"], None
+    return sft_outputs["base"], sft_outputs["adapter"]
 
 
 def annotate_run(cfg: RunConfig, pins: dict, out_dir: Path, progress: bool = True) -> StageResult:
     from .annotate.run import annotate_generation
 
     gen, store = pins["generation"], store_of(cfg)
+    model_dir, adapter = annotator_of(pins["model"])
     stats = annotate_generation(
         cfg.annotate,
-        pins["model"]["merged"],
+        model_dir,
         store,
         pins["data"]["samples_version"],
         gen,
@@ -194,6 +213,7 @@ def annotate_run(cfg: RunConfig, pins: dict, out_dir: Path, progress: bool = Tru
         score_clip=pins["clip"],
         progress=progress,
         device=cfg.device,
+        lora_dir=adapter,
     )
     version = store.tag("annotations", gen_tag(gen))
     return StageResult({"annotations_version": version, "stats": str(out_dir / "stats.json")}, flat_numbers(stats))
@@ -255,6 +275,8 @@ def data_recover(cfg: RunConfig, pins: dict, out_dir: Path) -> Optional[StageRes
 
 
 def lm_recover(cfg: RunConfig, pins: dict, out_dir: Path) -> Optional[StageResult]:
+    if cfg.lvlm.base.strip():
+        return StageResult({"lm": cfg.lvlm.base})
     if cfg.lvlm.lm.name != "tiny":
         return StageResult({"lm": cfg.lvlm.lm.name})
     return StageResult({"lm": str(out_dir)}) if _has_model(out_dir) else None
@@ -265,10 +287,19 @@ def lvlm_recover(cfg: RunConfig, pins: dict, out_dir: Path) -> Optional[StageRes
 
 
 def sft_recover(cfg: RunConfig, pins: dict, out_dir: Path) -> Optional[StageResult]:
-    if not _has_model(out_dir / "merged"):
-        return None
+    from .config import sft_adapter_only
+
     adapter = out_dir / "adapter"
-    return StageResult({"adapter": str(adapter) if adapter.is_dir() else None, "merged": str(out_dir / "merged")})
+    merged = None if sft_adapter_only(cfg.lvlm) else out_dir / "merged"
+    if (merged is not None and not _has_model(merged)) or (merged is None and not adapter.is_dir()):
+        return None
+    return StageResult(
+        {
+            "adapter": str(adapter) if adapter.is_dir() else None,
+            "merged": str(merged) if merged else None,
+            "base": pins["aligned"]["lvlm"],
+        }
+    )
 
 
 def annotate_recover(cfg: RunConfig, pins: dict, out_dir: Path) -> Optional[StageResult]:
@@ -318,10 +349,10 @@ def make_stages(cfg: RunConfig) -> dict[str, Stage]:
         s.name: s
         for s in [
             Stage("data", lambda g: ("data", "seed"), lambda r, g: {}, data_run, "data", data_recover),
-            Stage("lm", lambda g: ("lvlm.lm", "seed"), data_pins, lm_run, "lm", lm_recover),
+            Stage("lm", lambda g: ("lvlm.lm", "lvlm.base", "seed"), data_pins, lm_run, "lm", lm_recover),
             Stage(
                 "lvlm",
-                lambda g: ("lvlm.vision_feature_layer", "lvlm.keep_cls_token", "seed"),
+                lambda g: ("lvlm.vision_feature_layer", "lvlm.keep_cls_token", "lvlm.base", "lvlm.dtype", "seed"),
                 lambda r, g: {"clip": clip_of(r, g - 1), "lm": r.outputs(1, "lm")["lm"]},
                 lvlm_run,
                 "lvlm/base",
@@ -348,6 +379,8 @@ def make_stages(cfg: RunConfig) -> dict[str, Stage]:
                     "lvlm.sft_add_best",
                     "lvlm.sft_fresh_alt_text",
                     "lvlm.lm.max_length",
+                    "lvlm.sft_save",
+                    "lvlm.sft_gradient_checkpointing",
                     "seed",
                 ),
                 lambda r, g: {

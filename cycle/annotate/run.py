@@ -46,12 +46,14 @@ def annotate_generation(
     progress: bool = True,
     splits: Sequence[str] = ("train",),
     device: str = "auto",
+    lora_dir: Optional[str | Path] = None,
 ) -> dict:
     """Annotate the samples of `splits` at `samples_version` into `annotations` (generation `generation`).
 
     `cfg` is an `AnnotateConfig` (checked by `cycle.config`); `backend` overrides the one it names (tests,
     the teacher). With `score_clip` (a CLIP checkpoint dir, CLIP_{g-1}) each row gets its desc-vs-neg_desc
     margin as `score`. `device` (the run's `device` setting) places the backend's model and the scorer.
+    `lora_dir`: a LoRA adapter over `model_dir` (SFT's adapter-only output; transformers and vLLM).
     Returns the stats also written to `out_dir/stats.json`.
     """
     out_dir = Path(out_dir)
@@ -61,7 +63,7 @@ def annotate_generation(
     if not todo:
         raise AnnotateError(f"annotate: samples@{samples_version} has no rows in splits {list(splits)}")
     own_backend = backend is None
-    backend = backend or make_backend(cfg, model_dir, out_dir, device=device)
+    backend = backend or make_backend(cfg, model_dir, out_dir, device=device, lora_dir=lora_dir)
     t0 = time.time()
     tokens0 = getattr(backend, "generated_tokens", None)
     try:

@@ -71,6 +71,16 @@ def model_input(prompt: str, image_token: str = IMAGE_TOKEN) -> str:
     return f"{image_token}\n{prompt}\nanswer:"
 
 
+def render_input(processor, prompt: str) -> str:
+    """The model input through `processor`'s chat template when it has one (a LLaVA built on a base
+    checkpoint keeps the base's conversation format), else `model_input`. The template of our own LLaVAs
+    renders exactly `model_input(prompt)`, so both paths give the tiny models the same text."""
+    if processor is None or not getattr(processor, "chat_template", None):
+        return model_input(prompt, getattr(processor, "image_token", None) or IMAGE_TOKEN)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
 def to_target_json(record: dict) -> str:
     """Compact JSON of the four fields in fixed order, no spaces: the SFT target and what a model writes."""
     return json.dumps({k: list(record[k]) for k in FORMULA_KEYS}, ensure_ascii=False, separators=(",", ":"))

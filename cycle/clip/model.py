@@ -82,6 +82,31 @@ def _quiet_random_init():
         root.removeFilter(drop)
 
 
+QUICKGELU_SUFFIX = "-quickgelu"
+
+
+def check_quickgelu(name: str, pretrained: Optional[str]) -> None:
+    """Refuse QuickGELU weights (OpenAI's, DFN's, MetaCLIP's) for a GELU architecture: open_clip only warns,
+    and the model then computes something else with every weight loaded. Offline: open_clip's tables."""
+    if not pretrained or Path(pretrained).exists() or ":" in name.split("/")[0]:
+        return  # a file or directory carries its own architecture; hf-hub:/local-dir: names their config
+    register_model_configs()
+    arch = name.replace("/", "-")
+    tag_cfg = open_clip.get_pretrained_cfg(arch, pretrained)
+    model_cfg = open_clip.get_model_config(arch) or {}
+    if tag_cfg and tag_cfg.get("quick_gelu", False) and not model_cfg.get("quick_gelu", False):
+        fixed = arch + QUICKGELU_SUFFIX
+        hint = (
+            f"use clip.name={fixed}"
+            if open_clip.get_model_config(fixed) is not None
+            else "use an architecture with quick_gelu: true"
+        )
+        raise UnknownArchitectureError(
+            f"config key 'clip.pretrained': '{pretrained}' weights of {arch} were trained with QuickGELU but "
+            f"'{name}' uses GELU (open_clip would load them and silently compute something else): {hint}"
+        )
+
+
 def _resolve_pretrained(pretrained: Optional[str]) -> Optional[str]:
     """A checkpoint directory of ours becomes its weights file; tags and file paths go to open_clip as given."""
     if pretrained and Path(pretrained).is_dir():
@@ -107,6 +132,7 @@ def create_clip(
     if schema is None and open_clip.get_model_config(name.replace("/", "-")) is None:
         known = ", ".join(open_clip.list_models())
         raise UnknownArchitectureError(f"unknown CLIP architecture '{name}'; known: {known}")
+    check_quickgelu(name, pretrained)
     with _quiet_random_init() if pretrained is None else nullcontext():
         model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
             name,

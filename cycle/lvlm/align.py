@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 from ..config import RunConfig
-from ..device import resolve_device
+from ..device import free_accelerator_memory, resolve_device
 from ..store import Store
-from .assemble import load_lvlm, save_lvlm
+from .assemble import load_lvlm, lvlm_dtype, save_lvlm
 from .common import eval_loss, seed_everything, train_loop
 from .data import align_examples, align_input, make_batches
 
@@ -43,9 +43,10 @@ def align_projector(
     extra = sorted(set(extra_ids or ()))
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
-    model, processor = load_lvlm(lvlm_dir, device)
+    model, processor = load_lvlm(lvlm_dir, device, lvlm_dtype(cfg.lvlm.dtype, device))
     model.requires_grad_(False)
     projector = model.model.multi_modal_projector
+    projector.float()  # fp32 master weights over a bf16 LLaVA: autocast runs the matmuls in bf16 anyway
     projector.requires_grad_(True)
     examples = align_examples(store, samples_version, teacher_version, extra, extra_records)
     batches, steps = make_batches(examples, processor, stage.batch_size, cfg.seed, text_budget(cfg, model), align_input)
@@ -76,4 +77,6 @@ def align_projector(
     out = save_lvlm(
         model.to("cpu"), processor, out_dir, {"base": str(lvlm_dir), "metrics": metrics, "epoch_losses": losses}
     )
+    del model
+    free_accelerator_memory()
     return out, metrics

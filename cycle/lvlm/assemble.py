@@ -17,6 +17,7 @@ serving (an OpenAI-compatible vLLM server) feeds the model what SFT trained it o
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -34,6 +35,7 @@ from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
 from ..annotate.schema import IMAGE_TOKEN
 from ..config import LVLMConfig
+from ..device import resolve_device
 from ..errors import HQClipError
 from .common import LVLMError, finish, seed_everything, staging_dir
 from .keys import rewrite_keys
@@ -74,9 +76,23 @@ def image_processor_for(visual) -> CLIPImageProcessor:
     )
 
 
-def _lm_with_image_token(lm_dir: str | Path):
-    tokenizer = AutoTokenizer.from_pretrained(str(lm_dir))
-    lm = AutoModelForCausalLM.from_pretrained(str(lm_dir), dtype=torch.float32)
+def lvlm_dtype(setting: str, device: str | torch.device = "auto") -> torch.dtype:
+    """`lvlm.dtype`: "auto" is bf16 on a GPU (a 7B LM in fp32 would need 28 GB for weights alone) and fp32
+    on the CPU (bf16 matmuls there are slow and the tiny models are small)."""
+    if setting == "bf16":
+        return torch.bfloat16
+    if setting == "fp32":
+        return torch.float32
+    return torch.bfloat16 if resolve_device(device).type == "cuda" else torch.float32
+
+
+def _load_error(what: str, name, err: Exception) -> LVLMError:
+    first = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return LVLMError(f"{what} '{name}' does not load offline or from the hub: {first}")
+
+
+def _with_image_token(lm, tokenizer):
+    """Add the `<image>` placeholder (and a pad token) to a tokenizer that lacks them; grow the embeddings."""
     added = 0
     if IMAGE_TOKEN not in tokenizer.get_vocab():  # a hub LM: the placeholder is new to it
         added += tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
@@ -87,10 +103,103 @@ def _lm_with_image_token(lm_dir: str | Path):
     return lm, tokenizer
 
 
-def build_lvlm(clip_dir: str | Path, lm_dir: str | Path, cfg: LVLMConfig, out_dir: str | Path, seed: int = 0) -> Path:
+def _lm_with_image_token(lm_dir: str | Path, dtype: torch.dtype = torch.float32):
+    from transformers import AutoConfig
+
+    what = "config key 'lvlm.lm.name': causal LM"
+    try:
+        config = AutoConfig.from_pretrained(str(lm_dir))
+    except (OSError, ValueError) as err:
+        raise _load_error(what, lm_dir, err) from None
+    if getattr(config, "vision_config", None) is not None:  # qwen2_vl, llava, ...: not a causal LM
+        raise refuse_vlm("lvlm.lm.name", lm_dir, config)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(lm_dir))
+        lm = AutoModelForCausalLM.from_pretrained(str(lm_dir), dtype=dtype)
+    except (OSError, ValueError) as err:
+        raise _load_error(what, lm_dir, err) from None
+    return _with_image_token(lm, tokenizer)
+
+
+def refuse_vlm(key: str, name, config) -> LVLMError:
+    """An image-text-to-text model that is not a LLaVA (qwen2_vl, ...): its tower cannot be swapped for
+    our CLIP's; it can still write annotations as a teacher or annotator from its own server."""
+    arch = ", ".join(getattr(config, "architectures", None) or [config.model_type])
+    if config.model_type == "llava" and key == "lvlm.lm.name":
+        return LVLMError(f"config key 'lvlm.lm.name': '{name}' is a LLaVA: name it with lvlm.base instead")
+    return LVLMError(
+        f"config key '{key}': '{name}' is a {config.model_type} model ({arch}), not a LLaVA whose vision "
+        "tower can be replaced by our CLIP; use it as a teacher or annotator instead: serve it with vLLM "
+        "and set annotate.backend=openai (OpenAI-compatible server, annotate.openai.base_url/model) or "
+        "annotate.backend=vllm"
+    )
+
+
+@dataclass
+class BaseParts:
+    """What an existing LLaVA lends the new one: its LM, tokenizer, chat template, maybe its projector."""
+
+    lm: torch.nn.Module  # the decoder (`model.language_model`)
+    lm_head: torch.nn.Module
+    text_config: object
+    tokenizer: object
+    chat_template: Optional[str]
+    projector: Optional[torch.nn.Module]  # None: its input width is not the tower's
+    projector_act: str
+    projector_bias: bool
+    projector_in: int
+
+
+def load_base_parts(base: str, tower_width: int, dtype: torch.dtype) -> BaseParts:
+    """The parts of the LLaVA `base` (hub name or directory) that a LLaVA on our tower reuses."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(base)
+    except (OSError, ValueError) as err:
+        raise _load_error("config key 'lvlm.base': LLaVA", base, err) from None
+    if config.model_type != "llava":
+        if getattr(config, "vision_config", None) is not None:
+            raise refuse_vlm("lvlm.base", base, config)
+        raise LVLMError(
+            f"config key 'lvlm.base': '{base}' is a {config.model_type} model without vision: "
+            "name a causal LM with lvlm.lm.name instead (and leave lvlm.base empty)"
+        )
+    try:
+        model = LlavaForConditionalGeneration.from_pretrained(base, dtype=dtype)
+        processor = AutoProcessor.from_pretrained(base)
+    except (OSError, ValueError) as err:
+        raise _load_error("config key 'lvlm.base': LLaVA", base, err) from None
+    projector = model.model.multi_modal_projector
+    width = projector.linear_1.in_features
+    _, tokenizer = _with_image_token(model, processor.tokenizer)  # the whole LLaVA: lm_head grows too
+    return BaseParts(
+        lm=model.model.language_model,
+        lm_head=model.lm_head,
+        text_config=model.config.text_config,
+        tokenizer=tokenizer,
+        chat_template=getattr(processor, "chat_template", None),
+        projector=projector if width == tower_width else None,
+        projector_act=config.projector_hidden_act,
+        projector_bias=bool(getattr(config, "multimodal_projector_bias", True)),
+        projector_in=width,
+    )
+
+
+def build_lvlm(
+    clip_dir: str | Path,
+    lm_dir: str | Path,
+    cfg: LVLMConfig,
+    out_dir: str | Path,
+    seed: int = 0,
+    device: str = "auto",
+) -> Path:
     """CLIP_{g-1} (a `save_clip` directory) + LM (`prepare_lm`'s output or an HF name) -> LLaVA directory.
 
-    Always builds (the controller decides reuse); `out_dir` appears whole or not at all.
+    With `cfg.base` (an existing LLaVA) `lm_dir` is not read: the base's LM, tokenizer and chat template
+    are used, and its projector when its input width is the tower's (else a fresh one, for alignment).
+    Weights are saved in `lvlm.dtype` (bf16 on a GPU by default). Always builds (the controller decides
+    reuse); `out_dir` appears whole or not at all.
     """
     from ..clip.convert import openclip_vit_to_hf_vision
     from ..clip.saved import load_clip
@@ -103,40 +212,54 @@ def build_lvlm(clip_dir: str | Path, lm_dir: str | Path, cfg: LVLMConfig, out_di
             f"config key 'lvlm.vision_feature_layer': {cfg.vision_feature_layer} is outside the "
             f"tower's hidden states (-{n_layers + 1}..{n_layers})"
         )
-    lm, tokenizer = _lm_with_image_token(lm_dir)
+    dtype = lvlm_dtype(cfg.dtype, device)
+    base = load_base_parts(cfg.base, tower.config.hidden_size, dtype) if cfg.base.strip() else None
+    if base is None:
+        lm_full, tokenizer = _lm_with_image_token(lm_dir, dtype)
+        decoder, lm_head, text_config = lm_full.model, lm_full.lm_head, lm_full.config
+        chat_template, act, bias = CHAT_TEMPLATE, "gelu", True
+    else:
+        decoder, lm_head, text_config, tokenizer = base.lm, base.lm_head, base.text_config, base.tokenizer
+        # the base's template (its conversation format) when it has one: SFT renders its inputs with it too
+        chat_template, act, bias = base.chat_template or CHAT_TEMPLATE, base.projector_act, base.projector_bias
     strategy = "full" if cfg.keep_cls_token else "default"
     n_patches = (tower.config.image_size // tower.config.patch_size) ** 2
     config = LlavaConfig(
         vision_config=tower.config,
-        text_config=lm.config,
+        text_config=text_config,
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         vision_feature_layer=cfg.vision_feature_layer,
         vision_feature_select_strategy=strategy,
-        projector_hidden_act="gelu",
-        multimodal_projector_bias=True,
+        projector_hidden_act=act,
+        multimodal_projector_bias=bias,
         image_seq_length=n_patches + (1 if cfg.keep_cls_token else 0),
-        tie_word_embeddings=bool(getattr(lm.config, "tie_word_embeddings", False)),
+        tie_word_embeddings=bool(getattr(text_config, "tie_word_embeddings", False)),
     )
     seed_everything(seed)
     with torch.device("meta"):  # shell only: every part is replaced by a real module below
         model = LlavaForConditionalGeneration(config)
     model.model.vision_tower = tower
-    model.model.language_model = lm.model
-    model.lm_head = lm.lm_head
-    model.model.multi_modal_projector = LlavaMultiModalProjector(config)
+    model.model.language_model = decoder
+    model.lm_head = lm_head
+    reused = base is not None and base.projector is not None
+    model.model.multi_modal_projector = base.projector if reused else LlavaMultiModalProjector(config)
     left = [n for n, p in model.named_parameters() if p.is_meta]
     if left:
         raise RuntimeError(f"build_lvlm: parameters left uninitialised: {left[:5]}")
+    model.to(dtype)
     processor = LlavaProcessor(
         image_processor=image_processor_for(clip.visual),
         tokenizer=tokenizer,
         patch_size=tower.config.patch_size,
         vision_feature_select_strategy=strategy,
-        chat_template=CHAT_TEMPLATE,
+        chat_template=chat_template,
         image_token=IMAGE_TOKEN,
         num_additional_image_tokens=1,
     )
-    return save_lvlm(model, processor, out_dir, {"clip": str(clip_dir), "lm": str(lm_dir), "seed": seed})
+    info = {"clip": str(clip_dir), "lm": str(cfg.base or lm_dir), "seed": seed, "dtype": str(dtype)}
+    if base is not None:
+        info.update(base=cfg.base, projector="reused" if reused else "fresh", base_projector_in=base.projector_in)
+    return save_lvlm(model, processor, out_dir, info)
 
 
 def write_lvlm(model: LlavaForConditionalGeneration, processor, directory: str | Path) -> Path:
@@ -161,11 +284,14 @@ class LVLMNotFound(HQClipError, FileNotFoundError):
     """A path given as an LVLM directory holds none (also a FileNotFoundError, as it was)."""
 
 
-def load_lvlm(lvlm_dir: str | Path, device: str | torch.device = "cpu"):
-    """(model in eval mode, processor) from a directory written by `save_lvlm`; offline."""
+def load_lvlm(lvlm_dir: str | Path, device: str | torch.device = "cpu", dtype: Optional[torch.dtype] = None):
+    """(model in eval mode, processor) from a directory written by `save_lvlm`; offline. `dtype` None: fp32
+    on the CPU, bf16 on a GPU."""
     lvlm_dir = Path(lvlm_dir)
     if not (lvlm_dir / "config.json").is_file():
         raise LVLMNotFound(f"'{lvlm_dir}' is not an LVLM directory (no config.json); build it first")
-    model = LlavaForConditionalGeneration.from_pretrained(str(lvlm_dir), dtype=torch.float32).to(device).eval()
+    if dtype is None:
+        dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    model = LlavaForConditionalGeneration.from_pretrained(str(lvlm_dir), dtype=dtype).to(device).eval()
     processor = AutoProcessor.from_pretrained(str(lvlm_dir))
     return model, processor

@@ -253,12 +253,16 @@ def make_batches(
     return batches, batches.steps
 
 
-def sft_input(alt_text_fn: Optional[Callable[[Example, int], Optional[str]]] = None):
-    """Stage 2 input: the annotation prompt around the alt-text (fresh per epoch when `alt_text_fn` gives one)."""
+def sft_input(
+    alt_text_fn: Optional[Callable[[Example, int], Optional[str]]] = None,
+    render: Callable[[str], str] = model_input,
+):
+    """Stage 2 input: the annotation prompt around the alt-text (fresh per epoch when `alt_text_fn` gives one),
+    rendered by `render` (`schema.render_input` with the LLaVA's processor: what annotation feeds it)."""
 
     def text(e: Example, epoch: int) -> str:
         alt = alt_text_fn(e, epoch) if alt_text_fn else None
-        return model_input(build_prompt(e.alt_text if alt is None else alt))
+        return render(build_prompt(e.alt_text if alt is None else alt))
 
     return text
 

@@ -7,25 +7,33 @@ stay frozen. With `lvlm.lora.enabled`, peft LoRA on the LM's projections only (m
 would hit them); otherwise the whole LM trains (better at tiny sizes, see ENV-FACTS).
 
 Output `out_dir/`: `adapter/` (peft adapter over the aligned LLaVA, for vLLM's LoRA path; only with
-LoRA), `merged/` (a complete LLaVA directory with the adapter merged in: what annotation serves),
-`log.jsonl` (per step loss) and `info.json` (base and metrics).
+LoRA) and `projector.safetensors` beside it, `merged/` (a complete LLaVA directory with the adapter
+merged in) unless `lvlm.sft_save` keeps the adapter only (a real LM: one full copy less per generation;
+annotation then loads the aligned LLaVA + adapter), `log.jsonl` (per step loss) and `info.json`.
+On a GPU the LLaVA loads in bf16 (`lvlm.dtype`) and what trains is upcast to fp32;
+`lvlm.sft_gradient_checkpointing` recomputes the LM's activations in the backward pass.
 """
 
 from __future__ import annotations
 
 import re
+from functools import partial
 from pathlib import Path
 from typing import Callable, Optional
 
-from ..config import LoraConfig, RunConfig
-from ..device import resolve_device
+from safetensors.torch import save_file
+
+from ..annotate.schema import render_input
+from ..config import LoraConfig, RunConfig, sft_adapter_only
+from ..device import free_accelerator_memory, resolve_device
 from ..store import Store
 from .align import text_budget
-from .assemble import load_lvlm, write_lvlm
+from .assemble import load_lvlm, lvlm_dtype, write_lvlm
 from .common import LVLMError, eval_loss, finish, seed_everything, staging_dir, train_loop
 from .data import Example, emoji_alt_text_fn, make_batches, sft_examples, sft_input
 
 LM_PREFIX = "model.language_model."
+PROJECTOR_FILE = "projector.safetensors"  # beside the adapter: `multi_modal_projector.*` of the aligned LLaVA
 
 
 def lora_target_pattern(names: list[str]) -> str:
@@ -64,8 +72,9 @@ def sft(
     extra_records: Optional[list[dict]] = None,
     progress: bool = True,
     alt_text_fn: Optional[Callable[[Example, int], Optional[str]]] = None,
-) -> tuple[Optional[Path], Path, dict]:
-    """SFT of the aligned LLaVA in `lvlm_dir`. Returns (adapter dir or None, merged dir, metrics).
+) -> tuple[Optional[Path], Optional[Path], dict]:
+    """SFT of the aligned LLaVA in `lvlm_dir`. Returns (adapter dir or None, merged dir or None, metrics):
+    no merged dir when `lvlm.sft_save` keeps the adapter only (`config.sft_adapter_only`).
 
     `extra_records`: more (id + four formulas) targets beyond the teacher table. `alt_text_fn(example, epoch)`
     may return a fresh alt-text for an example each epoch (None keeps the stored one); by default, with
@@ -78,20 +87,28 @@ def sft(
         alt_text_fn = emoji_alt_text_fn(cfg.data.emoji, cfg.seed)
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
-    base, processor = load_lvlm(lvlm_dir, device)
+    base, processor = load_lvlm(lvlm_dir, device, lvlm_dtype(cfg.lvlm.dtype, device))
     base.requires_grad_(False)
+    if cfg.lvlm.sft_gradient_checkpointing:
+        # non-reentrant: gradients reach the LoRA weights although the frozen inputs need none
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.config.use_cache = False
     if lora.enabled:
-        model = with_lora(base, lora)
+        model = with_lora(base, lora)  # peft keeps the adapter weights in fp32 over a bf16 base
     else:
         model = base
         model.model.language_model.requires_grad_(True)
         model.lm_head.requires_grad_(True)
     params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:  # fp32 master weights for what trains (AdamW on bf16 weights loses small updates)
+        p.data = p.data.float()
     examples = sft_examples(store, samples_version, teacher_version, extra_records)
+    render = partial(render_input, processor)
+    budget = text_budget(cfg, base)
     batches, steps = make_batches(
-        examples, processor, stage.batch_size, cfg.seed, text_budget(cfg, base), sft_input(alt_text_fn)
+        examples, processor, stage.batch_size, cfg.seed, budget, sft_input(alt_text_fn, render=render)
     )
-    plain = make_batches(examples, processor, stage.batch_size, cfg.seed, text_budget(cfg, base), sft_input())[0]
+    plain = make_batches(examples, processor, stage.batch_size, cfg.seed, budget, sft_input(render=render))[0]
     before = eval_loss(model, plain(0), device)
     tmp = staging_dir(out_dir)
     losses = train_loop(
@@ -118,11 +135,24 @@ def sft(
         "sft/truncated": len(batches.truncated),
     }
     model.to("cpu")
+    if cfg.lvlm.sft_gradient_checkpointing:
+        base.gradient_checkpointing_disable()
+        base.config.use_cache = True  # the saved config must let annotation use its KV cache
+    adapter_only = sft_adapter_only(cfg.lvlm)
     if lora.enabled:
         model.save_pretrained(tmp / "adapter")
-        merged = model.merge_and_unload()
-    else:
-        merged = model
-    write_lvlm(merged, processor, tmp / "merged")
-    finish(tmp, out_dir, {"base": str(lvlm_dir), "metrics": metrics, "epoch_losses": losses})
-    return (out_dir / "adapter" if lora.enabled else None), out_dir / "merged", metrics
+        # the projector beside the adapter: with the adapter it is all this generation changed over the LM
+        save_file(
+            {k: v.contiguous() for k, v in base.model.multi_modal_projector.state_dict().items()},
+            tmp / PROJECTOR_FILE,
+            metadata={"format": "pt"},
+        )
+    if not adapter_only:
+        merged = model.merge_and_unload() if lora.enabled else model
+        write_lvlm(merged, processor, tmp / "merged")
+    finish(
+        tmp, out_dir, {"base": str(lvlm_dir), "metrics": metrics, "epoch_losses": losses, "adapter_only": adapter_only}
+    )
+    del model, base
+    free_accelerator_memory()
+    return (out_dir / "adapter" if lora.enabled else None), (None if adapter_only else out_dir / "merged"), metrics

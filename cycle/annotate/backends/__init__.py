@@ -32,6 +32,7 @@ def make_backend(
             max_new_tokens=cfg.max_new_tokens,
             temperature=cfg.temperature,
             kv_cache=cfg.kv_cache,
+            lora_dir=lora_dir,
         )
     if cfg.backend == "openai":
         from .openai_backend import OpenAIBackend

@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 import torch
 
 from ...device import resolve_device
-from ..schema import IMAGE_TOKEN, model_input
+from ..schema import IMAGE_TOKEN, render_input
 from .base import BackendError, BatchItem, FailedGeneration, dir_fingerprint, to_pil
 
 
@@ -38,7 +38,9 @@ class TransformersBackend:
         min_new_tokens: int = 0,
         dtype: Optional[torch.dtype] = None,
         kv_cache: str = "dynamic",
+        lora_dir: Optional[str | Path] = None,
     ):
+        """`lora_dir`: a peft adapter over `model_dir` (SFT's adapter-only output), merged in memory."""
         from transformers import AutoProcessor, LlavaForConditionalGeneration
 
         model_dir = Path(model_dir) if model_dir else None
@@ -53,6 +55,10 @@ class TransformersBackend:
         try:
             self.model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=dtype).to(self.device)
             self.processor = AutoProcessor.from_pretrained(model_dir)
+            if lora_dir is not None:
+                from peft import PeftModel
+
+                self.model = PeftModel.from_pretrained(self.model, str(lora_dir)).merge_and_unload()
         except (OSError, ValueError, KeyError) as err:
             raise BackendError(f"annotator model '{model_dir}' does not load: {str(err).splitlines()[0]}") from err
         self.model.eval()
@@ -63,7 +69,8 @@ class TransformersBackend:
         self.image_token = getattr(self.processor, "image_token", None) or IMAGE_TOKEN
         self.max_new_tokens, self.min_new_tokens, self.temperature = max_new_tokens, min_new_tokens, temperature
         self.kv_cache = kv_cache  # "dynamic" or "static": `annotate.kv_cache`, checked by cycle.config
-        self.fingerprint = f"transformers:{model_dir.name}:{dir_fingerprint(model_dir)}"
+        adapter = f"+lora:{dir_fingerprint(lora_dir)}" if lora_dir is not None else ""
+        self.fingerprint = f"transformers:{model_dir.name}:{dir_fingerprint(model_dir)}{adapter}"
         self.generated_tokens = 0  # running count, for throughput figures
 
     @torch.inference_mode()
@@ -82,7 +89,7 @@ class TransformersBackend:
             except ValueError as err:  # one bad image fails its row, not the batch
                 outputs[i] = FailedGeneration(str(err))
                 continue
-            texts.append(model_input(prompt, self.image_token))
+            texts.append(render_input(self.processor, prompt))
             where.append(i)
         if not where:
             return outputs

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from ...lvlm.keys import rewrite_keys
-from ..schema import FORMULA_JSON_SCHEMA, IMAGE_TOKEN, model_input
+from ..schema import FORMULA_JSON_SCHEMA, IMAGE_TOKEN, model_input, render_input
 from .base import BackendError, BatchItem, FailedGeneration, dir_fingerprint, to_png_bytes
 
 WORKER = Path(__file__).with_name("vllm_worker.py")
@@ -49,6 +49,21 @@ def prepare_vllm_model(model_dir: str | Path, out_dir: str | Path) -> Path:
     rewrite_keys(tmp)
     (tmp / SOURCE_STAMP).write_text(stamp)
     return finish(tmp, out_dir)
+
+
+def _chat_processor(model_dir: str | Path):
+    """The model's processor when its chat template is not our fixed format (a LLaVA built on a base
+    checkpoint): prompts are rendered with it, as SFT rendered them; None keeps `model_input`."""
+    from transformers import AutoProcessor
+
+    from ...lvlm.assemble import CHAT_TEMPLATE
+
+    try:
+        processor = AutoProcessor.from_pretrained(str(model_dir))
+    except (OSError, ValueError):
+        return None
+    template = getattr(processor, "chat_template", None)
+    return processor if template and template != CHAT_TEMPLATE else None
 
 
 class VLLMBackend:
@@ -94,6 +109,7 @@ class VLLMBackend:
         out_dir = Path(out_dir) if out_dir else Path(model_dir).parent
         out_dir.mkdir(parents=True, exist_ok=True)
         served = prepare_vllm_model(model_dir, out_dir / "vllm-model")
+        self.processor = _chat_processor(model_dir)
         self.temperature, self.structured = cfg.temperature, structured
         self.fingerprint = f"vllm:{Path(model_dir).name}:{weights}:{adapter}"
         python = vcfg.python or sys.executable
@@ -169,7 +185,7 @@ class VLLMBackend:
             except ValueError as err:
                 outputs[i] = FailedGeneration(str(err))
                 continue
-            prompts.append(model_input(prompt, IMAGE_TOKEN))
+            prompts.append(render_input(self.processor, prompt) if self.processor else model_input(prompt, IMAGE_TOKEN))
             images.append(base64.b64encode(data).decode())
             where.append(i)
         if not where:
