@@ -345,14 +345,19 @@ def make_stages(cfg: RunConfig) -> dict[str, Stage]:
     """The stages of a run. Some pins depend on config values (which previous outputs a stage reads)."""
     lv = cfg.lvlm
     init = _train_init(cfg.clip.init)
+    # keys added for real models count only when set away from their defaults, so the runs recorded
+    # before them still resume (gradient checkpointing never counts: it changes memory, not results)
+    base_key = ("lvlm.base",) if lv.base.strip() else ()
+    dtype_key = ("lvlm.dtype",) if lv.dtype != "auto" else ()
+    save_key = ("lvlm.sft_save",) if lv.sft_save != "auto" else ()
     return {
         s.name: s
         for s in [
             Stage("data", lambda g: ("data", "seed"), lambda r, g: {}, data_run, "data", data_recover),
-            Stage("lm", lambda g: ("lvlm.lm", "lvlm.base", "seed"), data_pins, lm_run, "lm", lm_recover),
+            Stage("lm", lambda g: ("lvlm.lm", *base_key, "seed"), data_pins, lm_run, "lm", lm_recover),
             Stage(
                 "lvlm",
-                lambda g: ("lvlm.vision_feature_layer", "lvlm.keep_cls_token", "lvlm.base", "lvlm.dtype", "seed"),
+                lambda g: ("lvlm.vision_feature_layer", "lvlm.keep_cls_token", *base_key, *dtype_key, "seed"),
                 lambda r, g: {"clip": clip_of(r, g - 1), "lm": r.outputs(1, "lm")["lm"]},
                 lvlm_run,
                 "lvlm/base",
@@ -379,8 +384,7 @@ def make_stages(cfg: RunConfig) -> dict[str, Stage]:
                     "lvlm.sft_add_best",
                     "lvlm.sft_fresh_alt_text",
                     "lvlm.lm.max_length",
-                    "lvlm.sft_save",
-                    "lvlm.sft_gradient_checkpointing",
+                    *save_key,
                     "seed",
                 ),
                 lambda r, g: {

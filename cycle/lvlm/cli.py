@@ -59,7 +59,7 @@ def lvlm_train(clip_dir, overrides, run_dir, out, stop_after, config_path, progr
     out = Path(out) if out else Path(run_dir) / "lvlm-manual"
     last = STAGES.index(stop_after)
     metrics: dict = {}
-    lm = prepare_lm(
+    lm = cfg.lvlm.base.strip() or prepare_lm(  # a base LLaVA brings its own LM
         cfg.lvlm.lm,
         run_texts(store, sv, teacher_v, cfg),
         out / "lm",
@@ -69,7 +69,7 @@ def lvlm_train(clip_dir, overrides, run_dir, out, stop_after, config_path, progr
     )
     click.echo(f"lm: {lm}")
     if last >= 1:
-        model = build_lvlm(clip_dir, lm, cfg.lvlm, out / "base", seed=cfg.seed)
+        model = build_lvlm(clip_dir, lm, cfg.lvlm, out / "base", seed=cfg.seed, device=cfg.device)
         click.echo(f"base: {model}")
     if last >= 2:
         model, m = align_projector(model, store, sv, teacher_v, cfg, out / "aligned", progress=progress)
