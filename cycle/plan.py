@@ -319,7 +319,9 @@ def make_plan(cfg: RunConfig, gpu_memory_gb: Optional[float] = None) -> Plan:
         )
     )
     a = cfg.annotate
-    kv_per_seq = 2 * lm.layers * lm.kv_heads * lm.hd * wbytes * (image_tokens + lv.lm.max_length + a.max_new_tokens)
+    # an annotation sequence: the image, the prompt with its alt-text, the answer (max_length bounds both)
+    text = max(lv.lm.max_length, PROMPT_TEXT_TOKENS + a.max_new_tokens)
+    kv_per_seq = 2 * lm.layers * lm.kv_heads * lm.hd * wbytes * (image_tokens + text)
     if a.backend == "openai":
         memory.append(StageMemory("annotate", weights=4 * p_clip, note="remote annotator; CLIP scorer here"))
     elif a.backend == "vllm":

@@ -63,10 +63,19 @@ def annotate():
 @click.option("--score-clip", type=click.Path(file_okay=False), help="CLIP checkpoint dir to score desc vs neg_desc.")
 @click.option("--out", type=click.Path(file_okay=False), help="Default: RUN/gen-GGG/annotate.")
 @click.option("--device", default="auto", show_default=True)
+@click.option(
+    "--lora",
+    "lora_dir",
+    type=click.Path(file_okay=False, exists=True),
+    help="A LoRA adapter over MODEL_DIR (SFT's adapter-only output): merged in memory, or served by vLLM.",
+)
 @_config_option
 @click.option("--progress/--no-progress", default=True)
-def annotate_run(model_dir, overrides, run_dir, generation, splits, score_clip, out, device, config_path, progress):
-    """Annotate every sample of SPLIT with MODEL_DIR (a merged HF LLaVA dir; none for openai/vllm server).
+def annotate_run(
+    model_dir, overrides, run_dir, generation, splits, score_clip, out, device, lora_dir, config_path, progress
+):
+    """Annotate every sample of SPLIT with MODEL_DIR (an HF LLaVA dir, merged or with --lora; none for
+    openai/vllm server).
 
     OVERRIDES are key=value pairs, e.g. `annotate.batch_size=32 annotate.backend=vllm`.
     """
@@ -87,6 +96,7 @@ def annotate_run(model_dir, overrides, run_dir, generation, splits, score_clip, 
         progress=progress,
         splits=splits,
         device=device,
+        lora_dir=lora_dir,
     )
     keys = ("rows", "by_status", "parse_rate", "sentences_per_image", "tags_per_image", "score_mean", "this_run")
     for key in keys:

@@ -83,7 +83,8 @@ def lvlm_dtype(setting: str, device: str | torch.device = "auto") -> torch.dtype
         return torch.bfloat16
     if setting == "fp32":
         return torch.float32
-    return torch.bfloat16 if resolve_device(device).type == "cuda" else torch.float32
+    kind = device.type if isinstance(device, torch.device) else resolve_device(device).type
+    return torch.bfloat16 if kind == "cuda" else torch.float32
 
 
 def _load_error(what: str, name, err: Exception) -> LVLMError:

@@ -51,6 +51,12 @@ def prepare_vllm_model(model_dir: str | Path, out_dir: str | Path) -> Path:
     return finish(tmp, out_dir)
 
 
+def _lora_rank(lora_dir: Optional[str | Path]) -> Optional[int]:
+    """The adapter's rank (peft's adapter_config.json), for vLLM's `max_lora_rank`; None without one."""
+    config = Path(lora_dir) / "adapter_config.json" if lora_dir else None
+    return int(json.loads(config.read_text())["r"]) if config and config.is_file() else None
+
+
 def _chat_processor(model_dir: str | Path):
     """The model's processor when its chat template is not our fixed format (a LLaVA built on a base
     checkpoint): prompts are rendered with it, as SFT rendered them; None keeps `model_input`."""
@@ -120,6 +126,7 @@ class VLLMBackend:
         worker_cfg = {
             "model": str(served),
             "lora": str(lora_dir) if lora_dir else None,
+            "max_lora_rank": _lora_rank(lora_dir),
             "max_new_tokens": cfg.max_new_tokens,
             "min_new_tokens": min_new_tokens,
             "max_num_seqs": vcfg.max_num_seqs,

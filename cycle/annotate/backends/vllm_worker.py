@@ -43,6 +43,7 @@ def main() -> int:
         limit_mm_per_prompt={"image": 1},
         max_model_len=cfg.get("max_model_len") or None,
         enable_lora=bool(cfg.get("lora")),
+        max_lora_rank=cfg.get("max_lora_rank"),  # vLLM's default (16) refuses larger adapters
         dtype=cfg.get("dtype") or "auto",
         # compact JSON, as the annotator was trained to write it: free whitespace wastes tokens
         structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True},
