@@ -189,6 +189,8 @@ class LVLMConfig:
     # learns to read the image rather than memorise one alt-text per seed (measured to help, ENV-FACTS)
     sft_fresh_alt_text: bool = True
     sft_gradient_checkpointing: bool = False  # recompute LM activations in SFT: far less memory, ~30% slower
+    # the same for alignment: its loss backpropagates through the whole (frozen) LM to the projector
+    align_gradient_checkpointing: bool = False
     # what SFT keeps: "merged" (a whole LLaVA with the adapter merged in), "adapter" (LoRA only: the
     # adapter + the projector beside the aligned LLaVA, no full copy; the annotator merges in memory or
     # vLLM serves the adapter), "auto" (adapter for a real LM with LoRA, merged otherwise)

@@ -26,7 +26,7 @@ GB = 1e9  # GPU sizes are sold in GB; planning in 1e9 bytes leaves a little head
 ADAMW_BYTES = 16  # per trained parameter: fp32 master weight 4 + fp32 grad 4 + AdamW moments 8
 LOGIT_BYTES = 10  # per logit in training: 16-bit logits 2 + fp32 upcast for the loss 4 + its grad 4
 ACT_FP32_FACTOR = 2  # activations in fp32 take twice the 16-bit figure
-PROMPT_TEXT_TOKENS = 64  # the student prompt with an alt-text reference (benchmarks/results/token_budget.md)
+PROMPT_TEXT_TOKENS = 64  # the student prompt with an alt-text: <= 47 measured (benchmarks/results/token_budget.md)
 TINY_EXTRA_TOKENS = 16  # special tokens and JSON skeleton pieces the tiny tokenizer adds to its vocabulary
 
 
@@ -208,6 +208,7 @@ class StageMemory:
     activations: float = 0.0
     kv_cache: float = 0.0
     note: str = ""
+    share: float = 1.0  # of the GPU the stage may use (vLLM takes annotate.vllm.gpu_memory_utilization)
 
     @property
     def total(self) -> float:
@@ -225,7 +226,7 @@ class Plan:
 
     def too_big(self) -> list[StageMemory]:
         limit = self.gpu_memory_gb * GB
-        return [m for m in self.memory if self.gpu_memory_gb > 0 and m.total > limit]
+        return [m for m in self.memory if self.gpu_memory_gb > 0 and m.total > limit * m.share]
 
 
 def lora_params(shape: LMShape, r: int, targets: list[str]) -> int:
@@ -297,8 +298,9 @@ def make_plan(cfg: RunConfig, gpu_memory_gb: Optional[float] = None) -> Plan:
             "align",
             weights=wbytes * (p_llava - p_proj) + 4 * p_proj,
             optimizer=(ADAMW_BYTES - 4) * p_proj,
-            activations=lm_train_act(lv.align.batch_size, False),
-            note=f"projector only, batch {lv.align.batch_size} x {seq} tokens",
+            activations=lm_train_act(lv.align.batch_size, lv.align_gradient_checkpointing),
+            note=f"projector only, batch {lv.align.batch_size} x {seq} tokens"
+            + (", gradient checkpointing" if lv.align_gradient_checkpointing else ""),
         )
     )
     if lv.lora.enabled:
@@ -331,7 +333,8 @@ def make_plan(cfg: RunConfig, gpu_memory_gb: Optional[float] = None) -> Plan:
                 "annotate",
                 weights=wbytes * p_llava,
                 kv_cache=kv_per_seq * seqs,
-                note=f"vLLM, {seqs} sequences in flight; it reserves {a.vllm.gpu_memory_utilization:.0%} of the GPU",
+                note=f"vLLM, {seqs} sequences in flight, within its {a.vllm.gpu_memory_utilization:.0%} of the GPU",
+                share=a.vllm.gpu_memory_utilization,
             )
         )
     else:
@@ -385,7 +388,7 @@ def format_plan(cfg: RunConfig, plan: Plan) -> list[str]:
     lines.append(f"  {'stage':<9}{'weights':>9}{'optim':>9}{'activ':>9}{'kv':>9}{'total':>9}  fits  note")
     limit = plan.gpu_memory_gb * GB
     for m in plan.memory:
-        fits = "-" if not plan.gpu_memory_gb else ("yes" if m.total <= limit else "NO")
+        fits = "-" if not plan.gpu_memory_gb else ("yes" if m.total <= limit * m.share else "NO")
         lines.append(
             f"  {m.stage:<9}{m.weights / GB:>9.2f}{m.optimizer / GB:>9.2f}{m.activations / GB:>9.2f}"
             f"{m.kv_cache / GB:>9.2f}{m.total / GB:>9.2f}  {fits:<4}  {m.note}"
@@ -403,8 +406,9 @@ def check_fits(plan: Plan) -> None:
     over = plan.too_big()
     if over:
         m = over[0]
+        share = f"{m.share:.0%} of " if m.share < 1 else ""
         raise PlanError(
-            f"stage '{m.stage}' needs ~{m.total / GB:.1f} GB, more than the {plan.gpu_memory_gb:g} GB GPU "
-            "(--gpu-memory-gb / gpu_memory_gb): lower its batch size, use LoRA, "
-            "lvlm.sft_gradient_checkpointing=true, or a smaller model"
+            f"stage '{m.stage}' needs ~{m.total / GB:.1f} GB, more than {share}the {plan.gpu_memory_gb:g} GB GPU "
+            "(--gpu-memory-gb / gpu_memory_gb): lower its batch size, use LoRA, gradient checkpointing "
+            "(lvlm.align_gradient_checkpointing, lvlm.sft_gradient_checkpointing), or a smaller model"
         )

@@ -15,7 +15,7 @@ from ..config import RunConfig
 from ..device import free_accelerator_memory, resolve_device
 from ..store import Store
 from .assemble import load_lvlm, lvlm_dtype, save_lvlm
-from .common import eval_loss, seed_everything, train_loop
+from .common import checkpointing, eval_loss, seed_everything, train_loop
 from .data import align_examples, align_input, make_batches
 
 
@@ -48,6 +48,8 @@ def align_projector(
     projector = model.model.multi_modal_projector
     projector.float()  # fp32 master weights over a bf16 LLaVA: autocast runs the matmuls in bf16 anyway
     projector.requires_grad_(True)
+    if cfg.lvlm.align_gradient_checkpointing:
+        checkpointing(model, True)
     examples = align_examples(store, samples_version, teacher_version, extra, extra_records)
     batches, steps = make_batches(examples, processor, stage.batch_size, cfg.seed, text_budget(cfg, model), align_input)
     before = eval_loss(model, batches(0), device)
@@ -64,6 +66,8 @@ def align_projector(
         progress,
     )
     after = eval_loss(model, batches(0), device)
+    if cfg.lvlm.align_gradient_checkpointing:
+        checkpointing(model, False)
     by_source = {f"align/examples_{s}": sum(e.source == s for e in examples) for s in ("seed", "previous", "alt_text")}
     metrics = {
         "align/examples": len(examples),

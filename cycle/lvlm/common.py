@@ -132,3 +132,14 @@ def train_loop(
             epoch_losses.append(total / max(1, n))
     model.eval()
     return epoch_losses
+
+
+def checkpointing(model, enabled: bool) -> None:
+    """Gradient checkpointing on (training: layers recompute their activations in the backward pass) or
+    off again (before saving: the saved config must let annotation use its KV cache). Non-reentrant, so
+    gradients reach the projector or LoRA weights through frozen layers whose inputs need none."""
+    if enabled:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif model.is_gradient_checkpointing:
+        model.gradient_checkpointing_disable()
+    model.config.use_cache = not enabled

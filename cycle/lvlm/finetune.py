@@ -29,7 +29,7 @@ from ..device import free_accelerator_memory, resolve_device
 from ..store import Store
 from .align import text_budget
 from .assemble import load_lvlm, lvlm_dtype, write_lvlm
-from .common import LVLMError, eval_loss, finish, seed_everything, staging_dir, train_loop
+from .common import LVLMError, checkpointing, eval_loss, finish, seed_everything, staging_dir, train_loop
 from .data import Example, emoji_alt_text_fn, make_batches, sft_examples, sft_input
 
 LM_PREFIX = "model.language_model."
@@ -90,9 +90,7 @@ def sft(
     base, processor = load_lvlm(lvlm_dir, device, lvlm_dtype(cfg.lvlm.dtype, device))
     base.requires_grad_(False)
     if cfg.lvlm.sft_gradient_checkpointing:
-        # non-reentrant: gradients reach the LoRA weights although the frozen inputs need none
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        base.config.use_cache = False
+        checkpointing(base, True)
     if lora.enabled:
         model = with_lora(base, lora)  # peft keeps the adapter weights in fp32 over a bf16 base
     else:
@@ -136,8 +134,7 @@ def sft(
     }
     model.to("cpu")
     if cfg.lvlm.sft_gradient_checkpointing:
-        base.gradient_checkpointing_disable()
-        base.config.use_cache = True  # the saved config must let annotation use its KV cache
+        checkpointing(base, False)
     adapter_only = sft_adapter_only(cfg.lvlm)
     if lora.enabled:
         model.save_pretrained(tmp / "adapter")
