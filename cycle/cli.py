@@ -30,8 +30,9 @@ ALL_EXPORTS = ("clip", "lvlm", "data")
 def main(log_level):
     """Run generations of the HQ-CLIP cycle: CLIP -> LVLM annotator -> better data -> better CLIP.
 
-    CONFIG arguments take a path or the name of a shipped config (emoji, tiny). Problems with what was
-    given (a config key, a file, a run directory) print one red line and exit with code 2.
+    CONFIG arguments take a path or the name of a shipped config (emoji, tiny, real-vitb16, real-7b-80gb).
+    Problems with what was given (a config key, a file, a run directory) print one red line and exit
+    with code 2.
     """
     setup_logging(log_level)
 

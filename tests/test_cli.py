@@ -36,7 +36,7 @@ def _one_error_line(result) -> str:
     [
         (["run", str(TINY_YAML), "train.epochz=3"], "config key 'train.epochz'"),
         (["run", "no/such/config.yaml"], "config file 'no/such/config.yaml' does not exist"),
-        (["run", "nonesuch"], "nor is it a shipped config: emoji, tiny"),
+        (["run", "nonesuch"], "nor is it a shipped config: emoji, real-7b-80gb, real-vitb16, tiny"),
         (["data", "build", "emoji-scenes", "--out", "x", "data.emoji.image_size=8"], "data.emoji.image_size"),
         (["demo", "--config", str(TINY_YAML), "loss.hni_mode=foo"], "config key 'loss.hni_mode'"),
         (["status", "no-such-run"], "is not a run directory"),
