@@ -9,8 +9,9 @@ One record per image:
 
 What the LVLM sees, in SFT and in annotation alike, is `model_input(build_prompt(alt_text))` followed by
 the answer `to_target_json(record)`; the SFT code and the annotation backends both take these functions
-from here so the two can never drift apart. A processor with a chat template is not used for the tiny
-LM: one fixed, short text format is easier for a model trained from scratch.
+from here so the two can never drift apart. Both go through `render_input(processor, prompt)`: our own
+LLaVAs' chat template renders exactly `model_input` (one fixed, short format is easier for a model trained
+from scratch), a LLaVA built on a base checkpoint (`lvlm.base`) keeps the base's conversation format.
 """
 
 from __future__ import annotations

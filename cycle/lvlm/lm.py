@@ -5,6 +5,8 @@ such as Qwen2.5-7B-Instruct): `prepare_lm` hands the name on and `build_lvlm` lo
 `AutoModelForCausalLM` + `AutoTokenizer`. The embedded default, `name: tiny`, is a Llama-style LM built
 here: a byte-level BPE tokenizer trained on the run's text (`tokenizer.py`) and a small `LlamaConfig` LM
 pretrained briefly on the same text, so that SFT later only has to teach it to look at the image.
+With `lvlm.base` (an existing LLaVA) there is no LM to prepare: the lm stage records the base's name and
+`build_lvlm` takes the LM from it.
 """
 
 from __future__ import annotations
