@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
@@ -106,18 +105,6 @@ class BadFilter(HQClipError, ValueError):
     """A user's SQL filter (`hqclip inspect --where`) that Lance cannot parse or plan."""
 
 
-@dataclass(frozen=True)
-class Pin:
-    """A table at one version. Kept only for callers outside the CLI/store/data layer (the annotate and
-    LVLM tests, benchmarks) that still call `Store.pin(name).version`: new code calls `Store.version`."""
-
-    table: str
-    version: int
-
-    def __str__(self) -> str:
-        return f"{self.table}@v{self.version}"
-
-
 class Store:
     """One LanceDB database per run. Thin on purpose: tables, keyed writes, versions, tags."""
 
@@ -151,9 +138,6 @@ class Store:
     def version(self, name: str) -> int:
         """The table's current version (what a stage pins and its fingerprint records)."""
         return self.table(name).version
-
-    def pin(self, name: str) -> Pin:
-        return Pin(name, self.version(name))
 
     def count(self, name: str, where: str | None = None, version: int | str | None = None) -> int:
         return self.table(name, version).count_rows(where)
