@@ -266,7 +266,7 @@ def test_reworded_annotations_make_a_variant_set():
     with pytest.raises(EvalDataError, match="row 'b': 'reworded' missing or not an object"):
         build_set("s", [rows[0], ("b", b"2", {"captions": ["a dog"]})])  # half a variant is an error
     with pytest.raises(EvalDataError, match="s_reworded: row 'b': missing 'captions'"):
-        build_set("s", [rows[0], ("b", b"2", {"captions": ["a dog"], "reworded": {"positive": "x"}})])
+        build_set("s", [rows[0], ("b", b"2", {"captions": ["a dog"], "reworded": {"styles": []}})])
 
 
 # ----------------------------------------------------------------------------------------------- files

@@ -36,8 +36,20 @@ from .vocab import candidates
 
 TEMPLATES = ("pos_first", "colons", "holding", "placed", "tally")
 POSITION_VARIANTS = (
-    {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom", "center": "in the center"},
-    {"left": "to the left", "right": "to the right", "top": "up top", "bottom": "down below", "center": "in the middle"},
+    {
+        "left": "on the left",
+        "right": "on the right",
+        "top": "at the top",
+        "bottom": "at the bottom",
+        "center": "in the center",
+    },
+    {
+        "left": "to the left",
+        "right": "to the right",
+        "top": "up top",
+        "bottom": "down below",
+        "center": "in the middle",
+    },
     {
         "left": "on the left side",
         "right": "on the right side",
@@ -131,7 +143,10 @@ def render(style: Style, scene: dict) -> str:
     """The scene said in `style` (see the module doc for the templates)."""
     bg, where = scene["background"], POSITION_VARIANTS[style.positions]
     if style.template == "tally":
-        items = [f"{o['position']} - {o['count']}x {_noun(style, i, o, singular=True)}" for i, o in enumerate(scene["objects"])]
+        items = [
+            f"{o['position']} - {o['count']}x {_noun(style, i, o, singular=True)}"
+            for i, o in enumerate(scene["objects"])
+        ]
         return " | ".join(items) + f" | backdrop: {bg}"
     parts = []
     for i, obj in enumerate(scene["objects"]):
