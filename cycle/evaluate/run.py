@@ -75,9 +75,9 @@ def evaluate_set(
     if ev.labels is not None and not cfg.templates:  # load_config refuses this; an EvalConfig made in code may not
         raise EvalDataError("eval.templates is empty: zero-shot classification needs at least one")
     device = device if isinstance(device, torch.device) else resolve_device(device)
-    if image_features is None:
-        image_features = embed_images(model, preprocess, ev, cfg.batch_size, device, progress)
     images = image_features
+    if images is None:
+        images = embed_images(model, preprocess, ev, cfg.batch_size, device, progress)
     out: dict[str, float] = {"n_images": len(ev)}
     if ev.labels is not None:
         prompts = [format_template(t, c) for c in ev.classes for t in cfg.templates]
