@@ -223,7 +223,7 @@ def test_same_seed_same_wordings_and_another_seed_others(plan):
 
 # The tiny config's plan as it was before rewording existed (rows' id, alt-text and meta without
 # `reworded`, and the teacher seeds): the rewording must leave every other text of the dataset as it was.
-TINY_DIGEST_BEFORE_REWORDING = "to be recorded"
+TINY_DIGEST_BEFORE_REWORDING = "f338f55145cfd528a72e938b220c7d9740beddbcc513225fd1c852a4261978d8"
 
 
 def test_rewording_changes_no_other_text(tiny_cfg):
