@@ -56,7 +56,7 @@ def _check_same_build(plan: Plan, store: "Store") -> set[str]:
     if differ:
         raise ConfigError(
             f"config key 'data.emoji': the store at {store.uri} already holds emoji-scenes built "
-            f"from another config ({len(differ)} of {len(ids)} rows differ, e.g. {differ[0]}): "
+            f"from another config or an older builder ({len(differ)} of {len(ids)} rows differ, e.g. {differ[0]}): "
             "build into a fresh directory, or use the config it was built with"
         )
     return set(ids)
