@@ -325,6 +325,7 @@ def train_cmd(
     OVERRIDES are key=value pairs, e.g. `train.epochs=5 train.world_size=2 loss.hni_mode=pair`.
     """
     from .clip.train import train_clip
+    from .store import storage_options_for
 
     if bool(run_dir) == bool(store_uri):
         raise HQClipError("give exactly one of --run RUN_DIR or --store URI")
@@ -334,7 +335,8 @@ def train_cmd(
 
         run_dir = _run_dir_arg(run_dir)
         cfg = config_from(config_path or run_dir / "config.yaml", overrides)
-        store_uri = store_of(cfg).uri
+        store = store_of(cfg)
+        store_uri, storage_options = store.uri, store.storage_options
         state = RunState(run_dir)
         samples_version = samples_version or state.outputs(0, "data").get("samples_version")
         if generation:
@@ -344,6 +346,7 @@ def train_cmd(
     else:
         named = any(o.startswith("name=") for o in overrides)
         cfg = config_from(config_path, (() if named else (f"name={Path(out).name or 'train'}",)) + tuple(overrides))
+        storage_options = storage_options_for(cfg.store, store_uri)  # an object store: the config's options
     model_dir = train_clip(
         cfg,
         store_uri,
@@ -354,6 +357,7 @@ def train_cmd(
         init_clip=init_clip,
         progress=progress,
         teacher_version=_version_arg(teacher_version),
+        storage_options=storage_options,
     )
     click.echo(f"clip: {model_dir}")
     click.echo(f"log: {Path(out) / 'log.jsonl'}")
