@@ -299,7 +299,11 @@ def _version_arg(value):
     type=click.Path(file_okay=False),
     help="Train on this run's store, with its config and the versions its stages recorded.",
 )
-@click.option("--store", "store_uri", help="A LanceDB store (instead of --run).")
+@click.option(
+    "--store",
+    "store_uri",
+    help="A LanceDB store (instead of --run): a path, or a URI such as s3://bucket/path (options: --config's store.*).",
+)
 @click.option("--config", "config_path", help="A config path or shipped name. Default: RUN/config.yaml.")
 @click.option("--generation", type=int, default=0, show_default=True, help="0: alt-text only; g: gen-g annotations.")
 @click.option("--samples-version", help="Version or tag (default: the run's data stage, else latest).")
