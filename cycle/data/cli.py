@@ -30,7 +30,11 @@ def _data_settings(run_dir, config_path, overrides):
 @click.argument("source")
 @click.argument("overrides", nargs=-1)
 @click.option(
-    "--run", "run_dir", required=True, type=click.Path(file_okay=False), help="Run directory (store: RUN/lance unless store.uri is set)."
+    "--run",
+    "run_dir",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Run directory (store: RUN/lance unless store.uri is set).",
 )
 @click.option("--kind", type=click.Choice(["auto", "folder", "wds", "parquet"]), default="auto", show_default=True)
 @click.option("--split", default="train", show_default=True)
