@@ -122,7 +122,7 @@ def test_s3_store_round_trip_tags_compaction_and_no_local_folder(s3, tmp_path, m
     assert store.tag("annotations", gen_tag(1)) == versions[-1]
     assert store.insert_new("annotations", [annotation(i) for i in range(5, 15)]) == 5
 
-    reopened = Store("s3://hqclip-s3-store/runs/a/lance", options(s3))  # a fresh connection, as another process sees it
+    reopened = Store("s3://hqclip-s3-store/runs/a/lance", options(s3))  # a fresh connection (another process)
     assert reopened.count("annotations") == 15
     assert reopened.count("annotations", version=gen_tag(1)) == 10  # checkout by tag
     assert reopened.ids("annotations", version=gen_tag(1)) == {f"img-{i:03d}" for i in range(10)}
