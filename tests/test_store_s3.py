@@ -142,13 +142,8 @@ def test_s3_pair_dataset_in_spawn_workers_and_no_secret_in_pickles(s3):
     s3("hqclip-s3-loader")
     uri = "s3://hqclip-s3-loader/lance"
     store = Store(uri, options(s3))
-    store.append(
-        "samples",
-        [
-            {"id": f"s{i:02d}", "image": png(i), "alt_text": f"picture {i}", "split": "train", "width": 16, "height": 16}
-            for i in range(8)
-        ],
-    )
+    rows = [{"id": f"s{i:02d}", "image": png(i), "alt_text": f"picture {i}", "split": "train"} for i in range(8)]
+    store.append("samples", rows)
     dataset = PairDataset(uri, "train", storage_options=store.storage_options)
     blob = pickle.dumps(dataset)
     assert SECRET.encode() not in blob and SECRET_ENV.encode() in blob  # the variable's name, not its value
