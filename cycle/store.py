@@ -134,9 +134,7 @@ class StorageOptions(dict):
         for key, var in self.env.items():
             value = os.environ.get(var)
             if not value:
-                raise StoreError(
-                    f"config key 'store.storage_options_env.{key}': environment variable {var} is not set"
-                )
+                raise StoreError(f"config key 'store.storage_options_env.{key}': environment variable {var} is not set")
             resolved[key] = value
         super().__init__(resolved)
 
