@@ -163,8 +163,8 @@ def test_s3_missing_credentials_variable_names_it(s3, monkeypatch):
 @pytest.mark.parametrize(
     "extra, match",
     [
-        (["store.storage_options.aws_secret_access_key=abc"], "storage_options.aws_secret_access_key: a secret"),
-        (["store.storage_options.aws_session_token=abc"], "storage_options.aws_session_token: a secret"),
+        (["store.storage_options.aws_secret_access_key=abc"], "storage_options.aws_secret_access_key': a secret"),
+        (["store.storage_options.aws_session_token=abc"], "storage_options.aws_session_token': a secret"),
         (["store.storage_options.aws_region=${oc.env:HOME}"], "an interpolation"),
         (["store.storage_options_env.aws_access_key_id=${oc.env:HOME}"], "not an interpolation"),
         (["store.storage_options_env.aws_access_key_id=not a name"], "name of an environment variable"),
