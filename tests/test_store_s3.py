@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 import os
 import pickle
@@ -50,6 +51,7 @@ SMALL = [
 @pytest.fixture(scope="module")
 def s3():
     """A moto S3 server on 127.0.0.1 and the credentials in the environment; yields a bucket maker."""
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # not a line per S3 request
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
@@ -217,7 +219,9 @@ def test_s3_status_inspect_report_read_the_run(s3_run, tmp_path):
     runner, run_dir = CliRunner(), str(s3_run.run_dir)
     res = runner.invoke(main, ["status", run_dir])
     assert res.exit_code == 0 and "annotate" in res.output and "done" in res.output, res.output
-    res = runner.invoke(main, ["inspect", run_dir, "--sample", "2", "--image-out", str(tmp_path / "img")])
+    res = runner.invoke(
+        main, ["inspect", run_dir, "--sample", "2", "--where", "split = 'train'", "--image-out", str(tmp_path / "img")]
+    )
     assert res.exit_code == 0, res.output
     assert "gen-1" in res.output and "alt-text" in res.output  # the annotations, read from S3
     assert len(list((tmp_path / "img").iterdir())) == 2  # the images too
