@@ -135,8 +135,8 @@ def world(tmp_path_factory):
     return {
         "root": root,
         "store": store,
-        "sv": store.pin("samples").version,
-        "tv": store.pin("teacher").version,
+        "sv": store.version("samples"),
+        "tv": store.version("teacher"),
         "base": root / "llava-base",
         "qwen": root / "qwen2-lm",
         "clip32": clip32,

@@ -81,6 +81,7 @@ def train_clip(
     init_clip=None,
     progress: bool = True,
     teacher_version=None,
+    storage_options=None,
 ) -> Path:
     """Train a CLIP on the train split of `store_uri` at the pinned versions; returns `<out_dir>/model`.
 
@@ -88,6 +89,7 @@ def train_clip(
     that generation's annotations (`annotations_version` pins them), and the teacher seeds as a fallback
     when `teacher_version` is given. `init_clip` starts from a checkpoint directory instead of
     `cfg.clip.pretrained` / scratch. `cfg.train.world_size` > 1 spawns that many ranks on this machine.
+    `storage_options` reach an object store URI (`Store.storage_options`); the ranks get them with the dataset.
     """
     from ..device import resolve_device
     from .dist import launch
@@ -95,7 +97,16 @@ def train_clip(
 
     device_type = resolve_device(cfg.device).type  # no GPU for device=cuda: refused before anything starts
     job = prepare(
-        cfg, store_uri, out_dir, samples_version, annotations_version, generation, init_clip, progress, teacher_version
+        cfg,
+        store_uri,
+        out_dir,
+        samples_version,
+        annotations_version,
+        generation,
+        init_clip,
+        progress,
+        teacher_version,
+        storage_options=storage_options,
     )
     launch(train_rank, cfg.train.world_size, job, accelerator=device_type)
     return job.out_dir / "model"
@@ -112,19 +123,22 @@ def prepare(
     init_clip=None,
     progress=True,
     teacher_version=None,
+    storage_options=None,
 ) -> TrainJob:
     from ..data.loader import PairDataset
+    from ..store import Store, is_local
     from . import checkpoint
     from .text import build_tag_vocab, normalise_tag
 
     out_dir = Path(out_dir)
     use_annotations = bool(generation)
-    if not Path(str(store_uri)).is_dir() and "://" not in str(store_uri):
+    if is_local(store_uri) and not Path(str(store_uri)).is_dir():
         raise TrainInputError(f"no LanceDB store at '{store_uri}'")
     if init_clip is not None:
         _check_init_clip(init_clip, cfg.clip.name)
+    store = Store(store_uri, storage_options) if use_annotations else None
     if use_annotations:
-        _require_annotations(store_uri, generation, annotations_version)
+        _require_annotations(store, generation, annotations_version)
     # The CLIP's (deterministic) transform is set by each rank once it has built the model.
     dataset = PairDataset(
         store_uri,
@@ -133,6 +147,7 @@ def prepare(
         annotations_version=annotations_version if use_annotations else None,
         generation=generation if use_annotations else None,
         teacher_version=teacher_version if use_annotations else None,
+        storage_options=storage_options,
     )
     plan = TrainPlan.make(cfg, len(dataset))
     hni = cfg.loss.hni_weight if use_annotations else 0.0
@@ -149,7 +164,7 @@ def prepare(
         progress=progress,
     )
     if use_annotations:
-        tag_lists = _annotated_tags(store_uri, dataset, generation, teacher_version is not None)
+        tag_lists = _annotated_tags(store, dataset, generation, teacher_version is not None)
         if not tag_lists:
             raise TrainInputError(
                 f"generation {generation} has no usable annotations for the train split "
@@ -195,10 +210,9 @@ def _check_init_clip(init_clip, name: str) -> None:
         raise TrainInputError(f"init_clip '{init_clip}' is a {arch} but config key 'clip.name' asks for {name}")
 
 
-def _require_annotations(store_uri, generation: int, annotations_version) -> None:
-    from ..store import USABLE, Store
+def _require_annotations(store, generation: int, annotations_version) -> None:
+    from ..store import USABLE
 
-    store = Store(store_uri)
     usable = (
         store.count("annotations", f"generation = {int(generation)} AND {USABLE}", version=annotations_version)
         if store.has("annotations")
@@ -211,11 +225,10 @@ def _require_annotations(store_uri, generation: int, annotations_version) -> Non
         )
 
 
-def _annotated_tags(store_uri, dataset, generation: int, with_seed: bool) -> list[list[str]]:
+def _annotated_tags(store, dataset, generation: int, with_seed: bool) -> list[list[str]]:
     """Positive tag lists of the train rows that have a usable annotation (what STC's vocabulary is built on)."""
-    from ..store import Store, is_usable
+    from ..store import is_usable
 
-    store = Store(store_uri)
     train_ids = store.ids("samples", "split = 'train'", version=dataset.pins["samples"])
     rows = store.read(
         "annotations",
