@@ -240,7 +240,9 @@ def test_a_negative_identical_to_its_positive_is_dropped(tokenizer):
 def test_what_cannot_fit_is_counted_not_silently_cut(tokenizer):
     long_sentence = " ".join(["word"] * 120) + "."
     batch = _text_batch(n=2, desc=[[long_sentence]] * 2, neg_desc=[[long_sentence.replace("word", "term")]] * 2)
-    out = TextDrawer(replace(LossConfig(), long_text_prob=1.0, neg_tags_prob=0.0), tokenizer)(batch, step=0)
+    # (no edit-distance bound: the 120-word "edit" would otherwise be refused as no minimal edit)
+    cfg = replace(LossConfig(), long_text_prob=1.0, neg_tags_prob=0.0, neg_max_edit_words=0)
+    out = TextDrawer(cfg, tokenizer)(batch, step=0)
     assert out["stats"]["truncated"] == 4  # two positives and two negatives were cut by the tokenizer
     trunc = TextDrawer(replace(LossConfig(), long_text_prob=1.0, text_fit="truncate"), tokenizer)(_text_batch(n=1), 0)
     assert trunc["stats"]["truncated"] >= 1 and "number 0" in _decode(tokenizer, trunc["texts"][0])
@@ -306,6 +308,10 @@ def test_reference_run_writes_model_vocab_and_log(reference_run):
     assert [r["step"] for r in steps] == list(range(1, 25))
     assert events[0]["plan"]["accum_steps"] == 2 and events[0]["stc_weight"] == 1.0
     assert {"clip_loss", "hni_loss", "stc_loss", "lr", "samples_per_s", "logit_scale"} <= set(steps[0])
+    assert {"neg_identical_share", "neg_dropped_share", "short_text_share"} <= set(steps[0])
+    # per generation: row s006's negatives equal its positives (3 + 3 of the 47 usable rows' 282 parts)
+    assert events[0]["negatives"]["identical_negative_share"] == pytest.approx(6 / 282)
+    assert events[0]["stc_head"] == "cosine" and set(extras["stc_head"]) == {"weight", "bias", "logit_scale"}
     assert steps[-1]["clip_loss"] < steps[0]["clip_loss"]
     assert max(r["lr"] for r in steps) == pytest.approx(5e-4) and steps[-1]["lr"] < 1e-5  # warmup, cosine
 
@@ -406,6 +412,25 @@ def test_generation_0_trains_on_alt_text_without_hni_or_stc(pair_store, referenc
     assert all(r["long_text_share"] == 0.0 for r in steps)
     assert steps[0]["clip_loss"] < 0.9 * np.log(16)  # chance level of a batch of 16
     assert not (model_dir / "stc_head.safetensors").exists() and not (model_dir / "tag_vocab.json").exists()
+
+
+def test_prepare_carries_the_previous_head_over(pair_store, reference_run, tmp_path):
+    from cycle.clip.train import TrainInputError, prepare
+
+    samples, annotations = _versions(pair_store)
+    common = dict(annotations_version=annotations, generation=1, progress=False)
+    job = prepare(_cfg(), pair_store.uri, tmp_path / "a", samples, init_clip=reference_run[1], **common)
+    head = job.stc_head_init
+    assert head["from"] == str(reference_run[1]) and head["tag_vocab"] == job.tag_vocab
+    assert head["state"]["weight"].shape == (10, 64) and "10 of 10 tags" in job.notes[-1]
+    # given apart from the initial CLIP (clip.init=scratch): the same rows, the CLIP itself fresh
+    job = prepare(_cfg(), pair_store.uri, tmp_path / "b", samples, stc_head_from=reference_run[1], **common)
+    assert job.init_clip is None and job.stc_head_init["from"] == str(reference_run[1])
+    assert sum(job.tag_prior) / len(job.tag_prior) == pytest.approx(job.tag_positive_rate)
+    with pytest.raises(TrainInputError, match="stc_head_from"):
+        prepare(_cfg(), pair_store.uri, tmp_path / "c", samples, stc_head_from=tmp_path / "none", **common)
+    # a CLIP without a head (generation 0's) carries nothing
+    assert prepare(_cfg(), pair_store.uri, tmp_path / "d", samples, **common).stc_head_init is None
 
 
 # ------------------------------------------------------------------------------------ bad inputs
@@ -573,7 +598,14 @@ def test_every_tensor_handed_to_a_collective_is_on_the_engines_device(device):
         assert kinds == {"all_reduce", "all_gather"}, kinds  # the loss gathers; the logs reduce
         assert ("all_reduce", expected, "torch.float64") in seen  # the text counts
         assert all(dev == expected for _, dev, _ in seen), seen
-        assert counts == {"long_text_share": 8 / 16, "neg_share": 0.0, "truncated_texts": 1}  # summed over ranks
+        assert counts == {  # summed over ranks
+            "long_text_share": 8 / 16,
+            "short_text_share": 0.0,
+            "neg_share": 0.0,
+            "neg_identical_share": 0.0,
+            "neg_dropped_share": 0.0,
+            "truncated_texts": 1,
+        }
     assert results[0][1] == results[1][1]  # logged terms are the global values on every rank
 
 
