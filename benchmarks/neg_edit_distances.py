@@ -1,6 +1,7 @@
 """How far is a true minimal edit? Word-level edit distances of the teacher's negatives (issue 10).
 
-    python benchmarks/neg_edit_distances.py [--config configs/emoji.yaml] [--out benchmarks/results/neg_edit_distances.md]
+    python benchmarks/neg_edit_distances.py [--config configs/emoji.yaml]
+                                            [--out benchmarks/results/neg_edit_distances.md]
 
 The scene-graph teacher of emoji-scenes writes exact minimal edits (object, relation, count; a swapped tag),
 so its distances say how large `loss.neg_max_edit_words` must be to keep every true minimal edit: the

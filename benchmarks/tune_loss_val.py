@@ -161,7 +161,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             cfg = variant_config(args.config, args.overrides, v, seed, args.threads)
             results.append(run_one(cfg, work, pins, v, seed, args.runs))
             m = results[-1]["metrics"]
-            print(f"{v} s{seed}: " + ", ".join(f"{t} {m[k] if m.get(k) is not None else float('nan'):.3f}" for k, t in COLUMNS), flush=True)
+            print(
+                f"{v} s{seed}: "
+                + ", ".join(f"{t} {m[k] if m.get(k) is not None else float('nan'):.3f}" for k, t in COLUMNS),
+                flush=True,
+            )
     loss = load_config(args.config).loss
     text = "\n".join(
         [

@@ -387,4 +387,6 @@ def test_tag_metrics_equal_explicit_loops():
     want = sum(ap(logits[:, k].tolist(), targets[:, k].tolist()) for k in present) / len(present)
     got = tag_metrics(logits, targets)
     assert got["tag_map"] == pytest.approx(want, abs=1e-6) and got["tag_map_tags"] == len(present)
-    assert average_precision(torch.tensor([3.0, 2.0, 1.0]), torch.tensor([0, 1, 1])) == pytest.approx((1 / 2 + 2 / 3) / 2)
+    assert average_precision(torch.tensor([3.0, 2.0, 1.0]), torch.tensor([0, 1, 1])) == pytest.approx(
+        (1 / 2 + 2 / 3) / 2
+    )

@@ -117,7 +117,7 @@ def text_key(text: str) -> int:
 
 
 def join_tags(tags: Sequence[str]) -> str:
-    """"a", "a and b", "a, b and c": positive and negative tag texts share this one format."""
+    """ "a", "a and b", "a, b and c": positive and negative tag texts share this one format."""
     tags = list(tags)
     if len(tags) <= 1:
         return "".join(tags)
@@ -142,7 +142,7 @@ def word_edit_distance(a: str, b: str) -> int:
 
 
 def negative_part_kind(pos: str, neg: str, max_edit_words: int) -> str:
-    """"edit" (a usable minimal edit), "same" (reads like the positive) or "far" (beyond the bound)."""
+    """ "edit" (a usable minimal edit), "same" (reads like the positive) or "far" (beyond the bound)."""
     d = word_edit_distance(pos, neg)
     if d == 0:
         return "same"
