@@ -264,7 +264,7 @@ def _previous_head(path, explicit: bool) -> Optional[dict]:
         return None
     try:
         return {"from": str(path), "tag_vocab": list(json.loads(vocab.read_text())), "state": load_file(head)}
-    except (OSError, ValueError) as err:
+    except Exception as err:  # safetensors' own error type, JSON, OS: all one message
         raise TrainInputError(f"STC head of '{path}' is unreadable: {err}") from None
 
 
