@@ -288,7 +288,7 @@ def test_cosine_head_equals_explicit_loops_and_starts_at_the_tag_prior():
         head.bias.copy_(torch.randn(K))
     x = torch.randn(N, D)  # not unit-norm: the head normalises itself
     z = head(x)
-    s = float(head.logit_scale.exp())
+    s = float(head.logit_scale.detach().exp())
     assert s == pytest.approx(STC_SCALE_INIT)
     for i in range(N):
         xi = x[i].tolist()
@@ -311,7 +311,7 @@ def test_tag_prior_initialises_each_tags_bias():
         assert torch.allclose(module.stc_head.bias, torch.full((3,), math.log(0.2 / 0.8)), atol=1e-6)
 
 
-def _fit_head(kind: str, steps: int = 150) -> tuple[float, float]:
+def _fit_head(kind: str, steps: int) -> tuple[float, float]:
     """BCE of a head trained alone on fixed unit-norm features with learnable tags (AdamW as the trainer's)."""
     from cycle.clip.model import ClipWithTagHead
     from cycle.clip.optim import param_groups
@@ -335,10 +335,12 @@ def _fit_head(kind: str, steps: int = 150) -> tuple[float, float]:
 
 
 def test_cosine_head_learns_where_the_linear_head_cannot():
-    lin_first, lin_last = _fit_head("linear")
-    cos_first, cos_last = _fit_head("cosine")
-    assert (lin_first - lin_last) / lin_first < 0.05  # the 2026-11 finding: the term barely moves
-    assert (cos_first - cos_last) / cos_first > 0.2
+    # 300 steps at the trainer's lr: the linear head's term falls ~7%, the cosine head's ~47% (it starts
+    # higher: random directions times s = 10 put each logit ~s / sqrt(D) off its prior) and ends lower.
+    lin_first, lin_last = _fit_head("linear", steps=300)
+    cos_first, cos_last = _fit_head("cosine", steps=300)
+    assert (lin_first - lin_last) / lin_first < 0.15
+    assert (cos_first - cos_last) / cos_first > 0.35 and cos_last < lin_last
 
 
 def test_head_rows_of_shared_tags_carry_over():
