@@ -274,11 +274,13 @@ def test_feature_cache_accumulation_gives_the_full_batch_gradients(tokenizer, on
 
     torch.manual_seed(0)
     clip, _, _, tok = create_clip("hqclip-micro")
-    module = ClipWithTagHead(clip, num_tags=3)
+    # float64 towers: the two orders of summation then agree to ~1e-15, so a real difference cannot hide in
+    # float32 rounding (which alone reaches ~2e-6 of the largest gradient on some draws)
+    module = ClipWithTagHead(clip, num_tags=3).double()
     drawer = TextDrawer(replace(LossConfig(), long_text_prob=0.5), tok, tag_vocab=["red apple", "table", "chair"])
     inputs = drawer(_text_batch(n=8, annotated=[True] * 6 + [False] * 2), step=0)
     inputs.pop("stats")
-    inputs["images"] = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    inputs["images"] = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     loss_fn = HQClipLoss(replace(LossConfig(), hni_weight=0.5, stc_weight=0.5))
 
     def grads(micro):
@@ -290,7 +292,7 @@ def test_feature_cache_accumulation_gives_the_full_batch_gradients(tokenizer, on
     acc_losses, acc = grads(2)
     assert set(full) == set(acc) and len(full) == len(list(module.parameters()))
     for name in full:
-        assert float((full[name] - acc[name]).abs().max()) <= 1e-6 * float(full[name].abs().max()) + 1e-7, name
+        assert float((full[name] - acc[name]).abs().max()) <= 1e-10 * float(full[name].abs().max()) + 1e-12, name
     for name in full_losses:
         assert acc_losses[name].item() == pytest.approx(full_losses[name].item(), abs=1e-6)
 
@@ -410,7 +412,9 @@ def test_generation_0_trains_on_alt_text_without_hni_or_stc(pair_store, referenc
     assert events[0]["hni_weight"] == 0.0 and events[0]["stc_weight"] == 0.0
     assert len(steps) == 4 and "hni_loss" not in steps[0] and "stc_loss" not in steps[0]
     assert all(r["long_text_share"] == 0.0 for r in steps)
-    assert steps[0]["clip_loss"] < 0.9 * np.log(16)  # chance level of a batch of 16
+    # below chance level of a batch of 16 (a fresh CLIP starts at or above it); the reference run trains on
+    # alt-text in half its rows, without HNI there since issue 10 (alt-text has no paired negative)
+    assert steps[0]["clip_loss"] < 0.95 * np.log(16)
     assert not (model_dir / "stc_head.safetensors").exists() and not (model_dir / "tag_vocab.json").exists()
 
 
