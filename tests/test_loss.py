@@ -360,7 +360,7 @@ def test_head_rows_of_shared_tags_carry_over():
         for name in ("weight", "bias"):
             want = state[name][src] if src is not None else before[name][k]
             assert torch.equal(new.stc_head.state_dict()[name][k], want), (tag, name)
-    assert float(new.stc_head.logit_scale) == 2.5
+    assert float(new.stc_head.logit_scale.detach()) == 2.5
     linear = ClipWithTagHead(torch.nn.Module(), num_tags=4, embed_dim=D, head="linear")
     assert linear.carry_over_head(state, old_vocab, new_vocab) == 0  # another kind: nothing copied
     wider = ClipWithTagHead(torch.nn.Module(), num_tags=4, embed_dim=D + 1, head="cosine")
