@@ -104,7 +104,9 @@ class LossConfig:
     hni_negatives: str = "paired"
     neg_tags_prob: float = 0.5  # "independent" only: P(negative text = negative tags) vs long negative description
     # A negative part (sentence or tag) further than this many words (word-level edit distance) from its
-    # positive part is not a minimal edit, so it may well be true: it is not used. 0: no bound.
+    # positive part is not a minimal edit, so it may well be true: it is not used. 0: no bound. The emoji
+    # teacher's exact minimal edits are 1-3 words (benchmarks/results/neg_edit_distances.md); 8 leaves room
+    # for longer names in user data.
     neg_max_edit_words: int = 8
     stc_weight: float = 1.0
     # "cosine": z_k = s * cos(x, w_k) + b_k, s learnable (init 10), b_k at the tag's prior log-odds: its logits
