@@ -12,7 +12,8 @@ same join, so a negative tag text differs from a positive one by its words only,
 none for an alt-text positive. A negative part identical to its positive part, or further from it than
 `loss.neg_max_edit_words` (word-level edit distance: not a minimal edit, so possibly true), is replaced
 by the positive part; a row whose negative has no edit left has none (`neg_valid` false). Counted:
-`neg_drawn`, `neg_same_as_pos` (the negative read like the positive), `neg_too_far` (dropped by the bound).
+`neg_desc` / `neg_tags` (negatives drawn), `neg_same_as_pos` (the negative read like the positive),
+`neg_too_far` (dropped by the bound).
 `"independent"`: the negative source drawn by `loss.neg_tags_prob` whatever the positive (the old draw).
 Long descriptions fit the text context by whole sentences (`loss.text_fit="sample"`: a random subset of
 sentences that fits, kept in order; `"truncate"`: leading sentences, cut by the tokenizer); a paired
