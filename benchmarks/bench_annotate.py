@@ -170,7 +170,7 @@ def main() -> None:
     cfg = AnnotateConfig(batch_size=args.batch, max_new_tokens=args.tokens, retries=0, write_batch=512)
     t0 = time.perf_counter()
     stats = annotate_generation(
-        cfg, model_dir, store, store.pin("samples").version, 1, work / "out", backend=backend, progress=False
+        cfg, model_dir, store, store.version("samples"), 1, work / "out", backend=backend, progress=False
     )
     dt = time.perf_counter() - t0
     rows.append(

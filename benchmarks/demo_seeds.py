@@ -28,6 +28,8 @@ METRICS = {
     "zero-shot top-1": "test_zeroshot/top1",
     "retrieval R@1 (mean of both directions)": "test_retrieval/retrieval_mean_r1",
     "negative discrimination acc.": "test_negatives/acc",
+    "retrieval R@1, other wordings": "test_retrieval_reworded/retrieval_mean_r1",  # not the teacher's template
+    "negative discrimination acc., other wordings": "test_negatives_reworded/acc",
     "compositional retrieval R@1": "test_compositional/retrieval_mean_r1",
     "val retrieval R@1 (selection split)": "val/retrieval_mean_r1",
 }

@@ -147,9 +147,9 @@ def compare(base: dict, now: dict) -> list[str]:
     diffs = []
     a = {RENAMED.get(k, k): v for k, v in base["tiny_cycle"]["figures"].items()}
     b = now["tiny_cycle"]["figures"]
-    for key in sorted(set(a) | set(b)):
-        if key not in a or key not in b:
-            diffs.append(f"tiny cycle {key}: {a.get(key, 'absent')} -> {b.get(key, 'absent')}")
+    for key in sorted(a):  # a figure added since the baseline is new, not changed (`added`)
+        if key not in b:
+            diffs.append(f"tiny cycle {key}: {a[key]} -> absent")
         elif not (a[key] == b[key] or (isinstance(a[key], float) and math.isnan(a[key]) and math.isnan(b[key]))):
             diffs.append(f"tiny cycle {key}: {a[key]!r} -> {b[key]!r}")
     for ra, rb in zip(base["emoji_gen0"]["steps"], now["emoji_gen0"]["steps"]):
@@ -171,6 +171,7 @@ def main() -> None:
         return
     base = json.loads(BASELINE.read_text())
     diffs = compare(base, now)
+    added = sorted(set(now["tiny_cycle"]["figures"]) - {RENAMED.get(k, k) for k in base["tiny_cycle"]["figures"]})
     lines = [
         f"# Equality check: {now['commit']} against the baseline recorded at {base['commit']}",
         "",
@@ -192,6 +193,9 @@ def main() -> None:
     ]
     if diffs:
         lines += ["Differences:", "", *[f"- {d}" for d in diffs], ""]
+    if added:
+        groups = sorted({k.split("/")[2] if k.count("/") >= 2 else k for k in added})
+        lines += [f"Figures added since the baseline (not compared): {len(added)}, in {', '.join(groups)}.", ""]
     (OUT / "equality_check.md").write_text("\n".join(lines))
     (OUT / "equality_now.json").write_text(json.dumps(now, indent=1, sort_keys=True) + "\n")
     print("\n".join(lines))

@@ -299,7 +299,11 @@ def _version_arg(value):
     type=click.Path(file_okay=False),
     help="Train on this run's store, with its config and the versions its stages recorded.",
 )
-@click.option("--store", "store_uri", help="A LanceDB store (instead of --run).")
+@click.option(
+    "--store",
+    "store_uri",
+    help="A LanceDB store (instead of --run): a path, or a URI such as s3://bucket/path (options: --config's store.*).",
+)
 @click.option("--config", "config_path", help="A config path or shipped name. Default: RUN/config.yaml.")
 @click.option("--generation", type=int, default=0, show_default=True, help="0: alt-text only; g: gen-g annotations.")
 @click.option("--samples-version", help="Version or tag (default: the run's data stage, else latest).")
@@ -331,6 +335,7 @@ def train_cmd(
     OVERRIDES are key=value pairs, e.g. `train.epochs=5 train.world_size=2 loss.hni_mode=pair`.
     """
     from .clip.train import train_clip
+    from .store import storage_options_for
 
     if bool(run_dir) == bool(store_uri):
         raise HQClipError("give exactly one of --run RUN_DIR or --store URI")
@@ -340,7 +345,8 @@ def train_cmd(
 
         run_dir = _run_dir_arg(run_dir)
         cfg = config_from(config_path or run_dir / "config.yaml", overrides)
-        store_uri = store_of(cfg).uri
+        store = store_of(cfg)
+        store_uri, storage_options = store.uri, store.storage_options
         state = RunState(run_dir)
         samples_version = samples_version or state.outputs(0, "data").get("samples_version")
         if generation:
@@ -350,6 +356,7 @@ def train_cmd(
     else:
         named = any(o.startswith("name=") for o in overrides)
         cfg = config_from(config_path, (() if named else (f"name={Path(out).name or 'train'}",)) + tuple(overrides))
+        storage_options = storage_options_for(cfg.store, store_uri)  # an object store: the config's options
     model_dir = train_clip(
         cfg,
         store_uri,
@@ -361,6 +368,7 @@ def train_cmd(
         progress=progress,
         teacher_version=_version_arg(teacher_version),
         stc_head_from=stc_head_from,
+        storage_options=storage_options,
     )
     click.echo(f"clip: {model_dir}")
     click.echo(f"log: {Path(out) / 'log.jsonl'}")

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import yaml
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .errors import HQClipError
@@ -76,8 +77,14 @@ class DataConfig:
 
 @dataclass
 class StoreConfig:
-    uri: str = ""  # empty: <run_dir>/lance
+    uri: str = ""  # empty: <run_dir>/lance; a path, or an object store: s3://bucket/path, gs://..., az://...
     write_batch: int = 1024  # rows per commit: few large commits keep the table lean
+    # Object stores: Lance storage options that are not secret (aws_endpoint, aws_region, allow_http, ...).
+    # config.yaml is saved in the run folder, so secrets are refused here (see `_validate_store`).
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    # option -> name of the environment variable its value is read from when the store is opened
+    # (credentials: aws_secret_access_key: AWS_SECRET_ACCESS_KEY); only the name is saved
+    storage_options_env: dict[str, str] = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------------------------- CLIP
@@ -356,6 +363,7 @@ def _validate_data_store_eval(cfg: DictConfig) -> None:
 
 def _validate(cfg: DictConfig) -> None:
     _validate_data_store_eval(cfg)
+    _validate_store(cfg)
     for key, allowed in CHOICES.items():
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
@@ -377,6 +385,56 @@ def _validate(cfg: DictConfig) -> None:
     _validate_clip_train(cfg)
     _validate_lvlm_annotate(cfg)
     _validate_names(cfg)
+
+
+# --- store: where the run's LanceDB lives, and how it is reached (object stores)
+# Option names that hold a secret (credentials, tokens, keys): only ever through store.storage_options_env.
+SECRET_OPTION = re.compile(r"secret|token|password|sas|account_key|service_account_key", re.IGNORECASE)
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# schemes whose URI names a bucket or container right after "://"
+BUCKET_SCHEMES = ("s3", "s3+ddb", "gs", "az", "abfs", "abfss")
+
+
+def _validate_store(cfg: DictConfig) -> None:
+    uri = cfg.store.uri
+    scheme, sep, rest = uri.partition("://")
+    if sep and scheme.lower() in BUCKET_SCHEMES and not rest.split("/")[0]:
+        raise ConfigError(f"config key 'store.uri': got {uri!r}, expected {scheme}://BUCKET/PATH")
+    options, env = cfg.store.storage_options, cfg.store.storage_options_env
+    for key in options:
+        where = f"config key 'store.storage_options.{key}'"
+        # an interpolation such as ${oc.env:...} is resolved into config.yaml, which is saved in the run folder
+        if OmegaConf.is_interpolation(options, key):
+            raise ConfigError(
+                f"{where}: an interpolation is resolved into the run folder's config.yaml; name the "
+                f"environment variable in store.storage_options_env.{key} instead"
+            )
+        if SECRET_OPTION.search(str(key)):
+            raise ConfigError(
+                f"{where}: a secret in config (config.yaml is saved in the run folder); name the environment "
+                f"variable that holds it in store.storage_options_env.{key} instead"
+            )
+        value = options[key]
+        if value is None or isinstance(value, (DictConfig, ListConfig)):
+            raise ConfigError(f"{where}: got {value!r}, expected a string, number or boolean")
+    for key in env:
+        if OmegaConf.is_interpolation(env, key):
+            raise ConfigError(
+                f"config key 'store.storage_options_env.{key}': expected the name of an environment variable, "
+                f"not an interpolation (its value would be saved in the run folder's config.yaml)"
+            )
+        if key in options:
+            raise ConfigError(
+                f"config key 'store.storage_options_env.{key}': also set in store.storage_options; keep one"
+            )
+        if not ENV_NAME.fullmatch(str(env[key])):
+            raise ConfigError(
+                f"config key 'store.storage_options_env.{key}': got {env[key]!r}, expected the name of an "
+                f"environment variable (e.g. AWS_SECRET_ACCESS_KEY)"
+            )
+
+
+# --- end store
 
 
 # --- lvlm / annotate: checks that depend on config values only (the stages and backends trust them)

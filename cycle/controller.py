@@ -17,7 +17,7 @@ from typing import Optional
 from .config import RunConfig, fingerprint, save_config
 from .errors import HQClipError
 from .pipeline import ALL_STAGES, Stage, config_inputs, make_stages, stages_of, store_of
-from .state import RunLock, RunState, gen_dir
+from .state import RunLock, RunState, gen_dir, missing_outputs
 from .store import Store, gen_tag
 
 log = logging.getLogger(__name__)
@@ -56,18 +56,6 @@ def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
 def stage_inputs(cfg: RunConfig, stage: Stage, state: RunState, gen: int) -> dict:
     """What the stage depends on: its config keys and its pins (fingerprinted together)."""
     return {**config_inputs(cfg, stage.keys(gen)), **stage.pins(state, gen)}
-
-
-def missing_outputs(run_dir: Path, outputs: dict) -> list[str]:
-    """Recorded output paths inside the run folder that are gone (a model name or URI is not checked)."""
-    run_dir = Path(run_dir).resolve()
-    gone = []
-    for value in outputs.values():
-        if isinstance(value, str) and value:
-            path = Path(value).resolve()
-            if path.is_relative_to(run_dir) and not path.exists():
-                gone.append(value)
-    return gone
 
 
 def plan_run(cfg: RunConfig, state: RunState, stages: dict[str, Stage]) -> Optional[tuple[int, str]]:

@@ -13,10 +13,10 @@ import time
 from pathlib import Path
 
 from .config import fingerprint, load_config
-from .controller import missing_outputs, stage_inputs
+from .controller import stage_inputs
 from .errors import HQClipError
 from .pipeline import make_stages, stages_of
-from .state import RunLock, RunState, StateError, gen_dir
+from .state import RunLock, RunState, StateError, gen_dir, missing_outputs
 
 
 def run_config_of(run_dir: Path):

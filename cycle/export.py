@@ -23,7 +23,7 @@ from tqdm import tqdm
 from .data.images import image_ext
 from .errors import HQClipError
 from .files import safe_name
-from .state import RunState
+from .state import RunState, missing_outputs
 from .store import FORMULAS, Store, is_usable, sql_in
 
 FORMULA_KEYS = [name for name, _ in FORMULAS]
@@ -110,6 +110,12 @@ def export_generation(
     state = RunState(run_dir)
     if not state.is_done(gen, "train"):
         raise NothingToExport(f"generation {gen} has no finished CLIP in {run_dir}")
+    for stage in ("train", "sft") if gen > 0 and "lvlm" in what else ("train",):
+        gone = missing_outputs(run_dir, state.outputs(gen, stage))
+        if gone:
+            raise NothingToExport(
+                f"generation {gen} stage '{stage}' is recorded as done but {gone[0]} is missing: `hqclip run` redoes it"
+            )
     out.mkdir(parents=True, exist_ok=True)
     done: dict = {}
     if "clip" in what:

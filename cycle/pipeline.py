@@ -53,7 +53,8 @@ class Stage:
 
 
 def store_of(cfg: RunConfig) -> Store:
-    return Store(cfg.store.uri or cfg.run_dir / "lance")
+    """The run's store (`Store.from_config`: store.uri with its storage options, else <run_dir>/lance)."""
+    return Store.from_config(cfg)
 
 
 def config_inputs(cfg: RunConfig, keys: tuple[str, ...]) -> dict:
@@ -202,21 +203,22 @@ def annotate_run(cfg: RunConfig, pins: dict, out_dir: Path, progress: bool = Tru
 def train_run(cfg: RunConfig, pins: dict, out_dir: Path, progress: bool = True) -> StageResult:
     from .clip.train import train_clip
 
-    gen, ann = pins["generation"], pins.get("annotations")
+    gen, ann, store = pins["generation"], pins.get("annotations"), store_of(cfg)
     usable = 0
     if gen > 0:
-        usable = store_of(cfg).count("annotations", f"generation = {gen} AND {USABLE}", version=ann)
+        usable = store.count("annotations", f"generation = {gen} AND {USABLE}", version=ann)
         if usable == 0:  # the annotator wrote nothing usable: CLIP_g sees raw alt-text only, like gen 0
             log.warning("generation %d has no usable annotation: CLIP_%d trains on raw alt-text only", gen, gen)
     clip_dir = train_clip(
         cfg,
-        store_of(cfg).uri,
+        store.uri,
         out_dir,
         pins["data"]["samples_version"],
         annotations_version=ann if usable else None,
         generation=gen if usable else None,
         init_clip=pins.get("init"),
         progress=progress,
+        storage_options=store.storage_options,
     )
     return StageResult(
         {"clip": str(clip_dir), "log": str(out_dir / "log.jsonl")}, {"usable_annotations": usable} if gen > 0 else {}

@@ -39,6 +39,18 @@ def gen_dir(run_dir: str | Path, gen: int) -> Path:
     return Path(run_dir) / gen_tag(gen)
 
 
+def missing_outputs(run_dir: str | Path, outputs: dict) -> list[str]:
+    """Recorded output paths inside the run folder that are gone (a model name or URI is not checked)."""
+    run_dir = Path(run_dir).resolve()
+    gone = []
+    for value in outputs.values():
+        if isinstance(value, str) and value:
+            path = Path(value).resolve()
+            if path.is_relative_to(run_dir) and not path.exists():
+                gone.append(value)
+    return gone
+
+
 # 2: stages as `pipeline.Stage` (the run's LM its own stage, eval in its folder, the `teacher` table)
 STATE_FORMAT = 2
 

@@ -22,6 +22,8 @@ KEY_METRICS = {
     "zero-shot top1": "test_zeroshot/top1",
     "retrieval R@1": "test_retrieval/retrieval_mean_r1",
     "neg. acc": "test_negatives/acc",
+    "reworded R@1": "test_retrieval_reworded/retrieval_mean_r1",  # the same test in wordings not taught
+    "reworded neg.": "test_negatives_reworded/acc",
     "compos. R@1": "test_compositional/retrieval_mean_r1",
     "val R@1": "val/retrieval_mean_r1",
 }

@@ -5,15 +5,17 @@
   annotation pass neither duplicates nor loses rows.
 - A tag per finished generation (`gen-002`) pins exactly what CLIP_g trained on; readers take a pinned
   version, never "latest". Compaction and cleanup run from the controller (`Store.compact`), not writers.
+- The database is a local path or an object store (`s3://bucket/path`, `gs://`, `az://`) reached with
+  Lance storage options (`StorageOptions`); `Store.from_config` is the one way to open a run's store.
 """
 
 from __future__ import annotations
 
+import os
 import re
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Any, Iterable, Iterator, Mapping, Optional
 
 import lancedb
 import pyarrow as pa
@@ -106,25 +108,75 @@ class BadFilter(HQClipError, ValueError):
     """A user's SQL filter (`hqclip inspect --where`) that Lance cannot parse or plan."""
 
 
-@dataclass(frozen=True)
-class Pin:
-    """A table at one version. Kept only for callers outside the CLI/store/data layer (the annotate and
-    LVLM tests, benchmarks) that still call `Store.pin(name).version`: new code calls `Store.version`."""
+def is_local(uri: str | Path) -> bool:
+    """A filesystem path; a URI with a scheme (`s3://`, `gs://`, `az://`, `file://`) is left to Lance."""
+    return "://" not in str(uri)
 
-    table: str
-    version: int
 
-    def __str__(self) -> str:
-        return f"{self.table}@v{self.version}"
+def _option_value(value: Any) -> str:
+    # Lance takes strings only; YAML's `allow_http: true` arrives as a bool
+    return ("true" if value else "false") if isinstance(value, bool) else str(value)
+
+
+class StorageOptions(dict):
+    """Lance storage options: `plain` ones as given, plus `env` ones (option -> environment variable) read
+    from the environment now. A plain dict to Lance and LanceDB.
+
+    Pickled (to DataLoader workers, to spawned training ranks through a file), it carries the variables'
+    names, not their values, and reads them again where it is unpickled: those processes inherit the
+    environment, and a secret never lands in a pickle on disk.
+    """
+
+    def __init__(self, plain: Optional[Mapping[str, Any]] = None, env: Optional[Mapping[str, str]] = None):
+        self.plain = {str(k): _option_value(v) for k, v in (plain or {}).items()}
+        self.env = {str(k): str(v) for k, v in (env or {}).items()}
+        resolved = dict(self.plain)
+        for key, var in self.env.items():
+            value = os.environ.get(var)
+            if not value:
+                raise StoreError(f"config key 'store.storage_options_env.{key}': environment variable {var} is not set")
+            resolved[key] = value
+        super().__init__(resolved)
+
+    def __reduce__(self):
+        return (StorageOptions, (self.plain, self.env))
+
+    def __repr__(self) -> str:  # never print a secret (logs, tracebacks)
+        return f"StorageOptions(plain={self.plain!r}, env={self.env!r})"
+
+
+def store_uri(store_cfg, run_dir: str | Path) -> str:
+    """The run's database: `store.uri`, else `<run_dir>/lance`."""
+    return str(store_cfg.uri or Path(run_dir) / "lance")
+
+
+def storage_options_for(store_cfg, uri: str | Path) -> Optional[StorageOptions]:
+    """The config's storage options for `uri`; None for a local path (it needs no environment variable)."""
+    return None if is_local(uri) else StorageOptions(store_cfg.storage_options, store_cfg.storage_options_env)
 
 
 class Store:
-    """One LanceDB database per run. Thin on purpose: tables, keyed writes, versions, tags."""
+    """One LanceDB database per run. Thin on purpose: tables, keyed writes, versions, tags.
 
-    def __init__(self, uri: str | Path):
+    `uri` is a local path (created if missing) or an object store URI; `storage_options` (a dict or
+    `StorageOptions`) go to every LanceDB connection and Lance dataset opened on it.
+    """
+
+    def __init__(self, uri: str | Path, storage_options: Optional[Mapping[str, str]] = None):
         self.uri = str(uri)
-        Path(self.uri).mkdir(parents=True, exist_ok=True)
-        self.db = lancedb.connect(self.uri)
+        self.storage_options = storage_options if storage_options is not None else {}
+        if is_local(self.uri):  # only a path is a directory to make ("s3://b/x" would make a folder "s3:")
+            Path(self.uri).mkdir(parents=True, exist_ok=True)
+        self.db = lancedb.connect(self.uri, storage_options=dict(self.storage_options) or None)
+
+    @classmethod
+    def from_config(cls, cfg, run_dir: str | Path | None = None) -> "Store":
+        """The one way to open a run's store from its config: `store.uri` with `store.storage_options` and
+        `store.storage_options_env`, else `<run_dir>/lance` (`run_dir` defaults to the config's run folder).
+        `cfg` is a `RunConfig`, or its `store` section when `run_dir` is given."""
+        store_cfg = getattr(cfg, "store", cfg)
+        uri = store_uri(store_cfg, run_dir if run_dir is not None else cfg.run_dir)
+        return cls(uri, storage_options_for(store_cfg, uri))
 
     # -- tables --------------------------------------------------------------------------------------
     def has(self, name: str) -> bool:
@@ -151,9 +203,6 @@ class Store:
     def version(self, name: str) -> int:
         """The table's current version (what a stage pins and its fingerprint records)."""
         return self.table(name).version
-
-    def pin(self, name: str) -> Pin:
-        return Pin(name, self.version(name))
 
     def count(self, name: str, where: str | None = None, version: int | str | None = None) -> int:
         return self.table(name, version).count_rows(where)

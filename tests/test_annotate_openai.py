@@ -148,7 +148,7 @@ def test_rate_limit_spaces_requests(tmp_path):
 
 def test_teach_seed_and_import(tmp_path):
     store = make_store(tmp_path / "lance", n_train=10, n_val=0)
-    v = store.pin("samples").version
+    v = store.version("samples")
     ids = choose_seed_ids(store, v, 4, seed=3)
     assert ids == choose_seed_ids(store, v, 4, seed=3) and len(set(ids)) == 4
     with pytest.raises(ValueError, match="asked for 11"):

@@ -20,7 +20,7 @@ from cycle.store import Store
 def test_quality_compares_annotations_and_alt_text_with_scene_graphs(tmp_path, tiny_store):
     shutil.copytree(tiny_store.uri, tmp_path / "lance")  # the session's store stays read-only
     store = Store(tmp_path / "lance")
-    version = store.pin("samples").version
+    version = store.version("samples")
     rows = store.read("samples", ["sha256", "meta"], "split = 'train'").to_pylist()
     scenes = {r["sha256"]: json.loads(r["meta"])["scene"] for r in rows}
     names = sorted({o["name"] for s in scenes.values() for o in s["objects"]})

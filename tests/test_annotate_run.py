@@ -39,7 +39,7 @@ def test_garbage_outputs_are_kept_as_failed_rows(tmp_path, llava_dir):
     store = make_store(tmp_path / "lance", n_train=12, n_val=3)
     bad = sample_rows(1, prefix="corrupt")[0] | {"image": b"\x89PNG not really"}
     store.append("samples", [bad])
-    version = store.pin("samples").version
+    version = store.version("samples")
     stats = annotate_generation(small_cfg(), llava_dir, store, version, 1, tmp_path / "out", progress=False)
 
     rows = store.read("annotations").to_pylist()
@@ -66,7 +66,7 @@ def test_garbage_outputs_are_kept_as_failed_rows(tmp_path, llava_dir):
 
 def test_resume_refuses_a_different_annotator(tmp_path, llava_dir):
     store = make_store(tmp_path / "lance", n_train=4, n_val=0)
-    v = store.pin("samples").version
+    v = store.version("samples")
     annotate_generation(small_cfg(retries=0), llava_dir, store, v, 1, tmp_path / "a", progress=False)
     other = build_random_llava(tmp_path / "other", seed=1)
     with pytest.raises(ValueError, match="begun by annotator"):
@@ -82,7 +82,7 @@ def test_bad_inputs_are_clear_errors(tmp_path, llava_dir):
     from cycle.errors import HQClipError
 
     store = make_store(tmp_path / "lance", n_train=2, n_val=0)
-    v = store.pin("samples").version
+    v = store.version("samples")
     with pytest.raises(HQClipError, match="no rows in splits"):
         annotate_generation(small_cfg(), llava_dir, store, v, 1, tmp_path / "o", splits=("nope",), progress=False)
     with pytest.raises(BackendError, match="has no config.json"):
@@ -106,7 +106,7 @@ def test_the_device_setting_reaches_the_backend_and_the_scorer(tmp_path, llava_d
     from cycle.errors import HQClipError
 
     store = make_store(tmp_path / "lance", n_train=2, n_val=0)
-    v = store.pin("samples").version
+    v = store.version("samples")
     with pytest.raises(HQClipError, match="'cuda' was asked for"):  # the backend the config names
         annotate_generation(small_cfg(), llava_dir, store, v, 1, tmp_path / "o", device="cuda", progress=False)
     backend = TransformersBackend(llava_dir, device="cpu", max_new_tokens=4)
@@ -141,7 +141,7 @@ CHILD = textwrap.dedent("""
 def test_killed_pass_resumes_without_duplicates_or_losses(tmp_path, llava_dir):
     n = 64
     store = make_store(tmp_path / "lance", n_train=n, n_val=0)
-    version = store.pin("samples").version
+    version = store.version("samples")
     script = tmp_path / "child.py"
     script.write_text(CHILD)
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -204,7 +204,7 @@ def test_annotation_over_http_with_retries_and_clip_scores(tmp_path):
 
     clip_dir = save_clip(create_clip("hqclip-micro")[0], "hqclip-micro", tmp_path / "clip")
     store = make_store(tmp_path / "lance", n_train=20, n_val=0)
-    v = store.pin("samples").version
+    v = store.version("samples")
     alts = {r["id"]: r["alt_text"].split() for r in store.read("samples", ["id", "alt_text"]).to_pylist()}
     with ChatServer(_responder) as server:
         cfg = small_cfg(backend="openai", retries=2)

@@ -283,3 +283,14 @@ def test_a_stage_that_fails_is_recorded_failed_not_running(tmp_path):
         run_cycle(cfg, progress=False)
     entry = RunState(cfg.run_dir).stage(0, "data")
     assert entry["status"] == "failed" and "ingest first" in entry["error"]
+
+
+def test_export_of_a_generation_whose_clip_was_deleted_is_one_line(finished_run, tmp_path):
+    run_dir = tmp_path / "gone"
+    shutil.copytree(finished_run.run_dir, run_dir)
+    state = run_dir / "state.json"  # the copy's record points at the copy's folders
+    state.write_text(state.read_text().replace(str(finished_run.run_dir), str(run_dir)))
+    shutil.rmtree(run_dir / "gen-001" / "clip")
+    res = CliRunner().invoke(main, ["export", str(run_dir), "--gen", "1", "--out", str(tmp_path / "exp")])
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert "stage 'train' is recorded as done but" in res.output and "hqclip run" in res.output

@@ -16,6 +16,7 @@ from cycle.config import EvalConfig
 from cycle.evaluate import EvalDataError, evaluate_clip, evaluate_set, load_dataset, load_store_split
 from cycle.evaluate.datasets import build_set
 from cycle.evaluate.metrics import class_vectors, negative_metrics, retrieval_metrics, zeroshot_metrics
+from cycle.status import KEY_METRICS
 
 CLASSES = ["apple", "bicycle", "cat", "dog", "guitar", "hat"]
 EDITS = ["object", "count", "relation"]
@@ -253,6 +254,21 @@ def test_bad_annotations(meta, message):
         build_set("s", [("k", b"", meta)])
 
 
+def test_reworded_annotations_make_a_variant_set():
+    rows = [
+        ("a", b"1", {"captions": ["a cat"], "reworded": {"captions": ["one cat", "cat: 1"]}}),
+        ("b", b"2", {"captions": ["a dog"], "reworded": {"captions": ["one dog"]}}),
+    ]
+    ev = build_set("s", rows)
+    (variant,) = ev.variants
+    assert variant.name == "s_reworded" and variant.images == ev.images and variant.keys == ev.keys
+    assert ev.captions == [["a cat"], ["a dog"]] and variant.captions == [["one cat", "cat: 1"], ["one dog"]]
+    with pytest.raises(EvalDataError, match="row 'b': 'reworded' missing or not an object"):
+        build_set("s", [rows[0], ("b", b"2", {"captions": ["a dog"]})])  # half a variant is an error
+    with pytest.raises(EvalDataError, match="s_reworded: row 'b': missing 'captions'"):
+        build_set("s", [rows[0], ("b", b"2", {"captions": ["a dog"], "reworded": {"styles": []}})])
+
+
 # ----------------------------------------------------------------------------------------------- files
 def _write_folder(root, n_per_class=2):
     for c, name in enumerate(["red_apple", "dog", "hat"]):
@@ -363,6 +379,21 @@ def test_evaluate_on_the_built_in_emoji_splits(micro, tiny_store, tiny_cfg):
     assert {"test_negatives/acc_object", "test_negatives/acc_relation", "test_negatives/acc_count"} <= set(metrics)
     assert metrics["test_zeroshot/n_classes"] == emoji.vocab_size and "test_zeroshot/top5" in metrics
     assert "test_compositional/retrieval_mean_r1" in metrics
+    # every held-out caption set again in other wordings (`data.emoji.reword`), under its own names
+    for split in ("test_retrieval", "test_negatives", "test_compositional"):
+        plain = {k.split("/", 1)[1] for k in metrics if k.startswith(f"{split}/")}
+        reworded = {k.split("/", 1)[1] for k in metrics if k.startswith(f"{split}_reworded/")}
+        assert plain == reworded and metrics[f"{split}_reworded/n_images"] == metrics[f"{split}/n_images"]
+    assert metrics["test_retrieval_reworded/n_texts"] > metrics["test_retrieval/n_texts"]  # 1..3 per image
+    assert metrics["test_negatives_reworded/n_negatives"] == metrics["test_negatives/n_negatives"]
+    assert not any(k.startswith(("val_", "test_zeroshot_")) for k in metrics)  # val and zero-shot as they were
+    assert set(KEY_METRICS.values()) <= set(metrics)  # the status and report columns, the reworded ones too
+    # the template metrics are what the split alone gives: the variant changes none of them
+    alone = load_store_split(tiny_store, "test_negatives", version)
+    alone.variants = []
+    m = evaluate_set(micro[0], micro[2], micro[1], alone, tiny_cfg.eval, progress=False)
+    assert m == {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("test_negatives/")}
+    assert m != {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("test_negatives_reworded/")}
 
 
 def test_cli_eval_on_a_run(micro, tmp_path):

@@ -47,7 +47,7 @@ def world(tmp_path_factory):
     samples, seeds = shapes_rows(32)
     store.append("samples", samples)
     store.insert_new("teacher", seeds)
-    sv, teacher_v = store.pin("samples").version, store.pin("teacher").version
+    sv, teacher_v = store.version("samples"), store.version("teacher")
     torch.manual_seed(0)
     clip, _, _, _ = create_clip("hqclip-micro")
     clip_dir = save_clip(clip, "hqclip-micro", root / "clip")

@@ -70,3 +70,37 @@ def test_wheel_ships_the_configs(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     shipped = sorted(p.name for p in (REPO / "cycle" / "configs").glob("*.yaml"))
     assert shipped and all(f"cycle/configs/{name}" in names for name in shipped)
+
+
+def test_no_import_cycles_between_modules():
+    """Layers import downward only: no cycle among the package's module-level imports (lazy imports inside
+    functions are how heavy optional parts stay off the import path, and are not edges here)."""
+    import ast
+
+    modules = {}
+    for path in (REPO / "cycle").rglob("*.py"):
+        name = ".".join(path.relative_to(REPO).with_suffix("").parts)
+        modules[name.removesuffix(".__init__")] = path
+    edges: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        found = set()
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.ImportFrom):
+                base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
+                target = ".".join(base + ([node.module] if node.module else []))
+                found |= {t for t in [target, *(f"{target}.{a.name}" for a in node.names)] if t in modules}
+            elif isinstance(node, ast.Import):
+                found |= {a.name for a in node.names if a.name in modules}
+        edges[name] = found - {name}
+
+    def cycle_from(start, node, path):
+        for nxt in edges[node]:
+            if nxt == start:
+                return [*path, nxt]
+            if nxt not in path and (found := cycle_from(start, nxt, [*path, nxt])):
+                return found
+        return None
+
+    cycles = [c for m in modules if (c := cycle_from(m, m, [m]))]
+    assert not cycles, " -> ".join(cycles[0])

@@ -19,7 +19,7 @@ def _settings(run_dir: str, config_path, overrides):
     from ..store import Store
 
     cfg = run_config(run_dir, config_path, overrides)
-    store = Store(cfg.store.uri or Path(run_dir) / "lance")
+    store = Store.from_config(cfg, run_dir)
     version = pinned_data(run_dir).get("samples_version")
     if version is None:
         if not store.has("samples") or store.count("samples") == 0:

@@ -86,6 +86,7 @@ def train_clip(
     progress: bool = True,
     teacher_version=None,
     stc_head_from=None,
+    storage_options=None,
 ) -> Path:
     """Train a CLIP on the train split of `store_uri` at the pinned versions; returns `<out_dir>/model`.
 
@@ -93,6 +94,7 @@ def train_clip(
     that generation's annotations (`annotations_version` pins them), and the teacher seeds as a fallback
     when `teacher_version` is given. `init_clip` starts from a checkpoint directory instead of
     `cfg.clip.pretrained` / scratch. `cfg.train.world_size` > 1 spawns that many ranks on this machine.
+    `storage_options` reach an object store URI (`Store.storage_options`); the ranks get them with the dataset.
 
     STC head carry-over: `stc_head_from` is a CLIP checkpoint directory with `stc_head` + `tag_vocab`
     (the previous generation's); the new head's rows of the tags in both vocabularies start from it.
@@ -115,7 +117,8 @@ def train_clip(
         init_clip,
         progress,
         teacher_version,
-        stc_head_from,
+        storage_options=storage_options,
+        stc_head_from=stc_head_from,
     )
     launch(train_rank, cfg.train.world_size, job, accelerator=device_type)
     return job.out_dir / "model"
@@ -133,19 +136,22 @@ def prepare(
     progress=True,
     teacher_version=None,
     stc_head_from=None,
+    storage_options=None,
 ) -> TrainJob:
     from ..data.loader import PairDataset
+    from ..store import Store, is_local
     from . import checkpoint
     from .text import build_tag_vocab, negative_part_stats, normalise_tag
 
     out_dir = Path(out_dir)
     use_annotations = bool(generation)
-    if not Path(str(store_uri)).is_dir() and "://" not in str(store_uri):
+    if is_local(store_uri) and not Path(str(store_uri)).is_dir():
         raise TrainInputError(f"no LanceDB store at '{store_uri}'")
     if init_clip is not None:
         _check_init_clip(init_clip, cfg.clip.name)
+    store = Store(store_uri, storage_options) if use_annotations else None
     if use_annotations:
-        _require_annotations(store_uri, generation, annotations_version)
+        _require_annotations(store, generation, annotations_version)
     # The CLIP's (deterministic) transform is set by each rank once it has built the model.
     dataset = PairDataset(
         store_uri,
@@ -154,6 +160,7 @@ def prepare(
         annotations_version=annotations_version if use_annotations else None,
         generation=generation if use_annotations else None,
         teacher_version=teacher_version if use_annotations else None,
+        storage_options=storage_options,
     )
     plan = TrainPlan.make(cfg, len(dataset))
     hni = cfg.loss.hni_weight if use_annotations else 0.0
@@ -170,7 +177,7 @@ def prepare(
         progress=progress,
     )
     if use_annotations:
-        records = _annotated_records(store_uri, dataset, generation, teacher_version is not None)
+        records = _annotated_records(store, dataset, generation, teacher_version is not None)
         tag_lists = [r["tags"] or [] for r in records]
         job.negative_stats = negative_part_stats(records, cfg.loss.neg_max_edit_words)
         if not tag_lists:
@@ -229,10 +236,9 @@ def _check_init_clip(init_clip, name: str) -> None:
         raise TrainInputError(f"init_clip '{init_clip}' is a {arch} but config key 'clip.name' asks for {name}")
 
 
-def _require_annotations(store_uri, generation: int, annotations_version) -> None:
-    from ..store import USABLE, Store
+def _require_annotations(store, generation: int, annotations_version) -> None:
+    from ..store import USABLE
 
-    store = Store(store_uri)
     usable = (
         store.count("annotations", f"generation = {int(generation)} AND {USABLE}", version=annotations_version)
         if store.has("annotations")
@@ -268,12 +274,11 @@ def _previous_head(path, explicit: bool) -> Optional[dict]:
         raise TrainInputError(f"STC head of '{path}' is unreadable: {err}") from None
 
 
-def _annotated_records(store_uri, dataset, generation: int, with_seed: bool) -> list[dict]:
+def _annotated_records(store, dataset, generation: int, with_seed: bool) -> list[dict]:
     """The four formulas of the train rows that have a usable annotation (the STC vocabulary and the
     negative shares are computed on these)."""
-    from ..store import Store, is_usable
+    from ..store import is_usable
 
-    store = Store(store_uri)
     train_ids = store.ids("samples", "split = 'train'", version=dataset.pins["samples"])
     formulas = ["desc", "neg_desc", "tags", "neg_tags"]
     rows = store.read(

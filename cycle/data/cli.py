@@ -30,7 +30,11 @@ def _data_settings(run_dir, config_path, overrides):
 @click.argument("source")
 @click.argument("overrides", nargs=-1)
 @click.option(
-    "--run", "run_dir", required=True, type=click.Path(file_okay=False), help="Run directory (store: RUN/lance)."
+    "--run",
+    "run_dir",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Run directory (store: RUN/lance unless store.uri is set).",
 )
 @click.option("--kind", type=click.Choice(["auto", "folder", "wds", "parquet"]), default="auto", show_default=True)
 @click.option("--split", default="train", show_default=True)
@@ -53,7 +57,7 @@ def data_ingest(
     from .ingest import ingest, report_table
 
     data_cfg, store_cfg = _data_settings(run_dir, config_path, overrides)
-    store = Store(store_cfg.uri or Path(run_dir) / "lance")
+    store = Store.from_config(store_cfg, run_dir)
     report = ingest(
         source,
         store,
@@ -79,13 +83,14 @@ def data_list(run_dir):
     from rich.table import Table
     from rich.text import Text
 
-    from ..store import SCHEMAS, Store
+    from ..store import SCHEMAS, Store, is_local, store_uri
 
-    lance_dir = Path(run_dir) / "lance"
-    if not lance_dir.is_dir():
-        raise HQClipError(f"no store at {lance_dir}")
-    store, console = Store(lance_dir), Console()
-    tables = Table(title=f"tables of {escape(str(lance_dir))}")
+    store_cfg = _data_settings(run_dir, None, ())[1]  # RUN/config.yaml's store (store.uri), else RUN/lance
+    uri = store_uri(store_cfg, run_dir)
+    if is_local(uri) and not Path(uri).is_dir():
+        raise HQClipError(f"no store at {uri}")
+    store, console = Store.from_config(store_cfg, run_dir), Console()
+    tables = Table(title=f"tables of {escape(uri)}")
     for column in ("table", "rows", "by", "version", "versions kept", "tags"):
         tables.add_column(column, justify="right" if column in ("rows", "version", "versions kept") else "left")
     by_column = {"samples": "split", "annotations": "generation", "rejects": "reason"}
@@ -134,4 +139,5 @@ def data_build(dataset, overrides, out, config_path):
 
     named = any(o.startswith("name=") for o in overrides)  # a run name is required but unused here
     cfg = config_from(config_path, (() if named else (f"name={Path(out).name or 'data'}",)) + tuple(overrides))
-    build_command(out, cfg.data.emoji, write_batch=cfg.store.write_batch)
+    # with store.uri set (an object store), the data goes where the run will read it
+    build_command(out, cfg.data.emoji, write_batch=cfg.store.write_batch, store_cfg=cfg.store)

@@ -14,7 +14,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import lance
 import lancedb
@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..store import FORMULAS
+from ..store import FORMULAS, is_local
 from . import DataError, DataNotFound
 from .images import decode_image
 from .sampler import ResumableSampler
@@ -39,11 +39,11 @@ def image_to_tensor(image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
 
 
-def _open_pinned(store_uri: str, name: str, version) -> tuple[str, int]:
+def _open_pinned(store_uri: str, name: str, version, storage_options=None) -> tuple[str, int]:
     """Resolve a table at a version (int, tag or None = latest now) to (dataset uri, int version)."""
-    if "://" not in store_uri and not Path(store_uri).is_dir():
+    if is_local(store_uri) and not Path(store_uri).is_dir():
         raise DataNotFound(f"no LanceDB store at '{store_uri}'")
-    db = lancedb.connect(store_uri)
+    db = lancedb.connect(store_uri, storage_options=dict(storage_options or {}) or None)
     names = db.list_tables()
     if name not in list(getattr(names, "tables", names)):
         raise DataNotFound(f"store '{store_uri}' has no table '{name}'")
@@ -61,7 +61,7 @@ class PairDataset(Dataset):
     """(image, alt-text) pairs of one split at a pinned version, optionally with their annotations.
 
     Args:
-        store_uri: the run's LanceDB directory (`<run>/lance`).
+        store_uri: the run's LanceDB database (`<run>/lance`, or an object store URI such as `s3://b/run`).
         split: rows whose `split` equals this; None takes every split.
         samples_version / annotations_version / teacher_version: an int version, a tag ("gen-001"), or None
             for the latest version at construction time. Whatever they are, they are resolved to ints
@@ -74,6 +74,8 @@ class PairDataset(Dataset):
         prefer: when a row has both, which formulas win: "annotations" (default) or "teacher".
         only_annotated: keep only rows with a joined annotation (e.g. SFT over the seed ids).
         extra_columns: more `samples` columns to return as they are (e.g. "meta", "sha256").
+        storage_options: Lance storage options of an object store (`Store.storage_options`); they are
+            pickled with the dataset, so DataLoader workers and spawned ranks open it the same way.
 
     Each item is a dict: `id`, `image` (transformed), `alt_text`, any extra columns, and when a join is
     asked for: `desc`, `neg_desc`, `tags`, `neg_tags` (lists; empty when the row has no annotation),
@@ -95,12 +97,14 @@ class PairDataset(Dataset):
         prefer: str = "annotations",
         only_annotated: bool = False,
         extra_columns: Sequence[str] = (),
+        storage_options: Optional[Mapping[str, str]] = None,
     ):
         if annotations_version is not None and generation is None:
             raise ValueError("annotations_version given without generation: say which generation to join")
         if prefer not in ("annotations", "teacher"):
             raise ValueError(f"prefer={prefer!r}: expected 'annotations' or 'teacher'")
         self.store_uri = str(store_uri)
+        self.storage_options = storage_options if storage_options is not None else {}
         self.split = split
         self.transform = transform or image_to_tensor
         self.prefer = prefer
@@ -147,11 +151,13 @@ class PairDataset(Dataset):
 
     # -- Lance handles: opened lazily, once per process --------------------------------------------------
     def _pin(self, name: str, version) -> None:
-        self._uris[name], self.pins[name] = _open_pinned(self.store_uri, name, version)
+        self._uris[name], self.pins[name] = _open_pinned(self.store_uri, name, version, self.storage_options)
 
     def _handle(self, name: str) -> lance.LanceDataset:
         if name not in self._handles:
-            self._handles[name] = lance.dataset(self._uris[name], version=self.pins[name])
+            self._handles[name] = lance.dataset(
+                self._uris[name], version=self.pins[name], storage_options=dict(self.storage_options) or None
+            )
         return self._handles[name]
 
     def __getstate__(self):

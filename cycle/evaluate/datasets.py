@@ -4,7 +4,9 @@ Every source becomes an `EvalSet`: images plus whichever task annotations it car
 the keys present, the same keys as the store's `meta` JSON:
 - `label` (a class name; the classes are all labels of the set) -> zero-shot classification;
 - `captions` (a list) -> retrieval both ways;
-- `positive` + `negatives` ([{"text", "edit"}]) -> positive-vs-negative discrimination.
+- `positive` + `negatives` ([{"text", "edit"}]) -> positive-vs-negative discrimination;
+- `reworded` (an object with the keys above, in other words) -> the same tasks on the same images as a
+  variant set named `<set>_reworded` (the emoji-scenes held-out splits carry it, see `data.emoji.reword`).
 
 User datasets: an image folder with one subfolder per class (the folder name is the class, `_` read as
 a space), or a CSV / JSONL file with an image path column (`image`, `path`, `filepath`, `image_path` or
@@ -45,6 +47,7 @@ class EvalSet:
     positives: Optional[list[str]] = None
     negatives: Optional[list[list[dict]]] = None  # per image: [{"text", "edit"}]
     classes: list[str] = field(default_factory=list)
+    variants: list["EvalSet"] = field(default_factory=list)  # same images, other texts (`<name>_reworded`)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -132,6 +135,11 @@ def build_set(name: str, rows: list[tuple[str, Any, dict]]) -> EvalSet:
         ev.classes = sorted(set(ev.labels))
     if ev.positives is not None and not any(ev.negatives):
         raise EvalDataError(f"{name}: 'positive' texts given but no row has a negative")
+    if any("reworded" in ann for _, _, ann in rows):
+        for key, _, ann in rows:
+            if not isinstance(ann.get("reworded"), dict):
+                raise EvalDataError(f"{name}: row '{key}': 'reworded' missing or not an object")
+        ev.variants.append(build_set(f"{name}_reworded", [(k, image, ann["reworded"]) for k, image, ann in rows]))
     return ev
 
 

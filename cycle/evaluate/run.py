@@ -3,7 +3,9 @@
 Metric names are `<set>/<metric>`: `test_zeroshot/top1`, `test_retrieval/image_to_text_r1`,
 `test_negatives/acc_object`, `val/retrieval_mean_r1` (what early stopping reads by default), plus
 `<set>/n_images` and `<set>/n_texts`. Which metrics a set gets follows its annotations
-(see `datasets.py`), not its name.
+(see `datasets.py`), not its name. A set's variants (the emoji-scenes held-out splits in other wordings)
+are reported under their own names, `test_retrieval_reworded/image_to_text_r1` and so on, on the same
+image embeddings.
 """
 
 from __future__ import annotations
@@ -64,17 +66,21 @@ def evaluate_set(
     cfg: EvalConfig,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    image_features: Optional[torch.Tensor] = None,
     tag_head: Optional[tuple] = None,
 ) -> dict[str, float]:
     """Every task the set supports, on one pass of image embeddings. Keys are not prefixed.
 
     `device` is where `model` already is (a torch device, or a setting such as "cpu" or "auto").
+    `image_features`: the set's image embeddings when already computed (a variant shares its set's).
     `tag_head`: (STC head module, tag vocabulary) of a checkpoint trained with STC: on a set with texts,
     tag mAP and the STC term against the vocabulary tags its texts name (`text.tags_named_in`)."""
     if ev.labels is not None and not cfg.templates:  # load_config refuses this; an EvalConfig made in code may not
         raise EvalDataError("eval.templates is empty: zero-shot classification needs at least one")
     device = device if isinstance(device, torch.device) else resolve_device(device)
-    images = embed_images(model, preprocess, ev, cfg.batch_size, device, progress)
+    images = image_features
+    if images is None:
+        images = embed_images(model, preprocess, ev, cfg.batch_size, device, progress)
     out: dict[str, float] = {"n_images": len(ev)}
     if ev.labels is not None:
         prompts = [format_template(t, c) for c in ev.classes for t in cfg.templates]
@@ -147,7 +153,7 @@ def evaluate_clip(
             log.info("eval: %s; skipped", err)
     for path in datasets:
         ev = load_dataset(path)
-        if any(s.name == ev.name for s in sets):
+        if {ev.name} & {v.name for s in sets for v in (s, *s.variants)}:
             raise EvalDataError(f"two evaluation sets are named '{ev.name}'")
         sets.append(ev)
     if not sets:
@@ -157,8 +163,13 @@ def evaluate_clip(
     tag_head = _tag_head(extras)
     metrics: dict[str, float] = {}
     for ev in sets:
-        for key, value in evaluate_set(model, tokenizer, preprocess, ev, cfg, device, progress, tag_head).items():
-            metrics[f"{ev.name}/{key}"] = value
+        images = embed_images(model, preprocess, ev, cfg.batch_size, device, progress)
+        for part in (ev, *ev.variants):
+            head = tag_head if part is ev else None  # tag metrics once per set: its images are the variants' too
+            for key, value in evaluate_set(
+                model, tokenizer, preprocess, part, cfg, device, progress, images, head
+            ).items():
+                metrics[f"{part.name}/{key}"] = value
     if out_json is not None:
         write_json_atomic(out_json, metrics, indent=METRICS_JSON_INDENT)
     return metrics

@@ -23,7 +23,7 @@ def _settings(run_dir: str, config_path, overrides):
     from ..store import Store
 
     cfg = run_config(run_dir, config_path, overrides)
-    store = Store(cfg.store.uri or Path(run_dir) / "lance")
+    store = Store.from_config(cfg, run_dir)
     outputs = pinned_data(run_dir)
     if not store.has("teacher") or store.count("teacher") == 0:
         raise HQClipError(f"no teacher annotations in {store.uri}: build the data or import a seed set first")

@@ -17,11 +17,14 @@ and by split:
     val                 captions [clean], positive (= clean), negatives [{"text": ..., "edit": ...}] x3
     test_zeroshot       label: the object's name (one plain emoji; every vocabulary object, see
                         n_test_zeroshot_per_object renderings each)
-    test_retrieval      captions: [clean]
+    test_retrieval      captions: [clean]; reworded: {"captions": [1..3 other wordings], "styles": [...]}
     test_negatives      positive: clean; negatives: [{"text": ..., "edit": "object"|"relation"|"count"}],
-                        one per edit, each a minimal edit of positive (`edits`)
+                        one per edit, each a minimal edit of positive (`edits`); reworded: {"positive",
+                        "negatives" (the same edits in the same other wording), "styles"}
     test_compositional  captions: [clean]; heldout_pairs: the scene's object pairs, none of which
-                        co-occurs in any train or val scene
+                        co-occurs in any train or val scene; reworded: as test_retrieval's
+`reworded` (`reword`) says the same facts in wordings that neither the teacher template nor the alt-text
+noise uses; the evaluation reports it as `<split>_reworded/<metric>`.
 
 The `seed` table gets the teacher annotations of `seed_share` of the training rows (origin
 "emoji-scenes:scene-graph", format in `seeds`). `facts` reads checkable facts back from any text, which is

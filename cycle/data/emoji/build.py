@@ -10,7 +10,7 @@ import hashlib
 import json
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 from tqdm.auto import tqdm
 
@@ -56,7 +56,7 @@ def _check_same_build(plan: Plan, store: "Store") -> set[str]:
     if differ:
         raise ConfigError(
             f"config key 'data.emoji': the store at {store.uri} already holds emoji-scenes built "
-            f"from another config ({len(differ)} of {len(ids)} rows differ, e.g. {differ[0]}): "
+            f"from another config or an older builder ({len(differ)} of {len(ids)} rows differ, e.g. {differ[0]}): "
             "build into a fresh directory, or use the config it was built with"
         )
     return set(ids)
@@ -100,17 +100,24 @@ def lance_dir(out: Path) -> Path:
 
 
 def build_command(
-    out: str | Path, cfg: EmojiScenesConfig, write_batch: int = StoreConfig.write_batch
+    out: str | Path,
+    cfg: EmojiScenesConfig,
+    write_batch: int = StoreConfig.write_batch,
+    store_cfg: Optional[StoreConfig] = None,
 ) -> dict[str, int]:
-    """`hqclip data build emoji-scenes`: build into OUT's database and print a table of rows per split."""
+    """`hqclip data build emoji-scenes`: build into OUT's database (or `store_cfg.uri` when that is set)
+    and print a table of rows per split."""
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
 
     from cycle.store import Store
 
-    uri = lance_dir(Path(out))
-    store = Store(uri)
+    if store_cfg is not None and store_cfg.uri:
+        store = Store.from_config(store_cfg, out)
+    else:
+        store = Store(lance_dir(Path(out)))
+    uri = store.uri
     start = time.perf_counter()
     counts = build_emoji_scenes(cfg, store, write_batch=write_batch)
     table = Table(title=f"emoji-scenes in {escape(str(uri))} ({time.perf_counter() - start:.1f} s)")

@@ -14,6 +14,7 @@ from cycle.config import ConfigError, EmojiScenesConfig, check_emoji
 from .altnoise import corrupt
 from .edits import EDITS, apply_edit
 from .language import describe
+from .reword import reworded_captions, reworded_negatives
 from .scenes import Deck, SceneSampler, check_limits, heldout_pairs, render_signature, scene_key, scene_pairs
 from .seeds import seed_annotation
 from .vocab import Vocab, load_vocab
@@ -87,11 +88,17 @@ class _Planner:
         self.plan.rows.append(row)
         return row
 
-    def negatives(self, scene: dict, rng: random.Random) -> list[dict]:
-        return [
-            {"text": describe(apply_edit(kind, scene, self.vocab, rng, self.cfg.max_count)[0]), "edit": kind}
-            for kind in EDITS
-        ]
+    def edited(self, scene: dict, rng: random.Random) -> list[tuple[str, dict]]:
+        """(edit, edited scene) per edit kind: the minimal-edit negatives of a scene."""
+        return [(kind, apply_edit(kind, scene, self.vocab, rng, self.cfg.max_count)[0]) for kind in EDITS]
+
+    def negatives(self, edited: list[tuple[str, dict]]) -> list[dict]:
+        return [{"text": describe(s), "edit": kind} for kind, s in edited]
+
+    def reword_rng(self, split: str, index: int) -> random.Random:
+        """A row's own stream for its other wordings: they change no other stream, so train, val and the
+        template captions stay as they were, and the wordings follow the seed and the row alone."""
+        return self.rng(f"reword:{row_id(split, index)}")
 
     def plain_flags(self, n: int, rng: random.Random) -> list[bool]:
         k = round(self.cfg.single_object_share * n)
@@ -134,18 +141,22 @@ class _Planner:
         val, alt, neg = self.seen_split("val", c.n_val), self.rng("val:alt"), self.rng("val:neg")
         for i, s in enumerate(val):
             clean = describe(s)
-            self.add("val", i, s, alt, captions=[clean], positive=clean, negatives=self.negatives(s, neg))
+            self.add("val", i, s, alt, captions=[clean], positive=clean, negatives=self.negatives(self.edited(s, neg)))
 
         for split in ("test_retrieval", "test_negatives"):
             sampler, alt, neg = self.sampler(split, plan.heldout), self.rng(f"{split}:alt"), self.rng(f"{split}:neg")
             for i in range(getattr(c, f"n_{split}")):
                 s = self.unseen(split, sampler.scene)
-                clean = describe(s)
-                extra = (
-                    {"captions": [clean]}
-                    if split == "test_retrieval"
-                    else {"positive": clean, "negatives": self.negatives(s, neg)}
-                )
+                clean, reword = describe(s), self.reword_rng(split, i)
+                if split == "test_retrieval":
+                    extra = {"captions": [clean], "reworded": reworded_captions(s, reword)}
+                else:
+                    edited = self.edited(s, neg)
+                    extra = {
+                        "positive": clean,
+                        "negatives": self.negatives(edited),
+                        "reworded": reworded_negatives(s, edited, reword),
+                    }
                 self.add(split, i, s, alt, **extra)
 
         self.compositional()
@@ -174,7 +185,13 @@ class _Planner:
         for i in range(c.n_test_compositional):
             s = self.unseen("test_compositional", draw)
             self.add(
-                "test_compositional", i, s, alt, captions=[describe(s)], heldout_pairs=sorted(map(list, scene_pairs(s)))
+                "test_compositional",
+                i,
+                s,
+                alt,
+                captions=[describe(s)],
+                heldout_pairs=sorted(map(list, scene_pairs(s))),
+                reworded=reworded_captions(s, self.reword_rng("test_compositional", i)),
             )
 
     def zeroshot(self) -> None:
