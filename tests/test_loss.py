@@ -335,12 +335,12 @@ def _fit_head(kind: str, steps: int) -> tuple[float, float]:
 
 
 def test_cosine_head_learns_where_the_linear_head_cannot():
-    # 300 steps at the trainer's lr: the linear head's term falls ~7%, the cosine head's ~47% (it starts
-    # higher: random directions times s = 10 put each logit ~s / sqrt(D) off its prior) and ends lower.
-    lin_first, lin_last = _fit_head("linear", steps=300)
-    cos_first, cos_last = _fit_head("cosine", steps=300)
-    assert (lin_first - lin_last) / lin_first < 0.15
-    assert (cos_first - cos_last) / cos_first > 0.35 and cos_last < lin_last
+    # 100 steps at the trainer's lr: the linear head's term falls ~3%, the cosine head's ~76% (it starts
+    # higher: random directions times s = 10 put each logit ~s / sqrt(D) off its prior) and ends far lower.
+    lin_first, lin_last = _fit_head("linear", steps=100)
+    cos_first, cos_last = _fit_head("cosine", steps=100)
+    assert (lin_first - lin_last) / lin_first < 0.1
+    assert (cos_first - cos_last) / cos_first > 0.5 and cos_last < 0.6 * lin_last
 
 
 def test_head_rows_of_shared_tags_carry_over():

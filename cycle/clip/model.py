@@ -182,11 +182,14 @@ class CosineTagHead(nn.Module):
     Why: the image embedding is unit-norm, so a linear head's logits are bounded by |w_k|, which starts at
     ~0.01 * sqrt(D) and grows slowly under weight decay; normalising w_k and learning s gives the logits
     their range from the first step (the scale is not decayed: `optim.no_weight_decay` matches its name).
+    The rows start small (std 0.01) all the same: AdamW moves every coordinate by ~lr a step whatever its
+    size, so learned directions replace the random ones within tens of steps instead of hundreds
+    (tests/test_loss.py: BCE 0.95 -> 0.22 in 100 steps, against 0.95 -> 0.76 with unit-norm rows).
     """
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__()
-        self.weight = nn.Parameter(torch.randn(out_features, in_features) * in_features**-0.5)
+        self.weight = nn.Parameter(torch.randn(out_features, in_features) * TAG_HEAD_INIT_STD)
         self.bias = nn.Parameter(torch.zeros(out_features))
         self.logit_scale = nn.Parameter(torch.full((1,), math.log(STC_SCALE_INIT)))
 
