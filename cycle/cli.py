@@ -329,6 +329,11 @@ def _version_arg(value):
 @click.option("--annotations-version", help="Version or tag (default: the run's gen annotate stage, else latest).")
 @click.option("--teacher-version", help="Also use the teacher annotations at this version or tag.")
 @click.option("--init-clip", type=click.Path(exists=True, file_okay=False), help="Start from this CLIP checkpoint.")
+@click.option(
+    "--stc-head-from",
+    type=click.Path(exists=True, file_okay=False),
+    help="Start the STC head's rows of shared tags from this CLIP checkpoint's head (default: --init-clip's).",
+)
 @click.option("--progress/--no-progress", default=True)
 def train_cmd(
     out,
@@ -341,6 +346,7 @@ def train_cmd(
     annotations_version,
     teacher_version,
     init_clip,
+    stc_head_from,
     progress,
 ):
     """Train a CLIP with the HQ-CLIP loss into OUT (OUT/model); the same command again resumes.
@@ -380,6 +386,7 @@ def train_cmd(
         init_clip=init_clip,
         progress=progress,
         teacher_version=_version_arg(teacher_version),
+        stc_head_from=stc_head_from,
         storage_options=storage_options,
     )
     click.echo(f"clip: {model_dir}")

@@ -97,11 +97,32 @@ class ClipModelConfig:
 
 @dataclass
 class LossConfig:
-    long_text_prob: float = 0.5  # P(positive text = long description) vs raw alt-text
+    # Positive text of an annotated sample: long description, short tag text, else the raw alt-text
+    # (long_text_prob + short_text_prob <= 1). Short tag texts keep zero-shot prompts ("a photo of X")
+    # in the training distribution as descriptions replace alt-text.
+    long_text_prob: float = 0.5  # P(positive text = long description)
+    # P(positive text = one tag or "a, b and c" from the tags). 0 until measured better: at 0.2, val R@1 fell
+    # 0.164 -> 0.134 on 2 seeds of a shortened demo and val zero-shot stayed at chance (tune_loss_val.md).
+    short_text_prob: float = 0.0
+    short_text_max_tags: int = 3  # a short text names 1 to this many of the sample's tags
     hni_weight: float = 1.0
     hni_mode: str = "batch"  # "batch" (negatives as extra columns, NegCLIP style) or "pair"
-    neg_tags_prob: float = 0.5  # P(negative text = negative tags) vs long negative description
+    # "paired": a row's negative is the aligned edit of ITS positive (neg_desc for a description, neg_tags
+    # for a tag text, none for alt-text), as the paper means HNI; "independent": the old draw (the negative
+    # source drawn by neg_tags_prob whatever the positive), kept for comparison.
+    hni_negatives: str = "paired"
+    neg_tags_prob: float = 0.5  # "independent" only: P(negative text = negative tags) vs long negative description
+    # A negative part (sentence or tag) further than this many words (word-level edit distance) from its
+    # positive part is not a minimal edit, so it may well be true: it is not used. 0: no bound. The emoji
+    # teacher's exact minimal edits are 1-3 words (benchmarks/results/neg_edit_distances.md); 8 leaves room
+    # for longer names in user data.
+    neg_max_edit_words: int = 8
     stc_weight: float = 1.0
+    # "cosine": z_k = s * cos(x, w_k) + b_k, s learnable (init 10), b_k at the tag's prior log-odds: its logits
+    # reach useful magnitudes. "linear": z = W x + b on the unit-norm embedding, W at std 0.01 (measured in
+    # 2026-11: the term fell 2% in training; the logits cannot move). Default: the one that learns (val, 2 seeds
+    # of a shortened demo: STC term 0.080 -> 0.069, falls 17% in training instead of 0%; R@1 unchanged).
+    stc_head: str = "cosine"
     stc_vocab_size: int = 1000  # top-K normalised tags of the generation's annotations
     stc_min_count: int = 2
     max_sentences: int = 0  # 0: as many sentences as fit the text context
@@ -277,6 +298,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.source": ("emoji-scenes", "store"),
     "clip.init": ("scratch", "previous"),
     "loss.hni_mode": ("batch", "pair"),
+    "loss.hni_negatives": ("paired", "independent"),
+    "loss.stc_head": ("cosine", "linear"),
     "loss.text_fit": ("sample", "truncate"),
     "train.precision": ("auto", "fp32", "bf16"),
     "annotate.backend": ("transformers", "vllm", "openai"),
@@ -288,6 +311,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 PROBABILITIES = (
     "loss.long_text_prob",
+    "loss.short_text_prob",
     "loss.neg_tags_prob",
     "data.emoji.seed_share",
     "data.emoji.single_object_share",
@@ -485,6 +509,18 @@ def _validate_clip_train(cfg: DictConfig) -> None:
     for key in ("train.world_size", "train.log_every", "train.checkpoint_every", "loss.stc_vocab_size"):
         if OmegaConf.select(cfg, key) < 1:
             raise ConfigError(f"config key '{key}': got {OmegaConf.select(cfg, key)!r}, expected >= 1")
+    if cfg.loss.neg_max_edit_words < 0:
+        raise ConfigError(
+            f"config key 'loss.neg_max_edit_words': got {cfg.loss.neg_max_edit_words!r}, expected >= 0 (0: no bound)"
+        )
+    if cfg.loss.short_text_max_tags < 1:
+        raise ConfigError(f"config key 'loss.short_text_max_tags': got {cfg.loss.short_text_max_tags!r}, expected >= 1")
+    positive_draw = cfg.loss.long_text_prob + cfg.loss.short_text_prob
+    if positive_draw > 1.0 + 1e-9:
+        raise ConfigError(
+            f"config key 'loss.short_text_prob': loss.long_text_prob + loss.short_text_prob = {positive_draw:.3f}, "
+            "expected <= 1 (the rest is the alt-text's share)"
+        )
     if t.batch_size % t.world_size:
         raise ConfigError(
             f"config key 'train.batch_size': {t.batch_size} does not divide by train.world_size={t.world_size}"

@@ -420,3 +420,36 @@ def test_cli_eval_on_a_run(micro, tmp_path):
     assert metrics["val/n_images"] == 5 and "val/retrieval_mean_r1" in metrics  # the run's pinned version
     result = CliRunner().invoke(main, ["eval", str(micro[3]), "--run", str(cfg.run_dir), "--split", "test_zeroshot"])
     assert result.exit_code != 0 and "has no rows" in result.output
+
+
+def test_a_checkpoint_with_an_stc_head_gets_tag_metrics(micro, eval_store, tmp_path):
+    from cycle.clip.model import CosineTagHead
+    from cycle.clip.saved import save_clip
+    from cycle.clip.text import tags_named_in
+    from cycle.evaluate.metrics import tag_metrics
+
+    model, val_tf, tok, _ = micro
+    torch.manual_seed(3)
+    head, vocab = CosineTagHead(model.visual.output_dim, 4), ["apple", "cat", "guitar", "boat"]
+    path = save_clip(
+        model,
+        "hqclip-micro",
+        tmp_path / "clip",
+        extra_tensors={"stc_head": head.state_dict()},
+        extra_json={"tag_vocab": vocab},
+    )
+    version = eval_store.version("samples")
+    metrics = evaluate_clip(
+        path, eval_store, ["val", "test_zeroshot"], EvalConfig(), samples_version=version, progress=False
+    )
+    # the same numbers by hand: the head on the unit-norm image features, targets from the val texts
+    ev = load_store_split(eval_store, "val", version)
+    feats = torch.nn.functional.normalize(
+        torch.stack([model.encode_image(val_tf(ev.image(i))[None])[0] for i in range(len(ev))]).detach(), dim=-1
+    )
+    texts = [ev.captions[i] + [ev.positives[i]] for i in range(len(ev))]
+    want = tag_metrics(head(feats).detach(), tags_named_in(texts, vocab))
+    assert want["tag_map_tags"] == 3  # "boat" is named nowhere
+    for key, value in want.items():
+        assert metrics[f"val/{key}"] == pytest.approx(value, abs=1e-5), key
+    assert "test_zeroshot/tag_map" not in metrics  # a set without texts has no tag targets

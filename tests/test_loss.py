@@ -276,3 +276,119 @@ def test_text_tower_cut_to_length_buckets_gives_the_full_context_features(micro_
     tokens = tokenizer(texts)
     ours, full = encode_text(clip, tokens), clip.encode_text(tokens, normalize=True)
     assert torch.allclose(ours, full, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------- the STC head (issue 10)
+def test_cosine_head_equals_explicit_loops_and_starts_at_the_tag_prior():
+    from cycle.clip.model import STC_SCALE_INIT, CosineTagHead
+
+    torch.manual_seed(0)
+    head = CosineTagHead(D, K)
+    with torch.no_grad():
+        head.bias.copy_(torch.randn(K))
+    x = torch.randn(N, D)  # not unit-norm: the head normalises itself
+    z = head(x)
+    s = float(head.logit_scale.detach().exp())
+    assert s == pytest.approx(STC_SCALE_INIT)
+    for i in range(N):
+        xi = x[i].tolist()
+        for k in range(K):
+            w = head.weight[k].tolist()
+            dot = sum(a * b for a, b in zip(xi, w))
+            cos = dot / math.sqrt(sum(a * a for a in xi)) / math.sqrt(sum(b * b for b in w))
+            assert z[i, k].item() == pytest.approx(s * cos + head.bias[k].item(), abs=1e-5)
+
+
+def test_tag_prior_initialises_each_tags_bias():
+    from cycle.clip.model import TAG_PRIOR_MAX, ClipWithTagHead
+
+    for kind in ("cosine", "linear"):
+        module = ClipWithTagHead(torch.nn.Module(), num_tags=3, embed_dim=D, head=kind)
+        module.init_tag_prior([0.1, 0.9, 0.0])  # clamped into [floor, 0.5]
+        p = torch.tensor([0.1, TAG_PRIOR_MAX, 1e-6])
+        assert torch.allclose(module.stc_head.bias, torch.log(p / (1 - p)), atol=1e-5)
+        module.init_tag_prior(0.2)  # one rate for every tag
+        assert torch.allclose(module.stc_head.bias, torch.full((3,), math.log(0.2 / 0.8)), atol=1e-6)
+
+
+def _fit_head(kind: str, steps: int) -> tuple[float, float]:
+    """BCE of a head trained alone on fixed unit-norm features with learnable tags (AdamW as the trainer's)."""
+    from cycle.clip.model import ClipWithTagHead
+    from cycle.clip.optim import param_groups
+
+    g = torch.Generator().manual_seed(0)
+    x = F.normalize(torch.randn(128, 32, generator=g), dim=-1)
+    targets = (x @ torch.randn(32, 40, generator=g) > 0.6).float()  # ~15% positives per tag
+    torch.manual_seed(0)
+    module = ClipWithTagHead(torch.nn.Module(), num_tags=40, embed_dim=32, head=kind)
+    module.init_tag_prior(targets.mean(0).tolist())
+    opt = torch.optim.AdamW(param_groups(module, 0.2), lr=5e-4, betas=(0.9, 0.98), eps=1e-6)
+    loss_fn = HQClipLoss(_cfg(hni_weight=0.0, stc_weight=1.0))
+    first = None
+    for _ in range(steps):
+        loss = loss_fn(x, x, torch.ones(1), tag_logits=module.stc_head(x), tag_targets=targets)["stc_loss"]
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return first, loss.item()
+
+
+def test_cosine_head_learns_where_the_linear_head_cannot():
+    # 100 steps at the trainer's lr: the linear head's term falls ~3%, the cosine head's ~76% (it starts
+    # higher: random directions times s = 10 put each logit ~s / sqrt(D) off its prior) and ends far lower.
+    lin_first, lin_last = _fit_head("linear", steps=100)
+    cos_first, cos_last = _fit_head("cosine", steps=100)
+    assert (lin_first - lin_last) / lin_first < 0.1
+    assert (cos_first - cos_last) / cos_first > 0.5 and cos_last < 0.6 * lin_last
+
+
+def test_head_rows_of_shared_tags_carry_over():
+    from cycle.clip.model import ClipWithTagHead
+
+    torch.manual_seed(0)
+    old = ClipWithTagHead(torch.nn.Module(), num_tags=3, embed_dim=D, head="cosine")
+    with torch.no_grad():
+        old.stc_head.logit_scale.fill_(2.5)
+    old_vocab, new_vocab = ["cat", "dog", "sun"], ["moon", "sun", "cat", "tree"]
+    new = ClipWithTagHead(torch.nn.Module(), num_tags=4, embed_dim=D, head="cosine")
+    before = {k: v.detach().clone() for k, v in new.stc_head.state_dict().items()}
+    state = old.stc_head.state_dict()
+    assert new.carry_over_head(state, old_vocab, new_vocab) == 2
+    for k, tag in enumerate(new_vocab):  # row by row: a shared tag's row is the old one, the others untouched
+        src = old_vocab.index(tag) if tag in old_vocab else None
+        for name in ("weight", "bias"):
+            want = state[name][src] if src is not None else before[name][k]
+            assert torch.equal(new.stc_head.state_dict()[name][k], want), (tag, name)
+    assert float(new.stc_head.logit_scale.detach()) == 2.5
+    linear = ClipWithTagHead(torch.nn.Module(), num_tags=4, embed_dim=D, head="linear")
+    assert linear.carry_over_head(state, old_vocab, new_vocab) == 0  # another kind: nothing copied
+    wider = ClipWithTagHead(torch.nn.Module(), num_tags=4, embed_dim=D + 1, head="cosine")
+    assert wider.carry_over_head(state, old_vocab, new_vocab) == 0  # another embedding width
+
+
+def test_tag_metrics_equal_explicit_loops():
+    from cycle.evaluate.metrics import average_precision, tag_metrics
+
+    g = torch.Generator().manual_seed(7)
+    logits = torch.randn(N, K, generator=g)
+    targets = (torch.rand(N, K, generator=g) < 0.4).float()
+    targets[:, 0] = 0  # a tag no image has: left out of the mean
+    targets[0, 0] = 0
+
+    def ap(scores, pos):
+        order = sorted(range(len(scores)), key=lambda i: -scores[i])
+        hits, total = 0, 0.0
+        for rank, i in enumerate(order, 1):
+            if pos[i]:
+                hits += 1
+                total += hits / rank
+        return total / hits
+
+    present = [k for k in range(K) if targets[:, k].sum() > 0]
+    want = sum(ap(logits[:, k].tolist(), targets[:, k].tolist()) for k in present) / len(present)
+    got = tag_metrics(logits, targets)
+    assert got["tag_map"] == pytest.approx(want, abs=1e-6) and got["tag_map_tags"] == len(present)
+    assert average_precision(torch.tensor([3.0, 2.0, 1.0]), torch.tensor([0, 1, 1])) == pytest.approx(
+        (1 / 2 + 2 / 3) / 2
+    )

@@ -12,10 +12,22 @@ s = exp(t) the learnable logit scale, v_i in {0, 1} "sample i has a usable negat
       where column y_k^- is dropped when v_k = 0, or for row i when y_k^- is the same text as y_i.
   L_hni, mode "pair" (2-way softmax of the positive against its own negative):
       L_hni = 1/|V| sum_{i in V} -log( e^{s x_i.y_i} / (e^{s x_i.y_i} + e^{s x_i.y_i^-}) )
-  V = {i : v_i = 1}. A negative identical to its positive is not usable (the text sampler sets v_i = 0).
+  V = {i : v_i = 1}. y_i^- is the minimal edit of row i's own positive (text.py: the aligned neg_desc
+  sentences for a description, the aligned neg_tags for a tag text, none for alt-text); a negative that
+  reads like its positive, or is no minimal edit of it, is not usable (the text drawer sets v_i = 0).
 
-  L_stc = 1/|R| sum_{i in R} 1/K sum_k BCE( z_ik, [tag k in T_i] ),  z_i = W_stc x_i + b_stc
-      over the K-tag vocabulary; R = {i : T_i has a vocabulary tag}.
+  Direction weights (per row i in V, in units of one cross-entropy over the batch):
+      mode    image->text, in-batch texts         image->text, own negative       text->image
+      batch   1/2 (L_clip) + lambda_hni (L_hni)   lambda_hni (inside L_hni's CE)  1/2 (L_clip)
+      pair    1/2 (L_clip)                        lambda_hni (2-way CE)           1/2 (L_clip)
+  So "batch" counts the image->text contrast twice (L_clip without, L_hni with the negative columns):
+  at lambda_hni = 1 a row with a negative weighs image->text 3x text->image; "pair" adds only the
+  positive-vs-own-negative decision and leaves L_clip's balance alone. Rows outside V get L_clip only.
+
+  L_stc = 1/|R| sum_{i in R} 1/K sum_k BCE( z_ik, [tag k in T_i] ) over the K-tag vocabulary,
+      R = {i : T_i has a vocabulary tag}; z_i the tag head on x_i (model.py, `loss.stc_head`):
+      "cosine" z_ik = s_t cos(x_i, w_k) + b_k (s_t learnable, init 10; b_k at tag k's prior log-odds),
+      "linear" z_i = W x_i + b.
 
   L = L_clip + lambda_hni L_hni + lambda_stc L_stc
 

@@ -1,16 +1,23 @@
 """Turning a batch's texts into token tensors for the HQ-CLIP loss, and the STC tag vocabulary.
 
-Per sample (see `TextDrawer`):
-- positive: the long description with probability `loss.long_text_prob`, else the raw alt-text (always
-  the alt-text for a sample without annotation, and in generation 0);
-- negative: the negative tags (joined as a phrase list) with probability `loss.neg_tags_prob`, else the
-  long negative description; the other one when the drawn one is empty; none when both are.
-  A negative that reads like its positive is dropped (`neg_valid` false).
-- long descriptions fit the text context by whole sentences (`loss.text_fit="sample"`: a random subset of
-  sentences that fits, kept in order; `"truncate"`: leading sentences, cut by the tokenizer). When the
-  negative is the long negative and the positive the long description, both use the same sentence
-  indices (sentence k of `neg_desc` is the edit of sentence k of `desc`). Every cut is counted in the
-  batch stats (`truncated`), never silent.
+Per annotated sample (see `TextDrawer`), one uniform draw u picks the positive text:
+- u < `loss.long_text_prob`: the long description (sentences of `desc`);
+- next `loss.short_text_prob`: a short tag text, 1 to `loss.short_text_max_tags` of the sample's tags
+  joined like "a, b and c" (class-like texts keep zero-shot prompts in the training distribution);
+- else, and when the drawn source is empty, for a sample without annotation and in generation 0: the raw
+  alt-text.
+Negative (`loss.hni_negatives="paired"`, the paper's HNI): the minimal edit of THAT row's positive, part
+by part: sentence k of `neg_desc` for sentence k of `desc`, `neg_tags[k]` for `tags[k]` (same indices,
+same join, so a negative tag text differs from a positive one by its words only, never by its format);
+none for an alt-text positive. A negative part identical to its positive part, or further from it than
+`loss.neg_max_edit_words` (word-level edit distance: not a minimal edit, so possibly true), is replaced
+by the positive part; a row whose negative has no edit left has none (`neg_valid` false). Counted:
+`neg_desc` / `neg_tags` (negatives drawn), `neg_same_as_pos` (the negative read like the positive),
+`neg_too_far` (dropped by the bound).
+`"independent"`: the negative source drawn by `loss.neg_tags_prob` whatever the positive (the old draw).
+Long descriptions fit the text context by whole sentences (`loss.text_fit="sample"`: a random subset of
+sentences that fits, kept in order; `"truncate"`: leading sentences, cut by the tokenizer); a paired
+negative uses the positive's sentence indices. Every cut is counted in the batch stats (`truncated`).
 Draws are a pure function of (seed, step, sample id): the same on any rank count, and on resume.
 """
 
@@ -19,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections import Counter
+from functools import lru_cache
 from typing import Iterable, Optional, Sequence
 
 import numpy as np
@@ -27,6 +35,7 @@ import torch
 from ..config import LossConfig
 
 TAG_JOIN = ", "
+TAG_LAST_JOIN = " and "
 _EDGE_PUNCT = " \t\n.,;:!?\"'`()[]{}"
 OPEN_CLIP_CONTEXT = 77  # open_clip's text context, for a tokenizer that does not say its own
 START_END_TOKENS = 2  # every tokenized text carries a start and an end token
@@ -84,11 +93,82 @@ def multi_hot(tag_lists: Sequence[Sequence[str]], vocab_index: dict[str, int]) -
     return out
 
 
+def tags_named_in(texts: Sequence[Sequence[str]], vocab: Sequence[str]) -> torch.Tensor:
+    """(len(texts), len(vocab)) targets for held-out images: 1 where a vocabulary tag is named in one of
+    the image's texts (whole words, every word singularised on both sides: "two dogs" names "dog")."""
+
+    def words(text: str) -> str:
+        return " " + " ".join(_singular(w) for w in re.findall(r"[\w'-]+", text.lower())) + " "
+
+    tag_words = [words(t) for t in vocab]
+    out = torch.zeros(len(texts), len(vocab))
+    for i, group in enumerate(texts):
+        joined = "|".join(words(t) for t in group)
+        for k, tw in enumerate(tag_words):
+            if tw.strip() and tw in joined:
+                out[i, k] = 1.0
+    return out
+
+
 # ------------------------------------------------------------------------------------------ texts
 def text_key(text: str) -> int:
     """A signed 64-bit key of a text as the tokenizer sees it (case and spacing ignored)."""
     norm = re.sub(r"\s+", " ", text).strip().lower()
     return int.from_bytes(hashlib.blake2b(norm.encode(), digest_size=8).digest(), "little", signed=True)
+
+
+def join_tags(tags: Sequence[str]) -> str:
+    """ "a", "a and b", "a, b and c": positive and negative tag texts share this one format."""
+    tags = list(tags)
+    if len(tags) <= 1:
+        return "".join(tags)
+    return TAG_JOIN.join(tags[:-1]) + TAG_LAST_JOIN + tags[-1]
+
+
+def _words(text: str) -> tuple[str, ...]:
+    return tuple(re.findall(r"[\w']+", text.lower()))
+
+
+@lru_cache(maxsize=TOKEN_CACHE_SIZE)  # the same (positive, negative) parts come back every epoch
+def word_edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance between the word sequences of `a` and `b` (case and punctuation ignored)."""
+    x, y = _words(a), _words(b)
+    prev = list(range(len(y) + 1))
+    for i, wx in enumerate(x, 1):
+        cur = [i]
+        for j, wy in enumerate(y, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (wx != wy)))
+        prev = cur
+    return prev[-1]
+
+
+def negative_part_kind(pos: str, neg: str, max_edit_words: int) -> str:
+    """ "edit" (a usable minimal edit), "same" (reads like the positive) or "far" (beyond the bound)."""
+    d = word_edit_distance(pos, neg)
+    if d == 0:
+        return "same"
+    return "far" if max_edit_words and d > max_edit_words else "edit"
+
+
+def negative_part_stats(annotations: Iterable[dict], max_edit_words: int) -> dict:
+    """Shares of aligned (positive, negative) parts of annotation records (desc/neg_desc, tags/neg_tags)
+    that are identical or too far to be a minimal edit: what the training log records per generation."""
+    kinds: Counter = Counter()
+    for rec in annotations:
+        for pk, nk in (("desc", "neg_desc"), ("tags", "neg_tags")):
+            pos, neg = rec.get(pk) or [], rec.get(nk) or []
+            if len(pos) == len(neg):
+                kinds.update(negative_part_kind(p, q, max_edit_words) for p, q in zip(pos, neg))
+            else:
+                kinds["unaligned"] += len(pos)
+    total = sum(kinds.values())
+    share = {k: kinds[k] / total if total else 0.0 for k in ("same", "far", "unaligned")}
+    return {
+        "negative_parts": total,
+        "identical_negative_share": share["same"],
+        "too_far_negative_share": share["far"],
+        "unaligned_negative_share": share["unaligned"],
+    }
 
 
 def _id_entropy(sample_id: str) -> int:
@@ -144,7 +224,8 @@ class TextDrawer:
     """Draws and tokenizes each sample's positive and negative text; builds STC targets.
 
     Args:
-        cfg: the loss section (`long_text_prob`, `neg_tags_prob`, `max_sentences`, `text_fit`).
+        cfg: the loss section (the text draw's rates, `hni_negatives`, `neg_max_edit_words`, `max_sentences`,
+            `text_fit`).
         tokenizer: the CLIP's open_clip tokenizer; `context_length` defaults to the tokenizer's.
         use_annotations: False in generation 0 (alt-text only, no negatives, no tags).
         negatives: tokenize negatives (HNI on); tag_vocab: STC vocabulary (STC on), else None.
@@ -186,9 +267,7 @@ class TextDrawer:
             pos, neg = self._draw_one(
                 rng,
                 alts[i] or "",
-                desc[i] if use else [],
-                neg_desc[i] if use else [],
-                neg_tags[i] if use else [],
+                *((desc[i], neg_desc[i], tags[i], neg_tags[i]) if use else ([], [], [], [])),
                 stats,
             )
             positives.append(pos)
@@ -211,43 +290,92 @@ class TextDrawer:
         out["stats"] = dict(stats)
         return out
 
-    def _draw_one(self, rng, alt: str, desc: list, neg_desc: list, neg_tags: list, stats: Counter):
-        long_pos = bool(desc) and rng.random() < self.cfg.long_text_prob
-        neg_source = None
-        if self.negatives:
-            want_tags = rng.random() < self.cfg.neg_tags_prob
-            if want_tags and neg_tags:
-                neg_source = "tags"
-            elif neg_desc:
-                neg_source = "desc"
-            elif neg_tags:
-                neg_source = "tags"
-        aligned = long_pos and neg_source == "desc" and len(neg_desc) == len(desc)
+    def draw_source(self, u: float, desc: list, tags: list) -> str:
+        """The positive's source for the uniform draw `u`: "desc", "tags" or "alt" (see the module doc)."""
+        long_p, short_p = self.cfg.long_text_prob, self.cfg.short_text_prob
+        if u < long_p:
+            return "desc" if desc else "alt"
+        if u < long_p + short_p:
+            return "tags" if tags else "alt"
+        return "alt"
+
+    def _draw_one(self, rng, alt: str, desc: list, neg_desc: list, tags: list, neg_tags: list, stats: Counter):
+        desc, neg_desc, tags, neg_tags = (list(x or []) for x in (desc, neg_desc, tags, neg_tags))
+        source = self.draw_source(rng.random(), desc, tags) if (desc or tags) else "alt"
+        paired = self.cfg.hni_negatives == "paired"
+        # The negative's parts, aligned with the positive's when paired (none for an alt-text positive).
+        neg_parts: list = []
+        independent: Optional[str] = None
+        if self.negatives and paired:
+            neg_parts = {"desc": neg_desc, "tags": neg_tags}.get(source, [])
+            pos_parts = desc if source == "desc" else tags
+            if neg_parts and len(neg_parts) != len(pos_parts):
+                stats["neg_unaligned"] += 1  # annotation parsing refuses this; a user file may not
+                neg_parts = []
+        elif self.negatives:
+            independent = self._independent_source(rng, neg_desc, neg_tags)
 
         budget = self.context_length - START_END_TOKENS
-        pos_idx: list[int] = []
-        if long_pos:
-            costs = [self.count.cost(s) for s in desc]
-            if aligned:  # one set of sentence indices must fit both texts
-                costs = [max(c, self.count.cost(s)) for c, s in zip(costs, neg_desc)]
-            pos_idx = self._fit(costs, budget, rng)
-            pos = " ".join(desc[k] for k in pos_idx)
+        idx: list[int] = []
+        if source == "desc":
+            costs = [self.count.cost(p) for p in desc]
+            if not neg_parts and independent == "desc" and len(neg_desc) == len(desc):
+                neg_parts_fit = neg_desc
+            else:
+                neg_parts_fit = neg_parts
+            if neg_parts_fit:  # one set of sentence indices must fit both texts
+                costs = [max(c, self.count.cost(q)) for c, q in zip(costs, neg_parts_fit)]
+            idx = self._fit(costs, budget, rng)
+            pos = " ".join(desc[k] for k in idx)
             stats["long_text"] += 1
+        elif source == "tags":
+            costs = [self.count.cost(t) + 1 for t in tags]  # + the separator
+            if neg_parts:
+                costs = [max(c, self.count.cost(q) + 1) for c, q in zip(costs, neg_parts)]
+            k_max = int(rng.integers(1, self.cfg.short_text_max_tags + 1))
+            idx = fit_parts(costs, budget, rng, k_max)
+            pos = join_tags(tags[k] for k in idx)
+            stats["short_text"] += 1
         else:
             pos = alt
+
         neg = ""
-        if neg_source == "desc":
-            idx = pos_idx if aligned else self._fit([self.count.cost(s) for s in neg_desc], budget, rng)
-            neg = " ".join(neg_desc[k] for k in idx)
-            stats["neg_desc"] += 1
-        elif neg_source == "tags":
-            costs = [self.count.cost(t) + 1 for t in neg_tags]  # + the separator's comma
-            idx = self._fit(costs, budget, rng)
-            neg = TAG_JOIN.join(neg_tags[k] for k in idx)
-            stats["neg_tags"] += 1
+        if neg_parts:
+            neg = self._paired_negative(source, idx, desc if source == "desc" else tags, neg_parts, stats)
+        elif independent:
+            pos_idx = idx if source == "desc" else None
+            neg = self._independent_negative(independent, pos_idx, desc, neg_desc, neg_tags, budget, rng)
+            stats[f"neg_{independent}"] += 1
         # What the tokenizer will cut, measured on the final texts: counted, never silent.
         stats["truncated"] += sum(self.count(t) > self.context_length for t in (pos, neg) if t)
         return pos, neg
+
+    def _paired_negative(self, source: str, idx: list[int], pos_parts: list, neg_parts: list, stats: Counter) -> str:
+        """The positive with each chosen part replaced by its edit, where the edit is a usable one."""
+        stats["neg_desc" if source == "desc" else "neg_tags"] += 1
+        kinds = [negative_part_kind(pos_parts[k], neg_parts[k], self.cfg.neg_max_edit_words) for k in idx]
+        if "edit" not in kinds and "far" in kinds:
+            stats["neg_too_far"] += 1  # not a minimal edit of this positive: possibly true, so not used
+            return ""
+        parts = [neg_parts[k] if kind == "edit" else pos_parts[k] for k, kind in zip(idx, kinds)]
+        return " ".join(parts) if source == "desc" else join_tags(parts)
+
+    def _independent_source(self, rng, neg_desc: list, neg_tags: list) -> Optional[str]:
+        want_tags = rng.random() < self.cfg.neg_tags_prob
+        if want_tags and neg_tags:
+            return "tags"
+        if neg_desc:
+            return "desc"
+        return "tags" if neg_tags else None
+
+    def _independent_negative(self, source, pos_idx, desc, neg_desc, neg_tags, budget, rng) -> str:
+        """The old draw: the negative's source whatever the positive; the sentences aligned when both are long."""
+        if source == "desc":
+            aligned = pos_idx is not None and len(neg_desc) == len(desc)
+            idx = pos_idx if aligned else self._fit([self.count.cost(s) for s in neg_desc], budget, rng)
+            return " ".join(neg_desc[k] for k in idx)
+        idx = self._fit([self.count.cost(t) + 1 for t in neg_tags], budget, rng)
+        return join_tags(neg_tags[k] for k in idx)
 
     def _fit(self, costs: list[int], budget: int, rng) -> list[int]:
         if self.cfg.text_fit == "sample":

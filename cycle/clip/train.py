@@ -66,7 +66,11 @@ class TrainJob:
     stc_weight: float
     tag_vocab: list[str] = field(default_factory=list)
     tag_positive_rate: float = 0.0
+    tag_prior: list[float] = field(default_factory=list)  # per vocabulary tag: its share of annotated samples
     init_clip: Optional[str] = None
+    # the previous head to carry over: {"from": dir, "tag_vocab": [...], "state": {name: tensor}}
+    stc_head_init: Optional[dict] = None
+    negative_stats: dict = field(default_factory=dict)  # `text.negative_part_stats` of the annotations
     progress: bool = True
     notes: list[str] = field(default_factory=list)
 
@@ -81,6 +85,7 @@ def train_clip(
     init_clip=None,
     progress: bool = True,
     teacher_version=None,
+    stc_head_from=None,
     storage_options=None,
 ) -> Path:
     """Train a CLIP on the train split of `store_uri` at the pinned versions; returns `<out_dir>/model`.
@@ -90,6 +95,12 @@ def train_clip(
     when `teacher_version` is given. `init_clip` starts from a checkpoint directory instead of
     `cfg.clip.pretrained` / scratch. `cfg.train.world_size` > 1 spawns that many ranks on this machine.
     `storage_options` reach an object store URI (`Store.storage_options`); the ranks get them with the dataset.
+
+    STC head carry-over: `stc_head_from` is a CLIP checkpoint directory with `stc_head` + `tag_vocab`
+    (the previous generation's); the new head's rows of the tags in both vocabularies start from it.
+    Default: `init_clip` (with `clip.init=previous` the head comes with the CLIP it was trained on). A
+    head's rows are directions in its own CLIP's embedding space: with a CLIP from scratch they carry
+    the tag priors (biases) and the scale, not the directions, so the pipeline need not pass it then.
     """
     from ..device import resolve_device
     from .dist import launch
@@ -107,6 +118,7 @@ def train_clip(
         progress,
         teacher_version,
         storage_options=storage_options,
+        stc_head_from=stc_head_from,
     )
     launch(train_rank, cfg.train.world_size, job, accelerator=device_type)
     return job.out_dir / "model"
@@ -123,12 +135,13 @@ def prepare(
     init_clip=None,
     progress=True,
     teacher_version=None,
+    stc_head_from=None,
     storage_options=None,
 ) -> TrainJob:
     from ..data.loader import PairDataset
     from ..store import Store, is_local
     from . import checkpoint
-    from .text import build_tag_vocab, normalise_tag
+    from .text import build_tag_vocab, negative_part_stats, normalise_tag
 
     out_dir = Path(out_dir)
     use_annotations = bool(generation)
@@ -164,7 +177,9 @@ def prepare(
         progress=progress,
     )
     if use_annotations:
-        tag_lists = _annotated_tags(store, dataset, generation, teacher_version is not None)
+        records = _annotated_records(store, dataset, generation, teacher_version is not None)
+        tag_lists = [r["tags"] or [] for r in records]
+        job.negative_stats = negative_part_stats(records, cfg.loss.neg_max_edit_words)
         if not tag_lists:
             raise TrainInputError(
                 f"generation {generation} has no usable annotations for the train split "
@@ -176,9 +191,19 @@ def prepare(
                 job.stc_weight = 0.0
                 job.notes.append(f"STC off: no tag reaches loss.stc_min_count={cfg.loss.stc_min_count}")
             else:
-                vocab = set(job.tag_vocab)
-                hits = sum(len({normalise_tag(t) for t in tags} & vocab) for tags in tag_lists)
-                job.tag_positive_rate = hits / (len(tag_lists) * len(job.tag_vocab))
+                index = {t: k for k, t in enumerate(job.tag_vocab)}
+                counts = [0] * len(index)
+                for tags in tag_lists:
+                    for t in {normalise_tag(x) for x in tags} & index.keys():
+                        counts[index[t]] += 1
+                job.tag_prior = [c / len(tag_lists) for c in counts]
+                job.tag_positive_rate = sum(counts) / (len(tag_lists) * len(job.tag_vocab))
+                job.stc_head_init = _previous_head(stc_head_from or init_clip, explicit=stc_head_from is not None)
+                if job.stc_head_init is not None:
+                    shared = len(set(job.stc_head_init["tag_vocab"]) & index.keys())
+                    job.notes.append(
+                        f"STC head: {shared} of {len(index)} tags start from {job.stc_head_init['from']}'s head"
+                    )
     identity = {
         "clip": to_dict(cfg.clip),
         "loss": to_dict(cfg.loss) if use_annotations else None,
@@ -190,6 +215,7 @@ def prepare(
             "generation": generation,
         },
         "init_clip": job.init_clip,
+        "stc_head_from": job.stc_head_init and job.stc_head_init["from"],
         "seed": cfg.seed,
     }
     identity["fingerprint"] = fingerprint(identity)
@@ -225,23 +251,48 @@ def _require_annotations(store, generation: int, annotations_version) -> None:
         )
 
 
-def _annotated_tags(store, dataset, generation: int, with_seed: bool) -> list[list[str]]:
-    """Positive tag lists of the train rows that have a usable annotation (what STC's vocabulary is built on)."""
+def _previous_head(path, explicit: bool) -> Optional[dict]:
+    """The `stc_head` tensors and `tag_vocab` of a CLIP checkpoint directory, or None when it has none
+    (an explicitly given directory must exist)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    if path is None:
+        return None
+    path = Path(path)
+    if not path.is_dir():
+        if explicit:
+            raise TrainInputError(f"stc_head_from '{path}' is not a CLIP checkpoint directory")
+        return None
+    head, vocab = path / "stc_head.safetensors", path / "tag_vocab.json"
+    if not (head.is_file() and vocab.is_file()):
+        return None
+    try:
+        return {"from": str(path), "tag_vocab": list(json.loads(vocab.read_text())), "state": load_file(head)}
+    except Exception as err:  # safetensors' own error type, JSON, OS: all one message
+        raise TrainInputError(f"STC head of '{path}' is unreadable: {err}") from None
+
+
+def _annotated_records(store, dataset, generation: int, with_seed: bool) -> list[dict]:
+    """The four formulas of the train rows that have a usable annotation (the STC vocabulary and the
+    negative shares are computed on these)."""
     from ..store import is_usable
 
     train_ids = store.ids("samples", "split = 'train'", version=dataset.pins["samples"])
+    formulas = ["desc", "neg_desc", "tags", "neg_tags"]
     rows = store.read(
         "annotations",
-        ["id", "tags", "status"],
+        ["id", *formulas, "status"],
         where=f"generation = {int(generation)}",
         version=dataset.pins["annotations"],
     ).to_pylist()
     found = {}
     for r in rows:
         if r["id"] in train_ids and is_usable(r["status"]) and r["id"] not in found:
-            found[r["id"]] = r["tags"] or []
+            found[r["id"]] = {k: r[k] or [] for k in formulas}
     if with_seed:
-        for r in store.read("teacher", ["id", "tags"], version=dataset.pins["teacher"]).to_pylist():
+        for r in store.read("teacher", ["id", *formulas], version=dataset.pins["teacher"]).to_pylist():
             if r["id"] in train_ids and r["id"] not in found:
-                found[r["id"]] = r["tags"] or []
+                found[r["id"]] = {k: r[k] or [] for k in formulas}
     return list(found.values())

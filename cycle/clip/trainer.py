@@ -34,7 +34,16 @@ from .text import TextDrawer
 # Per-sample inputs the loss reads directly (not through the model).
 LOSS_INPUT_KEYS = ("neg_valid", "text_keys", "neg_keys", "tag_targets")
 # The text draws' counters summed over ranks into each log line's shares.
-TEXT_COUNT_KEYS = ("samples", "long_text", "neg_desc", "neg_tags", "neg_same_as_pos", "truncated")
+TEXT_COUNT_KEYS = (
+    "samples",
+    "long_text",
+    "short_text",
+    "neg_desc",
+    "neg_tags",
+    "neg_same_as_pos",
+    "neg_too_far",
+    "truncated",
+)
 
 
 def train_rank(job) -> None:
@@ -82,8 +91,12 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank (and rank 0's are broadcast)
         clip, _, preprocess_val, tokenizer = create_clip(cfg.clip.name, pretrained=job.init_clip or cfg.clip.pretrained)
         job.dataset.transform = preprocess_val  # deterministic; the random crops are drawn per sample later
-        module = ClipWithTagHead(clip, num_tags=len(job.tag_vocab) if job.stc_weight else 0)
-        module.init_tag_prior(job.tag_positive_rate)
+        module = ClipWithTagHead(clip, num_tags=len(job.tag_vocab) if job.stc_weight else 0, head=cfg.loss.stc_head)
+        module.init_tag_prior(job.tag_prior or job.tag_positive_rate)
+        if module.stc_head is not None and job.stc_head_init is not None:
+            prev = job.stc_head_init
+            if not module.carry_over_head(prev["state"], prev["tag_vocab"], job.tag_vocab):
+                job.notes.append(f"STC head: {prev['from']}'s head is of another kind or width; not carried over")
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=module,
             optimizer=make_optimizer(module, cfg.train),
@@ -133,6 +146,10 @@ class Trainer:
                     "hni_weight": self.job.hni_weight,
                     "stc_weight": self.job.stc_weight,
                     "tag_vocab_size": len(self.job.tag_vocab),
+                    "stc_head": self.cfg.loss.stc_head if self.job.stc_weight else None,
+                    # per generation: shares of the annotations' aligned negative parts that are identical
+                    # to their positive, or too far from it to be a minimal edit (loss.neg_max_edit_words)
+                    "negatives": self.job.negative_stats,
                 }
             )
         elif self.step < plan.total_steps:
@@ -274,6 +291,8 @@ class Trainer:
             "hni_weight": job.hni_weight,
             "stc_weight": job.stc_weight,
             "tag_vocab_size": len(job.tag_vocab),
+            "stc_head": self.cfg.loss.stc_head if job.stc_weight else None,
+            "negatives": job.negative_stats,
             "notes": job.notes,
             "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
@@ -342,9 +361,14 @@ def text_counts(stats: Counter, world_size: int, device: torch.device) -> dict:
         tdist.all_reduce(values)
     counts = dict(zip(TEXT_COUNT_KEYS, values.tolist()))
     n = max(counts["samples"], 1.0)
+    drawn = counts["neg_desc"] + counts["neg_tags"]
     return {
         "long_text_share": counts["long_text"] / n,
-        "neg_share": (counts["neg_desc"] + counts["neg_tags"] - counts["neg_same_as_pos"]) / n,
+        "short_text_share": counts["short_text"] / n,
+        "neg_share": (drawn - counts["neg_same_as_pos"] - counts["neg_too_far"]) / n,
+        # of the negatives drawn: read like their positive / dropped as no minimal edit of it
+        "neg_identical_share": counts["neg_same_as_pos"] / max(drawn, 1.0),
+        "neg_dropped_share": counts["neg_too_far"] / max(drawn, 1.0),
         "truncated_texts": int(counts["truncated"]),
     }
 

@@ -133,3 +133,30 @@ def _edit_key(edit: str) -> str:
     """Edit types become metric-name suffixes: lower case, [a-z0-9_]."""
     key = "".join(ch if ch.isalnum() else "_" for ch in str(edit or "unknown").strip().lower()).strip("_")
     return key or "unknown"
+
+
+# ----------------------------------------------------------------------------------------------- tags
+def average_precision(scores: torch.Tensor, positives: torch.Tensor) -> float:
+    """AP of one ranking: the mean over positives of the precision at each positive's rank (ties: as sorted)."""
+    order = torch.argsort(scores.float(), descending=True, stable=True)
+    hits = positives.bool()[order].float()
+    if hits.sum() == 0:
+        raise ValueError("average precision needs at least one positive")
+    precision = hits.cumsum(0) / torch.arange(1, len(hits) + 1)
+    return float((precision * hits).sum() / hits.sum())
+
+
+def tag_metrics(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+    """STC on held-out images: mean AP over the tags that have a positive (`tag_map`, `tag_map_tags`), and
+    the STC term (BCE averaged over tags, then over images with a positive tag: `stc_loss`)."""
+    logits, targets = logits.float(), targets.float()
+    present = [k for k in range(targets.shape[1]) if targets[:, k].any()]
+    rows = targets.sum(1) > 0
+    if not present:
+        return {"tag_map_tags": 0}
+    bce = F.binary_cross_entropy_with_logits(logits[rows], targets[rows], reduction="none").mean(1)
+    return {
+        "tag_map": sum(average_precision(logits[:, k], targets[:, k]) for k in present) / len(present),
+        "tag_map_tags": len(present),
+        "stc_loss": float(bce.mean()),
+    }

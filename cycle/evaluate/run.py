@@ -21,7 +21,7 @@ from ..config import EvalConfig
 from ..device import resolve_device
 from ..files import write_json_atomic
 from .datasets import EvalDataError, EvalSet, load_dataset, load_store_split
-from .metrics import class_vectors, negative_metrics, retrieval_metrics, zeroshot_metrics
+from .metrics import class_vectors, negative_metrics, retrieval_metrics, tag_metrics, zeroshot_metrics
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +67,14 @@ def evaluate_set(
     device: str | torch.device = "cpu",
     progress: bool = True,
     image_features: Optional[torch.Tensor] = None,
+    tag_head: Optional[tuple] = None,
 ) -> dict[str, float]:
     """Every task the set supports, on one pass of image embeddings. Keys are not prefixed.
 
     `device` is where `model` already is (a torch device, or a setting such as "cpu" or "auto").
-    `image_features`: the set's image embeddings when already computed (a variant shares its set's)."""
+    `image_features`: the set's image embeddings when already computed (a variant shares its set's).
+    `tag_head`: (STC head module, tag vocabulary) of a checkpoint trained with STC: on a set with texts,
+    tag mAP and the STC term against the vocabulary tags its texts name (`text.tags_named_in`)."""
     if ev.labels is not None and not cfg.templates:  # load_config refuses this; an EvalConfig made in code may not
         raise EvalDataError("eval.templates is empty: zero-shot classification needs at least one")
     device = device if isinstance(device, torch.device) else resolve_device(device)
@@ -99,6 +102,17 @@ def evaluate_set(
         pos, neg = feats[: len(ev.positives)], feats[len(ev.positives) :]
         out.update(negative_metrics(images, pos, neg, [i for i, _, _ in negs], [e for _, _, e in negs]))
         out["n_negatives"] = len(negs)
+    if tag_head is not None and (ev.captions is not None or ev.positives is not None):
+        from ..clip.text import tags_named_in
+
+        head, vocab = tag_head
+        texts = [
+            list(ev.captions[i] if ev.captions is not None else []) + ([ev.positives[i]] if ev.positives else [])
+            for i in range(len(ev))
+        ]
+        with torch.no_grad():
+            logits = head(torch.nn.functional.normalize(images.float(), dim=-1)).cpu()
+        out.update(tag_metrics(logits, tags_named_in(texts, vocab)))
     return out
 
 
@@ -145,13 +159,30 @@ def evaluate_clip(
     if not sets:
         raise EvalDataError("nothing to evaluate: no split of the store and no dataset given")
 
-    model, preprocess, tokenizer, _ = load_clip(clip_dir, device=device)
+    model, preprocess, tokenizer, extras = load_clip(clip_dir, device=device)
+    tag_head = _tag_head(extras)
     metrics: dict[str, float] = {}
     for ev in sets:
         images = embed_images(model, preprocess, ev, cfg.batch_size, device, progress)
         for part in (ev, *ev.variants):
-            for key, value in evaluate_set(model, tokenizer, preprocess, part, cfg, device, progress, images).items():
+            head = tag_head if part is ev else None  # tag metrics once per set: its images are the variants' too
+            for key, value in evaluate_set(
+                model, tokenizer, preprocess, part, cfg, device, progress, images, head
+            ).items():
                 metrics[f"{part.name}/{key}"] = value
     if out_json is not None:
         write_json_atomic(out_json, metrics, indent=METRICS_JSON_INDENT)
     return metrics
+
+
+def _tag_head(extras: dict) -> Optional[tuple]:
+    """The STC head and vocabulary a checkpoint carries (`stc_head`, `tag_vocab`), on the CPU; else None."""
+    from ..clip.model import make_tag_head, tag_head_kind
+
+    state, vocab = extras.get("stc_head"), extras.get("tag_vocab")
+    if not state or not vocab:
+        return None
+    state = {k: v.float().cpu() for k, v in state.items()}
+    head = make_tag_head(tag_head_kind(state), state["weight"].shape[1], state["weight"].shape[0])
+    head.load_state_dict(state)
+    return head.eval(), list(vocab)

@@ -1,0 +1,207 @@
+"""The text draw of the HQ-CLIP loss (issue 10): paired HNI negatives, the edit-distance filter, short tag
+texts and the three-way positive draw, each against a loop over rows."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import replace
+
+import pytest
+import torch
+
+from cycle.clip.text import (
+    TextDrawer,
+    join_tags,
+    negative_part_kind,
+    negative_part_stats,
+    tags_named_in,
+    word_edit_distance,
+)
+from cycle.config import ConfigError, LossConfig, load_config
+
+COLORS = ["red", "green", "blue", "yellow", "pink", "white", "black", "brown"]
+OBJECTS = ["apple", "chair", "kite", "drum", "boot", "lamp", "frog", "cup"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    import open_clip
+
+    return open_clip.get_tokenizer("ViT-B-32")
+
+
+def _decode(tokenizer, row) -> str:
+    ids = [int(t) for t in row if int(t) not in (0, 49406, 49407)]
+    return tokenizer.decode(ids).strip()
+
+
+def _row(i: int) -> dict:
+    """Row i's four formulas: every text names the row, so a negative taken from another row shows."""
+    c, o, other = COLORS[i % 8], OBJECTS[i % 8], COLORS[(i + 1) % 8]
+    desc = [f"the image shows a {c} {o} number {i}.", f"the {o} {i} is on the left.", f"it sits on sand {i}."]
+    neg_desc = [f"the image shows a {other} {o} number {i}.", f"the {o} {i} is on the right.", f"it sits on snow {i}."]
+    tags = [f"{c} {o} {i}", f"{o} {i}", f"sand {i}"]
+    neg_tags = [f"{other} {o} {i}", f"kite {i}" if o != "kite" else f"drum {i}", f"snow {i}"]
+    return {"desc": desc, "neg_desc": neg_desc, "tags": tags, "neg_tags": neg_tags}
+
+
+def _batch(n: int, annotated=None) -> dict:
+    rows = [_row(i) for i in range(n)]
+    batch = {k: [r[k] for r in rows] for k in ("desc", "neg_desc", "tags", "neg_tags")}
+    batch.update(id=[f"s{i}" for i in range(n)], alt_text=[f"photo {i} of something" for i in range(n)])
+    batch["annotated"] = annotated if annotated is not None else [True] * n
+    return batch
+
+
+def _cfg(**kw) -> LossConfig:
+    return replace(LossConfig(), **kw)
+
+
+def _norm(text: str) -> str:
+    """The tokenizer's view of a text: lower case, spaces around punctuation, digits joined ("1 0" -> "10")."""
+    text = " ".join(text.lower().replace(".", " . ").replace(",", " , ").split())
+    return re.sub(r"(?<=\d) (?=\d)", "", text)
+
+
+def test_each_rows_negative_is_the_aligned_edit_of_its_own_positive(tokenizer):
+    n = 24
+    cfg = _cfg(long_text_prob=0.4, short_text_prob=0.4, short_text_max_tags=3)
+    batch = _batch(n)
+    out = TextDrawer(cfg, tokenizer, seed=5)(batch, step=3)
+    kinds = Counter()
+    for i in range(n):  # the brute-force reference: row by row, from the row's own formulas
+        pos, neg = _decode(tokenizer, out["texts"][i]), _decode(tokenizer, out["neg_texts"][i])
+        row = _row(i)
+        if _norm(pos) == _norm(batch["alt_text"][i]):
+            kinds["alt"] += 1
+            assert not out["neg_valid"][i] and neg == ""  # an alt-text positive has no HNI negative
+            continue
+        assert out["neg_valid"][i]
+        sentences = [k for k, s in enumerate(row["desc"]) if _norm(s) in _norm(pos)]
+        if sentences:  # a description: its sentences, in order, and the negative swaps each for its edit
+            kinds["desc"] += 1
+            assert _norm(pos) == _norm(" ".join(row["desc"][k] for k in sentences))
+            assert _norm(neg) == _norm(" ".join(row["neg_desc"][k] for k in sentences))
+        else:  # a tag text: 1 to 3 of the row's tags, and the same tags' edits joined alike
+            kinds["tags"] += 1
+            chosen = [k for k in range(3) if any(_norm(join_tags([row["tags"][k]])) == _norm(p) for p in _parts(pos))]
+            assert 1 <= len(chosen) <= 3 and _norm(pos) == _norm(join_tags([row["tags"][k] for k in chosen]))
+            assert _norm(neg) == _norm(join_tags([row["neg_tags"][k] for k in chosen]))
+    assert kinds["alt"] and kinds["desc"] and kinds["tags"], kinds
+    assert out["stats"]["long_text"] == kinds["desc"] and out["stats"]["short_text"] == kinds["tags"]
+
+
+def _parts(tag_text: str) -> list[str]:
+    return [p.strip() for chunk in tag_text.split(",") for p in chunk.split(" and ")]
+
+
+def test_tag_texts_have_one_format_for_positives_and_negatives():
+    assert [join_tags(t) for t in (["a"], ["a", "b"], ["a", "b", "c"])] == ["a", "a and b", "a, b and c"]
+
+
+def test_word_edit_distance_against_known_values():
+    assert word_edit_distance("A red apple.", "a red apple") == 0  # case and punctuation ignored
+    assert word_edit_distance("a red apple", "a green apple") == 1
+    assert word_edit_distance("a red apple on the left", "a apple on the right side") == 3
+    assert word_edit_distance("", "two words") == 2
+    assert negative_part_kind("a red apple", "a red apple", 2) == "same"
+    assert negative_part_kind("a red apple", "a green apple", 2) == "edit"
+    assert negative_part_kind("a red apple", "there is nothing here at all", 2) == "far"
+    assert negative_part_kind("a red apple", "there is nothing here at all", 0) == "edit"  # 0: no bound
+
+
+def test_edit_filter_keeps_minimal_edits_only(tokenizer):
+    row = {
+        "desc": ["a red apple is on the table.", "the sky is blue.", "a cat sleeps."],
+        "neg_desc": [
+            "a green apple is on the table.",  # a minimal edit: used
+            "the sky is blue.",  # identical: its sentence stays as it is
+            "an entirely different long sentence that may well be true of this image.",  # too far: not used
+        ],
+        "tags": ["red apple"],
+        "neg_tags": ["red apple"],
+    }
+    far_only = {**row, "neg_desc": [row["neg_desc"][2]] * 3}
+    batch = {
+        "id": ["a", "b"],
+        "alt_text": ["x", "y"],
+        "annotated": [True, True],
+        **{k: [row[k], far_only[k]] for k in row},
+    }
+    cfg = _cfg(long_text_prob=1.0, neg_max_edit_words=3)
+    out = TextDrawer(cfg, tokenizer, seed=0)(batch, step=0)
+    pos, neg = _decode(tokenizer, out["texts"][0]), _decode(tokenizer, out["neg_texts"][0])
+    assert _norm(pos) == _norm(" ".join(row["desc"]))  # all three fit the context
+    assert _norm(neg) == _norm("a green apple is on the table. the sky is blue. a cat sleeps.")
+    assert out["neg_valid"].tolist() == [True, False]  # row b: no minimal edit left, dropped
+    assert out["stats"]["neg_too_far"] == 1 and out["stats"]["neg_desc"] == 2
+    # without the bound row b's rewritten sentences are used
+    loose = TextDrawer(replace(cfg, neg_max_edit_words=0), tokenizer, seed=0)(batch, step=0)
+    assert loose["neg_valid"].tolist() == [True, True] and loose["stats"].get("neg_too_far", 0) == 0
+    # identical tags never reach the loss
+    tags_only = TextDrawer(_cfg(long_text_prob=0.0, short_text_prob=1.0), tokenizer)(batch, step=0)
+    assert not tags_only["neg_valid"].any() and tags_only["stats"]["neg_same_as_pos"] == 2
+
+
+def test_negative_part_stats_count_identical_and_far_parts():
+    stats = negative_part_stats(
+        [
+            {"desc": ["a b c"], "neg_desc": ["a b c"], "tags": ["x", "y"], "neg_tags": ["z", "y"]},
+            {"desc": ["a b c"], "neg_desc": ["q r s t u v"], "tags": ["x"], "neg_tags": []},
+        ],
+        max_edit_words=3,
+    )
+    # parts: desc same, tag edit, tag same, desc far, one unaligned tag
+    assert stats["negative_parts"] == 5
+    assert stats["identical_negative_share"] == pytest.approx(2 / 5)
+    assert stats["too_far_negative_share"] == pytest.approx(1 / 5)
+    assert stats["unaligned_negative_share"] == pytest.approx(1 / 5)
+
+
+def test_three_way_positive_draw_rates(tokenizer):
+    n, rates = 3000, {"desc": 0.3, "tags": 0.5, "alt": 0.2}
+    cfg = _cfg(long_text_prob=rates["desc"], short_text_prob=rates["tags"])
+    drawer = TextDrawer(cfg, tokenizer, seed=11, negatives=False)
+    batch = _batch(n)
+    batch["id"] = [f"row-{i}" for i in range(n)]
+    out = drawer(batch, step=0)
+    got = {"desc": out["stats"]["long_text"], "tags": out["stats"]["short_text"]}
+    got["alt"] = sum(_norm(_decode(tokenizer, out["texts"][i])) == _norm(batch["alt_text"][i]) for i in range(n))
+    assert sum(got.values()) == n
+    for k, p in rates.items():  # binomial: 4 standard deviations
+        assert abs(got[k] / n - p) < 4 * (p * (1 - p) / n) ** 0.5, (k, got)
+    # a row without tags or descriptions falls back to its alt-text
+    bare = drawer({**_batch(4), "tags": [[]] * 4, "desc": [[]] * 4}, step=0)
+    assert [_decode(tokenizer, r) for r in bare["texts"]] == [f"photo {i} of something" for i in range(4)]
+
+
+def test_independent_mode_keeps_the_old_draw(tokenizer):
+    cfg = _cfg(long_text_prob=0.0, hni_negatives="independent", neg_tags_prob=0.0)
+    out = TextDrawer(cfg, tokenizer, seed=0)(_batch(4), step=0)
+    for i in range(4):  # alt-text positives, yet a negative description: what "paired" forbids
+        assert _decode(tokenizer, out["texts"][i]) == f"photo {i} of something"
+        assert out["neg_valid"][i] and f"number {i}" in _decode(tokenizer, out["neg_texts"][i])
+
+
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        (["loss.long_text_prob=0.7", "loss.short_text_prob=0.4"], "loss.short_text_prob"),
+        (["loss.short_text_prob=-0.1"], "loss.short_text_prob"),
+        (["loss.stc_head=mlp"], "loss.stc_head"),
+        (["loss.hni_negatives=random"], "loss.hni_negatives"),
+        (["loss.neg_max_edit_words=-1"], "loss.neg_max_edit_words"),
+        (["loss.short_text_max_tags=0"], "loss.short_text_max_tags"),
+    ],
+)
+def test_new_loss_keys_are_validated(override, key):
+    with pytest.raises(ConfigError, match=f"config key '{key}'"):
+        load_config(None, ["name=x", *override])
+
+
+def test_tags_named_in_texts():
+    vocab = ["dog", "hot dog", "blue background", "cat"]
+    got = tags_named_in([["two hot dogs on a blue background."], ["a dog.", "Dogs!"], []], vocab)
+    assert got.tolist() == [[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]]
+    assert got.dtype == torch.float32
