@@ -57,3 +57,17 @@ def chromium_dom(page: Path, tmp_path: Path) -> str:
         "--dump-dom",
     ]
     return subprocess.run(["chromium", *flags, page.as_uri()], capture_output=True, text=True, timeout=120).stdout
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """open_clip's bundled CLIP BPE tokenizer (offline)."""
+    import open_clip
+
+    return open_clip.get_tokenizer("ViT-B-32")
+
+
+def decode_tokens(tokenizer, row) -> str:
+    """A token row back to text, padding and start/end tokens left out."""
+    ids = [int(t) for t in row if int(t) not in (0, 49406, 49407)]
+    return tokenizer.decode(ids).strip()

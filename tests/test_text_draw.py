@@ -9,6 +9,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from conftest import decode_tokens
 
 from cycle.clip.text import (
     TextDrawer,
@@ -22,18 +23,6 @@ from cycle.config import ConfigError, LossConfig, load_config
 
 COLORS = ["red", "green", "blue", "yellow", "pink", "white", "black", "brown"]
 OBJECTS = ["apple", "chair", "kite", "drum", "boot", "lamp", "frog", "cup"]
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    import open_clip
-
-    return open_clip.get_tokenizer("ViT-B-32")
-
-
-def _decode(tokenizer, row) -> str:
-    ids = [int(t) for t in row if int(t) not in (0, 49406, 49407)]
-    return tokenizer.decode(ids).strip()
 
 
 def _row(i: int) -> dict:
@@ -71,7 +60,7 @@ def test_each_rows_negative_is_the_aligned_edit_of_its_own_positive(tokenizer):
     out = TextDrawer(cfg, tokenizer, seed=5)(batch, step=3)
     kinds = Counter()
     for i in range(n):  # the brute-force reference: row by row, from the row's own formulas
-        pos, neg = _decode(tokenizer, out["texts"][i]), _decode(tokenizer, out["neg_texts"][i])
+        pos, neg = decode_tokens(tokenizer, out["texts"][i]), decode_tokens(tokenizer, out["neg_texts"][i])
         row = _row(i)
         if _norm(pos) == _norm(batch["alt_text"][i]):
             kinds["alt"] += 1
@@ -131,7 +120,7 @@ def test_edit_filter_keeps_minimal_edits_only(tokenizer):
     }
     cfg = _cfg(long_text_prob=1.0, neg_max_edit_words=3)
     out = TextDrawer(cfg, tokenizer, seed=0)(batch, step=0)
-    pos, neg = _decode(tokenizer, out["texts"][0]), _decode(tokenizer, out["neg_texts"][0])
+    pos, neg = decode_tokens(tokenizer, out["texts"][0]), decode_tokens(tokenizer, out["neg_texts"][0])
     assert _norm(pos) == _norm(" ".join(row["desc"]))  # all three fit the context
     assert _norm(neg) == _norm("a green apple is on the table. the sky is blue. a cat sleeps.")
     assert out["neg_valid"].tolist() == [True, False]  # row b: no minimal edit left, dropped
@@ -167,21 +156,21 @@ def test_three_way_positive_draw_rates(tokenizer):
     batch["id"] = [f"row-{i}" for i in range(n)]
     out = drawer(batch, step=0)
     got = {"desc": out["stats"]["long_text"], "tags": out["stats"]["short_text"]}
-    got["alt"] = sum(_norm(_decode(tokenizer, out["texts"][i])) == _norm(batch["alt_text"][i]) for i in range(n))
+    got["alt"] = sum(_norm(decode_tokens(tokenizer, out["texts"][i])) == _norm(batch["alt_text"][i]) for i in range(n))
     assert sum(got.values()) == n
     for k, p in rates.items():  # binomial: 4 standard deviations
         assert abs(got[k] / n - p) < 4 * (p * (1 - p) / n) ** 0.5, (k, got)
     # a row without tags or descriptions falls back to its alt-text
     bare = drawer({**_batch(4), "tags": [[]] * 4, "desc": [[]] * 4}, step=0)
-    assert [_decode(tokenizer, r) for r in bare["texts"]] == [f"photo {i} of something" for i in range(4)]
+    assert [decode_tokens(tokenizer, r) for r in bare["texts"]] == [f"photo {i} of something" for i in range(4)]
 
 
 def test_independent_mode_keeps_the_old_draw(tokenizer):
     cfg = _cfg(long_text_prob=0.0, hni_negatives="independent", neg_tags_prob=0.0)
     out = TextDrawer(cfg, tokenizer, seed=0)(_batch(4), step=0)
     for i in range(4):  # alt-text positives, yet a negative description: what "paired" forbids
-        assert _decode(tokenizer, out["texts"][i]) == f"photo {i} of something"
-        assert out["neg_valid"][i] and f"number {i}" in _decode(tokenizer, out["neg_texts"][i])
+        assert decode_tokens(tokenizer, out["texts"][i]) == f"photo {i} of something"
+        assert out["neg_valid"][i] and f"number {i}" in decode_tokens(tokenizer, out["neg_texts"][i])
 
 
 @pytest.mark.parametrize(

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import decode_tokens
 from safetensors.torch import load_file
 
 from cycle.clip.text import TextDrawer, build_tag_vocab, multi_hot, normalise_tag
@@ -182,25 +183,13 @@ def _text_batch(n=4, **overrides):
     return batch
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    import open_clip
-
-    return open_clip.get_tokenizer("ViT-B-32")
-
-
-def _decode(tokenizer, row) -> str:
-    ids = [int(t) for t in row if int(t) not in (0, 49406, 49407)]
-    return tokenizer.decode(ids).strip()
-
-
 def test_long_descriptions_fit_the_context_by_whole_aligned_sentences(tokenizer):
     cfg = replace(LossConfig(), long_text_prob=1.0, neg_tags_prob=0.0)
     out = TextDrawer(cfg, tokenizer, seed=3)(_text_batch(), step=0)
     assert out["stats"]["truncated"] == 0 and out["stats"]["long_text"] == 4
     for pos_row, neg_row in zip(out["texts"], out["neg_texts"]):
         assert int(pos_row[-1]) == 0  # fits with room to spare: nothing cut
-        pos, neg = _decode(tokenizer, pos_row), _decode(tokenizer, neg_row)
+        pos, neg = decode_tokens(tokenizer, pos_row), decode_tokens(tokenizer, neg_row)
         numbers = [int(k) for k in re.findall(r"number (\d+)", pos)]
         assert 1 <= len(numbers) < 8 and numbers == sorted(numbers)  # a subset of whole sentences, in order
         assert neg == pos.replace("red", "green")  # the negative uses the same sentences
@@ -221,11 +210,11 @@ def test_alt_text_only_without_annotation_or_in_generation_0(tokenizer):
     cfg = replace(LossConfig(), long_text_prob=1.0)
     batch = _text_batch(annotated=[True, False, True, False])
     out = TextDrawer(cfg, tokenizer)(batch, step=0)
-    assert _decode(tokenizer, out["texts"][1]) == "alt 1"
+    assert decode_tokens(tokenizer, out["texts"][1]) == "alt 1"
     assert out["neg_valid"].tolist() == [True, False, True, False]
     assert "tag_targets" not in out  # no vocabulary given: STC off
     gen0 = TextDrawer(cfg, tokenizer, use_annotations=False, tag_vocab=["table"])(batch, step=0)
-    assert [_decode(tokenizer, r) for r in gen0["texts"]] == [f"alt {i}" for i in range(4)]
+    assert [decode_tokens(tokenizer, r) for r in gen0["texts"]] == [f"alt {i}" for i in range(4)]
     assert "neg_texts" not in gen0 and "tag_targets" not in gen0
 
 
@@ -245,7 +234,7 @@ def test_what_cannot_fit_is_counted_not_silently_cut(tokenizer):
     out = TextDrawer(cfg, tokenizer)(batch, step=0)
     assert out["stats"]["truncated"] == 4  # two positives and two negatives were cut by the tokenizer
     trunc = TextDrawer(replace(LossConfig(), long_text_prob=1.0, text_fit="truncate"), tokenizer)(_text_batch(n=1), 0)
-    assert trunc["stats"]["truncated"] >= 1 and "number 0" in _decode(tokenizer, trunc["texts"][0])
+    assert trunc["stats"]["truncated"] >= 1 and "number 0" in decode_tokens(tokenizer, trunc["texts"][0])
 
 
 def test_tag_vocabulary_and_multi_hot_targets():
