@@ -220,15 +220,20 @@ def annotate_run(cfg: RunConfig, pins: dict, out_dir: Path, progress: bool = Tru
     return StageResult({"annotations_version": version, "stats": str(out_dir / "stats.json")}, flat_numbers(stats))
 
 
+def usable_annotations(store: Store, gen: int, annotations_version) -> int:
+    """How many of generation `gen`'s annotations CLIP_g can train on (0 for generation 0)."""
+    if gen == 0:
+        return 0
+    return store.count("annotations", f"generation = {gen} AND {USABLE}", version=annotations_version)
+
+
 def train_run(cfg: RunConfig, pins: dict, out_dir: Path, progress: bool = True) -> StageResult:
     from .clip.train import train_clip
 
     gen, ann, store = pins["generation"], pins.get("annotations"), store_of(cfg)
-    usable = 0
-    if gen > 0:
-        usable = store.count("annotations", f"generation = {gen} AND {USABLE}", version=ann)
-        if usable == 0:  # the annotator wrote nothing usable: CLIP_g sees raw alt-text only, like gen 0
-            log.warning("generation %d has no usable annotation: CLIP_%d trains on raw alt-text only", gen, gen)
+    usable = usable_annotations(store, gen, ann)
+    if gen > 0 and usable == 0:  # the annotator wrote nothing usable: CLIP_g sees raw alt-text only, like gen 0
+        log.warning("generation %d has no usable annotation: CLIP_%d trains on raw alt-text only", gen, gen)
     clip_dir = train_clip(
         cfg,
         store.uri,
@@ -318,7 +323,7 @@ def train_recover(cfg: RunConfig, pins: dict, out_dir: Path) -> Optional[StageRe
     if not (out_dir / "model").is_dir():
         return None
     gen, ann = pins["generation"], pins.get("annotations")
-    usable = store_of(cfg).count("annotations", f"generation = {gen} AND {USABLE}", version=ann) if gen > 0 else 0
+    usable = usable_annotations(store_of(cfg), gen, ann)
     return StageResult(
         {"clip": str(out_dir / "model"), "log": str(out_dir / "log.jsonl")},
         {"usable_annotations": usable} if gen > 0 else {},
