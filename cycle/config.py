@@ -244,6 +244,9 @@ class VLLMBackendConfig:
     gpu_memory_utilization: float = 0.85
     cpu_memory_utilization: float = 0.2  # vLLM on a CPU: share of RAM it reserves (its gpu_memory_utilization there)
     max_num_seqs: int = 256
+    tensor_parallel_size: int = (
+        1  # GPUs one vLLM engine spans (offline mode); with Ray: cluster.annotate.gpus_per_actor
+    )
 
 
 @dataclass
@@ -260,6 +263,29 @@ class AnnotateConfig:
     kv_cache: str = "dynamic"
     openai: OpenAIBackendConfig = field(default_factory=OpenAIBackendConfig)
     vllm: VLLMBackendConfig = field(default_factory=VLLMBackendConfig)
+
+
+# ----------------------------------------------------------------------------------------------- cluster
+@dataclass
+class ClusterAnnotateConfig:
+    """The annotation pass on Ray Data: one actor per model copy, each holding one backend."""
+
+    actors: int = 2  # model copies working at once (one per GPU, or per tensor-parallel group)
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 0.0  # vLLM with tensor_parallel_size=k: k
+    # rows of the pinned samples table per shard: the unit of work, of resume and of loss on a failure
+    # (shard ids depend on it, so a pass resumes with the size it began with)
+    rows_per_shard: int = 1024
+
+
+@dataclass
+class ClusterConfig:
+    """Where the stages run: `local` (this process; imports no Ray) or `ray` (a Ray cluster)."""
+
+    executor: str = "local"
+    address: Optional[str] = None  # a Ray cluster ("ray://host:10001", "host:6379", "auto"); null: a local Ray
+    runtime_env: dict[str, Any] = field(default_factory=dict)  # Ray's runtime_env for the run's job
+    annotate: ClusterAnnotateConfig = field(default_factory=ClusterAnnotateConfig)
 
 
 # ----------------------------------------------------------------------------------------------- run
@@ -287,6 +313,7 @@ class RunConfig:
     lvlm: LVLMConfig = field(default_factory=LVLMConfig)
     annotate: AnnotateConfig = field(default_factory=AnnotateConfig)
     cycle: CycleConfig = field(default_factory=CycleConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -308,6 +335,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "lvlm.sft_save": ("auto", "merged", "adapter"),
     "lvlm.dtype": ("auto", "fp32", "bf16"),
     "device": ("auto", "cpu", "cuda"),
+    "cluster.executor": ("local", "ray"),
 }
 PROBABILITIES = (
     "loss.long_text_prob",
@@ -402,6 +430,7 @@ def _validate(cfg: DictConfig) -> None:
             raise ConfigError(f"config key '{key}': got {OmegaConf.select(cfg, key)!r}, expected >= 1")
     _validate_clip_train(cfg)
     _validate_lvlm_annotate(cfg)
+    _validate_cluster(cfg)
     _validate_names(cfg)
 
 
@@ -453,6 +482,38 @@ def _validate_store(cfg: DictConfig) -> None:
 
 
 # --- end store
+
+
+# --- cluster: the executor and the annotation actors
+def _validate_cluster(cfg: DictConfig) -> None:
+    c = cfg.cluster
+    for key in ("cluster.annotate.actors", "cluster.annotate.rows_per_shard", "annotate.vllm.tensor_parallel_size"):
+        if OmegaConf.select(cfg, key) < 1:
+            raise ConfigError(f"config key '{key}': got {OmegaConf.select(cfg, key)!r}, expected >= 1")
+    for key in ("cpus_per_actor", "gpus_per_actor"):
+        if getattr(c.annotate, key) < 0:
+            raise ConfigError(f"config key 'cluster.annotate.{key}': got {getattr(c.annotate, key)!r}, expected >= 0")
+    tp = cfg.annotate.vllm.tensor_parallel_size
+    if c.executor == "ray" and cfg.annotate.backend == "vllm" and tp > 1 and c.annotate.gpus_per_actor < tp:
+        raise ConfigError(
+            f"config key 'cluster.annotate.gpus_per_actor': {c.annotate.gpus_per_actor}, but one vLLM engine "
+            f"spans annotate.vllm.tensor_parallel_size={tp} GPUs: expected >= {tp}"
+        )
+    if c.address is not None and not str(c.address).strip():
+        raise ConfigError("config key 'cluster.address': empty, expected a Ray address or null (a local Ray)")
+    # runtime_env.env_vars travel in config.yaml, which is saved in the run folder: no secrets there
+    env_vars = c.runtime_env.get("env_vars") or {}
+    if not isinstance(env_vars, DictConfig):
+        raise ConfigError(f"config key 'cluster.runtime_env.env_vars': got {env_vars!r}, expected a mapping")
+    for key in env_vars:
+        if SECRET_OPTION.search(str(key)):
+            raise ConfigError(
+                f"config key 'cluster.runtime_env.env_vars.{key}': a secret in config (config.yaml is saved in "
+                "the run folder); set it in the environment of the Ray workers instead"
+            )
+
+
+# --- end cluster
 
 
 # --- lvlm / annotate: checks that depend on config values only (the stages and backends trust them)

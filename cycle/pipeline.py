@@ -215,6 +215,7 @@ def annotate_run(cfg: RunConfig, pins: dict, out_dir: Path, progress: bool = Tru
         progress=progress,
         device=cfg.device,
         lora_dir=adapter,
+        cluster=cfg.cluster,
     )
     version = store.tag("annotations", gen_tag(gen))
     return StageResult({"annotations_version": version, "stats": str(out_dir / "stats.json")}, flat_numbers(stats))

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from ..errors import HQClipError
 from ..files import write_text_atomic
-from ..store import is_usable, sql_in
+from ..store import PRESENT_LOOKUP_CHUNK, is_usable, sql_in
 from .backends import Backend, FailedGeneration, make_backend
 from .parse import ParseResult, parse_output
 from .quality import annotation_quality
@@ -47,6 +47,7 @@ def annotate_generation(
     splits: Sequence[str] = ("train",),
     device: str = "auto",
     lora_dir: Optional[str | Path] = None,
+    cluster: Any = None,
 ) -> dict:
     """Annotate the samples of `splits` at `samples_version` into `annotations` (generation `generation`).
 
@@ -54,47 +55,60 @@ def annotate_generation(
     the teacher). With `score_clip` (a CLIP checkpoint dir, CLIP_{g-1}) each row gets its desc-vs-neg_desc
     margin as `score`. `device` (the run's `device` setting) places the backend's model and the scorer.
     `lora_dir`: a LoRA adapter over `model_dir` (SFT's adapter-only output; transformers and vLLM).
+    `cluster` (a `ClusterConfig`) with `executor: ray` runs the pass on Ray (`ray_run`); otherwise here.
     Returns the stats also written to `out_dir/stats.json`.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     where = sql_in("split", splits)
-    todo = store.ids("samples", where, version=samples_version)
-    if not todo:
+    gen_where = f"generation = {int(generation)}"
+    total = store.count("samples", where, version=samples_version)
+    if not total:
         raise AnnotateError(f"annotate: samples@{samples_version} has no rows in splits {list(splits)}")
-    own_backend = backend is None
-    backend = backend or make_backend(cfg, model_dir, out_dir, device=device, lora_dir=lora_dir)
-    t0 = time.time()
-    tokens0 = getattr(backend, "generated_tokens", None)
-    try:
-        gen_where = f"generation = {int(generation)}"
-        _check_annotator(store, gen_where, generation, backend.fingerprint)
-        done = store.ids("annotations", gen_where)
-        todo -= done
-        scorer = None
-        if score_clip and todo:
-            from .score import ClipScorer
+    on_ray = backend is None and cluster is not None and cluster.executor == "ray"
+    if on_ray:
+        from .ray_run import annotate_on_ray
 
-            scorer = ClipScorer(score_clip, device=device)
-        written = _annotate(cfg, backend, store, samples_version, where, todo, generation, scorer, progress)
-    finally:
-        if own_backend:
-            backend.close()
-    seconds = time.time() - t0
+        this_run = annotate_on_ray(
+            cfg,
+            cluster,
+            model_dir,
+            store,
+            samples_version,
+            generation,
+            where,
+            out_dir,
+            lambda fingerprint: _check_annotator(store, gen_where, generation, fingerprint),
+            score_clip=score_clip,
+            device=device,
+            lora_dir=lora_dir,
+            progress=progress,
+        )
+        annotators = store.read("annotations", ["annotator"], gen_where).column("annotator")
+        fingerprint = annotators[0].as_py() if len(annotators) else None
+    else:
+        this_run, fingerprint = _annotate_here(
+            cfg,
+            model_dir,
+            store,
+            samples_version,
+            generation,
+            where,
+            out_dir,
+            backend,
+            score_clip,
+            progress,
+            device,
+            lora_dir,
+        )
     stats = generation_stats(store, generation)
     stats.update(
         samples_version=samples_version,
         splits=list(splits),
-        annotator=backend.fingerprint,
+        annotator=fingerprint,
         prompt_hash=prompt_hash(),
         scored_with=str(score_clip) if score_clip else None,
-        this_run={
-            "written": written,
-            "already_done": len(done),
-            "seconds": round(seconds, 2),
-            "rows_per_s": round(written / seconds, 2) if seconds > 0 else None,
-            "generated_tokens": None if tokens0 is None else backend.generated_tokens - tokens0,
-        },
+        this_run=this_run,
     )
     quality = annotation_quality(store, samples_version, generation, splits)
     if quality is not None:
@@ -103,11 +117,46 @@ def annotate_generation(
     return stats
 
 
+def _annotate_here(
+    cfg, model_dir, store, samples_version, generation, where, out_dir, backend, score_clip, progress, device, lora_dir
+) -> tuple[dict, str]:
+    """The pass in this process (`executor: local`, or a given backend). Returns (this_run, fingerprint)."""
+    from .shards import merge_leftover_staging
+
+    gen_where = f"generation = {int(generation)}"
+    own_backend = backend is None
+    backend = backend or make_backend(cfg, model_dir, out_dir, device=device, lora_dir=lora_dir)
+    t0 = time.time()
+    tokens0 = getattr(backend, "generated_tokens", None)
+    try:
+        _check_annotator(store, gen_where, generation, backend.fingerprint)
+        merge_leftover_staging(store, generation, samples_version, where)  # a pass begun on Ray, ended here
+        done = store.count("annotations", gen_where) if store.has("annotations") else 0
+        todo = max(store.count("samples", where, version=samples_version) - done, 0)
+        scorer = None
+        if score_clip and todo:
+            from .score import ClipScorer
+
+            scorer = ClipScorer(score_clip, device=device)
+        written = _annotate(cfg, backend, store, samples_version, where, todo, done > 0, generation, scorer, progress)
+    finally:
+        if own_backend:
+            backend.close()
+    seconds = time.time() - t0
+    return {
+        "written": written,
+        "already_done": done,
+        "seconds": round(seconds, 2),
+        "rows_per_s": round(written / seconds, 2) if seconds > 0 else None,
+        "generated_tokens": None if tokens0 is None else backend.generated_tokens - tokens0,
+    }, backend.fingerprint
+
+
 def _check_annotator(store, gen_where: str, generation: int, fingerprint: str) -> None:
     """A resumed pass must use the annotator that began it, or the generation would mix two models."""
     if not store.has("annotations"):
         return
-    found = set(store.read("annotations", ["annotator"], gen_where).column("annotator").to_pylist())
+    found = set(store.read("annotations", ["annotator"], gen_where).column("annotator").unique().to_pylist())
     others = found - {fingerprint}
     if others:
         raise AnnotateError(
@@ -117,11 +166,25 @@ def _check_annotator(store, gen_where: str, generation: int, fingerprint: str) -
         )
 
 
+def _not_yet_annotated(store, rows: list[dict], gen_where: str) -> list[dict]:
+    """The rows of one scan batch whose id has no annotation of the generation yet: an anti-join batch by
+    batch, looked up by the batch's own ids (`PRESENT_LOOKUP_CHUNK` per filter), never a whole-table set."""
+    ids = [r["id"] for r in rows]
+    present: set[str] = set()
+    for start in range(0, len(ids), PRESENT_LOOKUP_CHUNK):
+        found = store.read(
+            "annotations", ["id"], f"{gen_where} AND {sql_in('id', ids[start : start + PRESENT_LOOKUP_CHUNK])}"
+        )
+        present.update(found.column("id").to_pylist())
+    return [r for r in rows if r["id"] not in present] if present else rows
+
+
 def _annotate(
-    cfg, backend, store, samples_version, where, todo: set[str], generation: int, scorer, progress: bool
+    cfg, backend, store, samples_version, where, todo: int, resumed: bool, generation: int, scorer, progress: bool
 ) -> int:
     written, pending, batch = 0, [], []
-    bar = tqdm(total=len(todo), desc=f"annotate gen {generation}", unit="img", disable=not progress, dynamic_ncols=True)
+    gen_where = f"generation = {int(generation)}"
+    bar = tqdm(total=todo, desc=f"annotate gen {generation}", unit="img", disable=not progress, dynamic_ncols=True)
 
     def flush():
         nonlocal written, pending
@@ -148,11 +211,12 @@ def _annotate(
             version=samples_version,
             batch_size=max(cfg.batch_size, SCAN_ROWS_MIN),
         ):
-            for row in rb.to_pylist():
-                if row["id"] in todo:
-                    batch.append(row)
-                    if len(batch) >= cfg.batch_size:
-                        run_batch()
+            rows = rb.to_pylist()
+            # a fresh pass looks nothing up; a resumed one skips what an earlier run wrote
+            for row in _not_yet_annotated(store, rows, gen_where) if resumed else rows:
+                batch.append(row)
+                if len(batch) >= cfg.batch_size:
+                    run_batch()
         if batch:
             run_batch()
         flush()
@@ -223,44 +287,59 @@ def _parse(output: str) -> ParseResult:
     return parse_output(output)
 
 
+STATS_SCAN_ROWS = 4096  # annotation rows per batch while the stats are counted
+
+
 def generation_stats(store, generation: int) -> dict:
-    """Counts by status, parse rate, lengths and scores over all rows of `generation` in the store."""
+    """Counts by status, parse rate, lengths and scores over all rows of `generation` in the store, summed
+    over scan batches (running totals: no row is kept)."""
     cols = ["status", "reason", "desc", "neg_desc", "tags", "neg_tags", "attempts", "score"]
-    rows = store.read("annotations", cols, f"generation = {int(generation)}").to_pylist()
-    n = len(rows)
-    status = Counter(r["status"] for r in rows)
-    usable = [r for r in rows if is_usable(r["status"])]
-    sentences = [s for r in usable for s in r["desc"]]
-    tags = [t for r in usable for t in r["tags"]]
-    pairs = [
-        (p, q) for r in usable for k, nk in (("desc", "neg_desc"), ("tags", "neg_tags")) for p, q in zip(r[k], r[nk])
-    ]
-    scores = [r["score"] for r in rows if r["score"] is not None]
-    repairs = Counter(
-        part.split(":")[0].strip()
-        for r in rows
-        if r["status"] == "repaired"
-        for part in (r["reason"] or "").split("; ")
-    )
-    failures = Counter((r["reason"] or "").split(" (")[0] for r in rows if r["status"] == "failed")
+    status, repairs, failures = Counter(), Counter(), Counter()
+    sums = Counter()  # running totals of the means below
 
-    def mean(xs):
-        return round(sum(xs) / len(xs), 4) if xs else None
+    for rb in store.scan("annotations", cols, f"generation = {int(generation)}", batch_size=STATS_SCAN_ROWS):
+        for r in rb.to_pylist():
+            status[r["status"]] += 1
+            sums["attempts"] += r["attempts"]
+            if r["score"] is not None:
+                sums["scores"] += 1
+                sums["score_sum"] += r["score"]
+                sums["score_positive"] += r["score"] > 0
+            if r["status"] == "repaired":
+                repairs.update(part.split(":")[0].strip() for part in (r["reason"] or "").split("; "))
+            elif r["status"] == "failed":
+                failures[(r["reason"] or "").split(" (")[0]] += 1
+            if not is_usable(r["status"]):
+                continue
+            sums["usable"] += 1
+            sums["sentences"] += len(r["desc"])
+            sums["sentence_words"] += sum(len(x.split()) for x in r["desc"])
+            sums["tags"] += len(r["tags"])
+            sums["tag_words"] += sum(len(t.split()) for t in r["tags"])
+            for k, nk in (("desc", "neg_desc"), ("tags", "neg_tags")):
+                for p, q in zip(r[k], r[nk]):
+                    sums["pairs"] += 1
+                    sums["identical"] += p.strip().lower() == q.strip().lower()
 
+    def ratio(num: str, den: str):
+        return round(sums[num] / sums[den], 4) if sums[den] else None
+
+    n = sum(status.values())
+    sums["rows"] = n
     return {
         "generation": int(generation),
         "rows": n,
         "by_status": dict(status),
-        "parse_rate": round(len(usable) / n, 4) if n else None,
+        "parse_rate": ratio("usable", "rows"),
         "ok_rate": round(status.get("ok", 0) / n, 4) if n else None,
-        "mean_attempts": mean([r["attempts"] for r in rows]),
-        "sentences_per_image": mean([len(r["desc"]) for r in usable]),
-        "words_per_sentence": mean([len(s.split()) for s in sentences]),
-        "tags_per_image": mean([len(r["tags"]) for r in usable]),
-        "words_per_tag": mean([len(t.split()) for t in tags]),
-        "identical_negative_share": mean([float(p.strip().lower() == q.strip().lower()) for p, q in pairs]),
-        "score_mean": mean(scores),
-        "score_positive_share": mean([float(s > 0) for s in scores]),
+        "mean_attempts": ratio("attempts", "rows"),
+        "sentences_per_image": ratio("sentences", "usable"),
+        "words_per_sentence": ratio("sentence_words", "sentences"),
+        "tags_per_image": ratio("tags", "usable"),
+        "words_per_tag": ratio("tag_words", "tags"),
+        "identical_negative_share": ratio("identical", "pairs"),
+        "score_mean": ratio("score_sum", "scores"),
+        "score_positive_share": ratio("score_positive", "scores"),
         "repairs": dict(repairs.most_common(TOP_REASONS)),
         "failures": dict(failures.most_common(TOP_REASONS)),
     }

@@ -130,6 +130,7 @@ class VLLMBackend:
             "max_new_tokens": cfg.max_new_tokens,
             "min_new_tokens": min_new_tokens,
             "max_num_seqs": vcfg.max_num_seqs,
+            "tensor_parallel_size": vcfg.tensor_parallel_size,
             "gpu_memory_utilization": vcfg.gpu_memory_utilization,
             "cpu_memory_utilization": vcfg.cpu_memory_utilization,
             "device": device,

@@ -39,6 +39,7 @@ def main() -> int:
     kwargs = dict(
         model=cfg["model"],
         max_num_seqs=cfg["max_num_seqs"],
+        tensor_parallel_size=cfg.get("tensor_parallel_size") or None,  # GPUs one engine spans
         seed=0,
         limit_mm_per_prompt={"image": 1},
         max_model_len=cfg.get("max_model_len") or None,
