@@ -502,7 +502,9 @@ def _validate_cluster(cfg: DictConfig) -> None:
     if c.address is not None and not str(c.address).strip():
         raise ConfigError("config key 'cluster.address': empty, expected a Ray address or null (a local Ray)")
     # runtime_env.env_vars travel in config.yaml, which is saved in the run folder: no secrets there
-    env_vars = c.runtime_env.get("env_vars") or {}
+    env_vars = c.runtime_env.get("env_vars")
+    if env_vars is None:
+        return
     if not isinstance(env_vars, DictConfig):
         raise ConfigError(f"config key 'cluster.runtime_env.env_vars': got {env_vars!r}, expected a mapping")
     for key in env_vars:

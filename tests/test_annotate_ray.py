@@ -1,0 +1,301 @@
+"""Annotation on Ray (`cluster.executor: ray`): shard bookkeeping and the staging merge alone, then a
+local Ray cluster of two nodes (a head and a worker, 1 CPU each): the same annotations as the local pass,
+a killed controller resumed, a killed worker node, every training image annotated exactly once."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+from test_annotate_support import build_random_llava, make_store, sample_rows
+
+from cycle.annotate.run import annotate_generation
+from cycle.annotate.shards import (
+    Staging,
+    StagingMismatch,
+    plan_shards,
+    shard_ids,
+    staging_name,
+)
+from cycle.config import AnnotateConfig, ClusterConfig, load_config
+from cycle.store import Store
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def small_cfg(**kw) -> AnnotateConfig:
+    cfg = AnnotateConfig(batch_size=4, write_batch=8, max_new_tokens=10, retries=0)  # greedy only
+    for k, v in kw.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def ray_cfg(rows_per_shard: int = 4, address=None) -> ClusterConfig:
+    cfg = ClusterConfig(executor="ray", address=address)
+    cfg.annotate.actors, cfg.annotate.cpus_per_actor, cfg.annotate.rows_per_shard = 2, 1.0, rows_per_shard
+    return cfg
+
+
+def fragmented_store(path: Path, parts=(10, 7, 9)) -> Store:
+    """Samples written in several commits (several fragments), val rows mixed in."""
+    store = Store(path)
+    for i, n in enumerate(parts):
+        store.append("samples", sample_rows(n, prefix=f"p{i}-") + sample_rows(2, split="val", prefix=f"v{i}-"))
+    return store
+
+
+def ids_of(store: Store, generation: int) -> list[str]:
+    return store.read("annotations", ["id"], f"generation = {generation}").column("id").to_pylist()
+
+
+# ------------------------------------------------------------------------------ bookkeeping alone
+def test_ray_shards_are_deterministic_and_the_row_filter_reads_exactly_them(tmp_path):
+    store = fragmented_store(tmp_path / "lance")
+    samples = store.table("samples").to_lance()
+    where = "split IN ('train')"
+    plan = plan_shards(samples, where, rows_per_shard=4)
+    again = plan_shards(store.table("samples").to_lance(), where, rows_per_shard=4)
+    assert plan.expected == again.expected and plan.rows == 26 == store.count("samples", where)
+    # 3 fragments (10, 7, 9 train rows, then 2 val): shards of 4 rows numbered per fragment; a shard of val
+    # rows only (fragment 1, rows 8-11) holds nothing to do and is not planned
+    assert [(s >> 32, s & 0xFFFF) for s in sorted(plan.expected)] == [
+        (f, c) for f, n in ((0, 3), (1, 2), (2, 3)) for c in range(n)
+    ]
+    shards = sorted(plan.expected)
+    some = [shards[0], shards[1], shards[4], shards[7]]
+    rows = samples.to_table(columns=["id"], filter=plan.row_filter(some, where), with_row_address=True)
+    assert sorted(set(shard_ids(rows.column("_rowaddr"), 4).to_pylist())) == sorted(some)
+    assert rows.num_rows == sum(plan.expected[s] for s in some)
+    assert plan.fragments(some) == [0, 1, 2]
+
+
+def _shard_rows(ids: list[str], shard: int, generation: int = 1, annotator: str = "a") -> pa.Table:
+    from cycle.annotate.shards import STAGING_SCHEMA
+
+    rows = [
+        {"id": i, "generation": generation, "status": "failed", "attempts": 1, "annotator": annotator, "shard": shard}
+        for i in ids
+    ]
+    return pa.Table.from_pylist(rows, schema=STAGING_SCHEMA)
+
+
+def test_ray_staging_resumes_by_shard_and_merges_once_in_one_commit(tmp_path):
+    store = fragmented_store(tmp_path / "lance", parts=(8,))
+    samples = store.table("samples").to_lance()
+    plan = plan_shards(samples, "split = 'train'", rows_per_shard=4)
+    s0, s1 = sorted(plan.expected)[:2]
+    ids = store.read("samples", ["id"], "split = 'train'").column("id").to_pylist()
+    staging = Staging(store, 1, 4, samples.version)
+    assert staging.done_shards() == set() and not staging.exists()
+    staging.commit(_shard_rows(ids[:4], s0))
+    staging.commit(_shard_rows(ids[:4], s0))  # the same shard twice (a double commit): the merge guards
+    staging.commit(_shard_rows(ids[4:8], s1))
+    assert staging.done_shards() == {s0, s1} and staging.annotators() == {"a"}
+    # a resumed pass with another shard size would read other rows under the same shard ids
+    with pytest.raises(StagingMismatch, match="rows_per_shard=4"):
+        Staging(store, 1, 8, samples.version).table()
+    store.insert_new("annotations", [{"id": ids[0], "generation": 1, "status": "ok", "annotator": "a"}])
+    versions = len(store.versions("annotations"))
+    assert staging.merge_into_annotations(plan) == 7  # ids[0] was already there: insert-if-absent
+    assert len(store.versions("annotations")) == versions + 1  # one commit
+    assert sorted(ids_of(store, 1)) == sorted(ids)
+    assert staging.merge_into_annotations(plan) == 0  # a merge cut short before the drop is redone harmlessly
+    staging.drop()
+    assert not store.has(staging_name(1)) and sorted(ids_of(store, 1)) == sorted(ids)
+
+
+def test_ray_cluster_keys_are_checked_where_the_config_loads():
+    from cycle.config import ConfigError
+
+    cfg = load_config(None, ["name=t", "cluster.executor=ray", "cluster.annotate.rows_per_shard=64"])
+    assert cfg.cluster.executor == "ray" and cfg.cluster.address is None and cfg.cluster.annotate.rows_per_shard == 64
+    for override, key in (
+        ("cluster.executor=slurm", "cluster.executor"),
+        ("cluster.annotate.actors=0", "cluster.annotate.actors"),
+        ("cluster.annotate.rows_per_shard=0", "cluster.annotate.rows_per_shard"),
+        ("cluster.annotate.gpus_per_actor=-1", "cluster.annotate.gpus_per_actor"),
+        ("cluster.address=' '", "cluster.address"),
+        ("cluster.runtime_env.env_vars.AWS_SECRET_ACCESS_KEY=x", "cluster.runtime_env.env_vars.AWS_SECRET_ACCESS_KEY"),
+    ):
+        with pytest.raises(ConfigError, match=f"config key '{key}'"):
+            load_config(None, ["name=t", override])
+    with pytest.raises(ConfigError, match="gpus_per_actor"):
+        load_config(
+            None,
+            ["name=t", "cluster.executor=ray", "annotate.backend=vllm", "annotate.vllm.tensor_parallel_size=2"],
+        )
+
+
+LOCAL_CHILD = textwrap.dedent("""
+    import sys
+    from cycle.annotate.run import annotate_generation
+    from cycle.config import AnnotateConfig, ClusterConfig
+    import cycle.pipeline  # the controller's stages import nothing of Ray either
+    from cycle.store import Store
+    store = Store(sys.argv[1])
+    stats = annotate_generation(AnnotateConfig(batch_size=4, max_new_tokens=4, retries=0), sys.argv[2], store,
+                                store.version("samples"), 1, sys.argv[3], progress=False, cluster=ClusterConfig())
+    assert stats["rows"] == 6, stats
+    print("ray imported:", "ray" in sys.modules, "lance_ray imported:", "lance_ray" in sys.modules)
+""")
+
+
+@pytest.fixture(scope="module")
+def llava_dir(tmp_path_factory):
+    return build_random_llava(tmp_path_factory.mktemp("llava") / "model")
+
+
+def test_ray_is_never_imported_by_the_local_executor(tmp_path, llava_dir):
+    store = make_store(tmp_path / "lance", n_train=6, n_val=0)
+    script = tmp_path / "child.py"
+    script.write_text(LOCAL_CHILD)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(
+        [sys.executable, str(script), store.uri, str(llava_dir), str(tmp_path / "out")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "ray imported: False lance_ray imported: False" in out.stdout
+
+
+# ------------------------------------------------------------------------------ on a Ray cluster
+@pytest.fixture(scope="module")
+def ray_two_nodes():
+    """A head and one worker node, 1 CPU each, on loopback: one cluster for the module (start-up is slow)."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    worker = cluster.add_node(num_cpus=1)
+    ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
+    cluster.wait_for_nodes()
+    state = {"cluster": cluster, "worker": worker}
+    yield state
+    ray.shutdown()
+    cluster.shutdown()
+
+
+@pytest.mark.slow
+def test_ray_pass_writes_the_annotations_the_local_pass_writes(tmp_path, llava_dir, ray_two_nodes):
+    store = fragmented_store(tmp_path / "lance", parts=(10, 7, 9))
+    version = store.version("samples")
+    local = annotate_generation(small_cfg(), llava_dir, store, version, 1, tmp_path / "local", progress=False)
+    on_ray = annotate_generation(
+        small_cfg(), llava_dir, store, version, 2, tmp_path / "ray", progress=False, cluster=ray_cfg()
+    )
+    assert on_ray["this_run"]["executor"] == "ray" and on_ray["this_run"]["written"] == 26
+    assert on_ray["this_run"]["shards"] == {"total": 9, "already_done": 0, "run": 9}
+    cols = ["id", "raw_output", "status", "reason", "attempts", "annotator", "prompt_hash"]
+    by_gen = {
+        g: sorted(store.read("annotations", cols, f"generation = {g}").to_pylist(), key=lambda r: r["id"])
+        for g in (1, 2)
+    }
+    assert len(by_gen[2]) == 26 and len({r["id"] for r in by_gen[2]}) == 26
+    assert by_gen[1] == by_gen[2]  # greedy: the same raw output, status and annotator for every image
+    assert {k: v for k, v in local.items() if k not in ("generation", "this_run")} == {
+        k: v for k, v in on_ray.items() if k not in ("generation", "this_run")
+    }
+    assert not store.has(staging_name(2))
+
+
+DRIVER_CHILD = textwrap.dedent("""
+    import sys
+    from cycle.annotate.run import annotate_generation
+    from cycle.config import AnnotateConfig, ClusterConfig
+    from cycle.store import Store
+    cluster = ClusterConfig(executor="ray", address=sys.argv[5])
+    cluster.annotate.actors, cluster.annotate.rows_per_shard = 2, 4
+    store = Store(sys.argv[1])
+    annotate_generation(AnnotateConfig(batch_size=4, max_new_tokens=24, retries=0), sys.argv[2], store,
+                        int(sys.argv[3]), 1, sys.argv[4], progress=False, cluster=cluster)
+""")
+
+
+def _wait_for_shards(store_uri: str, generation: int, at_least: int, alive, deadline_s: float) -> int:
+    deadline = time.time() + deadline_s
+    while time.time() < deadline and alive():
+        store = Store(store_uri)
+        if store.has(staging_name(generation)):
+            n = store.db.open_table(staging_name(generation)).count_rows()
+            if n >= at_least:
+                return n
+        time.sleep(0.2)
+    return 0
+
+
+@pytest.mark.slow
+def test_ray_killed_controller_resumes_skipping_finished_shards(tmp_path, llava_dir, ray_two_nodes):
+    n = 48
+    store = make_store(tmp_path / "lance", n_train=n, n_val=0)
+    version = store.version("samples")
+    script = tmp_path / "driver.py"
+    script.write_text(DRIVER_CHILD)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    address = ray_two_nodes["cluster"].address
+    child = subprocess.Popen(
+        [sys.executable, str(script), store.uri, str(llava_dir), str(version), str(tmp_path / "out"), address],
+        env=env,
+        stderr=subprocess.PIPE,
+    )
+    staged = _wait_for_shards(store.uri, 1, 4, lambda: child.poll() is None, 240)
+    alive = child.poll() is None
+    os.kill(child.pid, signal.SIGKILL)  # the controller dies mid-pass; its actors go with its job
+    child.wait()
+    err = child.stderr.read().decode()[-2000:]
+    child.stderr.close()
+    assert alive and staged >= 4, f"the driver ended before it could be killed: {err}"
+    fresh = Store(store.uri)
+    at_kill = fresh.db.open_table(staging_name(1)).count_rows()
+    assert at_kill < n and (not fresh.has("annotations") or fresh.count("annotations") == 0)  # not merged yet
+
+    stats = annotate_generation(
+        small_cfg(max_new_tokens=24), llava_dir, fresh, version, 1, tmp_path / "out", progress=False, cluster=ray_cfg()
+    )
+    ids = ids_of(fresh, 1)
+    assert len(ids) == n and len(set(ids)) == n  # every image exactly once
+    shards = stats["this_run"]["shards"]
+    assert (
+        shards["already_done"] == at_kill // 4 and shards["already_done"] + shards["run"] == shards["total"] == n // 4
+    )
+    assert stats["this_run"]["already_done"] == at_kill and stats["this_run"]["written"] == n
+
+
+@pytest.mark.slow
+def test_ray_killed_worker_node_loses_no_row_and_duplicates_none(tmp_path, llava_dir, ray_two_nodes):
+    n = 48
+    store = make_store(tmp_path / "lance", n_train=n, n_val=0)
+    version = store.version("samples")
+    cfg = small_cfg(max_new_tokens=24)
+    outcome: dict = {}
+
+    def first_pass():
+        try:
+            outcome["stats"] = annotate_generation(
+                cfg, llava_dir, store, version, 1, tmp_path / "out", progress=False, cluster=ray_cfg()
+            )
+        except Exception as err:  # the pass may end with the node, or go on with the head's actor
+            outcome["error"] = err
+
+    thread = threading.Thread(target=first_pass)
+    thread.start()
+    staged = _wait_for_shards(store.uri, 1, 4, thread.is_alive, 240)
+    cluster = ray_two_nodes["cluster"]
+    cluster.remove_node(ray_two_nodes["worker"])  # the worker node's raylet and its actor die mid-pass
+    ray_two_nodes["worker"] = cluster.add_node(num_cpus=1)  # a replacement joins
+    thread.join(timeout=400)
+    assert staged >= 4 and not thread.is_alive()
+    stats = annotate_generation(cfg, llava_dir, store, version, 1, tmp_path / "out", progress=False, cluster=ray_cfg())
+    ids = ids_of(store, 1)
+    assert len(ids) == n and len(set(ids)) == n, outcome
+    assert stats["rows"] == n and not store.has(staging_name(1))
