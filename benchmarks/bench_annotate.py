@@ -27,14 +27,15 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def build_demo_llava(work: Path, num_heads: int = 0, clip_name: str = "") -> Path:
+def build_demo_llava(work: Path, num_heads: int = 0, clip_name: str = "", config: str = "emoji.yaml") -> Path:
+    """An untrained LLaVA shaped like `configs/<config>` (its CLIP as the tower, its tiny LM)."""
     from cycle.annotate.schema import build_prompt, model_input, to_target_json
     from cycle.clip.model import create_clip
     from cycle.clip.saved import save_clip
     from cycle.config import load_config
     from cycle.lvlm import build_lvlm, prepare_lm
 
-    cfg = load_config(REPO / "configs" / "emoji.yaml")
+    cfg = load_config(REPO / "configs" / config)
     clip_name = clip_name or cfg.clip.name
     clip_dir = save_clip(create_clip(clip_name, image_size=cfg.data.emoji.image_size)[0], clip_name, work / "clip")
     rng = random.Random(0)
