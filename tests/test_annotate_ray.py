@@ -289,3 +289,28 @@ def test_ray_killed_controller_then_killed_node_every_image_once(tmp_path, llava
     if "stats" in outcome:  # resumed in one go: exactly the shards the killed controller had committed
         assert shards["already_done"] == at_kill // 4 and stats["this_run"]["already_done"] == at_kill
     assert stats["rows"] == n and not store.has(staging_name(1))
+
+
+def test_ray_staging_left_by_a_ray_pass_is_merged_by_a_local_one(tmp_path, llava_dir):
+    from cycle.annotate.backends.transformers_backend import TransformersBackend
+    from cycle.errors import HQClipError
+
+    store = make_store(tmp_path / "lance", n_train=8, n_val=0)
+    samples = store.table("samples").to_lance()
+    plan = plan_shards(samples, "split IN ('train')", rows_per_shard=4)
+    ids = store.read("samples", ["id"]).column("id").to_pylist()
+    fingerprint = TransformersBackend(llava_dir, device="cpu", max_new_tokens=1).fingerprint
+    staging = Staging(store, 1, 4, samples.version)
+    staging.commit(_shard_rows(ids[:4], min(plan.expected), annotator="another model"))
+    with pytest.raises(HQClipError, match="begun by annotator another model"):
+        annotate_generation(small_cfg(), llava_dir, store, samples.version, 1, tmp_path / "o", progress=False)
+    staging.drop()
+    staged = _shard_rows(ids[:4], min(plan.expected), annotator=fingerprint)
+    staging.commit(
+        staged.set_column(staged.schema.get_field_index("raw_output"), "raw_output", pa.array(["staged"] * 4))
+    )
+    stats = annotate_generation(small_cfg(), llava_dir, store, samples.version, 1, tmp_path / "o", progress=False)
+    rows = {r["id"]: r["raw_output"] for r in store.read("annotations", ["id", "raw_output"]).to_pylist()}
+    assert sorted(rows) == sorted(ids) and all(rows[i] == "staged" for i in ids[:4])  # merged, not redone
+    assert stats["this_run"]["already_done"] == 4 and stats["this_run"]["written"] == 4
+    assert not store.has(staging_name(1))

@@ -122,8 +122,8 @@ def annotate_on_ray(
     progress: bool = True,
 ) -> dict:
     """Annotate the rows of `samples@samples_version` matching `where` on the Ray cluster `cluster` names
-    (a `ClusterConfig`) and merge them into `annotations`. `check_annotator(fingerprint)` refuses a pass
-    whose annotator differs from the one that began the generation (called on the first rows back).
+    (a `ClusterConfig`) and merge them into `annotations`. `check_annotator(fingerprint, staged=())` refuses
+    an annotator other than the one that began the generation (in `annotations`, or the `staged` ones).
     Returns this pass's figures (`this_run` of the stats)."""
     import lance_ray
     import ray.data
@@ -135,10 +135,12 @@ def annotate_on_ray(
     plan, version = staging_plan(store, samples_version, where, actors.rows_per_shard)
     staging = Staging(store, generation, actors.rows_per_shard, version)
     done = staging.done_shards() & plan.expected.keys()
-    for fingerprint in staging.annotators():
+    staged = staging.annotators()
+    for fingerprint in staged:  # staging and annotations begun by one annotator
         check_annotator(fingerprint)
     todo = sorted(s for s in plan.expected if s not in done)
-    committer = ShardCommitter(staging, plan, check_annotator)
+    # and this pass's annotator (known from the first rows back) is that one too
+    committer = ShardCommitter(staging, plan, lambda fingerprint: check_annotator(fingerprint, staged))
     todo_rows = sum(plan.expected[s] for s in todo)
     if todo:
         samples = store.table("samples", version).to_lance()

@@ -69,6 +69,11 @@ def annotate_generation(
     if on_ray:
         from .ray_run import annotate_on_ray
 
+        def check_annotator(fingerprint: str, staged: Sequence[str] = ()) -> None:
+            _check_annotator(store, gen_where, generation, fingerprint)
+            for began in staged:
+                _same_annotator(generation, began, fingerprint)
+
         this_run = annotate_on_ray(
             cfg,
             cluster,
@@ -78,7 +83,7 @@ def annotate_generation(
             generation,
             where,
             out_dir,
-            lambda fingerprint: _check_annotator(store, gen_where, generation, fingerprint),
+            check_annotator,
             score_clip=score_clip,
             device=device,
             lora_dir=lora_dir,
@@ -130,7 +135,14 @@ def _annotate_here(
     tokens0 = getattr(backend, "generated_tokens", None)
     try:
         _check_annotator(store, gen_where, generation, backend.fingerprint)
-        merge_leftover_staging(store, generation, samples_version, where)  # a pass begun on Ray, ended here
+        # a pass begun on Ray and ended here: its finished shards count
+        merge_leftover_staging(
+            store,
+            generation,
+            samples_version,
+            where,
+            lambda staged: _same_annotator(generation, staged, backend.fingerprint),
+        )
         done = store.count("annotations", gen_where) if store.has("annotations") else 0
         todo = max(store.count("samples", where, version=samples_version) - done, 0)
         scorer = None
@@ -154,13 +166,16 @@ def _annotate_here(
 
 def _check_annotator(store, gen_where: str, generation: int, fingerprint: str) -> None:
     """A resumed pass must use the annotator that began it, or the generation would mix two models."""
-    if not store.has("annotations"):
-        return
-    found = set(store.read("annotations", ["annotator"], gen_where).column("annotator").unique().to_pylist())
-    others = found - {fingerprint}
-    if others:
+    if store.has("annotations"):
+        found = store.read("annotations", ["annotator"], gen_where).column("annotator").unique().to_pylist()
+        for began in found:
+            _same_annotator(generation, began, fingerprint)
+
+
+def _same_annotator(generation: int, began: str, fingerprint: str) -> None:
+    if began != fingerprint:
         raise AnnotateError(
-            f"annotations of generation {generation} were begun by annotator {sorted(others)[0]}, "
+            f"annotations of generation {generation} were begun by annotator {began}, "
             f"this pass uses {fingerprint}: finish with the same model, or delete that "
             "generation's annotations first"
         )

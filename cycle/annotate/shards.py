@@ -189,14 +189,19 @@ def staging_plan(store: Store, samples_version: int | str, where: str, rows_per_
     return plan_shards(samples, where, rows_per_shard), samples.version
 
 
-def merge_leftover_staging(store: Store, generation: int, samples_version: int | str, where: str) -> Optional[int]:
-    """Merge and drop a staging table a pass on Ray left (the pass now runs locally); None if there is none."""
+def merge_leftover_staging(
+    store: Store, generation: int, samples_version: int | str, where: str, check_annotator
+) -> Optional[int]:
+    """Merge and drop a staging table a pass on Ray left (the pass now runs locally); None if there is none.
+    `check_annotator(fingerprint)` refuses staging written by another annotator."""
     if not store.has(staging_name(generation)):
         return None
     meta = store.db.open_table(staging_name(generation)).schema.metadata or {}
     rows_per_shard = int(meta.get(SHARD_SIZE_KEY, b"0") or 0) or 1
     plan, version = staging_plan(store, samples_version, where, rows_per_shard)
     staging = Staging(store, generation, rows_per_shard, version)
+    for fingerprint in staging.annotators():
+        check_annotator(fingerprint)
     merged = staging.merge_into_annotations(plan)
     staging.drop()
     return merged
