@@ -314,3 +314,48 @@ def test_ray_staging_left_by_a_ray_pass_is_merged_by_a_local_one(tmp_path, llava
     assert sorted(rows) == sorted(ids) and all(rows[i] == "staged" for i in ids[:4])  # merged, not redone
     assert stats["this_run"]["already_done"] == 4 and stats["this_run"]["written"] == 4
     assert not store.has(staging_name(1))
+
+
+VLLM_PYTHON = os.environ.get("HQCLIP_VLLM_PYTHON", "")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not VLLM_PYTHON or not Path(VLLM_PYTHON).exists(),
+    reason="opt-in: set HQCLIP_VLLM_PYTHON to a vLLM environment's python (scripts/build_vllm_cpu_env.sh)",
+)
+def test_ray_vllm_actors_serve_the_lora_adapter(tmp_path, ray_two_nodes):
+    """vLLM in each actor through the existing backend: the base LLaVA + a LoRA adapter (LoRARequest),
+    `tensor_parallel_size` GPUs per engine where there are GPUs (1 on a CPU)."""
+    import torch
+
+    from cycle.config import LoraConfig
+    from cycle.lvlm.assemble import load_lvlm
+    from cycle.lvlm.finetune import with_lora
+
+    llava = build_random_llava(tmp_path / "llava", hidden=64)  # head_dim 32: vLLM's CPU attention has it
+    base, _ = load_lvlm(llava)
+    model = with_lora(base, LoraConfig(r=8, alpha=16, dropout=0.0))
+    model.save_pretrained(tmp_path / "adapter")
+    store = make_store(tmp_path / "lance", n_train=8, n_val=0)
+    cfg = small_cfg(backend="vllm", max_new_tokens=8)
+    cfg.vllm.python = VLLM_PYTHON
+    gpus = min(torch.cuda.device_count(), 2)
+    cfg.vllm.tensor_parallel_size = max(gpus, 1)
+    cluster = ray_cfg()
+    cluster.annotate.actors, cluster.annotate.gpus_per_actor = 1, float(gpus)
+    stats = annotate_generation(
+        cfg,
+        llava,
+        store,
+        store.version("samples"),
+        1,
+        tmp_path / "out",
+        progress=False,
+        lora_dir=tmp_path / "adapter",
+        device="cuda" if gpus else "cpu",
+        cluster=cluster,
+    )
+    ids = ids_of(store, 1)
+    assert len(ids) == 8 == len(set(ids)) and stats["this_run"]["executor"] == "ray"
+    assert stats["annotator"].startswith("vllm:") and not stats["annotator"].endswith(":none")  # the adapter
