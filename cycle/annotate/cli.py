@@ -97,6 +97,7 @@ def annotate_run(
         splits=splits,
         device=device,
         lora_dir=lora_dir,
+        cluster=cfg.cluster,  # cluster.executor=ray runs it on Ray
     )
     keys = ("rows", "by_status", "parse_rate", "sentences_per_image", "tags_per_image", "score_mean", "this_run")
     for key in keys:
