@@ -44,9 +44,9 @@ def ray_cfg(rows_per_shard: int = 4, address=None) -> ClusterConfig:
     return cfg
 
 
-def fragmented_store(path: Path, parts=(10, 7, 9)) -> Store:
+def fragmented_store(uri, parts=(10, 7, 9), storage_options=None) -> Store:
     """Samples written in several commits (several fragments), val rows mixed in."""
-    store = Store(path)
+    store = Store(uri, storage_options)
     for i, n in enumerate(parts):
         store.append("samples", sample_rows(n, prefix=f"p{i}-") + sample_rows(2, split="val", prefix=f"v{i}-"))
     return store
@@ -186,9 +186,28 @@ def ray_two_nodes():
     cluster.shutdown()
 
 
+@pytest.fixture
+def s3_bucket():
+    """A moto S3 server on loopback with one bucket; yields the Lance storage options that reach it."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    from cycle.clip.dist import free_port
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    keys = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", **keys).create_bucket(Bucket="ray-run")
+    yield {"aws_endpoint": endpoint, "aws_region": "us-east-1", "allow_http": "true", **keys}
+    server.stop()
+
+
 @pytest.mark.slow
-def test_ray_pass_writes_the_annotations_the_local_pass_writes(tmp_path, llava_dir, ray_two_nodes):
-    store = fragmented_store(tmp_path / "lance", parts=(10, 7, 9))
+def test_ray_pass_writes_the_annotations_the_local_pass_writes(tmp_path, llava_dir, ray_two_nodes, s3_bucket):
+    """On a store in an S3 bucket (moto on loopback): actors read it through lance-ray, staging lives there."""
+    store = fragmented_store("s3://ray-run/run/lance", parts=(10, 7, 9), storage_options=s3_bucket)
     version = store.version("samples")
     local = annotate_generation(small_cfg(), llava_dir, store, version, 1, tmp_path / "local", progress=False)
     on_ray = annotate_generation(
