@@ -1,9 +1,11 @@
 """The annotation pass of one generation: every training sample of a pinned `samples` version, once.
 
-Resumable by construction: samples already in `annotations` for this generation are skipped, and rows
-are written with insert-if-absent in batches, so a pass killed at any point and run again neither
-duplicates nor loses a row. A sample whose output cannot be parsed is retried with sampling and another
-seed, then kept as a failed row with its raw output and the reason (never dropped).
+Resumable by construction: samples already in `annotations` for this generation are skipped (looked up
+batch by batch as the samples are scanned: no set of ids is held), and rows are written with
+insert-if-absent in batches, so a pass killed at any point and run again neither duplicates nor loses a
+row. A sample whose output cannot be parsed is retried with sampling and another seed, then kept as a
+failed row with its raw output and the reason (never dropped). With `cluster.executor: ray` the pass runs
+on Ray Data instead (`ray_run`: shards, staging, one merge); this module then only adds the stats.
 """
 
 from __future__ import annotations
@@ -105,6 +107,7 @@ def annotate_generation(
             progress,
             device,
             lora_dir,
+            total,
         )
     stats = generation_stats(store, generation)
     stats.update(
@@ -123,7 +126,19 @@ def annotate_generation(
 
 
 def _annotate_here(
-    cfg, model_dir, store, samples_version, generation, where, out_dir, backend, score_clip, progress, device, lora_dir
+    cfg,
+    model_dir,
+    store,
+    samples_version,
+    generation,
+    where,
+    out_dir,
+    backend,
+    score_clip,
+    progress,
+    device,
+    lora_dir,
+    total,
 ) -> tuple[dict, str]:
     """The pass in this process (`executor: local`, or a given backend). Returns (this_run, fingerprint)."""
     from .shards import merge_leftover_staging
@@ -144,7 +159,7 @@ def _annotate_here(
             lambda staged: _same_annotator(generation, staged, backend.fingerprint),
         )
         done = store.count("annotations", gen_where) if store.has("annotations") else 0
-        todo = max(store.count("samples", where, version=samples_version) - done, 0)
+        todo = max(total - done, 0)
         scorer = None
         if score_clip and todo:
             from .score import ClipScorer
