@@ -29,6 +29,7 @@ from cycle.config import AnnotateConfig, ClusterConfig, load_config
 from cycle.store import Store
 
 REPO = Path(__file__).resolve().parents[1]
+WAIT_S = 900  # for the first shards of a pass: generous, the cores may be shared with other jobs
 
 
 def small_cfg(**kw) -> AnnotateConfig:
@@ -269,7 +270,7 @@ def test_ray_killed_controller_then_killed_node_every_image_once(tmp_path, llava
         env=env,
         stderr=subprocess.PIPE,
     )
-    staged = _wait_for_shards(store.uri, 1, 4, lambda: child.poll() is None, 240)
+    staged = _wait_for_shards(store.uri, 1, 4, lambda: child.poll() is None, WAIT_S)
     alive = child.poll() is None
     os.kill(child.pid, signal.SIGKILL)  # the controller dies mid-pass; its job's actors go with it
     child.wait()
@@ -292,10 +293,10 @@ def test_ray_killed_controller_then_killed_node_every_image_once(tmp_path, llava
 
     thread = threading.Thread(target=resumed_pass)
     thread.start()
-    _wait_for_shards(store.uri, 1, at_kill + 4, thread.is_alive, 240)
+    _wait_for_shards(store.uri, 1, at_kill + 4, thread.is_alive, WAIT_S)
     cluster.remove_node(ray_two_nodes["worker"])  # the worker node's raylet and its actor die mid-pass
     ray_two_nodes["worker"] = cluster.add_node(num_cpus=1)  # a replacement joins
-    thread.join(timeout=400)
+    thread.join(timeout=WAIT_S)
     assert not thread.is_alive()
     stats = outcome.get("stats") or annotate_generation(
         cfg, llava_dir, store, version, 1, tmp_path / "out", progress=False, cluster=ray_cfg()
