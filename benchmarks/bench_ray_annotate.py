@@ -72,12 +72,12 @@ def main() -> None:
     ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
     cluster.wait_for_nodes()
 
-    passes = []
-    generation = 0
+    params = sum(p.numel() for p in _load(model_dir).parameters())
+    passes: list[dict] = []
     try:
         for repeat in range(args.repeats):
             for executor in ("local", "ray"):
-                generation += 1
+                generation = len(passes) + 1
                 load = os.getloadavg()[0]
                 t0 = time.perf_counter()
                 stats = annotate_generation(
@@ -104,10 +104,14 @@ def main() -> None:
                     }
                 )
                 print(passes[-1], flush=True)
+                write(store, passes, args, cfg, overrides, params)  # after every pass: a cut-short run still reports
     finally:
         ray.shutdown()
         cluster.shutdown()
+    print(report(json.loads((RESULTS / "ray_annotate.json").read_text())))
 
+
+def write(store, passes: list[dict], args, cfg, overrides: list[str], params: int) -> None:
     # greedy, so the passes agree but for near-ties that thread counts and batch padding tip (an untrained
     # model's logits are nearly flat): the share of images whose raw output equals the first pass's
     def outputs(g: int) -> dict:
@@ -118,7 +122,8 @@ def main() -> None:
     for g, p in enumerate(passes, 1):
         other = outputs(g)
         p["same_raw_output_as_pass_1"] = round(sum(other[i] == o for i, o in first.items()) / len(first), 3)
-    best = {e: max(p["images_per_s"] for p in passes if p["executor"] == e) for e in ("local", "ray")}
+    done = {e: [p["images_per_s"] for p in passes if p["executor"] == e] for e in ("local", "ray")}
+    best = {e: max(v) if v else None for e, v in done.items()}
     pairs = [
         round(r["images_per_s"] / lo["images_per_s"], 3)
         for lo, r in zip(passes[0::2], passes[1::2])  # each ray pass against the local pass just before it
@@ -126,20 +131,20 @@ def main() -> None:
     result = {
         "config": "configs/tiny.yaml",
         "overrides": overrides,
-        "model_dir_params": sum(p.numel() for p in _load(model_dir).parameters()),
+        "model_dir_params": params,
         "max_new_tokens": cfg.annotate.max_new_tokens,
         "batch_size": cfg.annotate.batch_size,
         "local_threads": args.local_threads,
         "passes": passes,
+        "complete": len(passes) == 2 * args.repeats,
         "best_images_per_s": best,
         "ratio_ray_over_local_per_pair": pairs,
-        "ratio_best": round(best["ray"] / best["local"], 3),
+        "ratio_best": round(best["ray"] / best["local"], 3) if best["ray"] and best["local"] else None,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, shared with other jobs",
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "ray_annotate.json").write_text(json.dumps(result, indent=2))
     (RESULTS / "ray_annotate.md").write_text(report(result))
-    print(report(result))
 
 
 def _load(model_dir: Path):
@@ -168,6 +173,8 @@ def report(r: dict) -> str:
             f"| {i} | {p['executor']} | {p['images']} | {p['seconds']} | {p['images_per_s']} "
             f"| {p['load_avg_1min_before']} | {p['same_raw_output_as_pass_1']:.1%} |"
         )
+    if not r["complete"]:
+        lines += ["", "(cut short: fewer passes than asked for)"]
     lines += [
         "",
         f"Ray / local, each ray pass against the local pass before it: {r['ratio_ray_over_local_per_pair']}; "
