@@ -24,6 +24,8 @@ from .errors import HQClipError
 
 # Ids per `IN (...)` lookup when checking which keys of a batch are already stored: bounded filter size.
 PRESENT_LOOKUP_CHUNK = 1000
+# Rows per record batch of a streaming scan: what a whole-table read holds at once instead of the table.
+SCAN_BATCH_ROWS = 1024
 
 _text_list = pa.list_(pa.string())
 
@@ -207,15 +209,24 @@ class Store:
     def count(self, name: str, where: str | None = None, version: int | str | None = None) -> int:
         return self.table(name, version).count_rows(where)
 
-    def count_by(self, name: str, column: str, version: int | str | None = None) -> dict:
-        """Rows per value of one column (split, generation, status, reason), reading that column only."""
-        counts = self.read(name, [column], version=version).group_by(column).aggregate([([], "count_all")])
-        return dict(
-            sorted(
-                zip(counts.column(column).to_pylist(), counts.column("count_all").to_pylist()),
-                key=lambda kv: (kv[0] is None, kv[0]),
-            )
-        )
+    def count_by(
+        self,
+        name: str,
+        column: str | list[str],
+        version: int | str | None = None,
+        where: str | None = None,
+        batch_size: int = SCAN_BATCH_ROWS,
+    ) -> dict:
+        """Rows per value of a column (split, generation, status, reason), or per tuple of values of several
+        columns, in a streaming scan of those columns only (one batch's values in memory, not the column)."""
+        columns = [column] if isinstance(column, str) else list(column)
+        counts: dict = {}
+        for rb in self.scan(name, columns, where, version, batch_size):
+            part = pa.Table.from_batches([rb]).group_by(columns).aggregate([([], "count_all")])
+            keys = [part.column(c).to_pylist() for c in columns]
+            for key, n in zip(zip(*keys) if len(columns) > 1 else keys[0], part.column("count_all").to_pylist()):
+                counts[key] = counts.get(key, 0) + n
+        return dict(sorted(counts.items(), key=lambda kv: _none_last(kv[0])))
 
     # -- writes --------------------------------------------------------------------------------------
     def append(self, name: str, rows: pa.Table | list[dict]) -> int:
@@ -268,10 +279,19 @@ class Store:
         columns: list[str] | None = None,
         where: str | None = None,
         version: int | str | None = None,
-        batch_size: int = 1024,
+        batch_size: int = SCAN_BATCH_ROWS,
     ) -> Iterator[pa.RecordBatch]:
+        """The rows of `read(...)`, in the same order, as record batches of at most `batch_size` rows."""
         ds = self.table(name, version).to_lance()
         yield from ds.to_batches(columns=columns, filter=where, batch_size=batch_size)
+
+    def present(self, name: str, ids: Iterable[str], version: int | str | None = None) -> set[str]:
+        """Which of `ids` (a bounded batch of them) are in table `name`'s key column: `IN (...)` lookups,
+        never every key of the table in Python. A table not created yet holds none."""
+        if not self.has(name):
+            return set()
+        ds = self.table(name, version).to_lance()
+        return {key[0] for key in _present_keys(ds, KEYS[name][:1], ids)}
 
     def check_filter(self, name: str, where: str, version: int | str | None = None) -> None:
         """Raise `BadFilter` naming `where` unless Lance can parse and plan it on table `name` (reads no rows)."""
@@ -335,14 +355,26 @@ def _dedupe(data: pa.Table, keys: list[str]) -> pa.Table:
     return data if len(keep) == data.num_rows else data.take(keep)
 
 
-def _drop_present(tbl, data: pa.Table, keys: list[str], chunk: int = PRESENT_LOOKUP_CHUNK) -> pa.Table:
+def _none_last(key):
+    """Sort key of a value or a tuple of values, with None after every value (SQL's NULLS LAST)."""
+    return tuple((v is None, v) for v in key) if isinstance(key, tuple) else (key is None, key)
+
+
+def _present_keys(ds, keys: list[str], first_values: Iterable, chunk: int = PRESENT_LOOKUP_CHUNK) -> set[tuple]:
+    """The key tuples (columns `keys`) of dataset `ds` whose first key is among `first_values`, looked up
+    `chunk` values per `IN (...)` filter (no full read)."""
+    values = list(dict.fromkeys(first_values))
+    present = set()
+    for start in range(0, len(values), chunk):
+        found = ds.to_table(columns=keys, filter=sql_in(keys[0], values[start : start + chunk]))
+        present.update(zip(*(found.column(k).to_pylist() for k in keys)))
+    return present
+
+
+def _drop_present(tbl, data: pa.Table, keys: list[str]) -> pa.Table:
     """Rows of `data` whose key is not yet in `tbl`, looked up by the batch's own values of the first key
     column (no full scan)."""
-    ids = data.column(keys[0]).to_pylist()
-    present = set()
-    for start in range(0, len(ids), chunk):
-        found = tbl.to_lance().to_table(columns=keys, filter=sql_in(keys[0], set(ids[start : start + chunk])))
-        present.update(zip(*(found.column(k).to_pylist() for k in keys)))
+    present = _present_keys(tbl.to_lance(), keys, data.column(keys[0]).to_pylist())
     if not present:
         return data
     cols = [data.column(k).to_pylist() for k in keys]
