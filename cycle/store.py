@@ -285,6 +285,25 @@ class Store:
         ds = self.table(name, version).to_lance()
         yield from ds.to_batches(columns=columns, filter=where, batch_size=batch_size)
 
+    def rows_by_id(
+        self,
+        name: str,
+        ids: Iterable[str],
+        columns: list[str] | None = None,
+        where: str | None = None,
+        version: int | str | None = None,
+        chunk: int = PRESENT_LOOKUP_CHUNK,
+    ) -> dict[str, dict]:
+        """The rows of `ids` (a bounded set of them) as dicts by id, fetched `chunk` ids per `IN (...)`
+        filter (and `where`, when given), never the whole table. An id without a row is absent."""
+        wanted = sorted(set(ids))
+        out: dict[str, dict] = {}
+        for start in range(0, len(wanted), chunk):
+            keys = sql_in("id", wanted[start : start + chunk])
+            rows = self.read(name, columns, f"{keys} AND ({where})" if where else keys, version=version)
+            out.update((r["id"], r) for r in rows.to_pylist())
+        return out
+
     def present(self, name: str, ids: Iterable[str], version: int | str | None = None) -> set[str]:
         """Which of `ids` (a bounded batch of them) are in table `name`'s key column: `IN (...)` lookups,
         never every key of the table in Python. A table not created yet holds none."""
