@@ -304,6 +304,30 @@ class Store:
             out.update((r["id"], r) for r in rows.to_pylist())
         return out
 
+    def ids_at(
+        self,
+        name: str,
+        positions: Iterable[int],
+        where: str | None = None,
+        version: int | str | None = None,
+        batch_size: int = SCAN_BATCH_ROWS,
+    ) -> list[str]:
+        """The ids at `positions` (0-based, in the given order) of the rows `read(name, where=where)` returns,
+        found by a batched scan of the id column: a random sample of rows without reading every row."""
+        positions = list(positions)
+        wanted, found, offset = set(positions), {}, 0
+        for rb in self.scan(name, ["id"], where, version, batch_size):
+            if wanted:
+                ids = rb.column("id")
+                found.update((p, ids[p - offset].as_py()) for p in wanted if offset <= p < offset + rb.num_rows)
+            offset += rb.num_rows
+            if len(found) == len(wanted):
+                break
+        missing = [p for p in positions if p not in found]
+        if missing:
+            raise IndexError(f"{name}: position {missing[0]} is past the {offset} rows of the scan")
+        return [found[p] for p in positions]
+
     def present(self, name: str, ids: Iterable[str], version: int | str | None = None) -> set[str]:
         """Which of `ids` (a bounded batch of them) are in table `name`'s key column: `IN (...)` lookups,
         never every key of the table in Python. A table not created yet holds none."""
