@@ -15,14 +15,18 @@ The parts:
   the image checks, batched commits of `store.write_batch` rows).
 - annotate: `cycle.annotate.run.annotate_generation` of generation 1 with the `openai` backend against the
   loopback chat-completions server of `tests/openai_server.py` (run in its own process, not measured), so
-  the model's cost does not dominate. The pass resumes one in which all but `--annotate-new` rows (2,000)
-  are already annotated by the same annotator (written before the measured process starts): what scales
-  with the table is the bookkeeping (the to-do selection over every row, the scan, the statistics and the
-  quality pass over the whole generation); the write path runs over the new rows. `--annotate-new 0`
-  annotates every row through the server instead (slow: ~N/300 s).
+  the model's cost does not dominate. The samples carry scene graphs (one object each, in `meta` as the
+  built-in dataset stores them), so the pass's quality report reads every row's facts. The pass resumes
+  one in which all but `--annotate-new` rows (2,000) are already annotated by the same annotator (written
+  before the measured process starts): what scales with the table is the bookkeeping (the to-do
+  selection over every row, the scan, the statistics and the quality pass over the whole generation);
+  the write path runs over the new rows. `--annotate-new 0` annotates every row through the server.
+- annotate-steps (diagnostic, not a target): the pieces of that pass alone, each in its own process on
+  the annotated table, after one warm-up filtered scan (Lance's scan machinery costs a fixed ~100 MB the
+  first time): the to-do and done id sets, `generation_stats`, `annotation_quality`.
 - index: what one training rank builds before its first step: `cycle.data.loader.PairDataset` over the
   train split joined with generation 1's annotations, a `ResumableSampler` and `make_loader`, then 4
-  batches of 64 drawn (workers: 0).
+  batches of 64 drawn (workers: 0). Same table as annotate.
 
 Writes `benchmarks/results/memory_scale.json` (raw figures, merged per part) and `memory_scale.md`.
 """
@@ -42,13 +46,16 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "benchmarks" / "results"
-PARTS = ("ingest", "annotate", "index")
+PARTS = ("ingest", "annotate", "annotate-steps", "index")
+TARGETS = ("ingest", "annotate", "index")  # the parts issue 12's target is about
+STEPS = ("todo-sets", "generation-stats", "quality")
 TARGET_RATIO = 1.3
 PICTURES = 64  # distinct 8x8 PNGs the rows cycle through
 PARQUET_ROW_GROUP = 10_000
 GENERATION = 1
 INDEX_BATCH, INDEX_BATCHES = 64, 4
-PREFILL_BATCH = 20_000  # annotation rows per append when preparing an annotated table
+PREFILL_BATCH = 20_000  # rows per append when preparing a table
+POSITIONS = ("left", "right", "top", "bottom", "center")
 
 
 def _env() -> dict:
@@ -110,6 +117,51 @@ def write_source(path: Path, rows: int) -> Path:
     return path
 
 
+def write_scene_store(path: Path, rows: int):
+    """A store whose `samples` are `rows` 8x8 pictures with one-object scene graphs in `meta` and the
+    scene's description as alt-text (written directly, a batch at a time; ingest is measured apart)."""
+    import hashlib
+
+    import pyarrow as pa
+
+    from cycle.data.emoji.language import describe
+    from cycle.data.emoji.vocab import candidates
+    from cycle.store import SAMPLES, Store
+
+    store = Store(path)
+    if store.has("samples") and store.count("samples") == rows:
+        return store
+    pics, names = pictures(), [o.name for o in candidates()]
+    digests = [hashlib.sha256(p).hexdigest() for p in pics]
+    for start in range(0, rows, PREFILL_BATCH):
+        idx = range(start, min(rows, start + PREFILL_BATCH))
+        scenes = [
+            {
+                "background": "white",
+                "objects": [{"name": names[i % len(names)], "count": 1 + i % 3, "position": POSITIONS[i % 5]}],
+            }
+            for i in idx
+        ]
+        store.append(
+            "samples",
+            pa.table(
+                {
+                    "id": [f"r{i:07d}" for i in idx],
+                    "image": [pics[i % PICTURES] for i in idx],
+                    "alt_text": [describe(sc) for sc in scenes],
+                    "source": ["bench"] * len(idx),
+                    "split": ["train"] * len(idx),
+                    "width": [8] * len(idx),
+                    "height": [8] * len(idx),
+                    "sha256": [digests[i % PICTURES] for i in idx],
+                    "meta": [json.dumps({"scene": sc, "alt_noise": "clean"}) for sc in scenes],
+                },
+                schema=SAMPLES,
+            ),
+        )
+    return store
+
+
 def annotate_cfg(base_url: str):
     from cycle.config import AnnotateConfig, OpenAIBackendConfig
 
@@ -168,7 +220,8 @@ def child_ingest(work: Path) -> dict:
     from cycle.store import Store
 
     base = _current_rss_mb()
-    report = ingest(work / "source.parquet", Store(work / "lance"), kind="parquet", cfg=DataConfig(), progress=False)
+    store = Store(work / "lance-ingest")
+    report = ingest(work / "source.parquet", store, kind="parquet", cfg=DataConfig(), progress=False)
     return {"baseline_rss_mb": base, "ingested": report.ingested, "rejected": report.rejected_total}
 
 
@@ -181,7 +234,35 @@ def child_annotate(work: Path, base_url: str) -> dict:
     stats = annotate_generation(
         annotate_cfg(base_url), None, store, store.version("samples"), GENERATION, work / "annotate", progress=False
     )
-    return {"baseline_rss_mb": base, "written": stats["this_run"]["written"], "rows": stats.get("rows")}
+    quality = stats.get("quality") or {}
+    return {
+        "baseline_rss_mb": base,
+        "written": stats["this_run"]["written"],
+        "quality_scenes": quality.get("scenes"),
+        "annotation_f1": quality.get("annotation", {}).get("f1"),
+    }
+
+
+def child_step(work: Path, step: str) -> dict:
+    """One piece of the annotation pass alone (see the module docstring), after a warm-up filtered scan."""
+    from cycle.store import Store
+
+    store = Store(work / "lance")
+    store.count("samples", "split = 'train'")
+    store.present("samples", ["r0000000"])
+    base = _current_rss_mb()
+    if step == "todo-sets":
+        todo = store.ids("samples", "split IN ('train')") - store.ids("annotations", f"generation = {GENERATION}")
+        out = {"todo": len(todo)}
+    elif step == "generation-stats":
+        from cycle.annotate.run import generation_stats
+
+        out = {"rows": generation_stats(store, GENERATION).get("rows")}
+    else:
+        from cycle.annotate.quality import annotation_quality
+
+        out = {"scenes": annotation_quality(store, store.version("samples"), GENERATION)["scenes"]}
+    return {"baseline_rss_mb": base, **out}
 
 
 def child_index(work: Path) -> dict:
@@ -199,10 +280,10 @@ def child_index(work: Path) -> dict:
     return {"baseline_rss_mb": base, "dataset_rows": len(dataset), "batches": drawn}
 
 
-def run_child(part: str, work: Path, base_url: str = "") -> dict:
+def run_child(part: str, work: Path, base_url: str = "", step: str = "") -> dict:
     started = time.time()
     proc = subprocess.run(
-        [sys.executable, __file__, "--child", part, "--workdir", str(work), "--base-url", base_url],
+        [sys.executable, __file__, "--child", part, "--workdir", str(work), "--base-url", base_url, "--step", step],
         env=_env(),
         cwd=REPO,
         capture_output=True,
@@ -261,15 +342,13 @@ def start_server() -> tuple[subprocess.Popen, str]:
 def measure(part: str, rows: int, workdir: Path, annotate_new: int) -> dict:
     work = workdir / f"rows-{rows}"
     work.mkdir(parents=True, exist_ok=True)
-    write_source(work / "source.parquet", rows)
-    if part == "ingest" or not (work / "lance").exists():
-        shutil.rmtree(work / "lance", ignore_errors=True)
-        ingested = run_child("ingest", work)
-        if part == "ingest":
-            return ingested
-    from cycle.store import Store
-
-    store = Store(work / "lance")
+    if part == "ingest":
+        write_source(work / "source.parquet", rows)
+        shutil.rmtree(work / "lance-ingest", ignore_errors=True)
+        result = run_child("ingest", work)
+        shutil.rmtree(work / "lance-ingest", ignore_errors=True)
+        return result
+    store = write_scene_store(work / "lance", rows)
     if part == "annotate":
         server, base_url = start_server()
         try:
@@ -284,9 +363,28 @@ def measure(part: str, rows: int, workdir: Path, annotate_new: int) -> dict:
             server.wait(timeout=30)
         result["prefilled"] = prefilled
         return result
-    if store.count("annotations", f"generation = {GENERATION}") < rows:  # the index alone: annotate first
+    if store.count("annotations", f"generation = {GENERATION}") < rows:  # run alone: annotated as a pass would
         prefill_annotations(store, "bench-prefill", 0)
+    if part == "annotate-steps":
+        return {step: run_child("annotate-steps", work, step=step) for step in STEPS}
     return run_child("index", work)
+
+
+def _rows_md(label: str, runs: dict, target: bool) -> list[str]:
+    lines, sizes = [], sorted(runs, key=int)
+    for rows in sizes:
+        r = runs[rows]
+        ratio, met = "", ""
+        if rows != sizes[0]:
+            value = r["peak_rss_mb"] / runs[sizes[0]]["peak_rss_mb"]
+            ratio = f"{value:.2f}"
+            met = ("yes" if value <= TARGET_RATIO else "**no**") if target else "(diagnostic)"
+        work = r["peak_rss_mb"] - r["baseline_rss_mb"]
+        lines.append(
+            f"| {label} | {int(rows):,} | {r['peak_rss_mb']:.0f} | {r['baseline_rss_mb']:.0f} | {work:.0f} | "
+            f"{r['wall_s']:.0f} | {ratio} | {met} |"
+        )
+    return lines
 
 
 def write_results(figures: dict) -> None:
@@ -296,26 +394,20 @@ def write_results(figures: dict) -> None:
         "# Peak RSS against the table size (issue 12: memory flat in the data size)",
         "",
         "Written by `benchmarks/bench_memory_scale.py` (see its docstring for what each part runs). Each figure",
-        'is one fresh process\'s peak RSS (`ru_maxrss`); "work" is the peak less the RSS after its imports.',
+        'is one fresh process\'s peak RSS (`ru_maxrss`); "work" is the peak less the RSS after its imports',
+        "(annotate-steps: after its warm-up scan).",
         f"Target: peak at the larger size <= {TARGET_RATIO}x the peak at the smaller.",
         "",
-        "| part | rows | peak RSS (MB) | after imports (MB) | work (MB) | wall (s) | ratio of peaks | target met |",
+        "| part | rows | peak RSS (MB) | baseline (MB) | work (MB) | wall (s) | ratio of peaks | target met |",
         "|---|---:|---:|---:|---:|---:|---:|:---:|",
     ]
     for part in PARTS:
         runs = figures.get(part, {})
-        sizes = sorted(runs, key=int)
-        for rows in sizes:
-            r = runs[rows]
-            ratio, met = "", ""
-            if rows != sizes[0]:
-                ratio_value = r["peak_rss_mb"] / runs[sizes[0]]["peak_rss_mb"]
-                ratio, met = f"{ratio_value:.2f}", "yes" if ratio_value <= TARGET_RATIO else "**no**"
-            work = r["peak_rss_mb"] - r["baseline_rss_mb"]
-            lines.append(
-                f"| {part} | {int(rows):,} | {r['peak_rss_mb']:.0f} | {r['baseline_rss_mb']:.0f} | {work:.0f} | "
-                f"{r['wall_s']:.0f} | {ratio} | {met} |"
-            )
+        if part == "annotate-steps":
+            for step in STEPS:
+                lines += _rows_md(f"annotate: {step}", {n: r[step] for n, r in runs.items() if step in r}, False)
+        else:
+            lines += _rows_md(part, runs, part in TARGETS)
     lines += ["", "Details per run (JSON): `benchmarks/results/memory_scale.json`.", ""]
     (OUT / "memory_scale.md").write_text("\n".join(lines))
 
@@ -330,6 +422,7 @@ def main() -> None:
     ap.add_argument("--child", choices=PARTS, help=argparse.SUPPRESS)
     ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--base-url", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--step", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve:
         return serve()
@@ -337,6 +430,8 @@ def main() -> None:
         started = time.time()
         if args.child == "annotate":
             result = child_annotate(args.workdir, args.base_url)
+        elif args.child == "annotate-steps":
+            result = child_step(args.workdir, args.step)
         else:
             result = {"ingest": child_ingest, "index": child_index}[args.child](args.workdir)
         result.update(peak_rss_mb=round(_peak_rss_mb(), 1), seconds=round(time.time() - started, 1))
@@ -350,10 +445,8 @@ def main() -> None:
         for rows in args.rows:
             result = measure(part, rows, args.workdir, args.annotate_new)
             figures.setdefault(part, {})[str(rows)] = result
-            print(
-                f"{part} at {rows:,} rows: peak RSS {result['peak_rss_mb']:.0f} MB ({result['wall_s']:.0f} s)",
-                flush=True,
-            )
+            for label, r in result.items() if part == "annotate-steps" else [(part, result)]:
+                print(f"{label} at {rows:,} rows: peak RSS {r['peak_rss_mb']:.0f} MB ({r['wall_s']:.0f} s)", flush=True)
             write_results(figures)
     if args.clean:
         shutil.rmtree(args.workdir, ignore_errors=True)
