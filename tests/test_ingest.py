@@ -334,7 +334,7 @@ def test_parquet_with_bytes_paths_and_hf_image_structs(tmp_path):
     assert store.count("samples") == 3
 
 
-def test_duplicate_ids_are_refused_the_same_with_tiny_batches_and_lookups(tmp_path):
+def test_duplicate_ids_are_refused_the_same_with_tiny_batches_and_lookups(tmp_path, monkeypatch):
     """The duplicate check looks ids up per read-ahead chunk (no set of every id): with one-row chunks and
     two-row commits it refuses exactly what the defaults refuse, within a chunk, across chunks and commits,
     and against an earlier ingest, and a first copy that is rejected for its image does not shadow a later
@@ -351,7 +351,10 @@ def test_duplicate_ids_are_refused_the_same_with_tiny_batches_and_lookups(tmp_pa
     outcomes = []
     tiny = {"write_batch": 2, "lookup_rows": 1}  # every chunk a lookup, rows waiting for their commit
     mid = {"write_batch": 2, "lookup_rows": 5}  # commits in the middle of a chunk
-    for name, knobs in (("default", {}), ("tiny", tiny), ("mid", mid)):
+    for name, knobs in (("default", {}), ("tiny", tiny), ("mid", mid), ("indexed", mid)):
+        if name == "indexed":  # ids looked up in a BTREE index refreshed every 2 rows (a large table's path)
+            monkeypatch.setattr("cycle.store.KEY_INDEX_MIN_ROWS", 2)
+            monkeypatch.setattr("cycle.data.ingest.ID_INDEX_REFRESH_ROWS", 2)
         store = Store(tmp_path / name)
         first = ingest(tmp_path / "a.parquet", store, cfg=CFG, progress=False, **knobs)
         second = ingest(tmp_path / "b.parquet", store, cfg=CFG, progress=False, **knobs)
@@ -361,7 +364,8 @@ def test_duplicate_ids_are_refused_the_same_with_tiny_batches_and_lookups(tmp_pa
         outcomes.append(
             (first.ingested, first.rejected, second.ingested, second.rejected, again.rejected, samples, rejects)
         )
-    assert outcomes[0] == outcomes[1] == outcomes[2]
+    assert outcomes[0] == outcomes[1] == outcomes[2] == outcomes[3]
+    assert [list(i.field_names) for i in store.table("samples").to_lance().describe_indices()] == [["id"]]
     ingested, rejected, ingested2, rejected2, rejected_again, samples, rejects = outcomes[0]
     assert ingested == 7 and rejected == Counter({"duplicate_id": 4, "empty_image": 1})
     assert ingested2 == 1 and rejected2 == Counter({"duplicate_id": 2})

@@ -130,3 +130,17 @@ def test_batched_scan_helpers_answer_like_whole_reads(store):
         store.ids_at("samples", [13], where)
     assert store.rows_by_id("samples", ["s01", "absent"], ["id"], where="split = 'val'") == {}
     assert store.count_by("samples", "split", batch_size=3) == {"train": 13, "val": 7}
+
+
+def test_compaction_indexes_the_keys_of_a_large_table(store, monkeypatch):
+    for i in range(3):
+        store.insert_new("annotations", [annotation(10 * i + k) for k in range(10)])
+    store.compact()
+    assert store.table("annotations").to_lance().describe_indices() == []  # small: a scan is as fast
+    monkeypatch.setattr("cycle.store.KEY_INDEX_MIN_ROWS", 20)
+    store.compact()
+    (index,) = store.table("annotations").to_lance().describe_indices()
+    assert list(index.field_names) == ["id"] and not store.index_keys("annotations")  # up to date: no commit
+    assert store.insert_new("annotations", [annotation(5), annotation(99)]) == 1  # the index answers lookups
+    assert store.index_keys("annotations")  # the new row taken in
+    assert sorted(store.rows_by_id("annotations", ["img-005", "img-099", "img-100"], ["id"])) == ["img-005", "img-099"]

@@ -42,6 +42,9 @@ from .readers import RawPair, expand_sources, read_folder, read_parquet, read_sh
 
 KINDS = ("folder", "wds", "parquet", "auto")
 REPORT_TABLE_MIN_WIDTH = 60  # columns: room for a source path in the title
+# A large `samples` table's id index (`Store.index_keys`) takes in the rows written since every this many
+# rows, so the duplicate lookups scan at most this many unindexed ids.
+ID_INDEX_REFRESH_ROWS = 1_000_000
 
 
 @dataclass
@@ -150,10 +153,17 @@ def ingest(
     seen = _SeenIds(store)
     rows: list[dict] = []
     rejects: list[dict] = []
+    store.index_keys("samples")  # a large table's ids are looked up in its index
+    unindexed = 0
 
     def flush() -> None:
+        nonlocal unindexed
         if rows:
+            if unindexed >= ID_INDEX_REFRESH_ROWS:
+                store.index_keys("samples")
+                unindexed = 0
             report.samples_version = store.append("samples", rows)
+            unindexed += len(rows)
             rows.clear()
         if rejects:
             store.insert_new("rejects", rejects)  # a reject stored by an earlier ingest is not stored again
