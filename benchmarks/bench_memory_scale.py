@@ -249,7 +249,7 @@ def child_step(work: Path, step: str) -> dict:
 
     store = Store(work / "lance")
     store.count("samples", "split = 'train'")
-    store.present("samples", ["r0000000"])
+    store.read("samples", ["id"], "id IN ('r0000000')")
     base = _current_rss_mb()
     if step == "todo-sets":
         todo = store.ids("samples", "split IN ('train')") - store.ids("annotations", f"generation = {GENERATION}")
