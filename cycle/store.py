@@ -30,6 +30,8 @@ PRESENT_LOOKUP_CHUNK = 1000
 KEY_INDEX_MIN_ROWS = 1_000_000
 # Rows per record batch of a streaming scan: what a whole-table read holds at once instead of the table.
 SCAN_BATCH_ROWS = 1024
+# Rows per batch of a scan of a few small columns (ids, splits, scores): a few MB, and few batches to loop over.
+COLUMN_SCAN_ROWS = 65_536
 
 _text_list = pa.list_(pa.string())
 
@@ -219,7 +221,7 @@ class Store:
         column: str | list[str],
         version: int | str | None = None,
         where: str | None = None,
-        batch_size: int = SCAN_BATCH_ROWS,
+        batch_size: int = COLUMN_SCAN_ROWS,
     ) -> dict:
         """Rows per value of a column (split, generation, status, reason), or per tuple of values of several
         columns, in a streaming scan of those columns only (one batch's values in memory, not the column)."""
@@ -314,7 +316,7 @@ class Store:
         positions: Iterable[int],
         where: str | None = None,
         version: int | str | None = None,
-        batch_size: int = SCAN_BATCH_ROWS,
+        batch_size: int = COLUMN_SCAN_ROWS,
     ) -> list[str]:
         """The ids at `positions` (0-based, in the given order) of the rows `read(name, where=where)` returns,
         found by a batched scan of the id column: a random sample of rows without reading every row."""

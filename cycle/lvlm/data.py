@@ -23,7 +23,7 @@ from PIL import Image
 
 from ..annotate.schema import FORMULA_KEYS, IMAGE_TOKEN, build_prompt, model_input, to_target_json, validate
 from ..config import EmojiScenesConfig
-from ..store import SCAN_BATCH_ROWS, USABLE, Store
+from ..store import COLUMN_SCAN_ROWS, USABLE, Store
 from .common import LVLMError
 
 log = logging.getLogger(__name__)
@@ -102,7 +102,7 @@ def align_examples(store: Store, samples_version, teacher_version, extra_ids=Non
 
 
 def alt_text_caption_ids(
-    store: Store, samples_version, teacher_version, share: float, seed: int, batch_size: int = SCAN_BATCH_ROWS
+    store: Store, samples_version, teacher_version, share: float, seed: int, batch_size: int = COLUMN_SCAN_ROWS
 ) -> list[str]:
     """A seeded `share` of the non-seed training samples with a non-empty alt-text: extra alignment data
     captioned by that alt-text (noisy, like LLaVA stage 1's web captions, but 2-3x the seed set's images).
@@ -297,7 +297,7 @@ def align_input(e: Example, epoch: int) -> str:
 
 
 def best_previous_annotations(
-    store: Store, annotations_version, generation: int, share: float, batch_size: int = SCAN_BATCH_ROWS
+    store: Store, annotations_version, generation: int, share: float, batch_size: int = COLUMN_SCAN_ROWS
 ) -> list[dict]:
     """The best-scored `share` of generation `generation`'s usable annotations (`store.USABLE`), best
     first (ties by id); failed and unscored rows are skipped. Scores are scanned in batches and the best
