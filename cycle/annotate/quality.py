@@ -44,6 +44,23 @@ class _Means:
         return sorted(self.totals)
 
 
+def _scene(meta_json: Optional[str]) -> Optional[tuple[dict, str]]:
+    """(scene graph, kind of alt-text noise) of a `samples.meta`, or None when it holds no scene."""
+    if meta_json and '"scene"' in meta_json:
+        meta = json.loads(meta_json)
+        if isinstance(meta, dict) and "scene" in meta:
+            return meta["scene"], meta.get("alt_noise", "unknown")
+    return None
+
+
+def _has_scenes(store, samples_version, where: str) -> bool:
+    """Whether any sample of `where` holds a scene graph: a scan that stops at the first one."""
+    for rb in store.scan("samples", ["meta"], f"({where}) AND meta LIKE '%\"scene\"%'", samples_version):
+        if any(_scene(m) for m in rb.column("meta").to_pylist()):
+            return True
+    return False
+
+
 def annotation_quality(
     store,
     samples_version: int | str,
@@ -53,41 +70,37 @@ def annotation_quality(
 ) -> Optional[dict]:
     """Fact precision/recall/F1 of annotations and of alt-text against scene graphs; None without scenes.
 
-    One batched scan of the samples; each batch's annotations (and whether its ids are seeds) are looked
-    up by id, so memory holds a batch and the running sums, not the table."""
+    One batched scan of the generation's annotations; each batch's samples (and whether its ids are seeds)
+    are looked up by id, in `samples`' key index on a large table, so memory holds a batch and the running
+    sums, not the table, and time grows with the rows."""
     from ..data.emoji.facts import fact_prf, scene_facts, text_facts
     from ..data.emoji.vocab import candidates
 
-    names: Optional[tuple] = None
+    in_splits = sql_in("split", splits)
+    if not _has_scenes(store, samples_version, in_splits):
+        return None
+    names = tuple(o.name for o in candidates())
     teacher_rows = store.count("teacher") if store.has("teacher") else 0
     # Seed images were the annotator's SFT data: their annotations are partly recall, so the images it
     # never trained on are scored apart too (`unseen`).
     unseen, scores, by_kind = _Means(), _Means(), defaultdict(_Means)
-    n_scenes, n = 0, 0
-    neg_false, neg_total, usable = 0, 0, 0
-    for rb in store.scan("samples", ["id", "alt_text", "meta"], sql_in("split", splits), samples_version, batch_size):
-        scenes = {}
-        for row in rb.to_pylist():
-            if row["meta"] and '"scene"' in row["meta"]:
-                meta = json.loads(row["meta"])
-                if isinstance(meta, dict) and "scene" in meta:
-                    scenes[row["id"]] = (meta["scene"], row["alt_text"], meta.get("alt_noise", "unknown"))
-        if not scenes:
-            continue
-        n_scenes += len(scenes)
-        if names is None:
-            names = tuple(o.name for o in candidates())
-        ann = store.rows_by_id(
-            "annotations", scenes, ["id", "status", "desc", "neg_desc", "tags"], f"generation = {int(generation)}"
+    n, neg_false, neg_total, usable = 0, 0, 0, 0
+    columns = ["id", "status", "desc", "neg_desc", "tags"]
+    for rb in store.scan("annotations", columns, f"generation = {int(generation)}", batch_size=batch_size):
+        ann = rb.to_pylist()
+        samples = store.rows_by_id(
+            "samples", [r["id"] for r in ann], ["id", "alt_text", "meta"], in_splits, samples_version
         )
-        seeds = store.present("teacher", scenes) if teacher_rows else set()
-        for sid, (scene, alt, kind_of_noise) in scenes.items():
-            row = ann.get(sid)
-            if row is None:
+        seeds = store.present("teacher", samples) if teacher_rows else set()
+        for row in ann:
+            sample = samples.get(row["id"])
+            found = _scene(sample["meta"]) if sample else None
+            if found is None:
                 continue
+            (scene, kind_of_noise), sid = found, row["id"]
             n += 1
             true = scene_facts(scene)
-            alt_pred = text_facts(alt, names)
+            alt_pred = text_facts(sample["alt_text"], names)
             ok = is_usable(row["status"])
             usable += ok
             pred = text_facts(list(row["desc"]) + list(row["tags"]), names) if ok else set()
@@ -107,8 +120,6 @@ def annotation_quality(
                 for sentence in row["neg_desc"]:
                     neg_total += 1
                     neg_false += bool(text_facts(sentence, names) - true)
-    if not n_scenes:
-        return None
     out: dict = {
         "scenes": n,
         "schema_valid_share": round(usable / n, 4) if n else None,
