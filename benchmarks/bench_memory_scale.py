@@ -23,7 +23,8 @@ The parts:
   the write path runs over the new rows. `--annotate-new 0` annotates every row through the server.
 - annotate-steps (diagnostic, not a target): the pieces of that pass alone, each in its own process on
   the annotated table, after one warm-up filtered scan (Lance's scan machinery costs a fixed ~100 MB the
-  first time): the to-do and done id sets, `generation_stats`, `annotation_quality`.
+  first time), its peak read from `VmHWM` reset after the warm-up: the to-do and done id sets,
+  `generation_stats`, `annotation_quality`.
 - index: what one training rank builds before its first step: `cycle.data.loader.PairDataset` over the
   train split joined with generation 1's annotations, a `ResumableSampler` and `make_loader`, then 4
   batches of 64 drawn (workers: 0). Same table as annotate.
@@ -71,6 +72,12 @@ def _env() -> dict:
 
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _hwm_mb() -> float:
+    """Peak RSS since the last reset (`/proc/self/clear_refs`), from /proc/self/status."""
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:")) / 1024
 
 
 def _current_rss_mb() -> float:
@@ -251,6 +258,8 @@ def child_step(work: Path, step: str) -> dict:
     store.count("samples", "split = 'train'")
     store.read("samples", ["id"], "id IN ('r0000000')")
     base = _current_rss_mb()
+    with open("/proc/self/clear_refs", "w") as fh:  # the peak from here on: the warm-up's is not the step's
+        fh.write("5")
     if step == "todo-sets":
         todo = store.ids("samples", "split IN ('train')") - store.ids("annotations", f"generation = {GENERATION}")
         out = {"todo": len(todo)}
@@ -262,7 +271,7 @@ def child_step(work: Path, step: str) -> dict:
         from cycle.annotate.quality import annotation_quality
 
         out = {"scenes": annotation_quality(store, store.version("samples"), GENERATION)["scenes"]}
-    return {"baseline_rss_mb": base, **out}
+    return {"baseline_rss_mb": base, "peak_rss_mb": round(_hwm_mb(), 1), **out}
 
 
 def child_index(work: Path) -> dict:
@@ -395,7 +404,7 @@ def write_results(figures: dict) -> None:
         "",
         "Written by `benchmarks/bench_memory_scale.py` (see its docstring for what each part runs). Each figure",
         'is one fresh process\'s peak RSS (`ru_maxrss`); "work" is the peak less the RSS after its imports',
-        "(annotate-steps: after its warm-up scan).",
+        "(annotate-steps: the peak after its warm-up scan, less the RSS then).",
         f"Target: peak at the larger size <= {TARGET_RATIO}x the peak at the smaller.",
         "",
         "| part | rows | peak RSS (MB) | baseline (MB) | work (MB) | wall (s) | ratio of peaks | target met |",
@@ -434,7 +443,8 @@ def main() -> None:
             result = child_step(args.workdir, args.step)
         else:
             result = {"ingest": child_ingest, "index": child_index}[args.child](args.workdir)
-        result.update(peak_rss_mb=round(_peak_rss_mb(), 1), seconds=round(time.time() - started, 1))
+        result.setdefault("peak_rss_mb", round(_peak_rss_mb(), 1))
+        result["seconds"] = round(time.time() - started, 1)
         result["baseline_rss_mb"] = round(result["baseline_rss_mb"], 1)
         print(json.dumps(result))
         return None
