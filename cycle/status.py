@@ -100,14 +100,17 @@ def samples_across_generations(
         filters.append(f"({where})")
     if where:
         store.check_filter("samples", where, version)  # a typo in --where: one line naming it
-    table = store.read(
-        "samples", ["id", "alt_text", "split", "image", "meta"], " AND ".join(filters) or None, version=version
-    )
-    rows = table.to_pylist()
-    if sample:
+    where_all = " AND ".join(filters) or None
+    columns = ["id", "alt_text", "split", "image", "meta"]
+    if sample:  # the rows `random.sample` picks from the whole selection, reading the selection's ids only
         import random
 
-        rows = random.Random(seed).sample(rows, min(sample, len(rows)))
+        n = store.count("samples", where_all, version)
+        picked = store.ids_at("samples", random.Random(seed).sample(range(n), min(sample, n)), where_all, version)
+        by_id = store.rows_by_id("samples", picked, columns, version=version)
+        rows = [by_id[i] for i in picked]
+    else:
+        rows = store.read("samples", columns, where_all, version=version).to_pylist()
     wanted = [r["id"] for r in rows]
     teacher_rows = _by_id(store, "teacher", wanted, data.get("teacher_version"))
     for gen in gens if gens is not None else [g for g in state.generations if g > 0]:
@@ -126,8 +129,7 @@ def samples_across_generations(
 def _by_id(store: Store, name: str, ids: list[str], version, extra: Optional[str] = None) -> dict:
     if not ids or version is None or not store.has(name):
         return {}
-    where = sql_in("id", ids) + (f" AND {extra}" if extra else "")
-    return {r["id"]: r for r in store.read(name, where=where, version=version).to_pylist()}
+    return store.rows_by_id(name, ids, where=extra, version=version)
 
 
 def data_text(value) -> Text:

@@ -68,6 +68,8 @@ def test_quality_compares_annotations_and_alt_text_with_scene_graphs(tmp_path, t
     for kind in ("generic", "filename"):  # alt-text naming nothing states no fact; the teacher reads the image
         if kind in by_kind:
             assert by_kind[kind]["alt_text_f1"] == 0.0 and by_kind[kind]["annotation_f1"] > 0.5
+    # Streamed a few samples at a time (each batch's annotations and seeds looked up by id): the same figures.
+    assert annotation_quality(store, version, 1, batch_size=7) == q
     # A generation without annotations has nothing to measure yet.
     assert annotation_quality(store, version, 2) == {
         "scenes": 0,

@@ -334,6 +334,56 @@ def test_parquet_with_bytes_paths_and_hf_image_structs(tmp_path):
     assert store.count("samples") == 3
 
 
+def test_duplicate_ids_are_refused_the_same_with_tiny_batches_and_lookups(tmp_path, monkeypatch):
+    """The duplicate check looks ids up per read-ahead chunk (no set of every id): with one-row chunks and
+    two-row commits it refuses exactly what the defaults refuse, within a chunk, across chunks and commits,
+    and against an earlier ingest, and a first copy that is rejected for its image does not shadow a later
+    good copy."""
+    ids = ["a", "b", "a", "c", "b", "d", "bad", "bad", "e", "a", "f'q", "f'q"]
+    images = [encode("PNG", i) for i in range(len(ids))]
+    images[6] = b""  # the first "bad" is an empty image: the second "bad" is the one that goes in
+    pq.write_table(
+        pa.table({"id": ids, "image": images, "text": [f"t{i}" for i in range(len(ids))]}), tmp_path / "a.parquet"
+    )
+    pq.write_table(
+        pa.table({"id": ["d", "g", "g"], "image": images[:3], "text": ["x", "y", "z"]}), tmp_path / "b.parquet"
+    )
+    outcomes = []
+    tiny = {"write_batch": 2, "lookup_rows": 1}  # every chunk a lookup, rows waiting for their commit
+    mid = {"write_batch": 2, "lookup_rows": 5}  # commits in the middle of a chunk
+    for name, knobs in (("default", {}), ("tiny", tiny), ("mid", mid), ("indexed", mid)):
+        if name == "indexed":  # ids looked up in a BTREE index refreshed every 2 rows (a large table's path)
+            monkeypatch.setattr("cycle.store.KEY_INDEX_MIN_ROWS", 2)
+            monkeypatch.setattr("cycle.data.ingest.ID_INDEX_REFRESH_ROWS", 2)
+        store = Store(tmp_path / name)
+        first = ingest(tmp_path / "a.parquet", store, cfg=CFG, progress=False, **knobs)
+        second = ingest(tmp_path / "b.parquet", store, cfg=CFG, progress=False, **knobs)
+        again = ingest(tmp_path / "a.parquet", store, cfg=CFG, progress=False, **knobs)
+        samples = store.read("samples", ["id", "alt_text"]).to_pylist()
+        rejects = sorted(map(tuple, (r.values() for r in store.read("rejects").to_pylist())))
+        outcomes.append(
+            (first.ingested, first.rejected, second.ingested, second.rejected, again.rejected, samples, rejects)
+        )
+    assert outcomes[0] == outcomes[1] == outcomes[2] == outcomes[3]
+    assert [list(i.field_names) for i in store.table("samples").to_lance().describe_indices()] == [["id"]]
+    ingested, rejected, ingested2, rejected2, rejected_again, samples, rejects = outcomes[0]
+    assert ingested == 7 and rejected == Counter({"duplicate_id": 4, "empty_image": 1})
+    assert ingested2 == 1 and rejected2 == Counter({"duplicate_id": 2})
+    assert rejected_again == Counter({"duplicate_id": 12})  # the id is checked before the image
+    assert [r["id"] for r in samples] == ["a", "b", "c", "d", "bad", "e", "f'q", "g"]
+    assert [r["alt_text"] for r in samples][:5] == ["t0", "t1", "t3", "t5", "t7"]  # the first good copy wins
+    assert ("a.parquet#2", "duplicate_id") in {(r[1], r[2]) for r in rejects}
+
+
+def test_store_present_looks_ids_up_in_chunks(tmp_path):
+    store = Store(tmp_path / "lance")
+    assert store.present("samples", ["x"]) == set() and not store.has("samples")  # no table made by a lookup
+    store.append("samples", [{"id": f"s{i}", "split": "train"} for i in range(7)] + [{"id": "it's"}])
+    assert store.present("samples", ["s1", "s6", "nope", "it's", "s1"]) == {"s1", "s6", "it's"}
+    assert store.count_by("samples", ["split", "id"], batch_size=3)[("train", "s0")] == 1
+    assert store.count_by("samples", "split", batch_size=3) == {"train": 7, None: 1}
+
+
 # --------------------------------------------------------------------------------------------- CLI
 def test_cli_ingest_and_list(tmp_path):
     from cycle.cli import main

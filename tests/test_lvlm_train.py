@@ -338,16 +338,20 @@ def test_best_previous_annotations_takes_the_top_share(tmp_path):
         {**rec, "id": "bad", "generation": 1, "status": "failed", "score": 99.0},
         {**rec, "id": "s9", "generation": 2, "status": "ok", "score": 100.0},
         {**rec, "id": "unscored", "generation": 1, "status": "ok", "score": None},
+        {**rec, "id": "s70", "generation": 1, "status": "ok", "score": 7.0, "desc": ["tie"]},
     ]
     store.insert_new("annotations", rows)
     best = best_previous_annotations(store, None, 1, 0.3)
-    assert [r["id"] for r in best] == ["s9", "s8", "s7"] and set(best[0]) == {
+    # scanned a row at a time, the same answer (a heap of the best, not a sorted list of every row)
+    assert best_previous_annotations(store, None, 1, 0.3, batch_size=1) == best
+    assert [r["id"] for r in best] == ["s9", "s8", "s7", "s70"] and set(best[0]) == {
         "id",
         "desc",
         "neg_desc",
         "tags",
         "neg_tags",
     }
+    assert best[3]["desc"] == ["tie"] and best[2]["desc"] == ["a"]  # a tie in score goes by id
     assert best_previous_annotations(store, None, 1, 0.0) == []
 
 
@@ -396,11 +400,14 @@ def test_alignment_adds_a_seeded_share_of_alt_text_captions(tiny_store):
     alt = {r["id"]: r["alt_text"] for r in rows}
     eligible = {r["id"] for r in rows if r["split"] == "train" and r["id"] not in seeds and r["alt_text"].strip()}
     assert alt_text_caption_ids(tiny_store, None, None, 0.0, 0) == []
-    assert set(alt_text_caption_ids(tiny_store, None, None, 1.0, 0)) == eligible
+    assert alt_text_caption_ids(tiny_store, None, None, 1.0, 0) == sorted(eligible)
     half = alt_text_caption_ids(tiny_store, None, None, 0.5, 0)
-    assert len(half) == round(0.5 * len(eligible)) and set(half) <= eligible
+    assert half == sorted(half) and set(half) <= eligible and 0.3 < len(half) / len(eligible) < 0.7
     assert half == alt_text_caption_ids(tiny_store, None, None, 0.5, 0)  # a pure function of the seed
     assert half != alt_text_caption_ids(tiny_store, None, None, 0.5, 1)
+    # each id's draw is its own (no list of every id): a row at a time draws the same, a smaller share a subset
+    assert alt_text_caption_ids(tiny_store, None, None, 0.5, 0, batch_size=1) == half
+    assert set(alt_text_caption_ids(tiny_store, None, None, 0.25, 0)) <= set(half)
     examples = align_examples(tiny_store, None, None, half)
     extra = [e for e in examples if e.id not in seeds]
     assert len(examples) == len(seeds) + len(half) and all(e.target == alt[e.id] for e in extra)

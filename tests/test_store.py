@@ -109,3 +109,38 @@ def test_a_store_written_before_the_teacher_rename_is_refused_clearly(tmp_path):
     old.db.create_table("seed", schema=TEACHER)
     with pytest.raises(HQClipError, match="table named 'seed'.*rename .*seed.lance to teacher.lance"):
         old.count("teacher")
+
+
+def test_batched_scan_helpers_answer_like_whole_reads(store):
+    """`ids_at` + `rows_by_id` (a random sample without reading every row) pick what `random.sample` over
+    the whole read picks; `count_by` over tiny batches counts what a group-by of the whole column does."""
+    import random
+
+    store.append(
+        "samples", [{"id": f"s{i:02d}", "split": "train" if i % 3 else "val", "alt_text": f"t{i}"} for i in range(20)]
+    )
+    where = "split = 'train'"
+    rows = store.read("samples", ["id", "alt_text"], where).to_pylist()
+    for seed in (0, 1, 2):
+        expected = random.Random(seed).sample(rows, 5)
+        picked = store.ids_at("samples", random.Random(seed).sample(range(len(rows)), 5), where, batch_size=3)
+        got = store.rows_by_id("samples", picked, ["id", "alt_text"], chunk=2)
+        assert [got[i] for i in picked] == expected
+    with pytest.raises(IndexError, match="past the 13 rows"):
+        store.ids_at("samples", [13], where)
+    assert store.rows_by_id("samples", ["s01", "absent"], ["id"], where="split = 'val'") == {}
+    assert store.count_by("samples", "split", batch_size=3) == {"train": 13, "val": 7}
+
+
+def test_compaction_indexes_the_keys_of_a_large_table(store, monkeypatch):
+    for i in range(3):
+        store.insert_new("annotations", [annotation(10 * i + k) for k in range(10)])
+    store.compact()
+    assert store.table("annotations").to_lance().describe_indices() == []  # small: a scan is as fast
+    monkeypatch.setattr("cycle.store.KEY_INDEX_MIN_ROWS", 20)
+    store.compact()
+    (index,) = store.table("annotations").to_lance().describe_indices()
+    assert list(index.field_names) == ["id"] and not store.index_keys("annotations")  # up to date: no commit
+    assert store.insert_new("annotations", [annotation(5), annotation(99)]) == 1  # the index answers lookups
+    assert store.index_keys("annotations")  # the new row taken in
+    assert sorted(store.rows_by_id("annotations", ["img-005", "img-099", "img-100"], ["id"])) == ["img-005", "img-099"]

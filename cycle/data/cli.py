@@ -112,11 +112,9 @@ def data_list(run_dir):
         rejects = Table(title="rejects by source and reason")
         for column in ("source", "reason", "rows"):
             rejects.add_column(column, justify="right" if column == "rows" else "left")
-        counts = (
-            store.read("rejects", ["source", "reason"]).group_by(["source", "reason"]).aggregate([([], "count_all")])
-        )
-        for row in sorted(counts.to_pylist(), key=lambda r: (r["source"], -r["count_all"])):
-            rejects.add_row(Text(row["source"]), Text(row["reason"]), str(row["count_all"]))  # data, as is
+        counts = store.count_by("rejects", ["source", "reason"])
+        for (source, reason), n in sorted(counts.items(), key=lambda kv: (kv[0][0], -kv[1])):
+            rejects.add_row(Text(source), Text(reason), str(n))  # data, as is
         console.print(rejects)
 
 

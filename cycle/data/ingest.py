@@ -15,13 +15,16 @@ sources apart. They are kept as given (they are the user's keys) and are data, n
 whatever writes a file per sample names it with `cycle.files.safe_name(id)`. Only ids that nothing can
 show or store faithfully are rejected ("bad_id": empty, or with a control character such as a newline).
 An id already in `samples` (from this ingest or an earlier one) is rejected as "duplicate_id": the first
-wins, so ingesting the same source twice adds nothing to `samples`. Rejects are stored once per
+wins, so ingesting the same source twice adds nothing to `samples`. That check holds no set of every id:
+pairs are read `lookup_rows` ahead, and their ids looked up in `samples` with one `IN (...)` filter
+(`_SeenIds`), so memory stays flat in the size of the table and the source. Rejects are stored once per
 (source, key, reason): ingesting a source again does not add its rejects again.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import time
 import unicodedata
 from collections import Counter
@@ -32,13 +35,16 @@ from typing import Iterator, Optional
 from tqdm import tqdm
 
 from ..config import DataConfig, StoreConfig
-from ..store import Store
+from ..store import PRESENT_LOOKUP_CHUNK, Store
 from . import DataError, DataNotFound
 from .images import IMAGE_EXTENSIONS, BadImage, BadText, check_image, clean_alt_text
 from .readers import RawPair, expand_sources, read_folder, read_parquet, read_shards
 
 KINDS = ("folder", "wds", "parquet", "auto")
 REPORT_TABLE_MIN_WIDTH = 60  # columns: room for a source path in the title
+# A large `samples` table's id index (`Store.index_keys`) takes in the rows written since every this many
+# rows, so the duplicate lookups scan at most this many unindexed ids.
+ID_INDEX_REFRESH_ROWS = 1_000_000
 
 
 @dataclass
@@ -129,12 +135,14 @@ def ingest(
     image_column: Optional[str] = None,
     text_column: Optional[str] = None,
     id_column: Optional[str] = None,
+    lookup_rows: int = PRESENT_LOOKUP_CHUNK,
 ) -> IngestReport:
     """Read pairs from `source`, check them, and append the good ones to `samples` (split `split`).
 
     `cfg` gives the image limits (`max_pixels`, `min_side`); the parquet column names are detected
     unless given. A source that cannot be read at all (missing, no recognisable columns) raises before
-    anything is written; everything else is a per-row reject.
+    anything is written; everything else is a per-row reject. `lookup_rows`: pairs read ahead whose ids
+    are looked up in `samples` at once (the duplicate check); it changes no outcome, only memory and speed.
     """
     cfg = cfg or DataConfig()
     if kind == "auto":
@@ -142,38 +150,52 @@ def ingest(
     pairs, total = open_source(source, kind, image_column, text_column, id_column)
     report = IngestReport(str(source), kind, split)
     started = time.perf_counter()
-    seen = store.ids("samples") if store.has("samples") else set()
+    seen = _SeenIds(store)
     rows: list[dict] = []
     rejects: list[dict] = []
+    store.index_keys("samples")  # a large table's ids are looked up in its index
+    unindexed = 0
 
     def flush() -> None:
+        nonlocal unindexed
         if rows:
+            if unindexed >= ID_INDEX_REFRESH_ROWS:
+                store.index_keys("samples")
+                unindexed = 0
             report.samples_version = store.append("samples", rows)
+            unindexed += len(rows)
             rows.clear()
         if rejects:
             store.insert_new("rejects", rejects)  # a reject stored by an earlier ingest is not stored again
             rejects.clear()
 
     bar = tqdm(pairs, total=total, desc=f"ingest {kind}", unit="row", disable=not progress, dynamic_ncols=True)
-    for pair in bar:
-        reason, detail, row = _check(pair, cfg, seen, id_prefix, split)
-        if row is None:
-            report.rejected[reason] += 1
-            rejects.append(
-                {
-                    "source": _printable(pair.source),
-                    "key": _printable(pair.key),
-                    "reason": reason,
-                    "detail": _printable(detail),
-                }
-            )
-            bar.set_postfix(rejected=report.rejected_total, refresh=False)
-        else:
-            seen.add(row["id"])
-            rows.append(row)
-            report.ingested += 1
-        if len(rows) >= write_batch or len(rejects) >= write_batch:
-            flush()
+    pending = iter(bar)
+    while chunk := list(itertools.islice(pending, max(1, lookup_rows))):
+        seen.look_up(
+            [id_prefix + p.id for p in chunk if p.error is None and _id_check(p.id, id_prefix) is None],
+            [r["id"] for r in rows],
+        )
+        for pair in chunk:
+            reason, detail, row = _check(pair, cfg, seen, id_prefix, split)
+            if row is None:
+                report.rejected[reason] += 1
+                rejects.append(
+                    {
+                        "source": _printable(pair.source),
+                        "key": _printable(pair.key),
+                        "reason": reason,
+                        "detail": _printable(detail),
+                    }
+                )
+                bar.set_postfix(rejected=report.rejected_total, refresh=False)
+            else:
+                seen.add(row["id"])
+                rows.append(row)
+                report.ingested += 1
+            if len(rows) >= write_batch or len(rejects) >= write_batch:
+                flush()
+        del chunk  # its images go with it, before the next chunk is read
     flush()
     bar.close()
     if report.samples_version is None and store.has("samples"):
@@ -182,16 +204,44 @@ def ingest(
     return report
 
 
-def _check(pair: RawPair, cfg: DataConfig, seen: set, id_prefix: str, split: str):
+class _SeenIds:
+    """The ids ingest refuses as duplicates, without a set of every id: those of the pairs read ahead that
+    are already in `samples` (one `IN (...)` lookup per chunk of pairs), plus those accepted since that
+    lookup (committed since, or still waiting for their commit). Holds at most a chunk and a write batch."""
+
+    def __init__(self, store: Store):
+        self.store = store
+        self.present: set[str] = set()
+        self.recent: set[str] = set()
+
+    def look_up(self, ids: list[str], uncommitted: list[str]) -> None:
+        self.present = self.store.present("samples", ids)
+        self.recent = set(uncommitted)
+
+    def add(self, sample_id: str) -> None:
+        self.recent.add(sample_id)
+
+    def __contains__(self, sample_id: str) -> bool:
+        return sample_id in self.present or sample_id in self.recent
+
+
+def _id_check(raw_id: str, id_prefix: str) -> Optional[tuple[str, str]]:
+    """(reason, detail) when `id_prefix + raw_id` cannot be a sample id, else None."""
+    sample_id = id_prefix + raw_id
+    if _printable(sample_id) != sample_id:  # a file name that is not UTF-8 cannot be an id (nor a Lance string)
+        return "non_utf8_key", f"id {_printable(sample_id)!r} is not valid UTF-8"
+    problem = _id_problem(raw_id) or _id_problem(sample_id)  # the prefix is user input too
+    return ("bad_id", problem) if problem else None
+
+
+def _check(pair: RawPair, cfg: DataConfig, seen: _SeenIds, id_prefix: str, split: str):
     """(reason, detail, None) for a reject, or (None, None, samples row)."""
     if pair.error is not None:
         return pair.error[0], pair.error[1], None
     sample_id = id_prefix + pair.id
-    if _printable(sample_id) != sample_id:  # a file name that is not UTF-8 cannot be an id (nor a Lance string)
-        return "non_utf8_key", f"id {_printable(sample_id)!r} is not valid UTF-8", None
-    problem = _id_problem(pair.id) or _id_problem(sample_id)  # the prefix is user input too
-    if problem:
-        return "bad_id", problem, None
+    bad = _id_check(pair.id, id_prefix)
+    if bad:
+        return bad[0], bad[1], None
     if sample_id in seen:
         return "duplicate_id", f"id '{sample_id}' is already in samples (the first copy wins)", None
     try:

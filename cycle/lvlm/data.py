@@ -8,6 +8,8 @@ the processor expands `<image>` to the tower's token count exactly as at annotat
 
 from __future__ import annotations
 
+import hashlib
+import heapq
 import io
 import json
 import logging
@@ -21,7 +23,7 @@ from PIL import Image
 
 from ..annotate.schema import FORMULA_KEYS, IMAGE_TOKEN, build_prompt, model_input, to_target_json, validate
 from ..config import EmojiScenesConfig
-from ..store import USABLE, Store, sql_in
+from ..store import COLUMN_SCAN_ROWS, USABLE, Store
 from .common import LVLMError
 
 log = logging.getLogger(__name__)
@@ -46,14 +48,7 @@ def samples_by_id(
     store: Store, samples_version, ids, columns=("id", "image", "alt_text", "meta"), chunk: int = IDS_PER_QUERY
 ) -> dict[str, dict]:
     """The `samples` rows of `ids` at a version, fetched by filter in chunks (never the whole table)."""
-    ids = sorted(set(ids))
-    out: dict[str, dict] = {}
-    for start in range(0, len(ids), chunk):
-        rows = store.read(
-            "samples", list(columns), sql_in("id", ids[start : start + chunk]), version=samples_version
-        ).to_pylist()
-        out.update((r["id"], r) for r in rows)
-    return out
+    return store.rows_by_id("samples", ids, list(columns), version=samples_version, chunk=chunk)
 
 
 def teacher_records(store: Store, teacher_version) -> list[dict]:
@@ -106,19 +101,31 @@ def align_examples(store: Store, samples_version, teacher_version, extra_ids=Non
     return out
 
 
-def alt_text_caption_ids(store: Store, samples_version, teacher_version, share: float, seed: int) -> list[str]:
+def alt_text_caption_ids(
+    store: Store, samples_version, teacher_version, share: float, seed: int, batch_size: int = COLUMN_SCAN_ROWS
+) -> list[str]:
     """A seeded `share` of the non-seed training samples with a non-empty alt-text: extra alignment data
-    captioned by that alt-text (noisy, like LLaVA stage 1's web captions, but 2-3x the seed set's images)."""
+    captioned by that alt-text (noisy, like LLaVA stage 1's web captions, but 2-3x the seed set's images).
+
+    Each such sample is drawn with probability `share` by a hash of (seed, id) alone (`_drawn`), in one
+    batched scan: no list of every id, and a sample's draw does not depend on the other rows."""
     if share <= 0:
         return []
-    seeds = {r["id"] for r in store.read("teacher", ["id"], version=teacher_version).to_pylist()}
-    ids = sorted(
-        r["id"]
-        for r in store.read("samples", ["id", "alt_text"], "split = 'train'", version=samples_version).to_pylist()
-        if r["id"] not in seeds and (r["alt_text"] or "").strip()
-    )
-    random.Random(f"align-alt-text:{seed}").shuffle(ids)
-    return sorted(ids[: round(share * len(ids))])
+    out: list[str] = []
+    for rb in store.scan("samples", ["id", "alt_text"], "split = 'train'", samples_version, batch_size):
+        drawn = [
+            i
+            for i, alt in zip(rb.column("id").to_pylist(), rb.column("alt_text").to_pylist())
+            if (alt or "").strip() and _drawn(f"align-alt-text:{seed}:{i}", share)
+        ]
+        seeds = store.present("teacher", drawn, version=teacher_version)
+        out += [i for i in drawn if i not in seeds]
+    return sorted(out)
+
+
+def _drawn(key: str, share: float) -> bool:
+    """True for a `share` of keys: the key's 64-bit hash below `share` of the range (seeded by the key)."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") < share * 2**64
 
 
 def sft_examples(store: Store, samples_version, teacher_version, extra_records=None) -> list[Example]:
@@ -289,11 +296,21 @@ def align_input(e: Example, epoch: int) -> str:
     return ALIGN_INPUT
 
 
-def best_previous_annotations(store: Store, annotations_version, generation: int, share: float) -> list[dict]:
-    """The best-scored `share` of generation `generation`'s usable annotations (`store.USABLE`); failed
-    and unscored rows are skipped."""
+def best_previous_annotations(
+    store: Store, annotations_version, generation: int, share: float, batch_size: int = COLUMN_SCAN_ROWS
+) -> list[dict]:
+    """The best-scored `share` of generation `generation`'s usable annotations (`store.USABLE`), best
+    first (ties by id); failed and unscored rows are skipped. Scores are scanned in batches and the best
+    kept in a heap (memory: the answer, not the generation); their formulas are fetched by id."""
     where = f"generation = {int(generation)} AND {USABLE} AND score IS NOT NULL"
-    rows = store.read("annotations", ["id", *FORMULA_KEYS, "score"], where, version=annotations_version).to_pylist()
-    rows.sort(key=lambda r: (-r["score"], r["id"]))
-    keep = rows[: math.ceil(share * len(rows))] if share > 0 else []
-    return [{k: r[k] for k in ("id", *FORMULA_KEYS)} for r in keep]
+    if share <= 0:
+        return []
+    keep = math.ceil(share * store.count("annotations", where, annotations_version))
+    ranked = (
+        (-score, i)
+        for rb in store.scan("annotations", ["id", "score"], where, annotations_version, batch_size)
+        for i, score in zip(rb.column("id").to_pylist(), rb.column("score").to_pylist())
+    )
+    best = [i for _, i in heapq.nsmallest(keep, ranked)]
+    rows = store.rows_by_id("annotations", best, ["id", *FORMULA_KEYS], where, annotations_version)
+    return [{k: rows[i][k] for k in ("id", *FORMULA_KEYS)} for i in best]
