@@ -33,6 +33,7 @@ class TrainPlan:
 
     num_samples: int
     world_size: int
+    shards: int  # contiguous ranges of the train rows, each read by one rank (`ResumableSampler`)
     global_batch: int
     local_batch: int
     micro_batch: int
@@ -49,17 +50,22 @@ class TrainPlan:
             raise TrainInputError(
                 f"the train split has {num_samples} samples, fewer than one batch (train.batch_size={t.batch_size})"
             )
-        spe = num_samples // t.batch_size
-        return cls(num_samples, t.world_size, t.batch_size, local, micro, local // micro, spe, spe * t.epochs)
+        spe = num_samples // t.batch_size  # = (num_samples // shards) // (batch_size // shards): same with shards
+        return cls(
+            num_samples, t.world_size, t.world_size, t.batch_size, local, micro, local // micro, spe, spe * t.epochs
+        )
 
 
 @dataclass
 class TrainJob:
-    """Everything a rank needs; picklable, so spawned ranks receive it whole."""
+    """Everything a rank needs; small and picklable, so spawned ranks and Ray workers receive it whole.
+
+    The data travels as `PairDataset` arguments with every version pinned to an int: each rank indexes
+    and reads only its own rows (`ResumableSampler.owned_rows`), never an index of the whole table."""
 
     cfg: RunConfig
     out_dir: Path
-    dataset: object  # PairDataset (its Lance handles are reopened in each process)
+    data: dict  # PairDataset keyword arguments (store_uri, split, pinned versions, generation, storage_options)
     plan: TrainPlan
     use_annotations: bool
     hni_weight: float
@@ -138,7 +144,7 @@ def prepare(
     stc_head_from=None,
     storage_options=None,
 ) -> TrainJob:
-    from ..data.loader import PairDataset
+    from ..data.loader import pinned_version, split_size
     from ..store import Store, is_local
     from . import checkpoint
     from .text import build_tag_vocab, negative_part_stats, normalise_tag
@@ -152,23 +158,29 @@ def prepare(
     store = Store(store_uri, storage_options) if use_annotations else None
     if use_annotations:
         _require_annotations(store, generation, annotations_version)
-    # The CLIP's (deterministic) transform is set by each rank once it has built the model.
-    dataset = PairDataset(
-        store_uri,
-        "train",
-        samples_version=samples_version,
-        annotations_version=annotations_version if use_annotations else None,
+    # Only the versions are pinned here (and the train rows counted): each rank indexes its own rows.
+    num_samples, samples_pin = split_size(store_uri, "train", samples_version, storage_options)
+    pins = {"samples": samples_pin}
+    if use_annotations:
+        pins["annotations"] = pinned_version(store_uri, "annotations", annotations_version, storage_options)
+        if teacher_version is not None:
+            pins["teacher"] = pinned_version(store_uri, "teacher", teacher_version, storage_options)
+    data = dict(
+        store_uri=str(store_uri),
+        split="train",
+        samples_version=pins["samples"],
+        annotations_version=pins.get("annotations"),
         generation=generation if use_annotations else None,
-        teacher_version=teacher_version if use_annotations else None,
+        teacher_version=pins.get("teacher"),
         storage_options=storage_options,
     )
-    plan = TrainPlan.make(cfg, len(dataset))
+    plan = TrainPlan.make(cfg, num_samples)
     hni = cfg.loss.hni_weight if use_annotations else 0.0
     stc = cfg.loss.stc_weight if use_annotations else 0.0
     job = TrainJob(
         cfg,
         out_dir,
-        dataset,
+        data,
         plan,
         use_annotations,
         hni,
@@ -177,13 +189,13 @@ def prepare(
         progress=progress,
     )
     if use_annotations:
-        records = _annotated_records(store, dataset, generation, teacher_version is not None)
+        records = _annotated_records(store, pins, generation)
         tag_lists = [r["tags"] or [] for r in records]
         job.negative_stats = negative_part_stats(records, cfg.loss.neg_max_edit_words)
         if not tag_lists:
             raise TrainInputError(
                 f"generation {generation} has no usable annotations for the train split "
-                f"(annotations@{dataset.pins.get('annotations')}); annotate before training"
+                f"(annotations@{pins.get('annotations')}); annotate before training"
             )
         if stc:
             job.tag_vocab = build_tag_vocab(tag_lists, cfg.loss.stc_vocab_size, cfg.loss.stc_min_count)
@@ -209,9 +221,9 @@ def prepare(
         "loss": to_dict(cfg.loss) if use_annotations else None,
         "train": {k: v for k, v in to_dict(cfg.train).items() if k not in ("checkpoint_every", "log_every")},
         "data": {
-            "samples": dataset.pins.get("samples"),
-            "annotations": dataset.pins.get("annotations"),
-            "teacher": dataset.pins.get("teacher"),
+            "samples": pins.get("samples"),
+            "annotations": pins.get("annotations"),
+            "teacher": pins.get("teacher"),
             "generation": generation,
         },
         "init_clip": job.init_clip,
@@ -274,25 +286,25 @@ def _previous_head(path, explicit: bool) -> Optional[dict]:
         raise TrainInputError(f"STC head of '{path}' is unreadable: {err}") from None
 
 
-def _annotated_records(store, dataset, generation: int, with_seed: bool) -> list[dict]:
+def _annotated_records(store, pins: dict, generation: int) -> list[dict]:
     """The four formulas of the train rows that have a usable annotation (the STC vocabulary and the
     negative shares are computed on these)."""
     from ..store import is_usable
 
-    train_ids = store.ids("samples", "split = 'train'", version=dataset.pins["samples"])
+    train_ids = store.ids("samples", "split = 'train'", version=pins["samples"])
     formulas = ["desc", "neg_desc", "tags", "neg_tags"]
     rows = store.read(
         "annotations",
         ["id", *formulas, "status"],
         where=f"generation = {int(generation)}",
-        version=dataset.pins["annotations"],
+        version=pins["annotations"],
     ).to_pylist()
     found = {}
     for r in rows:
         if r["id"] in train_ids and is_usable(r["status"]) and r["id"] not in found:
             found[r["id"]] = {k: r[k] or [] for k in formulas}
-    if with_seed:
-        for r in store.read("teacher", ["id", *formulas], version=dataset.pins["teacher"]).to_pylist():
+    if "teacher" in pins:
+        for r in store.read("teacher", ["id", *formulas], version=pins["teacher"]).to_pylist():
             if r["id"] in train_ids and r["id"] not in found:
                 found[r["id"]] = {k: r[k] or [] for k in formulas}
     return list(found.values())
