@@ -12,7 +12,7 @@ import json
 import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
 import yaml
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
@@ -262,6 +262,16 @@ class AnnotateConfig:
     vllm: VLLMBackendConfig = field(default_factory=VLLMBackendConfig)
 
 
+# ----------------------------------------------------------------------------------------------- cluster
+@dataclass
+class ClusterConfig:
+    # "local": this machine, no Ray imported (the default, the demo). "ray": stages run on a Ray cluster
+    # (CLIP training under Ray Train, train.world_size workers).
+    executor: str = "local"
+    address: str = ""  # ray.init's address ("auto", "ray://head:10001"); "": a local Ray started for the run
+    runtime_env: Dict[str, Any] = field(default_factory=dict)  # ray.init's runtime_env (env_vars, ...)
+
+
 # ----------------------------------------------------------------------------------------------- run
 @dataclass
 class CycleConfig:
@@ -287,6 +297,7 @@ class RunConfig:
     lvlm: LVLMConfig = field(default_factory=LVLMConfig)
     annotate: AnnotateConfig = field(default_factory=AnnotateConfig)
     cycle: CycleConfig = field(default_factory=CycleConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -308,6 +319,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "lvlm.sft_save": ("auto", "merged", "adapter"),
     "lvlm.dtype": ("auto", "fp32", "bf16"),
     "device": ("auto", "cpu", "cuda"),
+    "cluster.executor": ("local", "ray"),
 }
 PROBABILITIES = (
     "loss.long_text_prob",
