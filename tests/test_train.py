@@ -438,6 +438,32 @@ def test_multinode_torchrun_two_nodes_train_to_the_spawned_two_rank_weights(pair
     assert _log(out)[1][0]["plan"]["shards"] == 2
 
 
+@pytest.mark.slow
+def test_multinode_ray_train_two_workers_train_to_the_spawned_two_rank_weights(pair_store, spawned_two_ranks, tmp_path):
+    """`cluster.executor: ray`: two Ray Train workers (a local Ray of 2 CPUs, gloo) run the same DeepSpeed
+    rank in Ray's process group, each reading its own shard, and end where two spawned ranks end."""
+    import ray
+
+    from cycle.clip.train import train_clip
+
+    samples, annotations = _versions(pair_store)
+    out = tmp_path / "clip"
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        train_clip(
+            _cfg(*TWO_RANKS, "cluster.executor=ray"),
+            pair_store.uri,
+            out,
+            samples,
+            annotations_version=annotations,
+            generation=1,
+            progress=False,
+        )
+    finally:
+        ray.shutdown()
+    _assert_same_run(spawned_two_ranks[0], out, 8)
+
+
 def test_generation_0_trains_on_alt_text_without_hni_or_stc(pair_store, reference_run, tmp_path):
     from cycle.clip.train import train_clip
 

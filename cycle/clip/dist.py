@@ -9,7 +9,7 @@
   machines; SLURM's variables are first translated into the ones DeepSpeed reads). With one rank it
   also runs in this process, with the rendezvous variables DeepSpeed wants set for the call (without
   them it goes looking for MPI). With more it starts that many fresh interpreters (gloo on CPU).
-  It is the one place that sets DS_ACCELERATOR (see `_select_accelerator`).
+  It is the one place that sets DS_ACCELERATOR (see `select_accelerator`).
 - `DistInfo.current()`: rank, local rank and world size of this process.
 - `refuse_controller_under_launcher()`: `hqclip run` is one controller, never one per rank.
 - `init_process_group(device)` / `shutdown()`: DeepSpeed's comm backend up and down, idempotent.
@@ -185,7 +185,7 @@ def _rendezvous_env(rank: int, world_size: int, port: int):
                 os.environ[k] = v
 
 
-def _select_accelerator(accelerator: str) -> None:
+def select_accelerator(accelerator: str) -> None:
     """DS_ACCELERATOR=cpu for a CPU run, unless the user chose one: DeepSpeed reads the variable once, at its
     first accelerator query, and without it probes for GPUs (and picks gloo only when it finds none).
 
@@ -197,7 +197,7 @@ def _select_accelerator(accelerator: str) -> None:
 
 def launch(fn: Callable, world_size: int, *args, accelerator: str = "cpu") -> None:
     """Run `fn(*args)` as `world_size` ranks; `accelerator` is the ranks' device type ("cpu" or "cuda")."""
-    _select_accelerator(accelerator)
+    select_accelerator(accelerator)
     info = world_info_from_env()
     if info.launched:
         _export_rendezvous(info)

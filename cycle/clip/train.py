@@ -99,7 +99,9 @@ def train_clip(
     `generation` None or 0: raw alt-text only, HNI and STC off (the baseline). `generation` g >= 1 joins
     that generation's annotations (`annotations_version` pins them), and the teacher seeds as a fallback
     when `teacher_version` is given. `init_clip` starts from a checkpoint directory instead of
-    `cfg.clip.pretrained` / scratch. `cfg.train.world_size` > 1 spawns that many ranks on this machine.
+    `cfg.clip.pretrained` / scratch. `cfg.train.world_size` > 1 spawns that many ranks on this machine, or,
+    with `cluster.executor: ray`, runs that many Ray Train workers (`ray_train`); under a launcher
+    (torchrun, srun) this process is one rank and joins the others.
     `storage_options` reach an object store URI (`Store.storage_options`); the ranks get them with the dataset.
 
     STC head carry-over: `stc_head_from` is a CLIP checkpoint directory with `stc_head` + `tag_vocab`
@@ -126,7 +128,12 @@ def train_clip(
         storage_options=storage_options,
         stc_head_from=stc_head_from,
     )
-    launch(train_rank, cfg.train.world_size, job, accelerator=device_type)
+    if cfg.cluster.executor == "ray":
+        from .ray_train import train_with_ray
+
+        train_with_ray(job, cfg.cluster, device_type)
+    else:
+        launch(train_rank, cfg.train.world_size, job, accelerator=device_type)
     return job.out_dir / "model"
 
 
