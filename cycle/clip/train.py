@@ -14,9 +14,10 @@ loop, checkpoints, final save).
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 from ..config import RunConfig, fingerprint, to_dict
 from ..errors import HQClipError
@@ -154,7 +155,7 @@ def prepare(
     from ..data.loader import pinned_version, split_size
     from ..store import Store, is_local
     from . import checkpoint
-    from .text import build_tag_vocab, negative_part_stats, normalise_tag
+    from .text import negative_part_stats, normalise_tag, rank_tags
 
     out_dir = Path(out_dir)
     use_annotations = bool(generation)
@@ -196,32 +197,37 @@ def prepare(
         progress=progress,
     )
     if use_annotations:
-        records = _annotated_records(store, pins, generation)
-        tag_lists = [r["tags"] or [] for r in records]
+        # One streamed pass over the annotated train rows: negative shares, and tag counts (once per sample).
+        tag_counts: Counter = Counter()
+        annotated = 0
+
+        def counted(records):
+            nonlocal annotated
+            for rec in records:
+                annotated += 1
+                tag_counts.update({t for t in (normalise_tag(x) for x in rec["tags"]) if t})
+                yield rec
+
+        records = counted(_annotated_records(data, pins, generation))
         job.negative_stats = negative_part_stats(records, cfg.loss.neg_max_edit_words)
-        if not tag_lists:
+        if not annotated:
             raise TrainInputError(
                 f"generation {generation} has no usable annotations for the train split "
                 f"(annotations@{pins.get('annotations')}); annotate before training"
             )
         if stc:
-            job.tag_vocab = build_tag_vocab(tag_lists, cfg.loss.stc_vocab_size, cfg.loss.stc_min_count)
+            job.tag_vocab = rank_tags(tag_counts, cfg.loss.stc_vocab_size, cfg.loss.stc_min_count)
             if not job.tag_vocab:
                 job.stc_weight = 0.0
                 job.notes.append(f"STC off: no tag reaches loss.stc_min_count={cfg.loss.stc_min_count}")
             else:
-                index = {t: k for k, t in enumerate(job.tag_vocab)}
-                counts = [0] * len(index)
-                for tags in tag_lists:
-                    for t in {normalise_tag(x) for x in tags} & index.keys():
-                        counts[index[t]] += 1
-                job.tag_prior = [c / len(tag_lists) for c in counts]
-                job.tag_positive_rate = sum(counts) / (len(tag_lists) * len(job.tag_vocab))
+                job.tag_prior = [tag_counts[t] / annotated for t in job.tag_vocab]
+                job.tag_positive_rate = sum(tag_counts[t] for t in job.tag_vocab) / (annotated * len(job.tag_vocab))
                 job.stc_head_init = _previous_head(stc_head_from or init_clip, explicit=stc_head_from is not None)
                 if job.stc_head_init is not None:
-                    shared = len(set(job.stc_head_init["tag_vocab"]) & index.keys())
+                    shared = len(set(job.stc_head_init["tag_vocab"]) & set(job.tag_vocab))
                     job.notes.append(
-                        f"STC head: {shared} of {len(index)} tags start from {job.stc_head_init['from']}'s head"
+                        f"STC head: {shared} of {len(job.tag_vocab)} tags start from {job.stc_head_init['from']}'s head"
                     )
     identity = {
         "clip": to_dict(cfg.clip),
@@ -293,25 +299,32 @@ def _previous_head(path, explicit: bool) -> Optional[dict]:
         raise TrainInputError(f"STC head of '{path}' is unreadable: {err}") from None
 
 
-def _annotated_records(store, pins: dict, generation: int) -> list[dict]:
-    """The four formulas of the train rows that have a usable annotation (the STC vocabulary and the
-    negative shares are computed on these)."""
-    from ..store import is_usable
+def _annotated_records(data: dict, pins: dict, generation: int) -> Iterator[dict]:
+    """The four formulas of each train row with a usable annotation of `generation` (its first one), or,
+    when a teacher table is pinned, its teacher row instead; streamed in chunks, never the whole table."""
+    import lance
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
 
-    train_ids = store.ids("samples", "split = 'train'", version=pins["samples"])
-    formulas = ["desc", "neg_desc", "tags", "neg_tags"]
-    rows = store.read(
-        "annotations",
-        ["id", *formulas, "status"],
-        where=f"generation = {int(generation)}",
-        version=pins["annotations"],
-    ).to_pylist()
-    found = {}
-    for r in rows:
-        if r["id"] in train_ids and is_usable(r["status"]) and r["id"] not in found:
-            found[r["id"]] = {k: r[k] or [] for k in formulas}
+    from ..data.loader import INDEX_CHUNK_ROWS, first_positions, open_pinned_dataset, split_positions
+    from ..store import USABLE_STATUSES
+
+    def usable(chunk) -> pa.ChunkedArray:
+        statuses = pa.array(USABLE_STATUSES, pa.string())
+        return pc.and_(pc.equal(chunk.column("generation"), generation), pc.is_in(chunk.column("status"), statuses))
+
+    def opened(name: str) -> lance.LanceDataset:
+        return open_pinned_dataset(data["store_uri"], name, pins[name], data["storage_options"])
+
+    _, ids = split_positions(opened("samples"), "train", None)
+    found = [(opened("annotations"), first_positions(opened("annotations"), ids, ["generation", "status"], usable))]
     if "teacher" in pins:
-        for r in store.read("teacher", ["id", *formulas], version=pins["teacher"]).to_pylist():
-            if r["id"] in train_ids and r["id"] not in found:
-                found[r["id"]] = {k: r[k] or [] for k in formulas}
-    return list(found.values())
+        seeded = first_positions(opened("teacher"), ids, [], None)
+        found.append((opened("teacher"), np.where(found[0][1] < 0, seeded, -1)))
+    formulas = ["desc", "neg_desc", "tags", "neg_tags"]
+    for ds, positions in found:
+        positions = np.sort(positions[positions >= 0])
+        for begin in range(0, len(positions), INDEX_CHUNK_ROWS):
+            for r in ds.take(positions[begin : begin + INDEX_CHUNK_ROWS].tolist(), columns=formulas).to_pylist():
+                yield {k: r[k] or [] for k in formulas}

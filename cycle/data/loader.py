@@ -128,7 +128,7 @@ class PairDataset(Dataset):
         self._handles: dict[str, lance.LanceDataset] = {}  # per process; dropped when pickled
 
         self._pin("samples", samples_version)
-        rows, ids = _split_positions(self._handle("samples"), split, row_range)
+        rows, ids = split_positions(self._handle("samples"), split, row_range)
 
         self.joined = generation is not None or teacher_version is not None or use_teacher
         self._ann_rows = self._teacher_rows = None
@@ -141,10 +141,10 @@ class PairDataset(Dataset):
                     pc.not_equal(pc.fill_null(batch.column("status"), "ok"), "failed"),
                 )
 
-            self._ann_rows = _first_positions(self._handle("annotations"), ids, ["generation", "status"], usable)
+            self._ann_rows = first_positions(self._handle("annotations"), ids, ["generation", "status"], usable)
         if teacher_version is not None or use_teacher:
             self._pin("teacher", teacher_version)
-            self._teacher_rows = _first_positions(self._handle("teacher"), ids, [], None)
+            self._teacher_rows = first_positions(self._handle("teacher"), ids, [], None)
 
         if only_annotated:
             if not self.joined:
@@ -236,7 +236,7 @@ def _chunks(ds: lance.LanceDataset, columns: list[str], rows: int) -> Iterator[t
         yield offset, pa.Table.from_batches(pending)
 
 
-def _split_positions(ds: lance.LanceDataset, split: Optional[str], row_range) -> tuple[np.ndarray, pa.Array]:
+def split_positions(ds: lance.LanceDataset, split: Optional[str], row_range) -> tuple[np.ndarray, pa.Array]:
     """Table positions and ids of the split's rows number `row_range[0]` to `row_range[1] - 1`
     (all of them when None), in table order; only those are kept while the columns stream past."""
     start, stop = row_range if row_range is not None else (0, None)
@@ -261,7 +261,7 @@ def _split_positions(ds: lance.LanceDataset, split: Optional[str], row_range) ->
     return np.concatenate(positions).astype(np.int64), pa.concat_arrays(ids)
 
 
-def _first_positions(
+def first_positions(
     ds: lance.LanceDataset, ids: pa.Array, columns: list[str], usable: Optional[Callable]
 ) -> np.ndarray:
     """For each of `ids`, the table position of its first row in `ds` that `usable` accepts, or -1.
@@ -286,6 +286,12 @@ def _first_positions(
     return found
 
 
+def open_pinned_dataset(store_uri, name: str, version: int, storage_options=None) -> lance.LanceDataset:
+    """Table `name` of the store at an int version, as a Lance dataset (for a streamed read of it)."""
+    uri, version = _open_pinned(str(store_uri), name, version, storage_options)
+    return lance.dataset(uri, version=version, storage_options=dict(storage_options or {}) or None)
+
+
 def pinned_version(store_uri, name: str, version, storage_options=None) -> int:
     """`version` (an int, a tag, or None = latest now) of table `name` as the int that pins it."""
     return _open_pinned(str(store_uri), name, version, storage_options)[1]
@@ -293,8 +299,8 @@ def pinned_version(store_uri, name: str, version, storage_options=None) -> int:
 
 def split_size(store_uri, split: Optional[str], samples_version, storage_options=None) -> tuple[int, int]:
     """(rows of `split` in `samples`, the int version counted): a Lance count, nothing per row in memory."""
-    uri, version = _open_pinned(str(store_uri), "samples", samples_version, storage_options)
-    ds = lance.dataset(uri, version=version, storage_options=dict(storage_options or {}) or None)
+    version = pinned_version(store_uri, "samples", samples_version, storage_options)
+    ds = open_pinned_dataset(store_uri, "samples", version, storage_options)
     if split is None:
         return ds.count_rows(), version
     return ds.count_rows(filter="split = '{}'".format(split.replace("'", "''"))), version
