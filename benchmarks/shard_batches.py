@@ -35,7 +35,7 @@ def run(config: Path, root: Path, seed: int, world_size: int, overrides: list[st
     env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     env.setdefault("DS_ACCELERATOR", "cpu")
     subprocess.run(cmd, check=True, env=env, cwd=REPO, stdout=subprocess.DEVNULL)
-    metrics = json.loads((root / name / "gen-000" / "metrics.json").read_text())
+    metrics = json.loads((root / name / "gen-000" / "eval" / "metrics.json").read_text())
     return {k: metrics[k] for k in METRICS}
 
 
