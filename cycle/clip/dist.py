@@ -136,11 +136,6 @@ class DistInfo:
         return self.rank == 0
 
 
-def launched_externally() -> bool:
-    """True inside torchrun / the deepspeed launcher / Ray Train / srun with several tasks."""
-    return world_info_from_env().launched
-
-
 def refuse_controller_under_launcher() -> None:
     """`hqclip run` is the run's one controller (it holds the run lock and commits every table): started
     by a launcher as N processes it would run N controllers. Say what to do instead."""
