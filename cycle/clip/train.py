@@ -22,6 +22,8 @@ from typing import Iterator, Optional
 from ..config import RunConfig, fingerprint, to_dict
 from ..errors import HQClipError
 
+RECORD_CHUNK_ROWS = 4096  # annotation records read (as Python objects) at a time by the controller's pass
+
 
 # ValueError stays a base: `cycle run` and `cycle train` (cycle/cli.py) catch ValueError for a one-line error.
 class TrainInputError(HQClipError, ValueError):
@@ -307,7 +309,7 @@ def _annotated_records(data: dict, pins: dict, generation: int) -> Iterator[dict
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from ..data.loader import INDEX_CHUNK_ROWS, first_positions, open_pinned_dataset, split_positions
+    from ..data.loader import first_positions, open_pinned_dataset, split_positions
     from ..store import USABLE_STATUSES
 
     def usable(chunk) -> pa.ChunkedArray:
@@ -325,6 +327,6 @@ def _annotated_records(data: dict, pins: dict, generation: int) -> Iterator[dict
     formulas = ["desc", "neg_desc", "tags", "neg_tags"]
     for ds, positions in found:
         positions = np.sort(positions[positions >= 0])
-        for begin in range(0, len(positions), INDEX_CHUNK_ROWS):
-            for r in ds.take(positions[begin : begin + INDEX_CHUNK_ROWS].tolist(), columns=formulas).to_pylist():
+        for begin in range(0, len(positions), RECORD_CHUNK_ROWS):
+            for r in ds.take(positions[begin : begin + RECORD_CHUNK_ROWS].tolist(), columns=formulas).to_pylist():
                 yield {k: r[k] or [] for k in formulas}
