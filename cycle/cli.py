@@ -61,14 +61,17 @@ def run(config_path, overrides, redo_from, stop_after, dry_run, gpu_memory_gb):
     """Run generation 0 and the configured generations; the same command again resumes.
 
     CONFIG is a path or a shipped config's name; OVERRIDES are key=value pairs, e.g.
-    `cycle.generations=3 train.epochs=5 name=myrun`. Under the `deepspeed` launcher its appended
-    `--local_rank=N` is accepted and ignored (ranks read LOCAL_RANK).
+    `cycle.generations=3 train.epochs=5 name=myrun`. This is the run's one controller: start it once,
+    not as several ranks of torchrun / srun / the `deepspeed` launcher (refused); a single-rank launcher's
+    appended `--local_rank=N` is accepted and ignored.
     """
     from rich.markup import escape
 
+    from .clip.dist import refuse_controller_under_launcher
     from .controller import run_cycle
     from .status import print_status, wide_console
 
+    refuse_controller_under_launcher()  # before the config: its world-size check would name the wrong fix
     cfg = config_from(config_path, overrides)
     if dry_run:
         from .plan import check_fits, format_plan, make_plan

@@ -554,16 +554,15 @@ def sft_adapter_only(lv: LVLMConfig) -> bool:
 
 
 def launcher_world_size() -> Optional[int]:
-    """WORLD_SIZE when a launcher (torchrun, `deepspeed`) started this process, else None. Launchers set
-    RANK, WORLD_SIZE and MASTER_ADDR together; our own ranks (`cycle.clip.dist`) never load a config."""
-    import os
+    """WORLD_SIZE when a launcher (torchrun, `deepspeed`, Ray Train, srun with several tasks) started this
+    process, else None. Our own ranks (`cycle.clip.dist`) never load a config."""
+    from .clip.dist import LauncherError, world_info_from_env
 
-    if not all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR")):
-        return None
     try:
-        return int(os.environ["WORLD_SIZE"])
-    except ValueError:
-        raise ConfigError(f"environment WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not an integer") from None
+        info = world_info_from_env()
+    except LauncherError as err:
+        raise ConfigError(str(err)) from None
+    return info.world_size if info.launched else None
 
 
 # --- clip / train / loss: how the batch splits over ranks and micro-batches (the trainer relies on it)

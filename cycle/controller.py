@@ -90,6 +90,9 @@ def run_cycle(
     cfg: RunConfig, redo_from: Optional[str] = None, progress: bool = True, stop_after: Optional[str] = None
 ) -> RunState:
     """Run (or resume) generation 0 and `cfg.cycle.generations` more. `stop_after='1:sft'` stops early."""
+    from .clip.dist import refuse_controller_under_launcher
+
+    refuse_controller_under_launcher()
     run_dir = Path(cfg.run_dir)
     redo = parse_stage_ref(redo_from, cfg.cycle.generations) if redo_from else None
     stop = parse_stage_ref(stop_after, cfg.cycle.generations, "--stop-after") if stop_after else None

@@ -172,10 +172,25 @@ def test_sampler_resumes_at_the_exact_next_sample():
 
 
 def test_two_ranks_split_every_global_batch_contiguously():
-    single = list(ResumableSampler(40, seed=1, batch_size=8))
-    ranks = [list(ResumableSampler(40, seed=1, batch_size=8, rank=r, world_size=2)) for r in range(2)]
-    assert all(len(b) == 4 for r in ranks for b in r)
-    assert [r0 + r1 for r0, r1 in zip(*ranks)] == single
+    """Two ranks each read only their shard (rows 0-19, 20-39); together they see the global batches that
+    one process with the same two shards sees."""
+    single = list(ResumableSampler(40, seed=1, batch_size=8, shards=2))
+    ranks = [ResumableSampler(40, seed=1, batch_size=8, rank=r, world_size=2) for r in range(2)]
+    assert [r.owned_rows for r in ranks] == [(0, 20), (20, 40)]
+    local = [list(r) for r in ranks]
+    assert all(len(b) == 4 and 0 <= min(b) and max(b) < 20 for r in local for b in r)
+    assert [r0 + [i + 20 for i in r1] for r0, r1 in zip(*local)] == single
+    assert [i for b in single for i in b] == ResumableSampler(40, seed=1, batch_size=8, shards=2).order(0).tolist()
+    assert sorted(i for b in single for i in b) == list(range(40))
+    # 42 samples in 2 shards of 21 and batches of 2 x 4: 5 batches, 20 distinct rows of each shard an epoch
+    odd = [i for b in ResumableSampler(42, seed=1, batch_size=8, shards=2) for i in b]
+    assert len(set(odd)) == len(odd) == 40 and sum(i < 21 for i in odd) == 20 and max(odd) < 42
+    # resumed mid-epoch at a global batch: the rest of the same batches
+    resumed = ResumableSampler(40, seed=1, batch_size=8, rank=1, world_size=2)
+    resumed.load_state_dict({"epoch": 0, "position": 16})
+    assert list(resumed) == local[1][2:]
+    with pytest.raises(ValueError, match="multiple of world_size"):
+        ResumableSampler(40, batch_size=8, world_size=2, shards=3)
     with pytest.raises(ValueError, match="divide"):
         ResumableSampler(40, batch_size=9, world_size=2)
     with pytest.raises(ValueError, match="drop_last"):

@@ -358,30 +358,110 @@ def test_resume_after_sigkill_ends_with_the_uninterrupted_weights(pair_store, re
     assert not list((out / "checkpoints").glob("tmp-*"))
 
 
+# 2 ranks x 8 samples, each in micro-batches of 4: gather across ranks and feature cache together; 8 steps.
+TWO_RANKS = ("train.world_size=2", "train.micro_batch_size=4", "train.epochs=2")
+
+
+@pytest.fixture(scope="module")
+def spawned_two_ranks(pair_store, tmp_path_factory):
+    """Two ranks spawned on this machine, each reading only its own 32 of the 64 train rows."""
+    from cycle.clip.train import train_clip
+
+    samples, annotations = _versions(pair_store)
+    out = tmp_path_factory.mktemp("two-ranks") / "clip"
+    model_dir = train_clip(
+        _cfg(*TWO_RANKS), pair_store.uri, out, samples, annotations_version=annotations, generation=1, progress=False
+    )
+    return out, model_dir
+
+
+def _assert_same_run(ref_out: Path, out: Path, steps: int) -> None:
+    """Per-step loss terms within 1e-5 and final weights within 1e-4: the tolerance of a changed reduction order."""
+    ref_steps, _ = _log(ref_out)
+    got_steps, _ = _log(out)
+    assert len(got_steps) == len(ref_steps) == steps
+    for a, b in zip(ref_steps, got_steps):
+        for term in ("clip_loss", "hni_loss", "stc_loss"):
+            assert b[term] == pytest.approx(a[term], abs=1e-5), (a["step"], term)
+    ref, got = _weights(ref_out / "model"), _weights(out / "model")
+    assert set(ref) == set(got)
+    assert max(float((ref[k] - got[k]).abs().max()) for k in ref) < 1e-4
+
+
 @pytest.mark.slow
-def test_two_ranks_give_the_losses_and_weights_of_one_rank(pair_store, reference_run, tmp_path):
+def test_two_ranks_give_the_losses_and_weights_of_one_rank(pair_store, spawned_two_ranks, tmp_path, one_thread):
+    """One process reading both shards sees the two ranks' global batches: it must end where they end
+    (the all-gather, the loss and the feature cache do not depend on the world size)."""
+    from cycle.clip.dist import launch
+    from cycle.clip.train import prepare
+    from cycle.clip.trainer import train_rank
+
+    samples, annotations = _versions(pair_store)
+    single = _cfg("train.micro_batch_size=4", "train.epochs=2")
+    job = prepare(single, pair_store.uri, tmp_path / "clip", samples, annotations, generation=1, progress=False)
+    job.plan.shards = 2  # the two ranks' shards, read by one rank
+    launch(train_rank, 1, job)
+    _assert_same_run(spawned_two_ranks[0], tmp_path / "clip", 8)
+
+
+@pytest.mark.slow
+def test_multinode_torchrun_two_nodes_train_to_the_spawned_two_rank_weights(pair_store, spawned_two_ranks, tmp_path):
+    """Two "nodes" of one rank each (`torchrun --nnodes 2 --node-rank r`, a static rendezvous on loopback,
+    gloo): each runs `hqclip train`, joins the group from the environment instead of spawning, reads its
+    own shard, and together they train what two spawned ranks train."""
+    samples, annotations = _versions(pair_store)
+    out = tmp_path / "clip"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    # what each node's rank gets from its launcher; our own rank variables must not leak in
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO))
+    nodes = []
+    for node_rank in range(2):
+        cmd = [
+            *(sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1"),
+            *("--node-rank", str(node_rank), "--master-addr", "127.0.0.1", "--master-port", str(port)),
+            *("-m", "cycle.cli", "train", str(out), "--store", pair_store.uri, "--config", str(TINY_YAML)),
+            *("--generation", "1", "--samples-version", str(samples), "--annotations-version", str(annotations)),
+            *("--no-progress", "name=train-test", *RUN_OVERRIDES, *TWO_RANKS),
+        ]
+        nodes.append(subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    try:
+        outputs = [node.communicate(timeout=300)[0].decode() for node in nodes]
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                node.kill()
+    assert [node.returncode for node in nodes] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    _assert_same_run(spawned_two_ranks[0], out, 8)
+    assert _log(out)[1][0]["plan"]["shards"] == 2
+
+
+@pytest.mark.slow
+def test_multinode_ray_train_two_workers_train_to_the_spawned_two_rank_weights(pair_store, spawned_two_ranks, tmp_path):
+    """`cluster.executor: ray`: two Ray Train workers (a local Ray of 2 CPUs, gloo) run the same DeepSpeed
+    rank in Ray's process group, each reading its own shard, and end where two spawned ranks end."""
+    import ray
+
     from cycle.clip.train import train_clip
 
     samples, annotations = _versions(pair_store)
     out = tmp_path / "clip"
-    # 2 ranks x 8 samples, each in micro-batches of 4: gather across ranks and feature cache together.
-    model_dir = train_clip(
-        _cfg("train.world_size=2", "train.micro_batch_size=4"),
-        pair_store.uri,
-        out,
-        samples,
-        annotations_version=annotations,
-        generation=1,
-        progress=False,
-    )
-    ref_steps, _ = _log(reference_run[0])
-    steps, _ = _log(out)
-    assert len(steps) == len(ref_steps) == 24
-    for a, b in zip(ref_steps, steps):
-        for term in ("clip_loss", "hni_loss", "stc_loss"):
-            assert b[term] == pytest.approx(a[term], abs=1e-5), (a["step"], term)
-    ref, got = _weights(reference_run[1]), _weights(model_dir)
-    assert max(float((ref[k] - got[k]).abs().max()) for k in ref) < 1e-4
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        train_clip(
+            _cfg(*TWO_RANKS, "cluster.executor=ray"),
+            pair_store.uri,
+            out,
+            samples,
+            annotations_version=annotations,
+            generation=1,
+            progress=False,
+        )
+    finally:
+        ray.shutdown()
+    _assert_same_run(spawned_two_ranks[0], out, 8)
 
 
 def test_generation_0_trains_on_alt_text_without_hni_or_stc(pair_store, reference_run, tmp_path):

@@ -27,7 +27,7 @@ import hashlib
 import re
 from collections import Counter
 from functools import lru_cache
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -73,11 +73,16 @@ def build_tag_vocab(tag_lists: Iterable[Sequence[str]], size: int, min_count: in
 
     Ties break alphabetically, so the vocabulary is a pure function of the tag lists.
     """
-    if size < 1:
-        raise ValueError(f"tag vocabulary size must be >= 1, got {size}")
     counts: Counter = Counter()
     for tags in tag_lists:
         counts.update({t for t in (normalise_tag(x) for x in tags or []) if t})
+    return rank_tags(counts, size, min_count)
+
+
+def rank_tags(counts: Mapping[str, int], size: int, min_count: int = 1) -> list[str]:
+    """`build_tag_vocab` from tag counts already made (normalised tags, once per sample)."""
+    if size < 1:
+        raise ValueError(f"tag vocabulary size must be >= 1, got {size}")
     ranked = sorted((t for t, c in counts.items() if c >= min_count), key=lambda t: (-counts[t], t))
     return ranked[:size]
 

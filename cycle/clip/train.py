@@ -14,12 +14,15 @@ loop, checkpoints, final save).
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 from ..config import RunConfig, fingerprint, to_dict
 from ..errors import HQClipError
+
+RECORD_CHUNK_ROWS = 4096  # annotation records read (as Python objects) at a time by the controller's pass
 
 
 # ValueError stays a base: `cycle run` and `cycle train` (cycle/cli.py) catch ValueError for a one-line error.
@@ -33,6 +36,7 @@ class TrainPlan:
 
     num_samples: int
     world_size: int
+    shards: int  # contiguous ranges of the train rows, each read by one rank (`ResumableSampler`)
     global_batch: int
     local_batch: int
     micro_batch: int
@@ -49,17 +53,22 @@ class TrainPlan:
             raise TrainInputError(
                 f"the train split has {num_samples} samples, fewer than one batch (train.batch_size={t.batch_size})"
             )
-        spe = num_samples // t.batch_size
-        return cls(num_samples, t.world_size, t.batch_size, local, micro, local // micro, spe, spe * t.epochs)
+        spe = num_samples // t.batch_size  # = (num_samples // shards) // (batch_size // shards): same with shards
+        return cls(
+            num_samples, t.world_size, t.world_size, t.batch_size, local, micro, local // micro, spe, spe * t.epochs
+        )
 
 
 @dataclass
 class TrainJob:
-    """Everything a rank needs; picklable, so spawned ranks receive it whole."""
+    """Everything a rank needs; small and picklable, so spawned ranks and Ray workers receive it whole.
+
+    The data travels as `PairDataset` arguments with every version pinned to an int: each rank indexes
+    and reads only its own rows (`ResumableSampler.owned_rows`), never an index of the whole table."""
 
     cfg: RunConfig
     out_dir: Path
-    dataset: object  # PairDataset (its Lance handles are reopened in each process)
+    data: dict  # PairDataset keyword arguments (store_uri, split, pinned versions, generation, storage_options)
     plan: TrainPlan
     use_annotations: bool
     hni_weight: float
@@ -93,7 +102,9 @@ def train_clip(
     `generation` None or 0: raw alt-text only, HNI and STC off (the baseline). `generation` g >= 1 joins
     that generation's annotations (`annotations_version` pins them), and the teacher seeds as a fallback
     when `teacher_version` is given. `init_clip` starts from a checkpoint directory instead of
-    `cfg.clip.pretrained` / scratch. `cfg.train.world_size` > 1 spawns that many ranks on this machine.
+    `cfg.clip.pretrained` / scratch. `cfg.train.world_size` > 1 spawns that many ranks on this machine, or,
+    with `cluster.executor: ray`, runs that many Ray Train workers (`ray_train`); under a launcher
+    (torchrun, srun) this process is one rank and joins the others.
     `storage_options` reach an object store URI (`Store.storage_options`); the ranks get them with the dataset.
 
     STC head carry-over: `stc_head_from` is a CLIP checkpoint directory with `stc_head` + `tag_vocab`
@@ -120,7 +131,12 @@ def train_clip(
         storage_options=storage_options,
         stc_head_from=stc_head_from,
     )
-    launch(train_rank, cfg.train.world_size, job, accelerator=device_type)
+    if cfg.cluster.executor == "ray":
+        from .ray_train import train_with_ray
+
+        train_with_ray(job, cfg.cluster, device_type)
+    else:
+        launch(train_rank, cfg.train.world_size, job, accelerator=device_type)
     return job.out_dir / "model"
 
 
@@ -138,10 +154,10 @@ def prepare(
     stc_head_from=None,
     storage_options=None,
 ) -> TrainJob:
-    from ..data.loader import PairDataset
+    from ..data.loader import pinned_version, split_size
     from ..store import Store, is_local
     from . import checkpoint
-    from .text import build_tag_vocab, negative_part_stats, normalise_tag
+    from .text import negative_part_stats, normalise_tag, rank_tags
 
     out_dir = Path(out_dir)
     use_annotations = bool(generation)
@@ -152,23 +168,29 @@ def prepare(
     store = Store(store_uri, storage_options) if use_annotations else None
     if use_annotations:
         _require_annotations(store, generation, annotations_version)
-    # The CLIP's (deterministic) transform is set by each rank once it has built the model.
-    dataset = PairDataset(
-        store_uri,
-        "train",
-        samples_version=samples_version,
-        annotations_version=annotations_version if use_annotations else None,
+    # Only the versions are pinned here (and the train rows counted): each rank indexes its own rows.
+    num_samples, samples_pin = split_size(store_uri, "train", samples_version, storage_options)
+    pins = {"samples": samples_pin}
+    if use_annotations:
+        pins["annotations"] = pinned_version(store_uri, "annotations", annotations_version, storage_options)
+        if teacher_version is not None:
+            pins["teacher"] = pinned_version(store_uri, "teacher", teacher_version, storage_options)
+    data = dict(
+        store_uri=str(store_uri),
+        split="train",
+        samples_version=pins["samples"],
+        annotations_version=pins.get("annotations"),
         generation=generation if use_annotations else None,
-        teacher_version=teacher_version if use_annotations else None,
+        teacher_version=pins.get("teacher"),
         storage_options=storage_options,
     )
-    plan = TrainPlan.make(cfg, len(dataset))
+    plan = TrainPlan.make(cfg, num_samples)
     hni = cfg.loss.hni_weight if use_annotations else 0.0
     stc = cfg.loss.stc_weight if use_annotations else 0.0
     job = TrainJob(
         cfg,
         out_dir,
-        dataset,
+        data,
         plan,
         use_annotations,
         hni,
@@ -177,41 +199,46 @@ def prepare(
         progress=progress,
     )
     if use_annotations:
-        records = _annotated_records(store, dataset, generation, teacher_version is not None)
-        tag_lists = [r["tags"] or [] for r in records]
+        # One streamed pass over the annotated train rows: negative shares, and tag counts (once per sample).
+        tag_counts: Counter = Counter()
+        annotated = 0
+
+        def counted(records):
+            nonlocal annotated
+            for rec in records:
+                annotated += 1
+                tag_counts.update({t for t in (normalise_tag(x) for x in rec["tags"]) if t})
+                yield rec
+
+        records = counted(_annotated_records(data, pins, generation))
         job.negative_stats = negative_part_stats(records, cfg.loss.neg_max_edit_words)
-        if not tag_lists:
+        if not annotated:
             raise TrainInputError(
                 f"generation {generation} has no usable annotations for the train split "
-                f"(annotations@{dataset.pins.get('annotations')}); annotate before training"
+                f"(annotations@{pins.get('annotations')}); annotate before training"
             )
         if stc:
-            job.tag_vocab = build_tag_vocab(tag_lists, cfg.loss.stc_vocab_size, cfg.loss.stc_min_count)
+            job.tag_vocab = rank_tags(tag_counts, cfg.loss.stc_vocab_size, cfg.loss.stc_min_count)
             if not job.tag_vocab:
                 job.stc_weight = 0.0
                 job.notes.append(f"STC off: no tag reaches loss.stc_min_count={cfg.loss.stc_min_count}")
             else:
-                index = {t: k for k, t in enumerate(job.tag_vocab)}
-                counts = [0] * len(index)
-                for tags in tag_lists:
-                    for t in {normalise_tag(x) for x in tags} & index.keys():
-                        counts[index[t]] += 1
-                job.tag_prior = [c / len(tag_lists) for c in counts]
-                job.tag_positive_rate = sum(counts) / (len(tag_lists) * len(job.tag_vocab))
+                job.tag_prior = [tag_counts[t] / annotated for t in job.tag_vocab]
+                job.tag_positive_rate = sum(tag_counts[t] for t in job.tag_vocab) / (annotated * len(job.tag_vocab))
                 job.stc_head_init = _previous_head(stc_head_from or init_clip, explicit=stc_head_from is not None)
                 if job.stc_head_init is not None:
-                    shared = len(set(job.stc_head_init["tag_vocab"]) & index.keys())
+                    shared = len(set(job.stc_head_init["tag_vocab"]) & set(job.tag_vocab))
                     job.notes.append(
-                        f"STC head: {shared} of {len(index)} tags start from {job.stc_head_init['from']}'s head"
+                        f"STC head: {shared} of {len(job.tag_vocab)} tags start from {job.stc_head_init['from']}'s head"
                     )
     identity = {
         "clip": to_dict(cfg.clip),
         "loss": to_dict(cfg.loss) if use_annotations else None,
         "train": {k: v for k, v in to_dict(cfg.train).items() if k not in ("checkpoint_every", "log_every")},
         "data": {
-            "samples": dataset.pins.get("samples"),
-            "annotations": dataset.pins.get("annotations"),
-            "teacher": dataset.pins.get("teacher"),
+            "samples": pins.get("samples"),
+            "annotations": pins.get("annotations"),
+            "teacher": pins.get("teacher"),
             "generation": generation,
         },
         "init_clip": job.init_clip,
@@ -274,25 +301,32 @@ def _previous_head(path, explicit: bool) -> Optional[dict]:
         raise TrainInputError(f"STC head of '{path}' is unreadable: {err}") from None
 
 
-def _annotated_records(store, dataset, generation: int, with_seed: bool) -> list[dict]:
-    """The four formulas of the train rows that have a usable annotation (the STC vocabulary and the
-    negative shares are computed on these)."""
-    from ..store import is_usable
+def _annotated_records(data: dict, pins: dict, generation: int) -> Iterator[dict]:
+    """The four formulas of each train row with a usable annotation of `generation` (its first one), or,
+    when a teacher table is pinned, its teacher row instead; streamed in chunks, never the whole table."""
+    import lance
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
 
-    train_ids = store.ids("samples", "split = 'train'", version=dataset.pins["samples"])
+    from ..data.loader import first_positions, open_pinned_dataset, split_positions
+    from ..store import USABLE_STATUSES
+
+    def usable(chunk) -> pa.ChunkedArray:
+        statuses = pa.array(USABLE_STATUSES, pa.string())
+        return pc.and_(pc.equal(chunk.column("generation"), generation), pc.is_in(chunk.column("status"), statuses))
+
+    def opened(name: str) -> lance.LanceDataset:
+        return open_pinned_dataset(data["store_uri"], name, pins[name], data["storage_options"])
+
+    _, ids = split_positions(opened("samples"), "train", None)
+    found = [(opened("annotations"), first_positions(opened("annotations"), ids, ["generation", "status"], usable))]
+    if "teacher" in pins:
+        seeded = first_positions(opened("teacher"), ids, [], None)
+        found.append((opened("teacher"), np.where(found[0][1] < 0, seeded, -1)))
     formulas = ["desc", "neg_desc", "tags", "neg_tags"]
-    rows = store.read(
-        "annotations",
-        ["id", *formulas, "status"],
-        where=f"generation = {int(generation)}",
-        version=dataset.pins["annotations"],
-    ).to_pylist()
-    found = {}
-    for r in rows:
-        if r["id"] in train_ids and is_usable(r["status"]) and r["id"] not in found:
-            found[r["id"]] = {k: r[k] or [] for k in formulas}
-    if with_seed:
-        for r in store.read("teacher", ["id", *formulas], version=dataset.pins["teacher"]).to_pylist():
-            if r["id"] in train_ids and r["id"] not in found:
-                found[r["id"]] = {k: r[k] or [] for k in formulas}
-    return list(found.values())
+    for ds, positions in found:
+        positions = np.sort(positions[positions >= 0])
+        for begin in range(0, len(positions), RECORD_CHUNK_ROWS):
+            for r in ds.take(positions[begin : begin + RECORD_CHUNK_ROWS].tolist(), columns=formulas).to_pylist():
+                yield {k: r[k] or [] for k in formulas}

@@ -81,7 +81,7 @@ class Trainer:
     def __init__(self, job, info: dist.DistInfo, device: torch.device):
         import deepspeed
 
-        from ..data.loader import make_loader
+        from ..data.loader import PairDataset, make_loader
         from ..data.sampler import ResumableSampler
 
         cfg, plan = job.cfg, job.plan
@@ -90,7 +90,6 @@ class Trainer:
         self.dtype = torch.bfloat16 if self.bf16 else torch.float32
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank (and rank 0's are broadcast)
         clip, _, preprocess_val, tokenizer = create_clip(cfg.clip.name, pretrained=job.init_clip or cfg.clip.pretrained)
-        job.dataset.transform = preprocess_val  # deterministic; the random crops are drawn per sample later
         module = ClipWithTagHead(clip, num_tags=len(job.tag_vocab) if job.stc_weight else 0, head=cfg.loss.stc_head)
         module.init_tag_prior(job.tag_prior or job.tag_positive_rate)
         if module.stc_head is not None and job.stc_head_init is not None:
@@ -122,8 +121,11 @@ class Trainer:
             batch_size=plan.global_batch,
             rank=info.rank,
             world_size=info.world_size,
+            shards=plan.shards,
         )
-        self.loader = make_loader(job.dataset, sampler=self.sampler, num_workers=cfg.data.num_workers)
+        # This rank's rows only; the transform is deterministic (the random crops are drawn per sample later).
+        dataset = PairDataset(**job.data, transform=preprocess_val, row_range=self.sampler.owned_rows)
+        self.loader = make_loader(dataset, sampler=self.sampler, num_workers=cfg.data.num_workers)
         self.checkpoints = job.out_dir / "checkpoints"
         self.step = 0
         self.window = _Window()

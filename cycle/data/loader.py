@@ -1,9 +1,11 @@
 """Torch loading from the run's LanceDB store: a map-style dataset, a resumable sampler, a loader.
 
-- `PairDataset` reads a *pinned* version of `samples` (one split), optionally joined with one
-  generation's `annotations` and/or the `teacher` table. The index (which rows, where their annotation
-  sits) is built once from a few small columns; images are fetched by position with `LanceDataset.take`
-  and decoded in the worker.
+- `PairDataset` reads a *pinned* version of `samples` (one split, optionally one range of its rows: a
+  rank's shard), optionally joined with one generation's `annotations` and/or the `teacher` table. The
+  index (which rows, where their annotation sits) is built by the process that reads them, streaming a
+  few small columns in chunks, and holds entries for its own rows only; images are fetched by position
+  with `LanceDataset.take` and decoded in the worker.
+- `split_size`: how many rows a split has at a version (a Lance count, no index).
 - `ResumableSampler` yields each rank's share of every global batch; the order is a pure function of
   (seed, epoch), and `state_dict()` records where the run stands so a resumed run takes the exact next
   sample.
@@ -14,7 +16,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Callable, Iterator, Mapping, Optional, Sequence
 
 import lance
 import lancedb
@@ -29,7 +31,15 @@ from . import DataError, DataNotFound
 from .images import decode_image
 from .sampler import ResumableSampler
 
-__all__ = ["PairDataset", "ResumableSampler", "make_loader", "collate_pairs", "image_to_tensor"]
+__all__ = [
+    "PairDataset",
+    "ResumableSampler",
+    "make_loader",
+    "collate_pairs",
+    "image_to_tensor",
+    "split_size",
+    "pinned_version",
+]
 
 FORMULA_NAMES = [name for name, _ in FORMULAS]
 
@@ -76,6 +86,8 @@ class PairDataset(Dataset):
         extra_columns: more `samples` columns to return as they are (e.g. "meta", "sha256").
         storage_options: Lance storage options of an object store (`Store.storage_options`); they are
             pickled with the dataset, so DataLoader workers and spawned ranks open it the same way.
+        row_range: (start, stop) of the split's rows, in table order: only those are indexed and read
+            (a training rank's own shard, `ResumableSampler.owned_rows`); `only_annotated` applies after.
 
     Each item is a dict: `id`, `image` (transformed), `alt_text`, any extra columns, and when a join is
     asked for: `desc`, `neg_desc`, `tags`, `neg_tags` (lists; empty when the row has no annotation),
@@ -98,6 +110,7 @@ class PairDataset(Dataset):
         only_annotated: bool = False,
         extra_columns: Sequence[str] = (),
         storage_options: Optional[Mapping[str, str]] = None,
+        row_range: Optional[tuple[int, int]] = None,
     ):
         if annotations_version is not None and generation is None:
             raise ValueError("annotations_version given without generation: say which generation to join")
@@ -115,27 +128,23 @@ class PairDataset(Dataset):
         self._handles: dict[str, lance.LanceDataset] = {}  # per process; dropped when pickled
 
         self._pin("samples", samples_version)
-        index = self._handle("samples").to_table(columns=["id", "split"])
-        if split is None:
-            rows = np.arange(index.num_rows, dtype=np.int64)
-        else:
-            rows = np.flatnonzero(pc.equal(index.column("split"), split).to_numpy(zero_copy_only=False))
-        ids = index.column("id").take(pa.array(rows, pa.int64()))
+        rows, ids = split_positions(self._handle("samples"), split, row_range)
 
         self.joined = generation is not None or teacher_version is not None or use_teacher
         self._ann_rows = self._teacher_rows = None
         if generation is not None:
             self._pin("annotations", annotations_version)
-            ann = self._handle("annotations").to_table(columns=["id", "generation", "status"])
-            usable = pc.and_(
-                pc.equal(ann.column("generation"), generation),
-                pc.not_equal(pc.fill_null(ann.column("status"), "ok"), "failed"),
-            )
-            self._ann_rows = _positions_of(ids, ann.column("id"), usable)
+
+            def usable(batch: pa.RecordBatch) -> pa.Array:
+                return pc.and_(
+                    pc.equal(batch.column("generation"), generation),
+                    pc.not_equal(pc.fill_null(batch.column("status"), "ok"), "failed"),
+                )
+
+            self._ann_rows = first_positions(self._handle("annotations"), ids, ["generation", "status"], usable)
         if teacher_version is not None or use_teacher:
             self._pin("teacher", teacher_version)
-            teacher = self._handle("teacher").to_table(columns=["id"])
-            self._teacher_rows = _positions_of(ids, teacher.column("id"), None)
+            self._teacher_rows = first_positions(self._handle("teacher"), ids, [], None)
 
         if only_annotated:
             if not self.joined:
@@ -209,17 +218,92 @@ class PairDataset(Dataset):
         return out
 
 
-def _positions_of(ids: pa.Array, table_ids: pa.ChunkedArray, usable: Optional[pa.ChunkedArray]) -> np.ndarray:
-    """For each of `ids`, the row position of its first usable match in `table_ids`, or -1."""
-    candidates = np.arange(len(table_ids), dtype=np.int64)
-    if usable is not None:
-        candidates = np.flatnonzero(usable.to_numpy(zero_copy_only=False))
-    if len(candidates) == 0:  # nothing usable (e.g. every annotation failed): no sample has a match
-        return np.full(len(ids), -1, dtype=np.int64)
-    values = table_ids.take(pa.array(candidates, pa.int64()))
-    found = pc.index_in(ids, value_set=values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values)
-    found = pc.fill_null(found, -1).to_numpy(zero_copy_only=False).astype(np.int64)
-    return np.where(found >= 0, candidates[np.maximum(found, 0)], -1)
+# Rows per chunk when streaming a table for the index: big enough that hashing the looked-up ids once
+# per chunk stays cheap against the scan, small enough that a chunk is not the table.
+INDEX_CHUNK_ROWS = 1 << 20
+
+
+def _chunks(ds: lance.LanceDataset, columns: list[str], rows: int) -> Iterator[tuple[int, pa.Table]]:
+    """(position of the first row, table of at least `rows` rows but the last) over `ds` in table order."""
+    pending, count, offset = [], 0, 0
+    for batch in ds.to_batches(columns=columns, scan_in_order=True):
+        pending.append(batch)
+        count += batch.num_rows
+        if count >= rows:
+            yield offset, pa.Table.from_batches(pending)
+            pending, offset, count = [], offset + count, 0
+    if pending:
+        yield offset, pa.Table.from_batches(pending)
+
+
+def split_positions(ds: lance.LanceDataset, split: Optional[str], row_range) -> tuple[np.ndarray, pa.Array]:
+    """Table positions and ids of the split's rows number `row_range[0]` to `row_range[1] - 1`
+    (all of them when None), in table order; only those are kept while the columns stream past."""
+    start, stop = row_range if row_range is not None else (0, None)
+    positions, ids, seen = [], [], 0  # seen: rows of the split before this chunk
+    for offset, chunk in _chunks(ds, ["id", "split"], INDEX_CHUNK_ROWS):
+        if split is None:
+            local = np.arange(chunk.num_rows, dtype=np.int64)
+        else:
+            local = np.flatnonzero(pc.equal(chunk.column("split"), split).to_numpy(zero_copy_only=False))
+        lo = min(max(start - seen, 0), len(local))
+        hi = len(local) if stop is None else min(max(stop - seen, 0), len(local))
+        if lo < hi:
+            positions.append(offset + local[lo:hi])
+            ids.append(chunk.column("id").take(pa.array(local[lo:hi], pa.int64())).combine_chunks())
+        seen += len(local)
+        if stop is not None and seen >= stop:
+            break
+    if stop is not None and seen < stop:
+        raise DataError(f"rows {start}..{stop} asked of split {split!r}, which has {seen}")
+    if not positions:
+        return np.empty(0, dtype=np.int64), pa.array([], pa.string())
+    return np.concatenate(positions).astype(np.int64), pa.concat_arrays(ids)
+
+
+def first_positions(
+    ds: lance.LanceDataset, ids: pa.Array, columns: list[str], usable: Optional[Callable]
+) -> np.ndarray:
+    """For each of `ids`, the table position of its first row in `ds` that `usable` accepts, or -1.
+
+    Streams `ds` in chunks and looks each chunk's ids up among `ids` (one hash of them per chunk): what
+    stays in memory is one entry per id asked for, whatever the table's size."""
+    found = np.full(len(ids), -1, dtype=np.int64)
+    if len(ids) == 0:
+        return found
+    for offset, chunk in _chunks(ds, ["id", *columns], max(len(ids), INDEX_CHUNK_ROWS)):
+        candidates = np.arange(chunk.num_rows, dtype=np.int64)
+        if usable is not None:
+            candidates = np.flatnonzero(usable(chunk).to_numpy(zero_copy_only=False))
+        if not len(candidates):
+            continue
+        where = pc.index_in(chunk.column("id").take(pa.array(candidates, pa.int64())), value_set=ids)
+        where = pc.fill_null(where, -1).to_numpy(zero_copy_only=False).astype(np.int64)
+        hit = where >= 0
+        targets, first = np.unique(where[hit], return_index=True)  # an id's first usable row in the chunk
+        fresh = found[targets] < 0  # an earlier chunk's row comes first
+        found[targets[fresh]] = offset + candidates[hit][first[fresh]]
+    return found
+
+
+def open_pinned_dataset(store_uri, name: str, version: int, storage_options=None) -> lance.LanceDataset:
+    """Table `name` of the store at an int version, as a Lance dataset (for a streamed read of it)."""
+    uri, version = _open_pinned(str(store_uri), name, version, storage_options)
+    return lance.dataset(uri, version=version, storage_options=dict(storage_options or {}) or None)
+
+
+def pinned_version(store_uri, name: str, version, storage_options=None) -> int:
+    """`version` (an int, a tag, or None = latest now) of table `name` as the int that pins it."""
+    return _open_pinned(str(store_uri), name, version, storage_options)[1]
+
+
+def split_size(store_uri, split: Optional[str], samples_version, storage_options=None) -> tuple[int, int]:
+    """(rows of `split` in `samples`, the int version counted): a Lance count, nothing per row in memory."""
+    version = pinned_version(store_uri, "samples", samples_version, storage_options)
+    ds = open_pinned_dataset(store_uri, "samples", version, storage_options)
+    if split is None:
+        return ds.count_rows(), version
+    return ds.count_rows(filter="split = '{}'".format(split.replace("'", "''"))), version
 
 
 def _take(ds: lance.LanceDataset, positions: np.ndarray, columns: list[str]) -> list[dict]:
@@ -293,8 +377,9 @@ def make_loader(
                 f"batch_size={batch_size} disagrees with the sampler's batch size "
                 f"{sampler.batch_size} (per rank {sampler.local_batch_size})"
             )
-        if sampler.num_samples != len(dataset):
-            raise ValueError(f"sampler covers {sampler.num_samples} samples but the dataset has {len(dataset)}")
+        start, stop = sampler.owned_rows
+        if stop - start != len(dataset):
+            raise ValueError(f"sampler covers {stop - start} samples of this rank but the dataset has {len(dataset)}")
         return _TrackingLoader(
             dataset,
             batch_sampler=sampler,
