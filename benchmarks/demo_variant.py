@@ -1,13 +1,15 @@
 """A variant of the demo from generation G on, paired by seed with the runs of `benchmarks/demo_seeds.py`.
 
-    python benchmarks/demo_variant.py --label carry --from-gen 2 [--seeds 0,1,2] [--parallel 3]
-                                      [--root DIR] [--report-only] key=value ...
+    python benchmarks/demo_variant.py --label carry --from-gen 2 [--stage lvlm] [--stop-after G:STAGE]
+                                      [--seeds 0,1,2] [--parallel 3] [--root DIR] [--report-only] key=value ...
 
 For each seed, waits until the base run `<root>/demo-seed-S` has finished generation G-1, copies what
 generations < G made (their state, the store, their folders) to `<root>/demo-seed-S-<label>` and runs
 `hqclip run configs/emoji.yaml` there with the overrides: generations < G are reused as they are (their
 inputs are unchanged; an override that changes them is refused by the controller), generation G on runs the
-variant. Then waits for the base runs to finish and writes `benchmarks/results/variant_<label>.md`: for each
+variant. With `--stage S` other than generation G's first stage (e.g. `--from-gen 1 --stage train`: a loss
+ablation on generation 1's own annotations), it waits for generation G, copies it too and redoes from G:S.
+Then waits for the base runs to finish and writes `benchmarks/results/variant_<label>.md`: for each
 generation >= G, variant vs base per metric, paired by seed (`val` is the selection split; the held-out
 splits are reported, never tuned on), and the annotator's fact-F1 on images never used in SFT.
 """
@@ -26,6 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from demo_seeds import METRICS, OUT, REPO  # noqa: E402
+from tune_loss_val import stc_fall  # noqa: E402
 
 ANNOTATOR = {
     "annotator fact-F1, images not in SFT": "quality/unseen/annotation_f1",
@@ -49,7 +52,9 @@ def wait_for(run_dir: Path, gen: int) -> None:
 
 
 def fork(base: Path, target: Path, from_gen: int) -> None:
-    """Copy what generations < `from_gen` of `base` made to `target` (a started variant is kept: resume)."""
+    """Copy what generations < `from_gen` of `base` made to `target` (a started variant is kept: resume).
+    The base run may go on meanwhile: the copy is taken while it is in generation `from_gen`'s first stages,
+    which write no table."""
     if (target / "state.json").exists():
         return
     tmp = target.with_name(target.name + ".tmp")
@@ -66,12 +71,16 @@ def fork(base: Path, target: Path, from_gen: int) -> None:
     tmp.rename(target)
 
 
-def run_variant(seed: int, root: Path, label: str, from_gen: int, overrides: list[str]) -> dict:
+def run_variant(
+    seed: int, root: Path, label: str, from_gen: int, overrides: list[str], stage: str, stop_after: str
+) -> dict:
     base, name = root / f"demo-seed-{seed}", f"demo-seed-{seed}-{label}"
-    wait_for(base, from_gen - 1)
-    fork(base, root / name, from_gen)
+    first = stage == ("data" if from_gen == 0 else "lm" if from_gen == 1 else "lvlm")
+    wait_for(base, from_gen - 1 if first else from_gen)
+    fork(base, root / name, from_gen if first else from_gen + 1)
     cmd = [sys.executable, "-m", "cycle.cli", "run", str(REPO / "configs" / "emoji.yaml"), f"root={root}"]
     cmd += [f"name={name}", f"seed={seed}", f"train.seed={seed}", "cpu_threads=1", *overrides]
+    cmd += ([] if first else ["--from", f"{from_gen}:{stage}"]) + (["--stop-after", stop_after] if stop_after else [])
     start = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     if proc.returncode != 0:
@@ -88,22 +97,26 @@ def paired(base: list[float], variant: list[float]) -> str:
     )
 
 
-def report(root: Path, label: str, seeds: list[int], from_gen: int, overrides: list[str], walls: dict) -> str:
+def report(
+    root: Path, label: str, seeds: list[int], from_gen: int, overrides: list[str], walls: dict, flags: str = ""
+) -> str:
     bases = [state_of(root / f"demo-seed-{s}")["generations"] for s in seeds]
     variants = [state_of(root / f"demo-seed-{s}-{label}")["generations"] for s in seeds]
     gens = sorted(int(g) for g in variants[0] if int(g) >= from_gen)
     lines = [
         f"# Demo variant `{label}` from generation {from_gen}, paired with the demo runs",
         "",
-        f"`python benchmarks/demo_variant.py --label {label} --from-gen {from_gen} --seeds "
+        f"`python benchmarks/demo_variant.py --label {label} --from-gen {from_gen} {flags}--seeds "
         f"{','.join(map(str, seeds))} {' '.join(overrides)}`: generations < {from_gen} are the demo runs' own "
-        "(copied), so each pair shares CLIP and annotator up to there. Cells: variant vs base (mean over seeds): "
+        "(copied; with --stage, generation G's stages before it too), so each pair shares everything up to "
+        "there. Cells: variant vs base (mean over seeds): "
         "mean ± std of the paired difference (seeds up +, down -). `val` is the selection split.",
         "",
         "| metric | " + " | ".join(f"gen {g}" for g in gens) + " |",
         "|---|" + "---|" * len(gens),
     ]
-    rows = [(k, "eval", v) for k, v in METRICS.items()] + [(k, "annotate", v) for k, v in ANNOTATOR.items()]
+    rows = [(k, "eval", v) for k, v in {**METRICS, "val tag mAP": "val/tag_map"}.items()]
+    rows += [(k, "annotate", v) for k, v in ANNOTATOR.items()]
     for label_, stage, key in rows:
         cells = []
         for g in gens:
@@ -111,13 +124,19 @@ def report(root: Path, label: str, seeds: list[int], from_gen: int, overrides: l
             v = [s[str(g)][stage]["metrics"].get(key) for s in variants]
             cells.append(paired(b, v) if None not in b + v else "")
         lines.append(f"| {label_} | " + " | ".join(cells) + " |")
+    cells = []  # the STC term's fall from the first to the last logged step of each generation's training
+    for g in gens:
+        b = [stc_fall(root / f"demo-seed-{s}" / f"gen-{g:03d}" / "clip" / "log.jsonl") for s in seeds]
+        v = [stc_fall(root / f"demo-seed-{s}-{label}" / f"gen-{g:03d}" / "clip" / "log.jsonl") for s in seeds]
+        cells.append(paired(b, v) if None not in b + v else "")
+    lines.append("| STC term's fall in training (first to last logged step) | " + " | ".join(cells) + " |")
     stage_s = {
         st: statistics.mean(v[str(g)][st].get("duration_s", 0.0) for v in variants for g in gens)
-        for st in ("align", "sft")
+        for st in ("align", "sft", "train")
     }
     base_s = {
         st: statistics.mean(b[str(g)][st].get("duration_s", 0.0) for b in bases for g in gens)
-        for st in ("align", "sft")
+        for st in ("align", "sft", "train")
     }
     lines += [
         "",
@@ -134,6 +153,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--label", required=True)
     ap.add_argument("--from-gen", type=int, default=2)
+    ap.add_argument("--stage", default="lvlm", help="the stage of generation --from-gen the variant starts at")
+    ap.add_argument("--stop-after", default="", metavar="GEN:STAGE")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--parallel", type=int, default=3)
     ap.add_argument("--root", default=str(REPO / "generations"))
@@ -152,7 +173,10 @@ def main() -> None:
     last = max(int(g) for g in state_of(root / f"demo-seed-{seeds[0]}-{args.label}")["generations"])
     for s in seeds:
         wait_for(root / f"demo-seed-{s}", last)
-    text = report(root, args.label, seeds, args.from_gen, args.overrides, walls)
+    flags = (f"--stage {args.stage} " if args.stage != "lvlm" else "") + (
+        f"--stop-after {args.stop_after} " if args.stop_after else ""
+    )
+    text = report(root, args.label, seeds, args.from_gen, args.overrides, walls, flags)
     (OUT / f"variant_{args.label}.md").write_text(text)
     print(text)
 
