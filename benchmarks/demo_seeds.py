@@ -65,8 +65,17 @@ def run_seed(seed: int, root: Path, overrides: list[str], threads: int = 0) -> d
     return {"seed": seed, "wall_s": wall, "peak_gb": peak_kb / 2**20, "run_dir": str(root / name), "state": state}
 
 
+def finished_generations(results: list[dict]) -> list[int]:
+    """The generations every seed's run has evaluated (a stopped run reports what it finished)."""
+    return sorted(
+        int(g)
+        for g in results[0]["state"]["generations"]
+        if all(r["state"]["generations"].get(g, {}).get("eval", {}).get("status") == "done" for r in results)
+    )
+
+
 def summarise(results: list[dict]) -> str:
-    gens = sorted(int(g) for g in results[0]["state"]["generations"])
+    gens = finished_generations(results)
     lines = [
         "# Demo results over seeds",
         "",
@@ -112,7 +121,8 @@ def annotator_table(results: list[dict], gens: list[int]) -> list[str]:
                 f"{unseen[0]:.3f} / {unseen[1]:.3f}",
                 f"{m.get('quality/schema_valid_share', nan):.2f}",
             ]
-        lines.append(f"| {r['seed']} | {r['wall_s'] / 60:.1f} | {r['peak_gb']:.2f} | " + " | ".join(cells) + " |")
+        wall = f"{r['wall_s'] / 60:.1f} | {r['peak_gb']:.2f}" if r.get("wall_s") else "not timed | not timed"
+        lines.append(f"| {r['seed']} | {wall} | " + " | ".join(cells) + " |")
     lines += [
         "",
         "Seeds whose annotator beats the alt-text on the images never used in SFT: "
@@ -139,7 +149,7 @@ def plot(results: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    gens = sorted(int(g) for g in results[0]["state"]["generations"])
+    gens = finished_generations(results)
     fig, ax = plt.subplots(figsize=(7, 4))
     for label, key in METRICS.items():
         means, stds = [], []
@@ -187,6 +197,8 @@ def main() -> None:
             json.dumps({"parallel": parallel, "overrides": args.overrides, "seeds": seeds_kept}, indent=1)
         )
     text = summarise(results)
+    if args.report_only and kept.get("note"):  # what happened to these runs, kept beside their timings
+        text += f"\n{kept['note']}\n"
     if parallel > 1:
         text += f"\nWall times were taken with {parallel} seeds running at once on the same cores.\n"
     (OUT / "demo_seeds.md").write_text(text)

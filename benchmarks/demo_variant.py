@@ -167,7 +167,14 @@ def main() -> None:
         walls = {int(k): v for k, v in json.loads(walls_path.read_text())["wall_s"].items()}
     else:
         with ThreadPoolExecutor(args.parallel) as pool:
-            results = list(pool.map(lambda s: run_variant(s, root, args.label, args.from_gen, args.overrides), seeds))
+            results = list(
+                pool.map(
+                    lambda s: run_variant(
+                        s, root, args.label, args.from_gen, args.overrides, args.stage, args.stop_after
+                    ),
+                    seeds,
+                )
+            )
         walls = {r["seed"]: r["wall_s"] for r in results}
         walls_path.write_text(json.dumps({"overrides": args.overrides, "wall_s": walls}, indent=1))
     last = max(int(g) for g in state_of(root / f"demo-seed-{seeds[0]}-{args.label}")["generations"])
