@@ -1,11 +1,14 @@
 """The demo's results over several seeds: held-out metrics per generation, mean and spread.
 
-    python benchmarks/demo_seeds.py --seeds 0,1,2 [--parallel 1] [key=value ...]
+    python benchmarks/demo_seeds.py --seeds 0,1,2 [--parallel 1] [--root DIR] [key=value ...]
+    python benchmarks/demo_seeds.py --report-only [--root DIR]   # rewrite the report from demo_seeds.json
 
 Runs `hqclip run configs/emoji.yaml name=demo-seed-S seed=S train.seed=S` for each seed as its own
 process under `/usr/bin/time -v` (wall time and peak memory of the whole cycle), then writes
 `benchmarks/results/demo_seeds.md` (a table per metric: generation x mean ± std over seeds, plus each
-seed's wall time, peak RSS and annotation quality) and `benchmarks/results/demo_seeds.png`.
+seed's wall time, peak RSS and annotation quality: over every training image and over the images never
+used in SFT, next to the alt-text's) and `benchmarks/results/demo_seeds.png`; `demo_seeds.json` keeps each
+seed's wall time, peak memory and run folder, so `--report-only` rewrites the report from the run states.
 The dataset is the same build for every seed (`data.emoji.seed` is not varied): seeds vary model
 initialisation, data order, text draws and annotation retries. A resumed run is reused as it is.
 """
@@ -59,11 +62,20 @@ def run_seed(seed: int, root: Path, overrides: list[str], threads: int = 0) -> d
         raise RuntimeError(f"seed {seed} failed:\n{proc.stderr[-3000:]}")
     peak_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1))
     state = json.loads((root / name / "state.json").read_text())
-    return {"seed": seed, "wall_s": wall, "peak_gb": peak_kb / 2**20, "state": state}
+    return {"seed": seed, "wall_s": wall, "peak_gb": peak_kb / 2**20, "run_dir": str(root / name), "state": state}
+
+
+def finished_generations(results: list[dict]) -> list[int]:
+    """The generations every seed's run has evaluated (a stopped run reports what it finished)."""
+    return sorted(
+        int(g)
+        for g in results[0]["state"]["generations"]
+        if all(r["state"]["generations"].get(g, {}).get("eval", {}).get("status") == "done" for r in results)
+    )
 
 
 def summarise(results: list[dict]) -> str:
-    gens = sorted(int(g) for g in results[0]["state"]["generations"])
+    gens = finished_generations(results)
     lines = [
         "# Demo results over seeds",
         "",
@@ -80,24 +92,55 @@ def summarise(results: list[dict]) -> str:
             vals = [v for v in vals if v is not None]
             cells.append(f"{statistics.mean(vals):.3f} ± {statistics.pstdev(vals):.3f}" if vals else "")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lines += [
-        "",
+    lines += ["", *annotator_table(results, gens)]
+    return "\n".join(lines) + "\n"
+
+
+def annotator_table(results: list[dict], gens: list[int]) -> list[str]:
+    """Per seed: wall, peak, and each generation's annotator fact-F1 vs the alt-text it read (all training
+    images, and the images never used in SFT), plus how many seeds beat the alt-text on unseen images."""
+    nan = float("nan")
+    lines = [
         "| seed | wall (min) | peak RSS (GB) | "
-        + " | ".join(f"gen {g} annot. F1 / alt-text F1 / valid" for g in gens if g > 0)
+        + " | ".join(
+            f"gen {g} annot. / alt-text F1 (all) | gen {g} unseen: annot. / alt-text F1 | gen {g} valid"
+            for g in gens[1:]
+        )
         + " |",
-        "|---:|---:|---:|" + "---|" * (len(gens) - 1),
+        "|---:|---:|---:|" + "---|---|---:|" * (len(gens) - 1),
     ]
+    above = {g: 0 for g in gens[1:]}
     for r in results:
         cells = []
         for g in gens[1:]:
             m = r["state"]["generations"][str(g)]["annotate"]["metrics"]
-            cells.append(
-                f"{m.get('quality/annotation/f1', float('nan')):.3f} / "
-                f"{m.get('quality/alt_text/f1', float('nan')):.3f} / "
-                f"{m.get('quality/schema_valid_share', float('nan')):.2f}"
-            )
-        lines.append(f"| {r['seed']} | {r['wall_s'] / 60:.1f} | {r['peak_gb']:.2f} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+            unseen = m.get("quality/unseen/annotation_f1", nan), m.get("quality/unseen/alt_text_f1", nan)
+            above[g] += unseen[0] > unseen[1]
+            cells += [
+                f"{m.get('quality/annotation/f1', nan):.3f} / {m.get('quality/alt_text/f1', nan):.3f}",
+                f"{unseen[0]:.3f} / {unseen[1]:.3f}",
+                f"{m.get('quality/schema_valid_share', nan):.2f}",
+            ]
+        wall = f"{r['wall_s'] / 60:.1f} | {r['peak_gb']:.2f}" if r.get("wall_s") else "not timed | not timed"
+        lines.append(f"| {r['seed']} | {wall} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Seeds whose annotator beats the alt-text on the images never used in SFT: "
+        + ", ".join(f"gen {g}: {n}/{len(results)}" for g, n in above.items())
+        + ".",
+    ]
+    for g in gens[2:]:  # annotator g vs g-1, paired by seed
+        diffs = [
+            r["state"]["generations"][str(g)]["annotate"]["metrics"].get("quality/unseen/annotation_f1", nan)
+            - r["state"]["generations"][str(g - 1)]["annotate"]["metrics"].get("quality/unseen/annotation_f1", nan)
+            for r in results
+        ]
+        lines.append(
+            f"Annotator {g} - annotator {g - 1}, unseen fact-F1 (paired by seed): "
+            f"{statistics.mean(diffs):+.3f} ± {statistics.pstdev(diffs):.3f}, "
+            f"higher in {sum(d > 0 for d in diffs)}/{len(diffs)} seeds."
+        )
+    return lines
 
 
 def plot(results: list[dict], path: Path) -> None:
@@ -106,7 +149,7 @@ def plot(results: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    gens = sorted(int(g) for g in results[0]["state"]["generations"])
+    gens = finished_generations(results)
     fig, ax = plt.subplots(figsize=(7, 4))
     for label, key in METRICS.items():
         means, stds = [], []
@@ -130,17 +173,34 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--parallel", type=int, default=1, help="seeds run at once (timings are only clean at 1)")
     ap.add_argument("--root", default=str(REPO / "generations"))
+    ap.add_argument("--report-only", action="store_true", help="rewrite the report from demo_seeds.json")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
-    seeds = [int(s) for s in args.seeds.split(",")]
-    # seeds sharing the cores get one torch thread each: two threads per process on contended cores spin-wait
-    threads = 1 if args.parallel > 1 else 0
-    with ThreadPoolExecutor(args.parallel) as pool:
-        results = list(pool.map(lambda s: run_seed(s, Path(args.root), args.overrides, threads), seeds))
-    OUT.mkdir(parents=True, exist_ok=True)
+    timings = OUT / "demo_seeds.json"
+    if args.report_only:
+        kept = json.loads(timings.read_text())
+        results = [{**k, "state": json.loads((Path(k["run_dir"]) / "state.json").read_text())} for k in kept["seeds"]]
+        parallel = kept["parallel"]
+    else:
+        seeds = [int(s) for s in args.seeds.split(",")]
+        # seeds sharing the cores get one torch thread each: two threads per process on contended cores spin-wait
+        threads = 1 if args.parallel > 1 else 0
+        with ThreadPoolExecutor(args.parallel) as pool:
+            results = list(pool.map(lambda s: run_seed(s, Path(args.root), args.overrides, threads), seeds))
+        parallel = args.parallel
+        OUT.mkdir(parents=True, exist_ok=True)
+        seeds_kept = [
+            {"seed": r["seed"], "wall_s": r["wall_s"], "peak_gb": r["peak_gb"], "run_dir": r["run_dir"]}
+            for r in results
+        ]
+        timings.write_text(
+            json.dumps({"parallel": parallel, "overrides": args.overrides, "seeds": seeds_kept}, indent=1)
+        )
     text = summarise(results)
-    if args.parallel > 1:
-        text += f"\nWall times were taken with {args.parallel} seeds running at once on the same cores.\n"
+    if args.report_only and kept.get("note"):  # what happened to these runs, kept beside their timings
+        text += f"\n{kept['note']}\n"
+    if parallel > 1:
+        text += f"\nWall times were taken with {parallel} seeds running at once on the same cores.\n"
     (OUT / "demo_seeds.md").write_text(text)
     plot(results, OUT / "demo_seeds.png")
     print(text)

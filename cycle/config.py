@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -107,6 +107,9 @@ class LossConfig:
     short_text_max_tags: int = 3  # a short text names 1 to this many of the sample's tags
     hni_weight: float = 1.0
     hni_mode: str = "batch"  # "batch" (negatives as extra columns, NegCLIP style) or "pair"
+    # what L_hni's sum over rows with a negative is divided by: "negatives" (their count |V|: each such row
+    # weighs N/|V| times an L_clip row, 9x when 11% of rows have one) or "batch" (N: the same per-row scale)
+    hni_norm: str = "negatives"
     # "paired": a row's negative is the aligned edit of ITS positive (neg_desc for a description, neg_tags
     # for a tag text, none for alt-text), as the paper means HNI; "independent": the old draw (the negative
     # source drawn by neg_tags_prob whatever the positive), kept for comparison.
@@ -197,6 +200,18 @@ class LoraConfig:
 
 
 @dataclass
+class CarryConfig:
+    """Generation >= 2 starts from the previous generation's annotator (its LM, tokenizer and projector,
+    under the new tower) instead of the pretrained LM: SFT continues rather than restarts, so it needs fewer
+    epochs, and what annotator g-1 learned is kept (merged SFT outputs only: full tuning or
+    `lvlm.sft_save: merged`)."""
+
+    enabled: bool = False
+    align_epochs: Optional[int] = None  # alignment epochs when carried (None: lvlm.align.epochs)
+    sft_epochs: Optional[int] = None  # SFT epochs when carried (None: lvlm.sft.epochs)
+
+
+@dataclass
 class LVLMConfig:
     # an existing LLaVA-family checkpoint (llava-hf layout: a hub name or a directory that
     # `LlavaForConditionalGeneration` loads): its LM, tokenizer and chat template are reused, and its
@@ -213,6 +228,7 @@ class LVLMConfig:
     sft: StageConfig = field(default_factory=lambda: StageConfig(epochs=20, lr=5e-4))
     lora: LoraConfig = field(default_factory=LoraConfig)
     sft_add_best: float = 0.0  # gen >= 2: share of the previous generation's best annotations added to SFT
+    carry: CarryConfig = field(default_factory=CarryConfig)
     # emoji-scenes seeds: fresh alt-text noise every SFT epoch (from the scene graph), so the annotator
     # learns to read the image rather than memorise one alt-text per seed (measured to help, ENV-FACTS)
     sft_fresh_alt_text: bool = True
@@ -325,6 +341,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.source": ("emoji-scenes", "store"),
     "clip.init": ("scratch", "previous"),
     "loss.hni_mode": ("batch", "pair"),
+    "loss.hni_norm": ("negatives", "batch"),
     "loss.hni_negatives": ("paired", "independent"),
     "loss.stc_head": ("cosine", "linear"),
     "loss.text_fit": ("sample", "truncate"),
@@ -539,6 +556,15 @@ def _validate_lvlm_annotate(cfg: DictConfig) -> None:
         )
     if cfg.lvlm.sft_save == "adapter" and not cfg.lvlm.lora.enabled:
         raise ConfigError("config key 'lvlm.sft_save': 'adapter' needs lvlm.lora.enabled=true (full tuning has none)")
+    carry = cfg.lvlm.carry
+    for key in ("align_epochs", "sft_epochs"):
+        if carry[key] is not None and carry[key] < 1:
+            raise ConfigError(f"config key 'lvlm.carry.{key}': got {carry[key]!r}, expected >= 1 or null")
+    if carry.enabled and sft_adapter_only(cfg.lvlm):
+        raise ConfigError(
+            "config key 'lvlm.carry.enabled': carrying the annotator needs merged SFT outputs "
+            "(set lvlm.sft_save=merged, or lvlm.carry.enabled=false)"
+        )
     if cfg.gpu_memory_gb < 0:
         raise ConfigError(f"config key 'gpu_memory_gb': got {cfg.gpu_memory_gb!r}, expected >= 0 (0: no check)")
 
@@ -548,6 +574,15 @@ def sft_adapter_only(lv: LVLMConfig) -> bool:
     if not lv.lora.enabled or lv.sft_save == "merged":
         return False
     return lv.sft_save == "adapter" or bool(lv.base.strip()) or lv.lm.name != "tiny"
+
+
+def carried_stage(cfg: RunConfig, stage: str) -> RunConfig:
+    """`cfg` with lvlm.<stage>.epochs replaced by lvlm.carry.<stage>_epochs (for a carried annotator)."""
+    epochs = getattr(cfg.lvlm.carry, f"{stage}_epochs")
+    if epochs is None:
+        return cfg
+    lvlm = replace(cfg.lvlm, **{stage: replace(getattr(cfg.lvlm, stage), epochs=epochs)})
+    return replace(cfg, lvlm=lvlm)
 
 
 # --- end lvlm / annotate

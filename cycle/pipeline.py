@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Protocol
 
-from .config import RunConfig, to_dict
+from .config import RunConfig, carried_stage, to_dict
 from .errors import HQClipError
 from .state import flat_numbers
 from .store import USABLE, Store, gen_tag
@@ -82,6 +82,11 @@ def clip_of(record: Record, gen: int) -> str:
     return record.outputs(gen, "train")["clip"]
 
 
+def carries(cfg: RunConfig, gen: int) -> bool:
+    """Whether generation `gen` starts from the previous generation's annotator (`lvlm.carry`)."""
+    return cfg.lvlm.carry.enabled and gen >= 2
+
+
 def previous_annotate(record: Record, gen: int, share: float) -> Optional[dict]:
     """The previous generation's annotate outputs when `share` of its best annotations is asked for (gen >= 2)."""
     return record.outputs(gen - 1, "annotate") if gen >= 2 and share > 0 else None
@@ -129,7 +134,9 @@ def lm_run(cfg: RunConfig, pins: dict, out_dir: Path, progress: bool = True) -> 
 def lvlm_run(cfg: RunConfig, pins: dict, out_dir: Path, progress: bool = True) -> StageResult:
     from .lvlm import build_lvlm
 
-    out = build_lvlm(pins["clip"], pins["lm"], cfg.lvlm, out_dir, seed=cfg.seed, device=cfg.device)
+    carried = pins.get("carried")  # the previous annotator: its LM and projector, under the new tower
+    base = annotator_of(carried)[0] if carried else None
+    out = build_lvlm(pins["clip"], pins["lm"], cfg.lvlm, out_dir, seed=cfg.seed, device=cfg.device, base=base)
     return StageResult({"lvlm": str(out)})
 
 
@@ -158,7 +165,7 @@ def align_run(cfg: RunConfig, pins: dict, out_dir: Path, progress: bool = True) 
         store,
         d["samples_version"],
         d["teacher_version"],
-        cfg,
+        carried_stage(cfg, "align") if pins.get("carried") else cfg,
         out_dir,
         extra_ids=extra,
         extra_records=previous_best(cfg, pins, cfg.lvlm.align_add_best),
@@ -176,7 +183,7 @@ def sft_run(cfg: RunConfig, pins: dict, out_dir: Path, progress: bool = True) ->
         store_of(cfg),
         d["samples_version"],
         d["teacher_version"],
-        cfg,
+        carried_stage(cfg, "sft") if pins.get("carried") else cfg,
         out_dir,
         extra_records=previous_best(cfg, pins, cfg.lvlm.sft_add_best),
         progress=progress,
@@ -358,6 +365,13 @@ def make_stages(cfg: RunConfig) -> dict[str, Stage]:
     base_key = ("lvlm.base",) if lv.base.strip() else ()
     dtype_key = ("lvlm.dtype",) if lv.dtype != "auto" else ()
     save_key = ("lvlm.sft_save",) if lv.sft_save != "auto" else ()
+
+    def carry_key(g: int) -> tuple:  # counts only where it acts, so runs recorded before it still resume
+        return ("lvlm.carry",) if carries(cfg, g) else ()
+
+    def carry_pin(g: int) -> dict:
+        return {"carried": True} if carries(cfg, g) else {}
+
     return {
         s.name: s
         for s in [
@@ -365,18 +379,30 @@ def make_stages(cfg: RunConfig) -> dict[str, Stage]:
             Stage("lm", lambda g: ("lvlm.lm", *base_key, "seed"), data_pins, lm_run, "lm", lm_recover),
             Stage(
                 "lvlm",
-                lambda g: ("lvlm.vision_feature_layer", "lvlm.keep_cls_token", *base_key, *dtype_key, "seed"),
-                lambda r, g: {"clip": clip_of(r, g - 1), "lm": r.outputs(1, "lm")["lm"]},
+                lambda g: (
+                    "lvlm.vision_feature_layer",
+                    "lvlm.keep_cls_token",
+                    *base_key,
+                    *dtype_key,
+                    *carry_key(g),
+                    "seed",
+                ),
+                lambda r, g: {
+                    "clip": clip_of(r, g - 1),
+                    "lm": r.outputs(1, "lm")["lm"],
+                    **({"carried": r.outputs(g - 1, "sft")} if carries(cfg, g) else {}),
+                },
                 lvlm_run,
                 "lvlm/base",
                 lvlm_recover,
             ),
             Stage(
                 "align",
-                lambda g: ("lvlm.align", "lvlm.align_alt_text_share", "lvlm.align_add_best", "seed"),
+                lambda g: ("lvlm.align", "lvlm.align_alt_text_share", "lvlm.align_add_best", *carry_key(g), "seed"),
                 lambda r, g: {
                     **data_pins(r, g),
                     "generation": g,
+                    **carry_pin(g),
                     "base": r.outputs(g, "lvlm"),
                     "previous": previous_annotate(r, g, lv.align_add_best),
                 },
@@ -393,11 +419,13 @@ def make_stages(cfg: RunConfig) -> dict[str, Stage]:
                     "lvlm.sft_fresh_alt_text",
                     "lvlm.lm.max_length",
                     *save_key,
+                    *carry_key(g),
                     "seed",
                 ),
                 lambda r, g: {
                     **data_pins(r, g),
                     "generation": g,
+                    **carry_pin(g),
                     "aligned": r.outputs(g, "align"),
                     "previous": previous_annotate(r, g, lv.sft_add_best),
                 },

@@ -67,3 +67,27 @@ def test_fingerprint_is_stable_and_sensitive(tmp_path):
     text = (tmp_path / "run" / "config.yaml").read_text()
     assert text.startswith(f"# fingerprint: {fp}") and fp == fingerprint(a)
     assert load_config(tmp_path / "run" / "config.yaml") == a
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["lvlm.carry.sft_epochs=0"], r"'lvlm.carry.sft_epochs': got 0, expected >= 1 or null"),
+        (
+            ["lvlm.carry.enabled=true", "lvlm.lora.enabled=true", "lvlm.sft_save=adapter"],
+            r"'lvlm.carry.enabled': carrying the annotator needs merged SFT outputs",
+        ),
+    ],
+)
+def test_carry_checked(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(TINY_YAML, ["name=x", *overrides])
+
+
+def test_carried_stage_replaces_only_the_epochs():
+    from cycle.config import carried_stage
+
+    cfg = load_config(TINY_YAML, ["name=x", "lvlm.carry.sft_epochs=3"])
+    carried = carried_stage(cfg, "sft")
+    assert carried.lvlm.sft.epochs == 3 and carried.lvlm.sft.lr == cfg.lvlm.sft.lr
+    assert cfg.lvlm.sft.epochs == 12 and carried_stage(cfg, "align") is cfg

@@ -153,6 +153,24 @@ def test_changed_config_refused_then_redo_from(finished_run, tmp_path):
     assert not state.is_done(1, "eval") and not state.is_done(2, "train")  # later stages are redone too
 
 
+def test_carried_annotator_starts_from_the_previous_one(finished_run, tmp_path):
+    """lvlm.carry: generation 2's LLaVA takes generation 1's annotator (LM + projector) under CLIP_1, and
+    its alignment and SFT run the carried epochs; generations 0-1 are untouched (the key counts from gen 2)."""
+    run_dir = tmp_path / "carry"
+    shutil.copytree(finished_run.run_dir, run_dir)
+    cfg = tiny(tmp_path, "carry", "lvlm.carry.enabled=true", "lvlm.carry.align_epochs=2", "lvlm.carry.sft_epochs=3")
+    with pytest.raises(ConfigChanged, match=r"generation 2 stage 'lvlm'.*lvlm\.carry"):
+        run_cycle(cfg, progress=False)
+    before = RunState(run_dir)
+    state = run_cycle(cfg, redo_from="2:lvlm", progress=False, stop_after="2:sft")
+    assert state.stage(1, "sft")["finished"] == before.stage(1, "sft")["finished"]
+    info = json.loads((Path(state.outputs(2, "lvlm")["lvlm"]) / "info.json").read_text())
+    assert info["base"] == state.outputs(1, "sft")["merged"] and info["projector"] == "reused"
+    assert state.stage(2, "align")["metrics"]["align/epochs"] == 2
+    assert state.stage(2, "sft")["metrics"]["sft/epochs"] == 3
+    assert before.stage(2, "sft")["metrics"]["sft/epochs"] == 12
+
+
 def test_second_controller_refused(finished_run):
     holder = subprocess.Popen(
         [

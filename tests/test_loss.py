@@ -66,9 +66,10 @@ def _ce(logits: list[float], label: int) -> float:
     return -(logits[label] - m - math.log(sum(math.exp(v - m) for v in logits)))
 
 
-def test_batch_hni_equals_explicit_loops():
+@pytest.mark.parametrize("norm", ["negatives", "batch"])
+def test_batch_hni_equals_explicit_loops(norm):
     b = _batch(seed=1)
-    out = HQClipLoss(_cfg(hni_weight=0.7, stc_weight=0.0, hni_mode="batch"))(**b)
+    out = HQClipLoss(_cfg(hni_weight=0.7, stc_weight=0.0, hni_mode="batch", hni_norm=norm))(**b)
     x, y, yn, s = b["image_features"], b["text_features"], b["neg_text_features"], float(b["logit_scale"])
     valid, tk, nk = b["neg_valid"].tolist(), b["text_keys"].tolist(), b["neg_keys"].tolist()
     total, count = 0.0, 0
@@ -80,7 +81,8 @@ def test_batch_hni_equals_explicit_loops():
         total += _ce(row, i)
         count += 1
     assert count == 4
-    assert out["hni_loss"].item() == pytest.approx(0.7 * total / count, abs=1e-5)
+    divisor = count if norm == "negatives" else N  # loss.hni_norm: rows with a negative, or the batch
+    assert out["hni_loss"].item() == pytest.approx(0.7 * total / divisor, abs=1e-5)
 
 
 def test_pair_hni_equals_explicit_loops():

@@ -12,8 +12,10 @@ s = exp(t) the learnable logit scale, v_i in {0, 1} "sample i has a usable negat
       where column y_k^- is dropped when v_k = 0, or for row i when y_k^- is the same text as y_i.
   L_hni, mode "pair" (2-way softmax of the positive against its own negative):
       L_hni = 1/|V| sum_{i in V} -log( e^{s x_i.y_i} / (e^{s x_i.y_i} + e^{s x_i.y_i^-}) )
-  V = {i : v_i = 1}. y_i^- is the minimal edit of row i's own positive (text.py: the aligned neg_desc
-  sentences for a description, the aligned neg_tags for a tag text, none for alt-text); a negative that
+  V = {i : v_i = 1}. With `loss.hni_norm: batch` the 1/|V| above is 1/N: a row with a negative then
+  weighs as much in L_hni as in L_clip, however few rows have one. y_i^- is the minimal edit of row i's
+  own positive (text.py: the aligned neg_desc sentences for a description,
+  the aligned neg_tags for a tag text, none for alt-text); a negative that
   reads like its positive, or is no minimal edit of it, is not usable (the text drawer sets v_i = 0).
 
   Direction weights (per row i in V, in units of one cross-entropy over the batch):
@@ -110,7 +112,7 @@ class HQClipLoss(nn.Module):
     ):
         super().__init__()
         self.rank, self.world_size = rank, world_size
-        self.hni_mode = cfg.hni_mode
+        self.hni_mode, self.hni_norm = cfg.hni_mode, cfg.hni_norm
         self.hni_weight = float(cfg.hni_weight if hni_weight is None else hni_weight)
         self.stc_weight = float(cfg.stc_weight if stc_weight is None else stc_weight)
 
@@ -123,11 +125,12 @@ class HQClipLoss(nn.Module):
         return self.stc_weight != 0.0
 
     # ------------------------------------------------------------------------------------------ terms
-    def _masked_mean(self, per_row: Tensor, valid: Tensor) -> Tensor:
-        """Sum over this rank's valid rows / global valid count, times W (see the module doc)."""
+    def _masked_mean(self, per_row: Tensor, valid: Tensor, over_batch: bool = False) -> Tensor:
+        """Sum over this rank's valid rows / global valid count (or the global batch size when
+        `over_batch`), times W (see the module doc)."""
         valid = valid.to(per_row.dtype)
         local_sum = (per_row * valid).sum()
-        count = valid.sum()
+        count = torch.ones_like(valid).sum() if over_batch else valid.sum()
         if self.world_size > 1:
             count = _global_sum(count)
         return local_sum * self.world_size / count.clamp(min=1.0)
@@ -178,7 +181,9 @@ class HQClipLoss(nn.Module):
                 per_row = self._batch_hni_rows(
                     image_features, logits_per_image, logit_scale, neg, neg_valid, text_keys, neg_keys, labels
                 )
-            losses["hni_loss"] = self.hni_weight * self._masked_mean(per_row, neg_valid)
+            losses["hni_loss"] = self.hni_weight * self._masked_mean(
+                per_row, neg_valid, over_batch=self.hni_norm == "batch"
+            )
 
         if self.uses_tags:
             if tag_logits is None or tag_targets is None:

@@ -71,6 +71,7 @@ def align_projector(
     by_source = {f"align/examples_{s}": sum(e.source == s for e in examples) for s in ("seed", "previous", "alt_text")}
     metrics = {
         "align/examples": len(examples),
+        "align/epochs": stage.epochs,
         **by_source,
         "align/loss_before": before,
         "align/loss_after": after,

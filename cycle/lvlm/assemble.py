@@ -194,11 +194,13 @@ def build_lvlm(
     out_dir: str | Path,
     seed: int = 0,
     device: str = "auto",
+    base: Optional[str] = None,
 ) -> Path:
     """CLIP_{g-1} (a `save_clip` directory) + LM (`prepare_lm`'s output or an HF name) -> LLaVA directory.
 
-    With `cfg.base` (an existing LLaVA) `lm_dir` is not read: the base's LM, tokenizer and chat template
-    are used, and its projector when its input width is the tower's (else a fresh one, for alignment).
+    `base` (a LLaVA directory, e.g. the previous generation's annotator under `lvlm.carry`) takes the
+    place of `cfg.base`. With a base (an existing LLaVA) `lm_dir` is not read: the base's LM, tokenizer and
+    chat template are used, and its projector when its input width is the tower's (else a fresh one, for alignment).
     Weights are saved in `lvlm.dtype` (bf16 on a GPU by default). Always builds (the controller decides
     reuse); `out_dir` appears whole or not at all.
     """
@@ -214,7 +216,8 @@ def build_lvlm(
             f"tower's hidden states (-{n_layers + 1}..{n_layers})"
         )
     dtype = lvlm_dtype(cfg.dtype, device)
-    base = load_base_parts(cfg.base, tower.config.hidden_size, dtype) if cfg.base.strip() else None
+    base_name = base or cfg.base.strip()
+    base = load_base_parts(base_name, tower.config.hidden_size, dtype) if base_name else None
     if base is None:
         lm_full, tokenizer = _lm_with_image_token(lm_dir, dtype)
         decoder, lm_head, text_config = lm_full.model, lm_full.lm_head, lm_full.config
@@ -257,9 +260,9 @@ def build_lvlm(
         image_token=IMAGE_TOKEN,
         num_additional_image_tokens=1,
     )
-    info = {"clip": str(clip_dir), "lm": str(cfg.base or lm_dir), "seed": seed, "dtype": str(dtype)}
+    info = {"clip": str(clip_dir), "lm": str(base_name or lm_dir), "seed": seed, "dtype": str(dtype)}
     if base is not None:
-        info.update(base=cfg.base, projector="reused" if reused else "fresh", base_projector_in=base.projector_in)
+        info.update(base=base_name, projector="reused" if reused else "fresh", base_projector_in=base.projector_in)
     return save_lvlm(model, processor, out_dir, info)
 
 

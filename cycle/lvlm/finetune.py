@@ -125,6 +125,7 @@ def sft(
     after = eval_loss(model, plain(0), device)
     metrics = {
         "sft/examples": len(examples),
+        "sft/epochs": stage.epochs,
         "sft/trainable_params": sum(p.numel() for p in params),
         "sft/loss_before": before,
         "sft/loss_after": after,
