@@ -174,6 +174,14 @@ def step_env(mode: dict, work: Path, record: dict) -> None:
         record["gpu"] = {"name": props.name, "memory_gb": props.total_memory / 1e9, "count": torch.cuda.device_count()}
         record["bf16"] = torch.cuda.is_bf16_supported()
     record["vllm"] = "importable" if importlib.util.find_spec("vllm") else VLLM_WHY_NOT
+    from PIL import features
+
+    from cycle.config import EmojiScenesConfig
+
+    font = Path(EmojiScenesConfig().font)
+    carried = REPO / ".gpu-site" / "NotoColorEmoji-subset.ttf"
+    record["emoji_font"] = str(font) if font.is_file() else (f"carried: {carried}" if carried.is_file() else "missing")
+    record["pillow_raqm"] = bool(features.check("raqm"))
 
 
 def synthetic_tokenizer(vocab_size: int):
@@ -329,8 +337,13 @@ def step_demo(mode: dict, work: Path, record: dict, out: Path) -> None:
 
     overrides = [*mode["demo_overrides"], f"root={work / 'runs'}"]
     cfg = load_config(config_file(mode["demo_config"]), overrides)
+    carried_font = REPO / ".gpu-site" / "NotoColorEmoji-subset.ttf"  # gpu_wheels.sh: the image has no emoji font
+    if not Path(cfg.data.emoji.font).is_file() and carried_font.is_file():
+        overrides.append(f"data.emoji.font={carried_font}")
+        cfg = load_config(config_file(mode["demo_config"]), overrides)
     planned = {m.stage: m.total / GB for m in make_plan(cfg, gpu_memory_gb=0).memory}
-    record.update(config=mode["demo_config"], overrides=mode["demo_overrides"], stages=[])
+    record.update(config=mode["demo_config"], overrides=overrides[: len(mode["demo_overrides"])], stages=[])
+    record["font"] = cfg.data.emoji.font
     t_all = time.perf_counter()
     for gen in range(cfg.cycle.generations + 1):
         for stage in stages_of(gen):
@@ -377,6 +390,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cpu-dry", action="store_true", help="the same steps on the CPU at toy size")
     ap.add_argument("--budget-s", type=float, default=450.0, help="seconds for all steps together")
     ap.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated, of {', '.join(STEPS)}")
+    ap.add_argument(
+        "--step-cap-s", type=float, default=0.0, help="at most this many seconds per step (0: each its own)"
+    )
     ap.add_argument("--work", default="", help="scratch folder (default: a new temporary one)")
     ap.add_argument("--step", default="", help=argparse.SUPPRESS)  # internal: run one step in this process
     ap.add_argument(
@@ -417,6 +433,7 @@ def main(argv: list[str] | None = None) -> int:
             report["steps"][name] = {"status": "skipped", "error": "no time left in --budget-s"}
             continue
         timeout = min(STEP_CAP_S[name], left) if name != "demo" else left
+        timeout = min(timeout, args.step_cap_s) if args.step_cap_s > 0 else timeout
         cmd = [sys.executable, __file__, "--out", str(out), "--work", str(work), "--step", name]
         cmd += ["--cpu-dry"] if args.cpu_dry else []
         print(f"[gpu_check] {name}: up to {timeout:.0f} s", flush=True)

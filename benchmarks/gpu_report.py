@@ -41,6 +41,8 @@ def _env(record: dict) -> list[str]:
         lines.append("- not installed: " + ", ".join(missing))
     failed = {k: v for k, v in (record.get("imports") or {}).items() if v != "ok"}
     lines.append("- imports: " + ("all ok" if not failed else "; ".join(f"{k}: {v}" for k, v in failed.items())))
+    if "emoji_font" in record:
+        lines.append(f"- emoji font: {record['emoji_font']}; Pillow RAQM layout: {record.get('pillow_raqm')}")
     if record.get("vllm"):
         lines.append(f"- vLLM: {record['vllm']}")
     return lines + [""]
