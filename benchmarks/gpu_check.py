@@ -262,7 +262,9 @@ def throughput(model_dir: Path, what: str, spec: dict, device: str, record: dict
     )
     size = config.vision_config.image_size
     data = images(max(spec["batches"]), size)
-    backend.generate(data[:2])  # warm-up: kernels, allocator
+    backend.max_new_tokens = backend.min_new_tokens = 8  # warm-up (kernels, allocator): short, it is not timed
+    backend.generate(data[:2])
+    backend.max_new_tokens = backend.min_new_tokens = tokens
     for batch in spec["batches"]:
         gpu_peak(reset=True)
         start = backend.generated_tokens
