@@ -386,6 +386,20 @@ def run_step(name: str, mode_name: str, work: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- driver
+def run_with_timeout(cmd: list[str], log, timeout: float) -> int:
+    """Run a step in its own process group; past `timeout` kill the whole group (a worker left holding GPU
+    memory would skew the next step) and raise TimeoutExpired."""
+    import signal
+
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="folder for gpu_check.json and gpu_check.md")
@@ -439,6 +453,8 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [sys.executable, __file__, "--out", str(out), "--work", str(work), "--step", name]
         cmd += ["--cpu-dry"] if args.cpu_dry else []
         print(f"[gpu_check] {name}: up to {timeout:.0f} s", flush=True)
+        part = work / f"{name}.json"
+        part.unlink(missing_ok=True)  # a record left by an earlier check in the same --work is not this one's
         t0 = time.perf_counter()
         with open(work / f"{name}.log", "w") as log:
             try:
@@ -446,10 +462,9 @@ def main(argv: list[str] | None = None) -> int:
                     run_step(name, mode_name, work)
                     rc = 0
                 else:
-                    rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=timeout).returncode
+                    rc = run_with_timeout(cmd, log, timeout)
             except subprocess.TimeoutExpired:
                 rc = None
-        part = work / f"{name}.json"
         record = json.loads(part.read_text()) if part.is_file() else {}
         if rc is None:
             record.update(status="timeout", error=f"stopped after {timeout:.0f} s (what it wrote is kept)")
