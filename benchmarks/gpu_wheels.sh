@@ -48,16 +48,19 @@ platform=(--only-binary=:all: --python-version 3.12 --implementation cp --platfo
 # deepspeed: no wheel on PyPI; DS_BUILD_OPS=0 makes a py3-none-any wheel (ops JIT-build if ever needed)
 DS_BUILD_OPS=0 "$py" -m pip wheel -q --no-deps --no-build-isolation -w "$dest/a" deepspeed==0.19.8
 
-# a wheel's files unpacked are what `pip install --target` leaves: archive them, x86 filter + LZMA2 -9
+# a wheel's files unpacked are what `pip install --target` leaves: archive them, x86 filter + LZMA2 -9e,
+# both at once (xz is the slow part: minutes per archive)
+pids=()
 for spec in lancedb==0.40.0:a:lancedb pylance==14.0.2:b:pylance; do
   IFS=: read -r req part name <<< "$spec"
   "$py" -m pip download -q --no-deps "${platform[@]}" -d "$scratch/$name" "$req"
   mkdir -p "$scratch/$name-site"
   "$py" -c "import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])" \
     "$scratch/$name"/*.whl "$scratch/$name-site"
-  tar -C "$scratch/$name-site" -cf - . | xz --x86 --lzma2=preset=9e -T1 > "$dest/$part/$name-site.tar.xz"
-  echo "$name: $(du -b "$dest/$part/$name-site.tar.xz" | cut -f1) bytes"
+  (tar -C "$scratch/$name-site" -cf - . | xz --x86 --lzma2=preset=9e -T1 > "$dest/$part/$name-site.tar.xz") &
+  pids+=($!)
 done
+for pid in "${pids[@]}"; do wait "$pid"; done
 
 # the emoji font, cut to the glyphs the vocabulary can draw, and checked to render the same pixels
 PYTHONPATH="$PWD" "$py" - "$font" "$dest/a/NotoColorEmoji-subset.ttf" <<'EOF'
