@@ -350,11 +350,13 @@ def make_plan(cfg: RunConfig, gpu_memory_gb: Optional[float] = None) -> Plan:
 
     adapter_only = sft_adapter_only(lv)
     llava_bytes = wbytes * p_llava
-    sft_small = (4 * p_train + 4 * p_proj) if lv.lora.enabled else 0.0
+    # measured (benchmarks/results/disk_per_generation.md): the adapter in fp32 (it trains in fp32), the
+    # projector file in the LLaVA's dtype; alignment saves its trained projector in fp32 beside the rest
+    sft_small = (4 * p_train + wbytes * p_proj) if lv.lora.enabled else 0.0
     checkpoint = (2 if clip_bf16 else 4) * p_clip + 12 * p_clip  # DeepSpeed's model + optimizer states
     disk = {
         "lvlm/base (LLaVA)": llava_bytes,
-        "lvlm/aligned (LLaVA)": llava_bytes,
+        "lvlm/aligned (LLaVA)": llava_bytes + (4 - wbytes) * p_proj,
         "lvlm/sft (adapter + projector)" if adapter_only else "lvlm/sft (merged LLaVA)": (
             sft_small if adapter_only else llava_bytes + sft_small
         ),

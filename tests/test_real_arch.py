@@ -73,8 +73,10 @@ def vitb16_shaped_clip(root, width: int):
     return save_clip(model, name, root / f"clip-{width}"), cfg
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def build_real_arch_world(root) -> dict:
+    """Under `root`: a store with 16 shapes pairs and their seeds, a Qwen2 causal LM and a llava-hf LLaVA
+    (CLIP vision config + Qwen2 text config, llava-1.5 template) saved as if downloaded, and ViT-B-16-shaped
+    CLIPs of width 32 (the base's tower width) and 48. Also used by benchmarks/disk_per_generation.py."""
     from transformers import (
         CLIPImageProcessor,
         CLIPVisionConfig,
@@ -87,7 +89,6 @@ def world(tmp_path_factory):
     from cycle.lvlm.tokenizer import train_tokenizer
     from cycle.store import Store
 
-    root = tmp_path_factory.mktemp("real-arch")
     samples, seeds = shapes_rows(16)
     store = Store(root / "lance")
     store.append("samples", samples)
@@ -144,6 +145,11 @@ def world(tmp_path_factory):
         "clip_cfg": clip_cfg,
         "n": len(samples),
     }
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return build_real_arch_world(tmp_path_factory.mktemp("real-arch"))
 
 
 def cfg_for(world, *overrides):

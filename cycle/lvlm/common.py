@@ -54,9 +54,14 @@ def finish(tmp: Path, out_dir: str | Path, info: Optional[dict] = None) -> Path:
     return replace_dir(tmp, out_dir)
 
 
-def _autocast(device: torch.device):
-    """bf16 autocast on GPU (weights stay fp32); plain fp32 on CPU."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+def _autocast(device: torch.device, bf16_weights: bool = False):
+    """bf16 autocast on GPU (weights stay fp32), and on the CPU over bf16 weights (`lvlm.dtype=bf16`: the fp32
+    trainables there meet bf16 activations); plain fp32 on CPU otherwise."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" or bf16_weights)
+
+
+def _has_bf16(model: torch.nn.Module) -> bool:
+    return any(p.dtype == torch.bfloat16 for p in model.parameters())
 
 
 @torch.no_grad()
@@ -65,9 +70,10 @@ def eval_loss(model: torch.nn.Module, batches: Iterable[dict], device: torch.dev
     was_training = model.training
     model.eval()
     total, tokens = 0.0, 0
+    bf16 = _has_bf16(model)
     for batch in batches:
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        with _autocast(device):
+        with _autocast(device, bf16):
             loss = model(**batch).loss
         n = int((batch["labels"][:, 1:] != -100).sum())
         total, tokens = total + loss.item() * n, tokens + n
@@ -104,6 +110,7 @@ def train_loop(
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     scheduler = warmup_cosine(optimizer, warmup, epochs * steps_per_epoch)
     model.train()
+    bf16 = _has_bf16(model)
     epoch_losses: list[float] = []
     step = 0
     with (
@@ -114,7 +121,7 @@ def train_loop(
             total, n = 0.0, 0
             for batch in batches(epoch):
                 batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-                with _autocast(device):
+                with _autocast(device, bf16):
                     loss = model(**batch).loss
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
