@@ -98,13 +98,23 @@ def paired(base: list[float], variant: list[float]) -> str:
 
 
 def report(
-    root: Path, label: str, seeds: list[int], from_gen: int, overrides: list[str], walls: dict, flags: str = ""
+    root: Path,
+    label: str,
+    seeds: list[int],
+    from_gen: int,
+    overrides: list[str],
+    walls: dict,
+    flags: str = "",
+    against: str = "",
 ) -> str:
-    bases = [state_of(root / f"demo-seed-{s}")["generations"] for s in seeds]
+    """Variant vs base, paired by seed; `against` names another variant to compare with instead."""
+    base_of = lambda s: root / (f"demo-seed-{s}-{against}" if against else f"demo-seed-{s}")  # noqa: E731
+    bases = [state_of(base_of(s))["generations"] for s in seeds]
     variants = [state_of(root / f"demo-seed-{s}-{label}")["generations"] for s in seeds]
     gens = sorted(int(g) for g in variants[0] if int(g) >= from_gen)
     lines = [
-        f"# Demo variant `{label}` from generation {from_gen}, paired with the demo runs",
+        f"# Demo variant `{label}` from generation {from_gen}, paired with "
+        + (f"variant `{against}`" if against else "the demo runs"),
         "",
         f"`python benchmarks/demo_variant.py --label {label} --from-gen {from_gen} {flags}--seeds "
         f"{','.join(map(str, seeds))} {' '.join(overrides)}`: generations < {from_gen} are the demo runs' own "
@@ -126,7 +136,7 @@ def report(
         lines.append(f"| {label_} | " + " | ".join(cells) + " |")
     cells = []  # the STC term's fall from the first to the last logged step of each generation's training
     for g in gens:
-        b = [stc_fall(root / f"demo-seed-{s}" / f"gen-{g:03d}" / "clip" / "log.jsonl") for s in seeds]
+        b = [stc_fall(base_of(s) / f"gen-{g:03d}" / "clip" / "log.jsonl") for s in seeds]
         v = [stc_fall(root / f"demo-seed-{s}-{label}" / f"gen-{g:03d}" / "clip" / "log.jsonl") for s in seeds]
         cells.append(paired(b, v) if None not in b + v else "")
     lines.append("| STC term's fall in training (first to last logged step) | " + " | ".join(cells) + " |")
@@ -159,6 +169,7 @@ def main() -> None:
     ap.add_argument("--parallel", type=int, default=3)
     ap.add_argument("--root", default=str(REPO / "generations"))
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--against", default="", help="with --report-only: compare with this variant, not the base")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     root, seeds = Path(args.root), [int(s) for s in args.seeds.split(",")]
@@ -183,8 +194,9 @@ def main() -> None:
     flags = (f"--stage {args.stage} " if args.stage != "lvlm" else "") + (
         f"--stop-after {args.stop_after} " if args.stop_after else ""
     )
-    text = report(root, args.label, seeds, args.from_gen, args.overrides, walls, flags)
-    (OUT / f"variant_{args.label}.md").write_text(text)
+    text = report(root, args.label, seeds, args.from_gen, args.overrides, walls, flags, args.against)
+    name = f"variant_{args.label}" + (f"_vs_{args.against}" if args.against else "")
+    (OUT / f"{name}.md").write_text(text)
     print(text)
 
 

@@ -107,9 +107,10 @@ class LossConfig:
     short_text_max_tags: int = 3  # a short text names 1 to this many of the sample's tags
     hni_weight: float = 1.0
     hni_mode: str = "batch"  # "batch" (negatives as extra columns, NegCLIP style) or "pair"
-    # what L_hni's sum over rows with a negative is divided by: "negatives" (their count |V|: each such row
-    # weighs N/|V| times an L_clip row, 9x when 11% of rows have one) or "batch" (N: the same per-row scale)
-    hni_norm: str = "negatives"
+    # what L_hni's sum over rows with a negative is divided by: "batch" (N: a row weighs as in L_clip) or
+    # "negatives" (their count |V|: each such row weighs N/|V| times an L_clip row, 9x when 11% of rows have
+    # one; at the demo's size that took generation 1 below generation 0: benchmarks/results/variant_hninorm.md)
+    hni_norm: str = "batch"
     # "paired": a row's negative is the aligned edit of ITS positive (neg_desc for a description, neg_tags
     # for a tag text, none for alt-text), as the paper means HNI; "independent": the old draw (the negative
     # source drawn by neg_tags_prob whatever the positive), kept for comparison.

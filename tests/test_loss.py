@@ -85,12 +85,14 @@ def test_batch_hni_equals_explicit_loops(norm):
     assert out["hni_loss"].item() == pytest.approx(0.7 * total / divisor, abs=1e-5)
 
 
-def test_pair_hni_equals_explicit_loops():
+@pytest.mark.parametrize("norm", ["negatives", "batch"])
+def test_pair_hni_equals_explicit_loops(norm):
     b = _batch(seed=2)
-    out = HQClipLoss(_cfg(hni_weight=1.0, stc_weight=0.0, hni_mode="pair"))(**b)
+    out = HQClipLoss(_cfg(hni_weight=1.0, stc_weight=0.0, hni_mode="pair", hni_norm=norm))(**b)
     x, y, yn, s = b["image_features"], b["text_features"], b["neg_text_features"], float(b["logit_scale"])
     terms = [_ce([s * float(x[i] @ y[i]), s * float(x[i] @ yn[i])], 0) for i in range(N) if b["neg_valid"][i]]
-    assert out["hni_loss"].item() == pytest.approx(sum(terms) / len(terms), abs=1e-5)
+    divisor = len(terms) if norm == "negatives" else N
+    assert out["hni_loss"].item() == pytest.approx(sum(terms) / divisor, abs=1e-5)
 
 
 def test_stc_equals_reference_bce():

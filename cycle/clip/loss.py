@@ -12,8 +12,8 @@ s = exp(t) the learnable logit scale, v_i in {0, 1} "sample i has a usable negat
       where column y_k^- is dropped when v_k = 0, or for row i when y_k^- is the same text as y_i.
   L_hni, mode "pair" (2-way softmax of the positive against its own negative):
       L_hni = 1/|V| sum_{i in V} -log( e^{s x_i.y_i} / (e^{s x_i.y_i} + e^{s x_i.y_i^-}) )
-  V = {i : v_i = 1}. With `loss.hni_norm: batch` the 1/|V| above is 1/N: a row with a negative then
-  weighs as much in L_hni as in L_clip, however few rows have one. y_i^- is the minimal edit of row i's
+  V = {i : v_i = 1}. With `loss.hni_norm: batch` (the default) the 1/|V| above is 1/N: a row with a negative
+  then weighs as much in L_hni as in L_clip, however few rows have one. y_i^- is the minimal edit of row i's
   own positive (text.py: the aligned neg_desc sentences for a description,
   the aligned neg_tags for a tag text, none for alt-text); a negative that
   reads like its positive, or is no minimal edit of it, is not usable (the text drawer sets v_i = 0).
