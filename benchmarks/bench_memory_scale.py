@@ -309,20 +309,9 @@ def run_child(part: str, work: Path, base_url: str = "", step: str = "") -> dict
 def serve() -> None:
     """The chat-completions server of the tests, answering the four formulas about the alt-text."""
     sys.path.insert(0, str(REPO / "tests"))
-    from openai_server import ChatServer
+    from openai_server import ChatServer, echo_alt_text
 
-    from cycle.annotate.schema import to_target_json
-
-    def answer(prompt, seed, body):
-        alt = prompt.rsplit(": ", 1)[-1]
-        return to_target_json(
-            {
-                "desc": [f"the image shows {alt}."],
-                "neg_desc": [f"the image shows no {alt}."],
-                "tags": [alt],
-                "neg_tags": [f"no {alt}"],
-            }
-        )
+    answer = echo_alt_text
 
     with ChatServer(answer) as server:
         server.requests = server.answered = _Discard()  # the server keeps no bodies: it is not the one measured

@@ -152,3 +152,18 @@ class ChatServer:
         except Exception:
             return "image_url does not decode to an image"
         return None
+
+
+def echo_alt_text(prompt: str, seed, body) -> str:
+    """An answer in the four formulas about the alt-text the prompt ends with (a model that reads no image)."""
+    from cycle.annotate.schema import to_target_json
+
+    alt = prompt.rsplit(": ", 1)[-1]
+    return to_target_json(
+        {
+            "desc": [f"the image shows {alt}."],
+            "neg_desc": [f"the image shows no {alt}."],
+            "tags": [alt],
+            "neg_tags": [f"no {alt}"],
+        }
+    )

@@ -7,27 +7,17 @@ import json
 import time
 
 import pytest
-from openai_server import ChatServer
+from openai_server import ChatServer, echo_alt_text
 from test_annotate_support import make_store, png
 
 from cycle.annotate.backends.base import BackendError, FailedGeneration
 from cycle.annotate.backends.openai_backend import OpenAIBackend
 from cycle.annotate.parse import parse_output
-from cycle.annotate.schema import build_prompt, to_target_json
+from cycle.annotate.schema import build_prompt
 from cycle.annotate.teacher import choose_seed_ids, import_seed, teach_seed
 from cycle.config import AnnotateConfig, OpenAIBackendConfig
 
-
-def echo(prompt, seed, body):
-    alt = prompt.rsplit(": ", 1)[-1]
-    return to_target_json(
-        {
-            "desc": [f"the image shows {alt}."],
-            "neg_desc": [f"the image shows no {alt}."],
-            "tags": [alt],
-            "neg_tags": [f"no {alt}"],
-        }
-    )
+echo = echo_alt_text  # the loopback model: the four formulas about the alt-text
 
 
 def backend_for(server, tmp_path=None, **cfg):
