@@ -91,8 +91,8 @@ def annotate_generation(
             lora_dir=lora_dir,
             progress=progress,
         )
-        annotators = store.read("annotations", ["annotator"], gen_where).column("annotator")
-        fingerprint = annotators[0].as_py() if len(annotators) else None
+        first = next(store.scan("annotations", ["annotator"], gen_where, batch_size=1), None)  # one row, not the column
+        fingerprint = first.column("annotator")[0].as_py() if first is not None and first.num_rows else None
     else:
         this_run, fingerprint = _annotate_here(
             cfg,
