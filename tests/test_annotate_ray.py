@@ -246,10 +246,12 @@ def _wait_for_shards(store_uri: str, generation: int, at_least: int, alive, dead
     deadline = time.time() + deadline_s
     while time.time() < deadline and alive():
         store = Store(store_uri)
-        if store.has(staging_name(generation)):
+        try:
             n = store.db.open_table(staging_name(generation)).count_rows()
-            if n >= at_least:
-                return n
+        except ValueError:  # not created yet, or listed while its first commit is still being written
+            n = 0
+        if n >= at_least:
+            return n
         time.sleep(0.2)
     return 0
 
