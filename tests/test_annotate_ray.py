@@ -229,11 +229,21 @@ def test_ray_pass_writes_the_annotations_the_local_pass_writes(tmp_path, llava_d
     assert not store.has(staging_name(2))
 
 
+# The controller dies by SIGKILL right after its second shard is staged: a deterministic point mid-pass (killing
+# it from outside once staging shows rows raced the driver, which may commit a burst of shards at once).
 DRIVER_CHILD = textwrap.dedent("""
-    import sys
+    import os, signal, sys
+    from cycle.annotate import shards
     from cycle.annotate.run import annotate_generation
     from cycle.config import AnnotateConfig, ClusterConfig
     from cycle.store import Store
+    commit, staged = shards.Staging.commit, []
+    def commit_then_die(self, rows):
+        commit(self, rows)
+        staged.append(rows.num_rows)
+        if len(staged) == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+    shards.Staging.commit = commit_then_die
     cluster = ClusterConfig(executor="ray", address=sys.argv[5])
     cluster.annotate.actors, cluster.annotate.rows_per_shard = 2, 4
     store = Store(sys.argv[1])
@@ -272,16 +282,11 @@ def test_ray_killed_controller_then_killed_node_every_image_once(tmp_path, llava
         env=env,
         stderr=subprocess.PIPE,
     )
-    staged = _wait_for_shards(store.uri, 1, 4, lambda: child.poll() is None, WAIT_S)
-    alive = child.poll() is None
-    os.kill(child.pid, signal.SIGKILL)  # the controller dies mid-pass; its job's actors go with it
-    child.wait()
-    err = child.stderr.read().decode()[-2000:]
-    child.stderr.close()
-    assert alive and staged >= 4, f"the driver ended before it could be killed: {err}"
+    _, err = child.communicate(timeout=WAIT_S)  # the controller dies mid-pass; its job's actors go with it
+    assert child.returncode == -signal.SIGKILL, f"the driver did not die at its second shard: {err.decode()[-2000:]}"
     store = Store(store.uri)
     at_kill = store.db.open_table(staging_name(1)).count_rows()
-    assert at_kill < n and (not store.has("annotations") or store.count("annotations") == 0)  # not merged yet
+    assert at_kill == 8 and (not store.has("annotations") or store.count("annotations") == 0)  # not merged yet
 
     outcome: dict = {}
 
