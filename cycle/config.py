@@ -296,6 +296,15 @@ class ClusterAnnotateConfig:
 
 
 @dataclass
+class ClusterLvlmConfig:
+    """Alignment and SFT under Ray Train: data-parallel workers, each holding the whole LLaVA."""
+
+    workers: int = 1  # each takes its share of every batch; gradients are averaged over all target tokens
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0  # 0: CPU workers; on a GPU cluster 1 (one LLaVA per GPU)
+
+
+@dataclass
 class ClusterConfig:
     """Where the stages run: `local` (this process; imports no Ray) or `ray` (a Ray cluster)."""
 
@@ -303,6 +312,7 @@ class ClusterConfig:
     address: Optional[str] = None  # a Ray cluster ("ray://host:10001", "host:6379", "auto"); null: a local Ray
     runtime_env: dict[str, Any] = field(default_factory=dict)  # Ray's runtime_env for the run's job
     annotate: ClusterAnnotateConfig = field(default_factory=ClusterAnnotateConfig)
+    lvlm: ClusterLvlmConfig = field(default_factory=ClusterLvlmConfig)
 
 
 # ----------------------------------------------------------------------------------------------- run
@@ -505,12 +515,22 @@ def _validate_store(cfg: DictConfig) -> None:
 # --- cluster: the executor and the annotation actors
 def _validate_cluster(cfg: DictConfig) -> None:
     c = cfg.cluster
-    for key in ("cluster.annotate.actors", "cluster.annotate.rows_per_shard", "annotate.vllm.tensor_parallel_size"):
+    for key in (
+        "cluster.annotate.actors",
+        "cluster.annotate.rows_per_shard",
+        "annotate.vllm.tensor_parallel_size",
+        "cluster.lvlm.workers",
+    ):
         if OmegaConf.select(cfg, key) < 1:
             raise ConfigError(f"config key '{key}': got {OmegaConf.select(cfg, key)!r}, expected >= 1")
-    for key in ("cpus_per_actor", "gpus_per_actor"):
-        if getattr(c.annotate, key) < 0:
-            raise ConfigError(f"config key 'cluster.annotate.{key}': got {getattr(c.annotate, key)!r}, expected >= 0")
+    for key in ("annotate.cpus_per_actor", "annotate.gpus_per_actor", "lvlm.cpus_per_worker", "lvlm.gpus_per_worker"):
+        if OmegaConf.select(c, key) < 0:
+            raise ConfigError(f"config key 'cluster.{key}': got {OmegaConf.select(c, key)!r}, expected >= 0")
+    if c.executor != "ray" and c.lvlm.workers > 1:
+        raise ConfigError(
+            f"config key 'cluster.lvlm.workers': {c.lvlm.workers} data-parallel workers run on Ray only: "
+            "set cluster.executor=ray, or cluster.lvlm.workers=1"
+        )
     tp = cfg.annotate.vllm.tensor_parallel_size
     if c.executor == "ray" and cfg.annotate.backend == "vllm" and tp > 1 and c.annotate.gpus_per_actor < tp:
         raise ConfigError(

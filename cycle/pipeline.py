@@ -153,20 +153,21 @@ def previous_best(cfg: RunConfig, pins: dict, share: float) -> Optional[list[dic
 
 
 def align_run(cfg: RunConfig, pins: dict, out_dir: Path, progress: bool = True) -> StageResult:
-    from .lvlm import align_projector
     from .lvlm.data import alt_text_caption_ids
+    from .lvlm.ray_stage import run_lvlm_stage
 
     d, store = pins["data"], store_of(cfg)
     extra = alt_text_caption_ids(
         store, d["samples_version"], d["teacher_version"], cfg.lvlm.align_alt_text_share, cfg.seed
     )
-    out, metrics = align_projector(
-        pins["base"]["lvlm"],
-        store,
-        d["samples_version"],
-        d["teacher_version"],
+    out, metrics = run_lvlm_stage(
+        "align",
         carried_stage(cfg, "align") if pins.get("carried") else cfg,
-        out_dir,
+        store,
+        lvlm_dir=pins["base"]["lvlm"],
+        samples_version=d["samples_version"],
+        teacher_version=d["teacher_version"],
+        out_dir=out_dir,
         extra_ids=extra,
         extra_records=previous_best(cfg, pins, cfg.lvlm.align_add_best),
         progress=progress,
@@ -175,16 +176,17 @@ def align_run(cfg: RunConfig, pins: dict, out_dir: Path, progress: bool = True) 
 
 
 def sft_run(cfg: RunConfig, pins: dict, out_dir: Path, progress: bool = True) -> StageResult:
-    from .lvlm import sft
+    from .lvlm.ray_stage import run_lvlm_stage
 
     d = pins["data"]
-    adapter, merged, metrics = sft(
-        pins["aligned"]["lvlm"],
-        store_of(cfg),
-        d["samples_version"],
-        d["teacher_version"],
+    adapter, merged, metrics = run_lvlm_stage(
+        "sft",
         carried_stage(cfg, "sft") if pins.get("carried") else cfg,
-        out_dir,
+        store_of(cfg),
+        lvlm_dir=pins["aligned"]["lvlm"],
+        samples_version=d["samples_version"],
+        teacher_version=d["teacher_version"],
+        out_dir=out_dir,
         extra_records=previous_best(cfg, pins, cfg.lvlm.sft_add_best),
         progress=progress,
     )

@@ -428,3 +428,37 @@ def test_alignment_adds_the_previous_generations_best_annotations(tiny_store):
     assert examples[sorted(seeds)[0]].target != "a seed keeps its teacher caption."
     sources = [e.source for e in examples.values()]
     assert (sources.count("seed"), sources.count("previous"), sources.count("alt_text")) == (len(seeds), 3, 2)
+
+
+@pytest.mark.slow
+def test_ray_sft_two_workers_train_to_the_one_process_weights(world, aligned, tmp_path):
+    """`cluster.executor: ray`: SFT on two Ray Train workers (gloo), each on its rows of every batch with
+    token-weighted gradients, ends where one process ends on the whole batches; rank 0 writes the output."""
+    import ray
+
+    from cycle.lvlm import sft
+    from cycle.lvlm.ray_stage import run_lvlm_stage
+
+    overrides = ("lvlm.lora.enabled=false", "lvlm.sft.epochs=2", "lvlm.sft.batch_size=5")
+    args = dict(
+        lvlm_dir=aligned[0],
+        samples_version=world["sv"],
+        teacher_version=world["teacher_v"],
+        progress=False,
+    )
+    _, one, one_metrics = sft(cfg=run_cfg(*overrides), store=world["store"], out_dir=tmp_path / "one", **args)
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    try:
+        on_ray = run_cfg(*overrides, "cluster.executor=ray", "cluster.lvlm.workers=2")
+        _, two, two_metrics = run_lvlm_stage("sft", on_ray, world["store"], out_dir=tmp_path / "two", **args)
+    finally:
+        ray.shutdown()
+    assert two == tmp_path / "two" / "merged" and (tmp_path / "two" / "log.jsonl").is_file()
+    assert set(one_metrics) == set(two_metrics)
+    for key in ("sft/loss_before", "sft/loss_after", "sft/epoch_loss_first", "sft/epoch_loss_last"):
+        assert two_metrics[key] == pytest.approx(one_metrics[key], abs=1e-5), key
+    a, b = state(one), state(two)
+    moved = changed(state(aligned[0]), a, LM)
+    assert moved and not changed(a, b, (TOWER, PROJECTOR))
+    worst = max((a[k].float() - b[k].float()).abs().max().item() for k in moved)
+    assert worst < 1e-4, worst

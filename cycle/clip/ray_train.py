@@ -13,11 +13,7 @@ killed and started again resumes from the last checkpoint there, as a local run 
 
 from __future__ import annotations
 
-from ..errors import HQClipError
-
-
-class RayTrainError(HQClipError):
-    """Ray Train could not run the training (no cluster at the address, a worker failed)."""
+from ..cluster import run_ray_train
 
 
 def train_with_ray(job, cluster, accelerator: str) -> None:
@@ -26,28 +22,8 @@ def train_with_ray(job, cluster, accelerator: str) -> None:
     `cluster` is the config's `cluster` block (address, runtime_env), connected by `cluster.ray_cluster`: a
     Ray already initialised in this process (a test's, a notebook's) is used as it is. `accelerator` is "cpu" or "cuda".
     """
-    from ray.train import RunConfig, ScalingConfig, TrainingFailedError
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from ..cluster import ray_cluster
-
-    with ray_cluster(cluster):
-        trainer = TorchTrainer(
-            _worker,
-            train_loop_config={"job": job, "accelerator": accelerator},
-            scaling_config=ScalingConfig(num_workers=job.plan.world_size, use_gpu=accelerator == "cuda"),
-            torch_config=TorchConfig(backend="gloo" if accelerator == "cpu" else "nccl"),
-            run_config=RunConfig(name="train-clip", storage_path=str((job.out_dir / "ray").resolve())),
-        )
-        try:
-            trainer.fit()
-        except TrainingFailedError as err:
-            failures = getattr(err, "worker_failures", None) or {}
-            for rank in sorted(failures):
-                if isinstance(failures[rank], HQClipError):  # the worker's own one-line error
-                    raise failures[rank] from None
-            message = str(err).splitlines()[0]
-            raise RayTrainError(f"Ray Train: {message} (the workers' errors are printed above)") from None
+    config = {"job": job, "accelerator": accelerator}
+    run_ray_train(_worker, config, cluster, job.plan.world_size, accelerator, job.out_dir / "ray", "train-clip")
 
 
 def _worker(config: dict) -> None:

@@ -15,7 +15,7 @@ from ..config import RunConfig
 from ..device import free_accelerator_memory, resolve_device
 from ..store import Store
 from .assemble import load_lvlm, lvlm_dtype, save_lvlm
-from .common import checkpointing, eval_loss, seed_everything, train_loop
+from .common import checkpointing, eval_loss, is_writer, read_info, seed_everything, train_loop
 from .data import align_examples, align_input, make_batches
 
 
@@ -79,9 +79,16 @@ def align_projector(
         "align/epoch_loss_last": losses[-1],
         "align/truncated": len(batches.truncated),
     }
-    out = save_lvlm(
-        model.to("cpu"), processor, out_dir, {"base": str(lvlm_dir), "metrics": metrics, "epoch_losses": losses}
-    )
+    out = None
+    if is_writer():  # data-parallel workers: rank 0 writes
+        out = save_lvlm(
+            model.to("cpu"), processor, out_dir, {"base": str(lvlm_dir), "metrics": metrics, "epoch_losses": losses}
+        )
     del model
     free_accelerator_memory()
     return out, metrics
+
+
+def align_outputs(out_dir: str | Path) -> tuple[Path, dict]:
+    """(out_dir, metrics) of a finished alignment output folder."""
+    return Path(out_dir), read_info(out_dir)["metrics"]

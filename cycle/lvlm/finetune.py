@@ -29,7 +29,17 @@ from ..device import free_accelerator_memory, resolve_device
 from ..store import Store
 from .align import text_budget
 from .assemble import load_lvlm, lvlm_dtype, write_lvlm
-from .common import LVLMError, checkpointing, eval_loss, finish, seed_everything, staging_dir, train_loop
+from .common import (
+    LVLMError,
+    checkpointing,
+    eval_loss,
+    finish,
+    is_writer,
+    read_info,
+    seed_everything,
+    staging_dir,
+    train_loop,
+)
 from .data import Example, emoji_alt_text_fn, make_batches, sft_examples, sft_input
 
 LM_PREFIX = "model.language_model."
@@ -108,7 +118,7 @@ def sft(
     )
     plain = make_batches(examples, processor, stage.batch_size, cfg.seed, budget, sft_input(render=render))[0]
     before = eval_loss(model, plain(0), device)
-    tmp = staging_dir(out_dir)
+    tmp = staging_dir(out_dir) if is_writer() else None  # data-parallel workers: rank 0 writes
     losses = train_loop(
         model,
         params,
@@ -120,7 +130,7 @@ def sft(
         device,
         "SFT" + (" (LoRA)" if lora.enabled else " (full LM)"),
         progress,
-        log_path=tmp / "log.jsonl",
+        log_path=tmp and tmp / "log.jsonl",
     )
     after = eval_loss(model, plain(0), device)
     metrics = {
@@ -133,6 +143,10 @@ def sft(
         "sft/epoch_loss_last": losses[-1],
         "sft/truncated": len(batches.truncated),
     }
+    if tmp is None:
+        del model, base
+        free_accelerator_memory()
+        return None, None, metrics
     model.to("cpu")
     if cfg.lvlm.sft_gradient_checkpointing:
         checkpointing(base, False)
@@ -153,4 +167,12 @@ def sft(
     )
     del model, base
     free_accelerator_memory()
-    return (out_dir / "adapter" if lora.enabled else None), (None if adapter_only else out_dir / "merged"), metrics
+    return sft_outputs(out_dir)
+
+
+def sft_outputs(out_dir: str | Path) -> tuple[Optional[Path], Optional[Path], dict]:
+    """(adapter dir or None, merged dir or None, metrics) of a finished SFT output folder."""
+    out_dir = Path(out_dir)
+    info = read_info(out_dir)
+    adapter, merged = out_dir / "adapter", out_dir / "merged"
+    return (adapter if adapter.is_dir() else None), (None if info["adapter_only"] else merged), info["metrics"]
