@@ -250,7 +250,7 @@ class Store:
         Returns the number of rows that were new. Skips the commit entirely when nothing is new, since a
         merge that changes nothing still makes a version.
         """
-        data = _dedupe(_as_table(name, rows), KEYS[name])
+        data = dedupe(_as_table(name, rows), KEYS[name])
         if data.num_rows == 0:
             return 0
         tbl = self.table(name)
@@ -416,7 +416,7 @@ def _as_table(name: str, rows: pa.Table | list[dict]) -> pa.Table:
     return pa.Table.from_pylist([{k: r.get(k) for k in schema.names} for r in rows], schema=schema)
 
 
-def _dedupe(data: pa.Table, keys: list[str]) -> pa.Table:
+def dedupe(data: pa.Table, keys: list[str]) -> pa.Table:
     """Keep the first row of each key within one batch (merge_insert rejects duplicate source keys)."""
     seen, keep = set(), []
     cols = [data.column(k).to_pylist() for k in keys]

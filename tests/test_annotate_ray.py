@@ -1,9 +1,11 @@
 """Annotation on Ray (`cluster.executor: ray`): shard bookkeeping and the staging merge alone, then a
 local Ray cluster of two nodes (a head and a worker, 1 CPU each): the same annotations as the local pass,
-a killed controller resumed, a killed worker node, every training image annotated exactly once."""
+a killed controller resumed, a killed worker node, every training image annotated exactly once; and the
+whole tiny cycle on that cluster against the local cycle."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -26,6 +28,8 @@ from cycle.annotate.shards import (
     staging_name,
 )
 from cycle.config import AnnotateConfig, ClusterConfig, load_config
+from cycle.controller import run_cycle
+from cycle.state import RunState, gen_dir
 from cycle.store import Store
 
 REPO = Path(__file__).resolve().parents[1]
@@ -386,3 +390,47 @@ def test_ray_vllm_actors_serve_the_lora_adapter(tmp_path, ray_two_nodes):
     ids = ids_of(store, 1)
     assert len(ids) == 8 == len(set(ids)) and stats["this_run"]["executor"] == "ray"
     assert stats["annotator"].startswith("vllm:") and not stats["annotator"].endswith(":none")  # the adapter
+
+
+CYCLE = [  # the tiny cycle, smaller: generation 0 and 1, greedy annotation (no sampled retries)
+    "cycle.generations=1",
+    "data.emoji.n_train=96",
+    "data.emoji.n_val=24",
+    "data.emoji.n_test_retrieval=24",
+    "data.emoji.n_test_negatives=24",
+    "data.emoji.n_test_compositional=12",
+    "lvlm.sft.epochs=2",
+    "train.epochs=1",
+    "annotate.retries=0",
+    "cluster.annotate.rows_per_shard=16",
+]
+
+
+@pytest.mark.slow
+def test_ray_tiny_cycle_matches_the_local_cycle(tmp_path, ray_two_nodes):
+    """`cluster.executor=ray` on the two-node cluster: alignment and SFT under Ray Train, annotation by Ray
+    Data actors, CLIP training under Ray Train; the same annotations (greedy) and the same final metrics as
+    the same cycle run `local`."""
+    from conftest import TINY_YAML
+
+    runs = {}
+    for executor in ("local", "ray"):
+        cfg = load_config(TINY_YAML, [f"root={tmp_path}", f"name={executor}", f"cluster.executor={executor}", *CYCLE])
+        run_cycle(cfg, progress=False)
+        runs[executor] = cfg
+    ray_run, ray_gen1 = RunState(runs["ray"].run_dir), gen_dir(runs["ray"].run_dir, 1)
+    stats = json.loads(Path(ray_run.stage(1, "annotate")["outputs"]["stats"]).read_text())
+    assert stats["this_run"]["executor"] == "ray" and stats["this_run"]["shards"]["run"] == 96 // 16
+    assert {p.name for p in (ray_gen1 / "ray").iterdir()} == {"lvlm-align", "lvlm-sft"}  # Ray Train's records
+    assert (ray_gen1 / "clip" / "ray").is_dir()
+    cols = ["id", "raw_output", "status", "reason", "attempts", "desc", "neg_desc", "tags", "neg_tags"]
+    annotations = {}
+    for executor, cfg in runs.items():
+        store = Store(cfg.run_dir / "lance")
+        annotations[executor] = sorted(store.read("annotations", cols).to_pylist(), key=lambda r: r["id"])
+    assert len(annotations["ray"]) == 96 and annotations["ray"] == annotations["local"]
+    for gen in (0, 1):
+        local, on_ray = (RunState(runs[e].run_dir).stage(gen, "eval")["metrics"] for e in ("local", "ray"))
+        assert set(local) == set(on_ray)
+        different = {k: (local[k], on_ray[k]) for k in local if on_ray[k] != pytest.approx(local[k], abs=1e-6)}
+        assert not different, (gen, different)

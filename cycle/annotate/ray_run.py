@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm.auto import tqdm
 
-from ..store import ANNOTATIONS, Store, _dedupe
+from ..store import ANNOTATIONS, Store, dedupe
 from .shards import STAGING_SCHEMA, ShardPlan, Staging, shard_ids, staging_plan
 
 READ_COLUMNS = ["id", "image", "alt_text"]
@@ -95,7 +95,7 @@ class ShardCommitter:
             parts = self.pending.setdefault(shard, [])
             before = parts[0].num_rows if parts else 0
             parts.append(table.filter(pc.equal(table.column("shard"), shard)))
-            rows = _dedupe(pa.concat_tables(parts), ["id"])  # a retried batch may send rows again
+            rows = dedupe(pa.concat_tables(parts), ["id"])  # a retried batch may send rows again
             self.pending[shard] = [rows]
             new += rows.num_rows - before
             if rows.num_rows >= self.plan.expected[shard]:

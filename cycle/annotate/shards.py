@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..errors import HQClipError
-from ..store import ANNOTATIONS, Store, _dedupe
+from ..store import ANNOTATIONS, Store, dedupe
 
 ROW_OFFSET_BITS = 32  # Lance row address: fragment id in the high 32 bits, row offset in the low ones
 PLAN_SCAN_ROWS = 65_536  # row addresses read per batch while counting rows per shard
@@ -161,7 +161,7 @@ class Staging:
         for rb in ds.to_batches(columns=names, filter=where):
             yield rb
         for s in doubled:
-            yield from _dedupe(ds.to_table(columns=names, filter=f"shard = {s}"), ["id"]).to_batches()
+            yield from dedupe(ds.to_table(columns=names, filter=f"shard = {s}"), ["id"]).to_batches()
 
     def merge_into_annotations(self, plan: ShardPlan) -> int:
         """Insert staging's rows absent from `annotations` in ONE commit (insert-if-absent on id and

@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..store import FORMULAS, is_local
+from ..store import FORMULAS, USABLE_STATUSES, is_local
 from . import DataError, DataNotFound
 from .images import decode_image
 from .sampler import ResumableSampler
@@ -91,8 +91,8 @@ class PairDataset(Dataset):
 
     Each item is a dict: `id`, `image` (transformed), `alt_text`, any extra columns, and when a join is
     asked for: `desc`, `neg_desc`, `tags`, `neg_tags` (lists; empty when the row has no annotation),
-    `annotated` (bool) and `text_source` ("annotations", "teacher" or ""). Annotations with status
-    "failed" count as absent.
+    `annotated` (bool) and `text_source` ("annotations", "teacher" or ""). Annotations that are not
+    usable (`store.USABLE_STATUSES`: failed, or no status) count as absent.
     """
 
     def __init__(
@@ -138,7 +138,7 @@ class PairDataset(Dataset):
             def usable(batch: pa.RecordBatch) -> pa.Array:
                 return pc.and_(
                     pc.equal(batch.column("generation"), generation),
-                    pc.not_equal(pc.fill_null(batch.column("status"), "ok"), "failed"),
+                    pc.fill_null(pc.is_in(batch.column("status"), pa.array(USABLE_STATUSES)), False),
                 )
 
             self._ann_rows = first_positions(self._handle("annotations"), ids, ["generation", "status"], usable)
