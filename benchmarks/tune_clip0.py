@@ -35,7 +35,7 @@ def run_one(root: Path, label: str, overrides: list[str]) -> dict:
         "0:eval",
     ]
     subprocess.run(cmd, check=True)
-    metrics = json.loads((root / label / "gen-000" / "metrics.json").read_text())
+    metrics = json.loads((root / label / "gen-000" / "eval" / "metrics.json").read_text())
     return {
         "label": label,
         "overrides": overrides,
