@@ -293,6 +293,9 @@ class ClusterAnnotateConfig:
     # rows of the pinned samples table per shard: the unit of work, of resume and of loss on a failure
     # (shard ids depend on it, so a pass resumes with the size it began with)
     rows_per_shard: int = 1024
+    # finished shards are committed to staging together at most this often: one Lance version per interval,
+    # not per shard (a killed controller redoes at most one interval's shards); 0: every shard at once
+    commit_every_s: float = 30.0
 
 
 @dataclass
@@ -523,7 +526,13 @@ def _validate_cluster(cfg: DictConfig) -> None:
     ):
         if OmegaConf.select(cfg, key) < 1:
             raise ConfigError(f"config key '{key}': got {OmegaConf.select(cfg, key)!r}, expected >= 1")
-    for key in ("annotate.cpus_per_actor", "annotate.gpus_per_actor", "lvlm.cpus_per_worker", "lvlm.gpus_per_worker"):
+    for key in (
+        "annotate.cpus_per_actor",
+        "annotate.gpus_per_actor",
+        "annotate.commit_every_s",
+        "lvlm.cpus_per_worker",
+        "lvlm.gpus_per_worker",
+    ):
         if OmegaConf.select(c, key) < 0:
             raise ConfigError(f"config key 'cluster.{key}': got {OmegaConf.select(c, key)!r}, expected >= 0")
     if c.executor != "ray" and c.lvlm.workers > 1:

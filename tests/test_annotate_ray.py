@@ -46,6 +46,7 @@ def small_cfg(**kw) -> AnnotateConfig:
 def ray_cfg(rows_per_shard: int = 4, address=None) -> ClusterConfig:
     cfg = ClusterConfig(executor="ray", address=address)
     cfg.annotate.actors, cfg.annotate.cpus_per_actor, cfg.annotate.rows_per_shard = 2, 1.0, rows_per_shard
+    cfg.annotate.commit_every_s = 0.0  # every finished shard committed at once: the resume tests count them
     return cfg
 
 
@@ -115,6 +116,30 @@ def test_ray_staging_resumes_by_shard_and_merges_once_in_one_commit(tmp_path):
     assert staging.merge_into_annotations(plan) == 0  # a merge cut short before the drop is redone harmlessly
     staging.drop()
     assert not store.has(staging_name(1)) and sorted(ids_of(store, 1)) == sorted(ids)
+
+
+def test_ray_committer_commits_finished_shards_together_once_per_interval(tmp_path):
+    """Finished shards wait for the interval (one Lance version for many shards); rows of an unfinished
+    shard never reach staging; a row sent twice (a retried batch) counts once."""
+    from cycle.annotate.ray_run import ShardCommitter
+
+    store = fragmented_store(tmp_path / "lance", parts=(12,))
+    samples = store.table("samples").to_lance()
+    plan = plan_shards(samples, "split = 'train'", rows_per_shard=4)
+    s0, s1, s2 = sorted(plan.expected)
+    ids = store.read("samples", ["id"], "split = 'train'").column("id").to_pylist()
+    staging = Staging(store, 1, 4, samples.version)
+    committer = ShardCommitter(staging, plan, None, commit_every_s=3600)
+    assert committer.add(pa.concat_tables([_shard_rows(ids[:4], s0), _shard_rows(ids[4:6], s1)])) == 6
+    assert committer.add(_shard_rows(ids[5:8], s1)) == 2  # ids[5] again: a retried batch's rows count once
+    assert not staging.exists() and committer.committed == 0  # two shards finished, held for the interval
+    committer.flush()
+    assert staging.done_shards() == {s0, s1} and len(staging.table().to_lance().versions()) == 2  # create + 1
+    committer.commit_every_s = 0.0
+    committer.add(_shard_rows(ids[8:10], s2))
+    assert staging.done_shards() == {s0, s1} and set(committer.pending) == {s2}  # unfinished: not committed
+    committer.add(_shard_rows(ids[10:12], s2))
+    assert staging.done_shards() == {s0, s1, s2} and (committer.committed, committer.rows) == (3, 12)
 
 
 def test_ray_cluster_keys_are_checked_where_the_config_loads():
@@ -249,7 +274,7 @@ DRIVER_CHILD = textwrap.dedent("""
             os.kill(os.getpid(), signal.SIGKILL)
     shards.Staging.commit = commit_then_die
     cluster = ClusterConfig(executor="ray", address=sys.argv[5])
-    cluster.annotate.actors, cluster.annotate.rows_per_shard = 2, 4
+    cluster.annotate.actors, cluster.annotate.rows_per_shard, cluster.annotate.commit_every_s = 2, 4, 0.0
     store = Store(sys.argv[1])
     annotate_generation(AnnotateConfig(batch_size=4, max_new_tokens=16, retries=0), sys.argv[2], store,
                         int(sys.argv[3]), 1, sys.argv[4], progress=False, cluster=cluster)

@@ -76,11 +76,16 @@ class ShardAnnotator:
 
 
 class ShardCommitter:
-    """Gathers the actors' rows per shard and appends each shard to staging once all its rows are in."""
+    """Gathers the actors' rows per shard; appends the finished shards to staging together, at most once
+    every `commit_every_s` seconds (and at the end: `flush`). One commit per shard would give a pass of
+    150M rows ~150k Lance versions, each rewriting a manifest that lists every earlier fragment; a killed
+    controller loses only the finished shards of its last interval."""
 
-    def __init__(self, staging: Staging, plan: ShardPlan, on_first_rows):
+    def __init__(self, staging: Staging, plan: ShardPlan, on_first_rows, commit_every_s: float = 0.0):
         self.staging, self.plan, self.on_first_rows = staging, plan, on_first_rows
         self.pending: dict[int, list[pa.Table]] = {}  # unfinished shards only: bounded by what is in flight
+        self.finished: list[pa.Table] = []  # finished shards not committed yet: at most one interval's
+        self.commit_every_s, self.last_commit = float(commit_every_s), time.monotonic()
         self.committed, self.rows = 0, 0
 
     def add(self, table: pa.Table) -> int:
@@ -99,11 +104,20 @@ class ShardCommitter:
             self.pending[shard] = [rows]
             new += rows.num_rows - before
             if rows.num_rows >= self.plan.expected[shard]:
-                self.staging.commit(rows)
+                self.finished.append(rows)
                 del self.pending[shard]
-                self.committed += 1
-                self.rows += rows.num_rows
+        if self.finished and time.monotonic() - self.last_commit >= self.commit_every_s:
+            self.flush()
         return new
+
+    def flush(self) -> None:
+        """Commit the finished shards held back (one Lance version)."""
+        if not self.finished:
+            return
+        rows = pa.concat_tables(self.finished)
+        self.staging.commit(rows)
+        self.committed, self.rows = self.committed + len(self.finished), self.rows + rows.num_rows
+        self.finished, self.last_commit = [], time.monotonic()
 
 
 def annotate_on_ray(
@@ -140,7 +154,9 @@ def annotate_on_ray(
         check_annotator(fingerprint)
     todo = sorted(s for s in plan.expected if s not in done)
     # and this pass's annotator (known from the first rows back) is that one too
-    committer = ShardCommitter(staging, plan, lambda fingerprint: check_annotator(fingerprint, staged))
+    committer = ShardCommitter(
+        staging, plan, lambda fingerprint: check_annotator(fingerprint, staged), actors.commit_every_s
+    )
     todo_rows = sum(plan.expected[s] for s in todo)
     if todo:
         samples = store.table("samples", version).to_lance()
@@ -184,6 +200,7 @@ def annotate_on_ray(
             try:
                 for block in annotated.iter_batches(batch_size=None, batch_format="pyarrow"):
                     bar.update(committer.add(block))
+                committer.flush()
             finally:
                 bar.close()
         if committer.pending:  # every planned row was read, so a shard left open is a bug, not bad luck
