@@ -427,13 +427,17 @@ def check_emoji(emoji: Any) -> None:
         )
 
 
+def _at_least(cfg: DictConfig, low: int, *keys: str) -> None:
+    """Refuse any of `keys` (dotted, from the root) below `low`, naming the key."""
+    for key in keys:
+        if OmegaConf.select(cfg, key) < low:
+            raise ConfigError(f"config key '{key}': got {OmegaConf.select(cfg, key)!r}, expected >= {low}")
+
+
 def _validate_data_store_eval(cfg: DictConfig) -> None:
     check_emoji(cfg.data.emoji)
-    for key in ("store.write_batch", "eval.batch_size", "data.min_side", "data.max_pixels"):
-        if OmegaConf.select(cfg, key) < 1:
-            raise ConfigError(f"config key '{key}': got {OmegaConf.select(cfg, key)!r}, expected >= 1")
-    if cfg.data.num_workers < 0:
-        raise ConfigError(f"config key 'data.num_workers': got {cfg.data.num_workers!r}, expected >= 0")
+    _at_least(cfg, 1, "store.write_batch", "eval.batch_size", "data.min_side", "data.max_pixels")
+    _at_least(cfg, 0, "data.num_workers")
     if not cfg.eval.templates:
         raise ConfigError("config key 'eval.templates': empty, expected at least one (zero-shot needs a prompt)")
 
@@ -449,16 +453,16 @@ def _validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if not 0.0 <= value <= 1.0:
             raise ConfigError(f"config key '{key}': got {value!r}, expected a probability in [0, 1]")
-    for key in (
+    _at_least(
+        cfg,
+        1,
         "train.epochs",
         "train.batch_size",
         "data.emoji.image_size",
         "data.emoji.vocab_size",
         "data.emoji.max_objects",
         "annotate.batch_size",
-    ):
-        if OmegaConf.select(cfg, key) < 1:
-            raise ConfigError(f"config key '{key}': got {OmegaConf.select(cfg, key)!r}, expected >= 1")
+    )
     _validate_clip_train(cfg)
     _validate_lvlm_annotate(cfg)
     _validate_cluster(cfg)
@@ -518,23 +522,23 @@ def _validate_store(cfg: DictConfig) -> None:
 # --- cluster: the executor and the annotation actors
 def _validate_cluster(cfg: DictConfig) -> None:
     c = cfg.cluster
-    for key in (
+    _at_least(
+        cfg,
+        1,
         "cluster.annotate.actors",
         "cluster.annotate.rows_per_shard",
         "annotate.vllm.tensor_parallel_size",
         "cluster.lvlm.workers",
-    ):
-        if OmegaConf.select(cfg, key) < 1:
-            raise ConfigError(f"config key '{key}': got {OmegaConf.select(cfg, key)!r}, expected >= 1")
-    for key in (
-        "annotate.cpus_per_actor",
-        "annotate.gpus_per_actor",
-        "annotate.commit_every_s",
-        "lvlm.cpus_per_worker",
-        "lvlm.gpus_per_worker",
-    ):
-        if OmegaConf.select(c, key) < 0:
-            raise ConfigError(f"config key 'cluster.{key}': got {OmegaConf.select(c, key)!r}, expected >= 0")
+    )
+    _at_least(
+        cfg,
+        0,
+        "cluster.annotate.cpus_per_actor",
+        "cluster.annotate.gpus_per_actor",
+        "cluster.annotate.commit_every_s",
+        "cluster.lvlm.cpus_per_worker",
+        "cluster.lvlm.gpus_per_worker",
+    )
     if c.executor != "ray" and c.lvlm.workers > 1:
         raise ConfigError(
             f"config key 'cluster.lvlm.workers': {c.lvlm.workers} data-parallel workers run on Ray only: "
@@ -567,11 +571,8 @@ def _validate_cluster(cfg: DictConfig) -> None:
 
 # --- lvlm / annotate: checks that depend on config values only (the stages and backends trust them)
 def _validate_lvlm_annotate(cfg: DictConfig) -> None:
-    for key in ("lvlm.lm.num_heads", "annotate.write_batch"):
-        if OmegaConf.select(cfg, key) < 1:
-            raise ConfigError(f"config key '{key}': got {OmegaConf.select(cfg, key)!r}, expected >= 1")
-    if cfg.annotate.retries < 0:
-        raise ConfigError(f"config key 'annotate.retries': got {cfg.annotate.retries!r}, expected >= 0")
+    _at_least(cfg, 1, "lvlm.lm.num_heads", "annotate.write_batch")
+    _at_least(cfg, 0, "annotate.retries")
     lm = cfg.lvlm.lm
     if lm.name == "tiny" and lm.hidden_size % lm.num_heads:
         raise ConfigError(
@@ -633,9 +634,7 @@ def launcher_world_size() -> Optional[int]:
 # --- clip / train / loss: how the batch splits over ranks and micro-batches (the trainer relies on it)
 def _validate_clip_train(cfg: DictConfig) -> None:
     t = cfg.train
-    for key in ("train.world_size", "train.log_every", "train.checkpoint_every", "loss.stc_vocab_size"):
-        if OmegaConf.select(cfg, key) < 1:
-            raise ConfigError(f"config key '{key}': got {OmegaConf.select(cfg, key)!r}, expected >= 1")
+    _at_least(cfg, 1, "train.world_size", "train.log_every", "train.checkpoint_every", "loss.stc_vocab_size")
     if cfg.loss.neg_max_edit_words < 0:
         raise ConfigError(
             f"config key 'loss.neg_max_edit_words': got {cfg.loss.neg_max_edit_words!r}, expected >= 0 (0: no bound)"
