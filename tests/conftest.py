@@ -20,6 +20,15 @@ torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_YAML = REPO / "configs" / "tiny.yaml"
+SMALL_CYCLE = [  # the tiny config, smaller still: for whole-cycle runs beside the main one (S3, Ray)
+    "data.emoji.n_train=96",
+    "data.emoji.n_val=24",
+    "data.emoji.n_test_retrieval=24",
+    "data.emoji.n_test_negatives=24",
+    "data.emoji.n_test_compositional=12",
+    "lvlm.sft.epochs=2",
+    "train.epochs=1",
+]
 
 
 @pytest.fixture(scope="session")

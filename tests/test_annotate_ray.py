@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
+from conftest import SMALL_CYCLE, TINY_YAML
 from test_annotate_support import build_random_llava, make_store, sample_rows
 
 from cycle.annotate.run import annotate_generation
@@ -417,18 +418,8 @@ def test_ray_vllm_actors_serve_the_lora_adapter(tmp_path, ray_two_nodes):
     assert stats["annotator"].startswith("vllm:") and not stats["annotator"].endswith(":none")  # the adapter
 
 
-CYCLE = [  # the tiny cycle, smaller: generation 0 and 1, greedy annotation (no sampled retries)
-    "cycle.generations=1",
-    "data.emoji.n_train=96",
-    "data.emoji.n_val=24",
-    "data.emoji.n_test_retrieval=24",
-    "data.emoji.n_test_negatives=24",
-    "data.emoji.n_test_compositional=12",
-    "lvlm.sft.epochs=2",
-    "train.epochs=1",
-    "annotate.retries=0",
-    "cluster.annotate.rows_per_shard=16",
-]
+# generation 0 and 1 of the small cycle, greedy annotation (no sampled retries)
+CYCLE = ["cycle.generations=1", *SMALL_CYCLE, "annotate.retries=0", "cluster.annotate.rows_per_shard=16"]
 
 
 @pytest.mark.slow
@@ -436,8 +427,6 @@ def test_ray_tiny_cycle_matches_the_local_cycle(tmp_path, ray_two_nodes):
     """`cluster.executor=ray` on the two-node cluster: alignment and SFT under Ray Train, annotation by Ray
     Data actors, CLIP training under Ray Train; the same annotations (greedy) and the same final metrics as
     the same cycle run `local`."""
-    from conftest import TINY_YAML
-
     runs = {}
     for executor in ("local", "ray"):
         cfg = load_config(TINY_YAML, [f"root={tmp_path}", f"name={executor}", f"cluster.executor={executor}", *CYCLE])

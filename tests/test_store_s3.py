@@ -18,7 +18,7 @@ import time
 import boto3
 import pytest
 from click.testing import CliRunner
-from conftest import TINY_YAML
+from conftest import SMALL_CYCLE, TINY_YAML
 from moto.server import ThreadedMotoServer
 from PIL import Image
 
@@ -37,15 +37,6 @@ KEY_ENV, SECRET_ENV = "HQCLIP_TEST_S3_KEY_ID", "HQCLIP_TEST_S3_SECRET"
 SECRET = "s3-test-secret-7f3a"
 ENV = {KEY_ENV: "testing", SECRET_ENV: SECRET}
 # A smaller tiny cycle: fewer images and SFT epochs (what is tested here is the store, not the annotator)
-SMALL = [
-    "data.emoji.n_train=96",
-    "data.emoji.n_val=24",
-    "data.emoji.n_test_retrieval=24",
-    "data.emoji.n_test_negatives=24",
-    "data.emoji.n_test_compositional=12",
-    "lvlm.sft.epochs=2",
-    "train.epochs=1",
-]
 
 
 @pytest.fixture(scope="module")
@@ -187,7 +178,13 @@ def s3_run(s3, tmp_path_factory):
     root = tmp_path_factory.mktemp("s3-runs")
     cfg = load_config(
         TINY_YAML,
-        [f"root={root}", "name=cycle", "cycle.generations=1", *SMALL, *overrides(s3, "s3://hqclip-s3-cycle/cycle")],
+        [
+            f"root={root}",
+            "name=cycle",
+            "cycle.generations=1",
+            *SMALL_CYCLE,
+            *overrides(s3, "s3://hqclip-s3-cycle/cycle"),
+        ],
     )
     run_cycle(cfg, progress=False)
     return cfg
@@ -241,7 +238,7 @@ def test_s3_killed_in_training_then_resumed_completes(s3, tmp_path):
     finishes the run."""
     s3("hqclip-s3-killed")
     run_dir = tmp_path / "killed"
-    args = ["cycle.generations=0", "train.world_size=2", "train.epochs=4", *SMALL[:5]]
+    args = ["cycle.generations=0", "train.world_size=2", "train.epochs=4", *SMALL_CYCLE[:5]]
     args += overrides(s3, "s3://hqclip-s3-killed/run")
     cmd = [sys.executable, "-m", "cycle.cli", "run", str(TINY_YAML), f"root={tmp_path}", "name=killed", *args]
     env = {**os.environ, **ENV, "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu"}
