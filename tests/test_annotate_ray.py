@@ -435,7 +435,7 @@ def test_ray_tiny_cycle_matches_the_local_cycle(tmp_path, ray_two_nodes):
     ray_run, ray_gen1 = RunState(runs["ray"].run_dir), gen_dir(runs["ray"].run_dir, 1)
     stats = json.loads(Path(ray_run.stage(1, "annotate")["outputs"]["stats"]).read_text())
     assert stats["this_run"]["executor"] == "ray" and stats["this_run"]["shards"]["run"] == 96 // 16
-    assert {p.name for p in (ray_gen1 / "ray").iterdir()} == {"lvlm-align", "lvlm-sft"}  # Ray Train's records
+    assert {p.name for p in (ray_gen1 / "lvlm" / "ray").iterdir()} == {"lvlm-align", "lvlm-sft"}  # Ray Train's
     assert (ray_gen1 / "clip" / "ray").is_dir()
     cols = ["id", "raw_output", "status", "reason", "attempts", "desc", "neg_desc", "tags", "neg_tags"]
     annotations = {}

@@ -4,7 +4,7 @@ On Ray, `cluster.lvlm.workers` data-parallel workers each load the LLaVA, build 
 and train on their rows of each (`common.train_loop`: token-weighted gradients summed over the workers,
 so the update is one process's on the whole batch); rank 0 writes the stage's output folder. That folder
 and the LLaVA it starts from must be on a path every node sees; each worker reopens the store from its
-URI and storage options. Ray's run record goes to `<generation folder>/ray/`.
+URI and storage options. Ray's run record goes to `gen-NNN/lvlm/ray/`, beside the stages' folders.
 """
 
 from __future__ import annotations
