@@ -138,7 +138,8 @@ CHILD = textwrap.dedent("""
 
 
 @pytest.mark.slow
-def test_killed_pass_resumes_without_duplicates_or_losses(tmp_path, llava_dir):
+def test_killed_pass_resumes_without_duplicates_or_losses(tmp_path, llava_dir, monkeypatch):
+    monkeypatch.setattr("cycle.store.KEY_INDEX_MIN_ROWS", 1)  # as at scale: the resume's lookups use the id index
     n = 64
     store = make_store(tmp_path / "lance", n_train=n, n_val=0)
     version = store.version("samples")
@@ -177,6 +178,7 @@ def test_killed_pass_resumes_without_duplicates_or_losses(tmp_path, llava_dir):
     ids = fresh.read("annotations", ["id"]).column("id").to_pylist()
     assert len(ids) == n and len(set(ids)) == n  # every sample exactly once
     assert stats["this_run"]["written"] == n - at_kill and stats["this_run"]["already_done"] == at_kill
+    assert [i.field_names for i in fresh.table("annotations").to_lance().describe_indices()] == [["id"]]
 
 
 def _responder(prompt: str, seed, body) -> str:

@@ -159,6 +159,8 @@ def _annotate_here(
             lambda staged: _same_annotator(generation, staged, backend.fingerprint),
         )
         done = store.count("annotations", gen_where) if store.has("annotations") else 0
+        if done:  # a resumed pass looks each scan batch's ids up in the table: through its key index at scale
+            store.index_keys("annotations")
         todo = max(total - done, 0)
         scorer = None
         if score_clip and todo:
