@@ -27,8 +27,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # the checkout's own `cycle`
 from demo_seeds import METRICS, OUT, REPO  # noqa: E402
 from tune_loss_val import stc_fall  # noqa: E402
+
+from cycle.store import Store  # noqa: E402
 
 ANNOTATOR = {
     "annotator fact-F1, images not in SFT": "quality/unseen/annotation_f1",
@@ -53,8 +56,9 @@ def wait_for(run_dir: Path, gen: int) -> None:
 
 def fork(base: Path, target: Path, from_gen: int) -> None:
     """Copy what generations < `from_gen` of `base` made to `target` (a started variant is kept: resume).
-    The base run may go on meanwhile: the copy is taken while it is in generation `from_gen`'s first stages,
-    which write no table."""
+    The base run may go on meanwhile, so rows that generations >= `from_gen` wrote to the copied store are
+    deleted (a later seed's fork, with fewer parallel slots than seeds, found the base's next annotations
+    there: a different annotator, refused by the variant's annotate stage)."""
     if (target / "state.json").exists():
         return
     tmp = target.with_name(target.name + ".tmp")
@@ -68,6 +72,12 @@ def fork(base: Path, target: Path, from_gen: int) -> None:
     state = state_of(base)
     state["generations"] = {g: v for g, v in state["generations"].items() if int(g) < from_gen}
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    store = Store(tmp / "lance")
+    if store.has("annotations"):
+        store.table("annotations").delete(f"generation >= {int(from_gen)}")
+    for name in store.names():
+        if name.startswith("annotations_staging_"):
+            store.db.drop_table(name)
     tmp.rename(target)
 
 

@@ -188,9 +188,10 @@ class Store:
 
     # -- tables --------------------------------------------------------------------------------------
     def has(self, name: str) -> bool:
-        return name in self._names()
+        return name in self.names()
 
-    def _names(self) -> list[str]:
+    def names(self) -> list[str]:
+        """The tables in the store."""
         names = self.db.list_tables()
         return list(getattr(names, "tables", names))
 
@@ -379,7 +380,7 @@ class Store:
         Called by the controller between stages, never while a writer runs. Returns the new versions.
         """
         out = {}
-        for name in self._names():
+        for name in self.names():
             ds = self.db.open_table(name).to_lance()
             ds.optimize.compact_files()
             if name in KEYS:
