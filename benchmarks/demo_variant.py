@@ -56,8 +56,8 @@ def wait_for(run_dir: Path, gen: int) -> None:
 
 def fork(base: Path, target: Path, from_gen: int) -> None:
     """Copy what generations < `from_gen` of `base` made to `target` (a started variant is kept: resume).
-    The base run may go on meanwhile, so rows that generations >= `from_gen` wrote to the copied store are
-    deleted (a later seed's fork, with fewer parallel slots than seeds, found the base's next annotations
+    The base run may go on meanwhile, so rows and tags that generations >= `from_gen` wrote to the copied
+    store are deleted (a later seed's fork, with fewer parallel slots than seeds, found the base's next annotations
     there: a different annotator, refused by the variant's annotate stage)."""
     if (target / "state.json").exists():
         return
@@ -78,6 +78,10 @@ def fork(base: Path, target: Path, from_gen: int) -> None:
     for name in store.names():
         if name.startswith("annotations_staging_"):
             store.db.drop_table(name)
+            continue
+        for tag in store.tags(name):  # the base's tags of those generations
+            if tag.startswith("gen-") and int(tag[4:]) >= from_gen:
+                store.table(name).tags.delete(tag)
     tmp.rename(target)
 
 
