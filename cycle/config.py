@@ -294,7 +294,7 @@ class ClusterAnnotateConfig:
     # (shard ids depend on it, so a pass resumes with the size it began with)
     rows_per_shard: int = 1024
     # finished shards are committed to staging together at most this often: one Lance version per interval,
-    # not per shard (a killed controller redoes at most one interval's shards); 0: every shard at once
+    # not per shard (a killed controller redoes at most one interval's shards); 0: each shard on its own, at once
     commit_every_s: float = 30.0
 
 

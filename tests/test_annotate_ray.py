@@ -136,11 +136,12 @@ def test_ray_committer_commits_finished_shards_together_once_per_interval(tmp_pa
     assert not staging.exists() and committer.committed == 0  # two shards finished, held for the interval
     committer.flush()
     assert staging.done_shards() == {s0, s1} and len(staging.table().to_lance().versions()) == 2  # create + 1
-    committer.commit_every_s = 0.0
+    committer.commit_every_s = 0.0  # each shard its own commit, as soon as it is finished
     committer.add(_shard_rows(ids[8:10], s2))
     assert staging.done_shards() == {s0, s1} and set(committer.pending) == {s2}  # unfinished: not committed
     committer.add(_shard_rows(ids[10:12], s2))
     assert staging.done_shards() == {s0, s1, s2} and (committer.committed, committer.rows) == (3, 12)
+    assert len(staging.table().to_lance().versions()) == 3
 
 
 def test_ray_cluster_keys_are_checked_where_the_config_loads():

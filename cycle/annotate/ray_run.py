@@ -111,12 +111,14 @@ class ShardCommitter:
         return new
 
     def flush(self) -> None:
-        """Commit the finished shards held back (one Lance version)."""
+        """Commit the finished shards held back: one Lance version, or one per shard with `commit_every_s` 0."""
         if not self.finished:
             return
-        rows = pa.concat_tables(self.finished)
-        self.staging.commit(rows)
-        self.committed, self.rows = self.committed + len(self.finished), self.rows + rows.num_rows
+        per_shard = self.commit_every_s <= 0
+        for rows in self.finished if per_shard else [pa.concat_tables(self.finished)]:
+            self.staging.commit(rows)
+            self.rows += rows.num_rows
+            self.committed += 1 if per_shard else len(self.finished)
         self.finished, self.last_commit = [], time.monotonic()
 
 
