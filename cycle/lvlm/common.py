@@ -94,10 +94,11 @@ def _my_rows(batch: dict, device: torch.device, rank: int, world: int) -> tuple[
     mine = {k: v[index].to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
     if not rows:
         mine["labels"] = torch.full_like(mine["labels"], -100)
-    return mine, int((batch["labels"][:, 1:] != -100).sum())
+    return mine, _targets(batch)
 
 
 def _targets(batch: dict) -> int:
+    """Target tokens of a batch (the labels past the first position that are not ignored)."""
     return int((batch["labels"][:, 1:] != -100).sum())
 
 
