@@ -88,8 +88,11 @@ def carries(cfg: RunConfig, gen: int) -> bool:
 
 
 def previous_annotate(record: Record, gen: int, share: float) -> Optional[dict]:
-    """The previous generation's annotate outputs when `share` of its best annotations is asked for (gen >= 2)."""
-    return record.outputs(gen - 1, "annotate") if gen >= 2 and share > 0 else None
+    """When `share` of the previous generation's best annotations is asked for (gen >= 2): its annotate
+    outputs and the CLIP trained on them, which rates them (`lvlm.data.clip_fit`)."""
+    if gen >= 2 and share > 0:
+        return {**record.outputs(gen - 1, "annotate"), "clip": clip_of(record, gen - 1)}
+    return None
 
 
 # ------------------------------------------------------------------------------------------------ stages
@@ -141,15 +144,15 @@ def lvlm_run(cfg: RunConfig, pins: dict, out_dir: Path, progress: bool = True) -
 
 
 def previous_best(cfg: RunConfig, pins: dict, share: float) -> Optional[list[dict]]:
-    """Our step beyond the paper: the best-scored `share` of the previous generation's annotations."""
-    from .lvlm import best_previous_annotations
+    """Our step beyond the paper: the `share` of the previous generation's annotations that the CLIP trained
+    on them rates best (not the model that wrote them)."""
+    from .lvlm.data import best_previous_annotations, clip_fit
 
-    prev = pins.get("previous")
-    return (
-        best_previous_annotations(store_of(cfg), prev["annotations_version"], pins["generation"] - 1, share)
-        if prev
-        else None
-    )
+    prev, d, store = pins.get("previous"), pins["data"], store_of(cfg)
+    if not prev:
+        return None
+    fit = clip_fit(prev["clip"], store, d["samples_version"], d["teacher_version"], cfg.device)
+    return best_previous_annotations(store, prev["annotations_version"], pins["generation"] - 1, share, fit)
 
 
 def align_run(cfg: RunConfig, pins: dict, out_dir: Path, progress: bool = True) -> StageResult:

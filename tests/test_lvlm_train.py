@@ -329,21 +329,29 @@ def test_best_previous_annotations_takes_the_top_share(tmp_path):
         "attempts": 1,
         "annotator": "t",
         "prompt_hash": "h",
+        "score": 0.0,
     }
-    rows = [
-        {**rec, "id": f"s{i}", "generation": 1, "status": "repaired" if i == 8 else "ok", "score": float(i)}
-        for i in range(10)
-    ]
+    rows = [{**rec, "id": f"s{i}", "generation": 1, "status": "repaired" if i == 8 else "ok"} for i in range(10)]
     rows += [
-        {**rec, "id": "bad", "generation": 1, "status": "failed", "score": 99.0},
-        {**rec, "id": "s9", "generation": 2, "status": "ok", "score": 100.0},
-        {**rec, "id": "unscored", "generation": 1, "status": "ok", "score": None},
-        {**rec, "id": "s70", "generation": 1, "status": "ok", "score": 7.0, "desc": ["tie"]},
+        {**rec, "id": "bad", "generation": 1, "status": "failed"},
+        {**rec, "id": "s9", "generation": 2, "status": "ok"},
+        {**rec, "id": "seed", "generation": 1, "status": "ok"},
+        {**rec, "id": "s70", "generation": 1, "status": "ok", "desc": ["tie"]},
     ]
     store.insert_new("annotations", rows)
-    best = best_previous_annotations(store, None, 1, 0.3)
-    # scanned a row at a time, the same answer (a heap of the best, not a sorted list of every row)
-    assert best_previous_annotations(store, None, 1, 0.3, batch_size=1) == best
+    rating = {**{f"s{i}": float(i) for i in range(10)}, "bad": 99.0, "seed": None, "s70": 7.0}
+    seen: list[str] = []
+
+    def fit(batch):
+        seen.extend(r["id"] for r in batch)
+        return [rating[r["id"]] for r in batch]
+
+    best = best_previous_annotations(store, None, 1, 0.3, fit)
+    # only generation 1's usable rows are rated; a None rating (a seed image) is never picked
+    assert sorted(seen) == sorted([f"s{i}" for i in range(10)] + ["seed", "s70"])
+    # rated a row at a time, the same answer (a heap of the best, not a sorted list of every row)
+    assert best_previous_annotations(store, None, 1, 0.3, fit, batch_size=1) == best
+    # 0.3 of the 12 usable rows -> 4, best first
     assert [r["id"] for r in best] == ["s9", "s8", "s7", "s70"] and set(best[0]) == {
         "id",
         "desc",
@@ -351,8 +359,51 @@ def test_best_previous_annotations_takes_the_top_share(tmp_path):
         "tags",
         "neg_tags",
     }
-    assert best[3]["desc"] == ["tie"] and best[2]["desc"] == ["a"]  # a tie in score goes by id
-    assert best_previous_annotations(store, None, 1, 0.0) == []
+    assert best[3]["desc"] == ["tie"] and best[2]["desc"] == ["a"]  # a tie in rating goes by id
+    assert best_previous_annotations(store, None, 1, 0.0, fit) == []
+
+
+def test_clip_fit_and_margin_equal_brute_force(tmp_path):
+    """`ClipScorer.fit` (mean cos(image, desc sentence)) and `.score` (mean margin over desc/neg pairs)
+    against the same cosines computed one text at a time; `clip_fit` skips seed images."""
+    import io
+
+    from PIL import Image
+
+    from cycle.annotate.score import ClipScorer
+    from cycle.clip.model import create_clip
+    from cycle.clip.saved import save_clip
+
+    clip_dir = save_clip(create_clip("hqclip-micro")[0], "hqclip-micro", tmp_path / "clip")
+    scorer = ClipScorer(clip_dir)
+    images = []
+    for color in ("red", "blue", "green"):
+        buf = io.BytesIO()
+        Image.new("RGB", (40, 40), color).save(buf, format="PNG")
+        images.append(buf.getvalue())
+    images.append(b"not an image")
+    records = [
+        {"desc": ["a red square.", "it is big."], "neg_desc": ["a blue square.", "it is small."]},
+        {"desc": ["a blue square."], "neg_desc": ["a red square."]},
+        None,
+        {"desc": ["anything."], "neg_desc": ["nothing."]},
+    ]
+    fit, margin = scorer.fit(images, records), scorer.score(images, records)
+    assert fit[2] is None and fit[3] is None and margin[2] is None and margin[3] is None
+
+    def cos(image, text):
+        pixels = scorer.preprocess(Image.open(io.BytesIO(image)).convert("RGB"))[None]
+        with torch.no_grad():
+            x = torch.nn.functional.normalize(scorer.model.encode_image(pixels).float(), dim=-1)
+            y = torch.nn.functional.normalize(scorer.model.encode_text(scorer.tokenizer([text])).float(), dim=-1)
+        return float((x * y).sum())
+
+    for i in (0, 1):
+        want = sum(cos(images[i], t) for t in records[i]["desc"]) / len(records[i]["desc"])
+        assert fit[i] == pytest.approx(want, abs=1e-5)
+        pairs = list(zip(records[i]["desc"], records[i]["neg_desc"]))
+        want = sum(cos(images[i], p) - cos(images[i], n) for p, n in pairs) / len(pairs)
+        assert margin[i] == pytest.approx(want, abs=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------- emoji data

@@ -297,20 +297,59 @@ def align_input(e: Example, epoch: int) -> str:
 
 
 def best_previous_annotations(
-    store: Store, annotations_version, generation: int, share: float, batch_size: int = COLUMN_SCAN_ROWS
+    store: Store,
+    annotations_version,
+    generation: int,
+    share: float,
+    fit: Callable[[list[dict]], list[Optional[float]]],
+    batch_size: int = COLUMN_SCAN_ROWS,
 ) -> list[dict]:
-    """The best-scored `share` of generation `generation`'s usable annotations (`store.USABLE`), best
-    first (ties by id); failed and unscored rows are skipped. Scores are scanned in batches and the best
-    kept in a heap (memory: the answer, not the generation); their formulas are fetched by id."""
-    where = f"generation = {int(generation)} AND {USABLE} AND score IS NOT NULL"
+    """The `share` of generation `generation`'s usable annotations (`store.USABLE`) that `fit` rates best,
+    best first (ties by id), as dicts of id + the four formulas. `fit(rows)` rates a batch of such dicts
+    (None: not a candidate, e.g. a seed image or an unreadable one); the count kept is `share` of all usable
+    rows. Rows are scanned in batches and the best kept in a heap: memory holds the answer, not the
+    generation."""
     if share <= 0:
         return []
+    where = f"generation = {int(generation)} AND {USABLE}"
     keep = math.ceil(share * store.count("annotations", where, annotations_version))
-    ranked = (
-        (-score, i)
-        for rb in store.scan("annotations", ["id", "score"], where, annotations_version, batch_size)
-        for i, score in zip(rb.column("id").to_pylist(), rb.column("score").to_pylist())
-    )
-    best = [i for _, i in heapq.nsmallest(keep, ranked)]
-    rows = store.rows_by_id("annotations", best, ["id", *FORMULA_KEYS], where, annotations_version)
-    return [{k: rows[i][k] for k in ("id", *FORMULA_KEYS)} for i in best]
+    columns = ["id", *FORMULA_KEYS]
+    best: list = []  # a min-heap of (rating, reversed id, row): its root is the worst kept
+    for rb in store.scan("annotations", columns, where, annotations_version, batch_size):
+        rows = rb.to_pylist()
+        for rating, row in zip(fit(rows), rows):
+            if rating is None:
+                continue
+            item = (rating, _Reversed(row["id"]), row)
+            if len(best) < keep:
+                heapq.heappush(best, item)
+            elif item[:2] > best[0][:2]:
+                heapq.heapreplace(best, item)
+    return [{k: row[k] for k in columns} for _, _, row in sorted(best, key=lambda x: x[:2], reverse=True)]
+
+
+class _Reversed(str):
+    """An id that orders backwards: in a heap of the best ratings, the smaller id wins a tie."""
+
+    def __lt__(self, other):
+        return str.__gt__(self, other)
+
+    def __gt__(self, other):
+        return str.__lt__(self, other)
+
+
+def clip_fit(clip_dir, store: Store, samples_version, teacher_version, device: str = "cpu"):
+    """`fit` for `best_previous_annotations`: the CLIP in `clip_dir`'s mean cos(image, desc sentence)
+    (`annotate.score.ClipScorer.fit`); seed images (already in the LVLM's data) are not candidates."""
+    from ..annotate.score import ClipScorer
+
+    scorer = ClipScorer(clip_dir, device=device)
+
+    def fit(rows: list[dict]) -> list[Optional[float]]:
+        ids = [r["id"] for r in rows]
+        seeds = store.present("teacher", ids, teacher_version)
+        images = samples_by_id(store, samples_version, set(ids) - seeds, ("id", "image"))
+        picked = [r if r["id"] in images else None for r in rows]
+        return scorer.fit([images[r["id"]]["image"] if r else None for r in picked], picked)
+
+    return fit
