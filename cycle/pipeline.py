@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Protocol
+from typing import Any, Callable, Optional, Protocol
 
 from .config import RunConfig, carried_stage, to_dict
 from .errors import HQClipError
@@ -42,7 +42,7 @@ class StageResult:
 @dataclass(frozen=True)
 class Stage:
     name: str
-    keys: Callable[[int], tuple[str, ...]]  # config keys (dotted) that change what it writes, per generation
+    keys: Callable[[int], tuple]  # config keys (dotted, or `Inert`) that change what it writes, per generation
     pins: Callable[[Record, int], dict]  # what it reads of earlier stages
     run: Callable[..., StageResult]  # (cfg, pins, out_dir, progress=...) -> StageResult
     folder: str  # its out_dir inside the generation's folder
@@ -57,10 +57,24 @@ def store_of(cfg: RunConfig) -> Store:
     return Store.from_config(cfg)
 
 
-def config_inputs(cfg: RunConfig, keys: tuple[str, ...]) -> dict:
-    """{dotted key: plain value} of the config keys a stage depends on; "-a.b" leaves sub-key b out of a."""
+@dataclass(frozen=True)
+class Inert:
+    """A config key that does not act at this generation, recorded at `value` whatever the config says: so
+    setting it before a later generation leaves the finished ones valid (e.g. `lvlm.sft_add_best`, which
+    acts from generation 2, in generation 1's SFT)."""
+
+    key: str
+    value: Any
+
+
+def config_inputs(cfg: RunConfig, keys: tuple) -> dict:
+    """{dotted key: plain value} of the config keys a stage depends on; "-a.b" leaves sub-key b out of a;
+    an `Inert` key is recorded at its fixed value."""
     out = {}
     for key in keys:
+        if isinstance(key, Inert):
+            out[key.key] = key.value
+            continue
         if key.startswith("-"):
             section, _, sub = key[1:].rpartition(".")
             out[section].pop(sub, None)
@@ -377,6 +391,9 @@ def make_stages(cfg: RunConfig) -> dict[str, Stage]:
     def carry_pin(g: int) -> dict:
         return {"carried": True} if carries(cfg, g) else {}
 
+    def add_best_key(g: int, key: str):  # acts from generation 2; recorded at 0.0 before (its default)
+        return key if g >= 2 else Inert(key, 0.0)
+
     return {
         s.name: s
         for s in [
@@ -403,7 +420,13 @@ def make_stages(cfg: RunConfig) -> dict[str, Stage]:
             ),
             Stage(
                 "align",
-                lambda g: ("lvlm.align", "lvlm.align_alt_text_share", "lvlm.align_add_best", *carry_key(g), "seed"),
+                lambda g: (
+                    "lvlm.align",
+                    "lvlm.align_alt_text_share",
+                    add_best_key(g, "lvlm.align_add_best"),
+                    *carry_key(g),
+                    "seed",
+                ),
                 lambda r, g: {
                     **data_pins(r, g),
                     "generation": g,
@@ -420,7 +443,7 @@ def make_stages(cfg: RunConfig) -> dict[str, Stage]:
                 lambda g: (
                     "lvlm.sft",
                     "lvlm.lora",
-                    "lvlm.sft_add_best",
+                    add_best_key(g, "lvlm.sft_add_best"),
                     "lvlm.sft_fresh_alt_text",
                     "lvlm.lm.max_length",
                     *save_key,

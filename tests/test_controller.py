@@ -153,6 +153,16 @@ def test_changed_config_refused_then_redo_from(finished_run, tmp_path):
     assert not state.is_done(1, "eval") and not state.is_done(2, "train")  # later stages are redone too
 
 
+def test_add_best_counts_from_generation_2(finished_run, tmp_path):
+    """`lvlm.*_add_best` act from generation 2: changing them after generation 1 leaves it valid."""
+    run_dir = tmp_path / "more-best"
+    shutil.copytree(finished_run.run_dir, run_dir)
+    for key, stage in (("lvlm.sft_add_best", "sft"), ("lvlm.align_add_best", "align")):
+        cfg = tiny(tmp_path, "more-best", f"{key}=0.9")
+        with pytest.raises(ConfigChanged, match=rf"generation 2 stage '{stage}'.*{key.replace('.', '[.]')}"):
+            run_cycle(cfg, progress=False)
+
+
 def test_carried_annotator_starts_from_the_previous_one(finished_run, tmp_path):
     """lvlm.carry: generation 2's LLaVA takes generation 1's annotator (LM + projector) under CLIP_1, and
     its alignment and SFT run the carried epochs; generations 0-1 are untouched (the key counts from gen 2)."""
