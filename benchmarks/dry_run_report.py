@@ -63,7 +63,10 @@ def arithmetic(name: str) -> list[str]:
         f"- parameters: CLIP {p_clip / 1e6:.1f}M, LM ({lm_name}) {p_lm / 1e6:.1f}M, projector "
         f"{clip.vision.width}x{lm.hidden} + {lm.hidden}x{lm.hidden} + biases = {p_proj / 1e6:.2f}M, LLaVA = tower "
         f"{clip.vision_params() / 1e6:.1f}M + projector + LM = {p_llava / 1e6:.1f}M",
-        f"- LLaVA weights in bf16: {p_llava / 1e6:.1f}M x 2 B = {gb(2 * p_llava)} (each full copy on disk too)",
+        f"- LLaVA weights in bf16: {p_llava / 1e6:.1f}M x 2 B = {gb(2 * p_llava)} in memory; on disk the LM "
+        f"{p_lm / 1e6:.1f}M x 2 B = {gb(2 * p_lm)} once per run, then per generation the tower + projector "
+        f"{(clip.vision_params() + p_proj) / 1e6:.1f}M x 2 B = {gb(2 * (clip.vision_params() + p_proj))} and the "
+        f"aligned projector x 4 B = {gb(4 * p_proj)} (the other parts are hard links)",
         f"- CLIP training (bf16, ZeRO-{t.zero_stage}, {t.world_size} rank): weights {p_clip / 1e6:.1f}M x 2 B = "
         f"{gb(2 * p_clip)}; gradients x 2 B = {gb(2 * p_clip)}; fp32 master + AdamW moments x 12 B = "
         f"{gb(12 * p_clip)}",

@@ -148,12 +148,29 @@ def lm_run(cfg: RunConfig, pins: dict, out_dir: Path, progress: bool = True) -> 
     return StageResult({"lm": str(lm_dir)})
 
 
+def run_lvlm_dirs(run_dir: Path) -> list[Path]:
+    """The run's finished LLaVA directories (base, aligned, merged of every generation): a new LLaVA's part
+    equal to one of theirs is a hard link (the LM is stored once while it does not change)."""
+    from .lvlm.weights import INDEX
+
+    return sorted(p.parent for p in Path(run_dir).glob(f"gen-*/lvlm/**/{INDEX}") if ".partial" not in str(p))
+
+
 def lvlm_run(cfg: RunConfig, pins: dict, out_dir: Path, progress: bool = True) -> StageResult:
     from .lvlm import build_lvlm
 
     carried = pins.get("carried")  # the previous annotator: its LM and projector, under the new tower
     base = annotator_of(carried)[0] if carried else None
-    out = build_lvlm(pins["clip"], pins["lm"], cfg.lvlm, out_dir, seed=cfg.seed, device=cfg.device, base=base)
+    out = build_lvlm(
+        pins["clip"],
+        pins["lm"],
+        cfg.lvlm,
+        out_dir,
+        seed=cfg.seed,
+        device=cfg.device,
+        base=base,
+        link_from=run_lvlm_dirs(cfg.run_dir),
+    )
     return StageResult({"lvlm": str(out)})
 
 

@@ -4,8 +4,10 @@
 - the memory of each stage on one GPU: weights (parameters x bytes), optimizer states (AdamW: fp32 master
   weights + two moments), activations (roughly: per transformer layer s*b*h*(34 + 5*a*s/h) bytes in
   16-bit, Korthikanti et al. 2022, plus the LM's logits) and the KV cache of annotation;
-- the disk each generation leaves (the LLaVA copies, the SFT output: adapter + projector with LoRA
-  against a merged full copy, the CLIP and its training checkpoint).
+- the disk each generation leaves (the LLaVA parts it writes: a LLaVA is stored as lm/tower/projector
+  files and a part equal to an earlier one is a hard link (`lvlm.weights`), so the LM is written once per
+  run, or once per generation by a merged SFT output; the SFT output: adapter + projector with LoRA against
+  a merged copy; the CLIP and its training checkpoint), and what the run writes once (the LM).
 
 Parameter counts come from the model configs, never from downloads: open_clip's model configs are
 bundled (ours are registered), an LM is sized from `KNOWN_LMS` by name or from a local `config.json`
@@ -220,6 +222,7 @@ class Plan:
     generations: list[list[str]]
     memory: list[StageMemory]
     disk: dict[str, float]  # what one generation >= 1 leaves, bytes
+    disk_once: dict[str, float]  # what the run writes once (generation 1's LM), bytes
     disk_alternative: dict[str, float]  # the SFT output the other way (merged copy vs adapter)
     facts: dict[str, str]
     gpu_memory_gb: float
@@ -349,21 +352,25 @@ def make_plan(cfg: RunConfig, gpu_memory_gb: Optional[float] = None) -> Plan:
     memory.append(StageMemory("eval", weights=4 * p_clip, note="CLIP in fp32, no gradients"))
 
     adapter_only = sft_adapter_only(lv)
-    llava_bytes = wbytes * p_llava
     # measured (benchmarks/results/disk_per_generation.md): the adapter in fp32 (it trains in fp32), the
     # projector file in the LLaVA's dtype; alignment saves its trained projector in fp32 beside the rest
     sft_small = (4 * p_train + wbytes * p_proj) if lv.lora.enabled else 0.0
     checkpoint = (2 if clip_bf16 else 4) * p_clip + 12 * p_clip  # DeepSpeed's model + optimizer states
+    # a LLaVA is three files (lm, tower, projector); a part equal to an earlier one is a hard link
+    # (benchmarks/results/disk_per_generation.md): generation 1's base writes the LM, later LLaVAs link it;
+    # a merged SFT output writes its changed LM (and generation g+1 links that one when carried)
+    merged_sft = wbytes * (p_lm + p_proj) + sft_small  # + the adapter beside it with LoRA
     disk = {
-        "lvlm/base (LLaVA)": llava_bytes,
-        "lvlm/aligned (LLaVA)": llava_bytes + (4 - wbytes) * p_proj,
-        "lvlm/sft (adapter + projector)" if adapter_only else "lvlm/sft (merged LLaVA)": (
-            sft_small if adapter_only else llava_bytes + sft_small
+        "lvlm/base (tower + projector; LM linked)": wbytes * (p_tower + p_proj),
+        "lvlm/aligned (projector; LM, tower linked)": 4 * p_proj,
+        "lvlm/sft (adapter + projector)" if adapter_only else "lvlm/sft (merged LLaVA: LM + projector)": (
+            sft_small if adapter_only else merged_sft
         ),
         "clip (weights + training checkpoint)": 4 * p_clip + checkpoint,
     }
+    disk_once = {"the LM (generation 1's lvlm/base; later LLaVAs link it)": wbytes * p_lm}
     alternative = (
-        {"lvlm/sft (merged LLaVA)": llava_bytes + sft_small}
+        {"lvlm/sft (merged LLaVA: LM + projector)": merged_sft}
         if adapter_only
         else ({"lvlm/sft (adapter + projector)": sft_small} if lv.lora.enabled else {})
     )
@@ -376,7 +383,7 @@ def make_plan(cfg: RunConfig, gpu_memory_gb: Optional[float] = None) -> Plan:
         "weights": "bf16" if wbytes == 2 else "fp32",
     }
     gens = [stages_of(g) for g in range(cfg.cycle.generations + 1)]
-    return Plan(gens, memory, disk, alternative, facts, gpu)
+    return Plan(gens, memory, disk, disk_once, alternative, facts, gpu)
 
 
 def format_plan(cfg: RunConfig, plan: Plan) -> list[str]:
@@ -398,6 +405,7 @@ def format_plan(cfg: RunConfig, plan: Plan) -> list[str]:
     lines.append("disk per generation >= 1 (GB):")
     lines += [f"  {k}: {v / GB:.2f}" for k, v in plan.disk.items()]
     lines.append(f"  total: {sum(plan.disk.values()) / GB:.2f}")
+    lines += [f"  once per run, {k}: {v / GB:.2f}" for k, v in plan.disk_once.items()]
     for k, v in plan.disk_alternative.items():
         lines.append(f"  (the other way: {k} {v / GB:.2f}; lvlm.sft_save)")
     return lines

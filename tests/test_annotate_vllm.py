@@ -49,6 +49,23 @@ def test_prepare_renames_vision_tower_keys(tmp_path, llava_dir):
     mtime = (out / "model.safetensors").stat().st_mtime_ns
     assert prepare_vllm_model(llava_dir, tmp_path / "served") == out  # up to date: reused as is
     assert (out / "model.safetensors").stat().st_mtime_ns == mtime
+    # the copy started as hard links; the rewritten file replaced its link, the source kept its keys
+    assert not (out / "model.safetensors").samefile(llava_dir / "model.safetensors")
+    assert (out / "config.json").samefile(llava_dir / "config.json")
+    with safe_open(llava_dir / "model.safetensors", "pt") as f:
+        assert list(f.keys()) == original
+
+
+def test_prepared_copy_of_a_saved_lvlm_is_links_only(tmp_path, llava_dir):
+    """A directory written by `save_lvlm` is already in vLLM's layout: its prepared copy adds no weights."""
+    from cycle.lvlm.assemble import load_lvlm, save_lvlm
+
+    model, processor = load_lvlm(llava_dir)
+    saved = save_lvlm(model, processor, tmp_path / "saved")
+    out = prepare_vllm_model(saved, tmp_path / "served")
+    parts = sorted(p.name for p in saved.glob("*.safetensors"))
+    assert parts == ["lm.safetensors", "projector.safetensors", "tower.safetensors"]
+    assert all((out / name).samefile(saved / name) for name in parts)
 
 
 def test_missing_vllm_python_is_a_clear_error(tmp_path, llava_dir):

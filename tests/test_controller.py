@@ -153,6 +153,22 @@ def test_changed_config_refused_then_redo_from(finished_run, tmp_path):
     assert not state.is_done(1, "eval") and not state.is_done(2, "train")  # later stages are redone too
 
 
+def test_llava_parts_are_stored_once_per_run(finished_run):
+    """The LM does not change between generations (no carry): every LLaVA of the run links one LM file;
+    each generation's aligned LLaVA links its base's tower, and the merged SFT output its aligned tower."""
+    state = RunState(finished_run.run_dir)
+    base = {g: Path(state.outputs(g, "lvlm")["lvlm"]) for g in (1, 2)}
+    aligned = {g: Path(state.outputs(g, "align")["lvlm"]) for g in (1, 2)}
+    merged = {g: Path(state.outputs(g, "sft")["merged"]) for g in (1, 2)}
+    lm = base[1] / "lm.safetensors"
+    assert all((d[g] / "lm.safetensors").samefile(lm) for d in (base, aligned) for g in (1, 2))
+    for g in (1, 2):
+        assert (aligned[g] / "tower.safetensors").samefile(base[g] / "tower.safetensors")
+        assert (merged[g] / "tower.safetensors").samefile(aligned[g] / "tower.safetensors")
+        assert not (merged[g] / "lm.safetensors").samefile(lm)  # full SFT changed the LM
+    assert not (base[2] / "tower.safetensors").samefile(base[1] / "tower.safetensors")  # a new CLIP
+
+
 def test_add_best_counts_from_generation_2(finished_run, tmp_path):
     """`lvlm.*_add_best` act from generation 2: changing them after generation 1 leaves it valid."""
     run_dir = tmp_path / "more-best"

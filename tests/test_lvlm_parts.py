@@ -158,8 +158,15 @@ def test_tower_hidden_states_equal_open_clip(lvlm_dir, clip_dir):
 def test_saved_keys_are_the_llava_hf_layout_and_load_without_leftovers(lvlm_dir):
     from transformers import LlavaForConditionalGeneration
 
-    with safe_open(str(lvlm_dir / "model.safetensors"), "pt") as f:
-        keys = list(f.keys())
+    index = json.loads((lvlm_dir / "model.safetensors.index.json").read_text())
+    keys = []
+    for part in sorted(set(index["weight_map"].values())):
+        with safe_open(str(lvlm_dir / part), "pt") as f:
+            keys += [k for k in f.keys() if index["weight_map"][k] == part]
+    assert sorted(keys) == sorted(index["weight_map"])  # one file per part, every key in the index once
+    assert {index["weight_map"][k] for k in keys if k.startswith("multi_modal_projector.")} == {"projector.safetensors"}
+    assert {index["weight_map"][k] for k in keys if k.startswith("vision_tower.")} == {"tower.safetensors"}
+    assert {index["weight_map"][k] for k in keys if k.startswith("language_model.")} == {"lm.safetensors"}
     tower = [k for k in keys if k.startswith("vision_tower.")]
     assert tower and all(k.startswith("vision_tower.vision_model.") for k in tower)
     assert any(k.startswith("multi_modal_projector.linear_2.") for k in keys)
@@ -197,7 +204,8 @@ def test_default_strategy_drops_the_cls_token_and_build_is_reproducible(tmp_path
     from cycle.lvlm import build_lvlm, load_lvlm
 
     again = build_lvlm(clip_dir, lm_dir, LVLMConfig(), tmp_path / "again")  # the same seeded projector
-    assert (again / "model.safetensors").read_bytes() == (lvlm_dir / "model.safetensors").read_bytes()
+    for part in ("lm", "tower", "projector"):
+        assert (again / f"{part}.safetensors").read_bytes() == (lvlm_dir / f"{part}.safetensors").read_bytes()
     assert json.loads((again / "info.json").read_text())["seed"] == 0
     out = build_lvlm(clip_dir, lm_dir, LVLMConfig(keep_cls_token=False, vision_feature_layer=-1), tmp_path / "b")
     model, processor = load_lvlm(out)

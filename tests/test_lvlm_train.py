@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -110,6 +111,11 @@ def test_align_trains_only_the_projector(world, aligned):
     metrics = aligned[1]
     assert metrics["align/examples"] == 32 and metrics["align/truncated"] == 0
     assert metrics["align/loss_after"] < metrics["align/loss_before"]
+    # stored once: the aligned LLaVA's LM and tower files are hard links to the base's, its projector its own
+    base, out = Path(world["base"]), Path(aligned[0])
+    for part, shared in (("lm", True), ("tower", True), ("projector", False)):
+        assert (out / f"{part}.safetensors").samefile(base / f"{part}.safetensors") is shared, part
+    assert (out / "lm.safetensors").stat().st_nlink >= 2
 
 
 def test_align_is_deterministic_and_records_its_metrics(world, aligned, tmp_path):

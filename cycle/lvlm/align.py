@@ -35,7 +35,8 @@ def align_projector(
     extra_records: Optional[list[dict]] = None,
     progress: bool = True,
 ) -> tuple[Path, dict]:
-    """Train the projector of the LLaVA in `lvlm_dir`; save the whole LLaVA to `out_dir`.
+    """Train the projector of the LLaVA in `lvlm_dir`; save the whole LLaVA to `out_dir` (its LM and tower
+    files hard links to `lvlm_dir`'s: only the projector changed).
 
     Returns (out_dir, metrics); `out_dir` is replaced atomically, its `info.json` holds the metrics.
     """
@@ -82,7 +83,11 @@ def align_projector(
     out = None
     if is_writer():  # data-parallel workers: rank 0 writes
         out = save_lvlm(
-            model.to("cpu"), processor, out_dir, {"base": str(lvlm_dir), "metrics": metrics, "epoch_losses": losses}
+            model.to("cpu"),
+            processor,
+            out_dir,
+            {"base": str(lvlm_dir), "metrics": metrics, "epoch_losses": losses},
+            link_from=[lvlm_dir],
         )
     del model
     free_accelerator_memory()

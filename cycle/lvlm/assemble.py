@@ -5,8 +5,9 @@
 `prepare_lm`, and a fresh 2-layer GELU MLP projector. With `keep_cls_token` the image tokens are all the
 tower's tokens (feature select "full": CLS + patches), else the patches only ("default").
 
-Saved layout: the llava-hf one (`keys.rewrite_keys`), so one directory serves the transformers backend,
-vLLM and older transformers alike:
+Saved layout: the llava-hf one (`weights.llava_hf_key`), so one directory serves the transformers backend,
+vLLM and older transformers alike, one file per part (`weights.split_parts`: lm, tower, projector; a part
+equal to one of an earlier LLaVA directory of the run is a hard link to it):
 
     language_model.model.*   language_model.lm_head.weight   multi_modal_projector.linear_{1,2}.*
     vision_tower.vision_model.{embeddings,pre_layrnorm,encoder,post_layernorm}.*
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Optional
 
 import torch
 from transformers import (
@@ -38,7 +39,7 @@ from ..config import LVLMConfig
 from ..device import resolve_device
 from ..errors import HQClipError
 from .common import LVLMError, finish, seed_everything, staging_dir
-from .keys import rewrite_keys
+from .weights import split_parts
 
 # open_clip's OpenAI-CLIP defaults, for a tower whose preprocess config does not say
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -195,14 +196,16 @@ def build_lvlm(
     seed: int = 0,
     device: str = "auto",
     base: Optional[str] = None,
+    link_from: Iterable[str | Path] = (),
 ) -> Path:
     """CLIP_{g-1} (a `save_clip` directory) + LM (`prepare_lm`'s output or an HF name) -> LLaVA directory.
 
     `base` (a LLaVA directory, e.g. the previous generation's annotator under `lvlm.carry`) takes the
     place of `cfg.base`. With a base (an existing LLaVA) `lm_dir` is not read: the base's LM, tokenizer and
     chat template are used, and its projector when its input width is the tower's (else a fresh one, for alignment).
-    Weights are saved in `lvlm.dtype` (bf16 on a GPU by default). Always builds (the controller decides
-    reuse); `out_dir` appears whole or not at all.
+    Weights are saved in `lvlm.dtype` (bf16 on a GPU by default); a part equal to that of a LLaVA directory in
+    `link_from` (the run's earlier ones: the LM of generation 1's is generation 2's) is a hard link to it.
+    Always builds (the controller decides reuse); `out_dir` appears whole or not at all.
     """
     from ..clip.convert import openclip_vit_to_hf_vision
     from ..clip.saved import load_clip
@@ -263,24 +266,31 @@ def build_lvlm(
     info = {"clip": str(clip_dir), "lm": str(base_name or lm_dir), "seed": seed, "dtype": str(dtype)}
     if base is not None:
         info.update(base=base_name, projector="reused" if reused else "fresh", base_projector_in=base.projector_in)
-    return save_lvlm(model, processor, out_dir, info)
+    return save_lvlm(model, processor, out_dir, info, link_from)
 
 
-def write_lvlm(model: LlavaForConditionalGeneration, processor, directory: str | Path) -> Path:
-    """Model + processor into `directory`, keys in the llava-hf layout (in place: see `save_lvlm`)."""
+def write_lvlm(
+    model: LlavaForConditionalGeneration, processor, directory: str | Path, link_from: Iterable[str | Path] = ()
+) -> Path:
+    """Model + processor into `directory`: llava-hf keys, one file per part, parts equal to those of a
+    directory in `link_from` hard-linked (`weights.split_parts`; in place: see `save_lvlm`)."""
     directory = Path(directory)
     model.save_pretrained(directory)
     processor.save_pretrained(directory)
-    rewrite_keys(directory)
+    split_parts(directory, link_from)
     return directory
 
 
 def save_lvlm(
-    model: LlavaForConditionalGeneration, processor, out_dir: str | Path, info: Optional[dict] = None
+    model: LlavaForConditionalGeneration,
+    processor,
+    out_dir: str | Path,
+    info: Optional[dict] = None,
+    link_from: Iterable[str | Path] = (),
 ) -> Path:
     """`write_lvlm` into `out_dir` atomically: written aside (with `info.json`), then renamed into place."""
     tmp = staging_dir(out_dir)
-    write_lvlm(model, processor, tmp)
+    write_lvlm(model, processor, tmp, link_from)
     return finish(tmp, out_dir, info)
 
 

@@ -161,7 +161,7 @@ def sft(
         )
     if not adapter_only:
         merged = model.merge_and_unload() if lora.enabled else model
-        write_lvlm(merged, processor, tmp / "merged")
+        write_lvlm(merged, processor, tmp / "merged", link_from=[lvlm_dir])  # the tower: a link
     finish(
         tmp, out_dir, {"base": str(lvlm_dir), "metrics": metrics, "epoch_losses": losses, "adapter_only": adapter_only}
     )

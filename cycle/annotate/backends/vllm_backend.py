@@ -8,13 +8,15 @@
   code does the talking (`annotate.openai.base_url` / `.model` name it; it needs a chat template).
 
 The checkpoint is prepared once per model: vLLM reads the tower as `vision_tower.vision_model.*`
-(`cycle.lvlm.keys`, the one home of that rename; directories written by `save_lvlm` already have it).
+(`cycle.lvlm.weights`, the one home of that rename; directories written by `save_lvlm` already have it,
+so their prepared copy is hard links, not a second copy of the weights).
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import os
 import queue
 import shutil
 import subprocess
@@ -23,7 +25,7 @@ import threading
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from ...lvlm.keys import rewrite_keys
+from ...lvlm.weights import rewrite_keys
 from ..schema import FORMULA_JSON_SCHEMA, IMAGE_TOKEN, model_input, render_input
 from .base import BackendError, BatchItem, FailedGeneration, dir_fingerprint, to_png_bytes
 
@@ -35,7 +37,8 @@ LOG_TAIL_CHARS = 3000  # of the worker's log, quoted in the error when it dies
 
 
 def prepare_vllm_model(model_dir: str | Path, out_dir: str | Path) -> Path:
-    """A copy of the HF LLaVA directory whose vision-tower keys vLLM can load; reused when up to date."""
+    """A copy of the HF LLaVA directory whose vision-tower keys vLLM can load; reused when up to date. Files
+    are hard-linked where possible (a key rewrite replaces a file, never writes into it)."""
     from ...lvlm.common import finish, staging_dir
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
@@ -45,7 +48,10 @@ def prepare_vllm_model(model_dir: str | Path, out_dir: str | Path) -> Path:
     tmp = staging_dir(out_dir)
     for f in model_dir.iterdir():
         if f.is_file():
-            shutil.copy2(f, tmp / f.name)
+            try:
+                os.link(f, tmp / f.name)
+            except OSError:  # another filesystem
+                shutil.copy2(f, tmp / f.name)
     rewrite_keys(tmp)
     (tmp / SOURCE_STAMP).write_text(stamp)
     return finish(tmp, out_dir)
