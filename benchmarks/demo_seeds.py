@@ -2,6 +2,7 @@
 
     python benchmarks/demo_seeds.py --seeds 0,1,2 [--parallel 1] [--root DIR] [key=value ...]
     python benchmarks/demo_seeds.py --report-only [--root DIR]   # rewrite the report from demo_seeds.json
+    python benchmarks/demo_seeds.py --variant LABEL [--seeds 0,1,2] [--root DIR]
 
 Runs `hqclip run configs/emoji.yaml name=demo-seed-S seed=S train.seed=S` for each seed as its own
 process under `/usr/bin/time -v` (wall time and peak memory of the whole cycle), then writes
@@ -11,6 +12,9 @@ used in SFT, next to the alt-text's) and `benchmarks/results/demo_seeds.png`; `d
 seed's wall time, peak memory and run folder, so `--report-only` rewrites the report from the run states.
 The dataset is the same build for every seed (`data.emoji.seed` is not varied): seeds vary model
 initialisation, data order, text draws and annotation retries. A resumed run is reused as it is.
+`--variant LABEL` writes the same report (`demo_seeds_<label>.md`, `.png`) over the runs
+`demo-seed-S-<label>` of `benchmarks/demo_variant.py`: every generation as that run holds it (the ones before
+its fork are the demo runs' own), so a variant that became the shipped config is reported whole.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ METRICS = {
     "retrieval R@1, other wordings": "test_retrieval_reworded/retrieval_mean_r1",  # not the teacher's template
     "negative discrimination acc., other wordings": "test_negatives_reworded/acc",
     "compositional retrieval R@1": "test_compositional/retrieval_mean_r1",
+    "compositional retrieval R@1, other wordings": "test_compositional_reworded/retrieval_mean_r1",
     "val retrieval R@1 (selection split)": "val/retrieval_mean_r1",
 }
 
@@ -174,9 +179,26 @@ def main() -> None:
     ap.add_argument("--parallel", type=int, default=1, help="seeds run at once (timings are only clean at 1)")
     ap.add_argument("--root", default=str(REPO / "generations"))
     ap.add_argument("--report-only", action="store_true", help="rewrite the report from demo_seeds.json")
+    ap.add_argument("--variant", default="", help="report the runs demo-seed-S-<label> of demo_variant.py")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     timings = OUT / "demo_seeds.json"
+    if args.variant:
+        dirs = [Path(args.root) / f"demo-seed-{s}-{args.variant}" for s in args.seeds.split(",")]
+        results = [
+            {"seed": int(s), "run_dir": str(d), "state": json.loads((d / "state.json").read_text())}
+            for s, d in zip(args.seeds.split(","), dirs)
+        ]
+        text = summarise(results).replace(
+            "`configs/emoji.yaml`,",
+            f"`configs/emoji.yaml` as forked by `demo_variant.py --label {args.variant}` "
+            f"(runs `demo-seed-S-{args.variant}`; generations before the fork are the demo runs' own),",
+            1,
+        )
+        (OUT / f"demo_seeds_{args.variant}.md").write_text(text)
+        plot(results, OUT / f"demo_seeds_{args.variant}.png")
+        print(text)
+        return
     if args.report_only:
         kept = json.loads(timings.read_text())
         results = [{**k, "state": json.loads((Path(k["run_dir"]) / "state.json").read_text())} for k in kept["seeds"]]
