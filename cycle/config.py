@@ -225,10 +225,12 @@ class LVLMConfig:
     # share of the non-seed training samples also used for alignment, captioned by their raw alt-text
     # (LLaVA's stage 1 aligns on web captions): more images to learn image -> words from than the seeds
     align_alt_text_share: float = 0.0
-    align_add_best: float = 0.0  # gen >= 2: share of the previous generation's best annotations added to alignment
+    # gen >= 2: share of the previous generation's annotations added to alignment, those that the CLIP trained on
+    # them fits best (mean cos(image, desc sentence); seed images excluded)
+    align_add_best: float = 0.0
     sft: StageConfig = field(default_factory=lambda: StageConfig(epochs=20, lr=5e-4))
     lora: LoraConfig = field(default_factory=LoraConfig)
-    sft_add_best: float = 0.0  # gen >= 2: share of the previous generation's best annotations added to SFT
+    sft_add_best: float = 0.0  # gen >= 2: the same for SFT (the four formulas as targets)
     carry: CarryConfig = field(default_factory=CarryConfig)
     # emoji-scenes seeds: fresh alt-text noise every SFT epoch (from the scene graph), so the annotator
     # learns to read the image rather than memorise one alt-text per seed (measured to help, ENV-FACTS)
