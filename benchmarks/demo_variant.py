@@ -1,7 +1,8 @@
 """A variant of the demo from generation G on, paired by seed with the runs of `benchmarks/demo_seeds.py`.
 
     python benchmarks/demo_variant.py --label carry --from-gen 2 [--stage lvlm] [--stop-after G:STAGE]
-                                      [--seeds 0,1,2] [--parallel 3] [--root DIR] [--report-only] key=value ...
+                                      [--seeds 0,1,2] [--parallel 3] [--root DIR] [--report-only]
+                                      [--base LABEL] key=value ...
 
 For each seed, waits until the base run `<root>/demo-seed-S` has finished generation G-1, copies what
 generations < G made (their state, the store, their folders) to `<root>/demo-seed-S-<label>` and runs
@@ -9,6 +10,8 @@ generations < G made (their state, the store, their folders) to `<root>/demo-see
 inputs are unchanged; an override that changes them is refused by the controller), generation G on runs the
 variant. With `--stage S` other than generation G's first stage (e.g. `--from-gen 1 --stage train`: a loss
 ablation on generation 1's own annotations), it waits for generation G, copies it too and redoes from G:S.
+With `--base LABEL` the fork's source (and what it is compared with) is the variant `demo-seed-S-LABEL`
+instead of the demo run: a variant of the shipped config where that config is itself a variant.
 Then waits for the base runs to finish and writes `benchmarks/results/variant_<label>.md`: for each
 generation >= G, variant vs base per metric, paired by seed (`val` is the selection split; the held-out
 splits are reported, never tuned on), and the annotator's fact-F1 on images never used in SFT.
@@ -85,10 +88,22 @@ def fork(base: Path, target: Path, from_gen: int) -> None:
     tmp.rename(target)
 
 
+def run_dir(root: Path, seed: int, label: str = "") -> Path:
+    """The demo run of `seed` (`label` empty) or its variant `label`."""
+    return root / (f"demo-seed-{seed}-{label}" if label else f"demo-seed-{seed}")
+
+
 def run_variant(
-    seed: int, root: Path, label: str, from_gen: int, overrides: list[str], stage: str, stop_after: str
+    seed: int,
+    root: Path,
+    label: str,
+    from_gen: int,
+    overrides: list[str],
+    stage: str,
+    stop_after: str,
+    base_label: str = "",
 ) -> dict:
-    base, name = root / f"demo-seed-{seed}", f"demo-seed-{seed}-{label}"
+    base, name = run_dir(root, seed, base_label), f"demo-seed-{seed}-{label}"
     first = stage == ("data" if from_gen == 0 else "lm" if from_gen == 1 else "lvlm")
     wait_for(base, from_gen - 1 if first else from_gen)
     fork(base, root / name, from_gen if first else from_gen + 1)
@@ -122,7 +137,7 @@ def report(
     against: str = "",
 ) -> str:
     """Variant vs base, paired by seed; `against` names another variant to compare with instead."""
-    base_of = lambda s: root / (f"demo-seed-{s}-{against}" if against else f"demo-seed-{s}")  # noqa: E731
+    base_of = lambda s: run_dir(root, s, against)  # noqa: E731
     bases = [state_of(base_of(s))["generations"] for s in seeds]
     variants = [state_of(root / f"demo-seed-{s}-{label}")["generations"] for s in seeds]
     gens = sorted(int(g) for g in variants[0] if int(g) >= from_gen)
@@ -184,6 +199,7 @@ def main() -> None:
     ap.add_argument("--root", default=str(REPO / "generations"))
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--against", default="", help="with --report-only: compare with this variant, not the base")
+    ap.add_argument("--base", default="", help="fork from the runs of this variant (and compare with them)")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     root, seeds = Path(args.root), [int(s) for s in args.seeds.split(",")]
@@ -195,7 +211,7 @@ def main() -> None:
             results = list(
                 pool.map(
                     lambda s: run_variant(
-                        s, root, args.label, args.from_gen, args.overrides, args.stage, args.stop_after
+                        s, root, args.label, args.from_gen, args.overrides, args.stage, args.stop_after, args.base
                     ),
                     seeds,
                 )
@@ -203,12 +219,14 @@ def main() -> None:
         walls = {r["seed"]: r["wall_s"] for r in results}
         walls_path.write_text(json.dumps({"overrides": args.overrides, "wall_s": walls}, indent=1))
     last = max(int(g) for g in state_of(root / f"demo-seed-{seeds[0]}-{args.label}")["generations"])
+    against = args.against or args.base
     for s in seeds:
-        wait_for(root / f"demo-seed-{s}", last)
+        wait_for(run_dir(root, s, against), last)
     flags = (f"--stage {args.stage} " if args.stage != "lvlm" else "") + (
         f"--stop-after {args.stop_after} " if args.stop_after else ""
     )
-    text = report(root, args.label, seeds, args.from_gen, args.overrides, walls, flags, args.against)
+    flags += f"--base {args.base} " if args.base else ""
+    text = report(root, args.label, seeds, args.from_gen, args.overrides, walls, flags, against)
     name = f"variant_{args.label}" + (f"_vs_{args.against}" if args.against else "")
     (OUT / f"{name}.md").write_text(text)
     print(text)
