@@ -121,6 +121,9 @@ class LossConfig:
     # teacher's exact minimal edits are 1-3 words (benchmarks/results/neg_edit_distances.md); 8 leaves room
     # for longer names in user data.
     neg_max_edit_words: int = 8
+    # "swap": a description whose negative has no usable edit (identical, too far, missing) is given a rule
+    # edit instead, one count/spatial/colour word swapped (clip/text.swap_edit); "none": it has no negative
+    neg_repair: str = "none"
     stc_weight: float = 1.0
     # "cosine": z_k = s * cos(x, w_k) + b_k, s learnable (init 10), b_k at the tag's prior log-odds: its logits
     # reach useful magnitudes. "linear": z = W x + b on the unit-norm embedding, W at std 0.01 (measured in
@@ -359,6 +362,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "loss.hni_mode": ("batch", "pair"),
     "loss.hni_norm": ("negatives", "batch"),
     "loss.hni_negatives": ("paired", "independent"),
+    "loss.neg_repair": ("none", "swap"),
     "loss.stc_head": ("cosine", "linear"),
     "loss.text_fit": ("sample", "truncate"),
     "train.precision": ("auto", "fp32", "bf16"),

@@ -401,6 +401,7 @@ def make_stages(cfg: RunConfig) -> dict[str, Stage]:
     base_key = ("lvlm.base",) if lv.base.strip() else ()
     dtype_key = ("lvlm.dtype",) if lv.dtype != "auto" else ()
     save_key = ("lvlm.sft_save",) if lv.sft_save != "auto" else ()
+    repair_key = ("-loss.neg_repair",) if cfg.loss.neg_repair == "none" else ()
 
     def carry_key(g: int) -> tuple:  # counts only where it acts, so runs recorded before it still resume
         return ("lvlm.carry",) if carries(cfg, g) else ()
@@ -495,7 +496,7 @@ def make_stages(cfg: RunConfig) -> dict[str, Stage]:
             ),
             Stage(
                 "train",
-                lambda g: ("clip", "train", "seed") + (("loss",) if g > 0 else ()),
+                lambda g: ("clip", "train", "seed") + (("loss", *repair_key) if g > 0 else ()),
                 lambda r, g: {**_train_pins(r, g), **init(r, g)},
                 train_run,
                 "clip",

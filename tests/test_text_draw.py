@@ -12,10 +12,12 @@ import torch
 from conftest import decode_tokens
 
 from cycle.clip.text import (
+    SWAP_CLASSES,
     TextDrawer,
     join_tags,
     negative_part_kind,
     negative_part_stats,
+    swap_edit,
     tags_named_in,
     word_edit_distance,
 )
@@ -133,6 +135,59 @@ def test_edit_filter_keeps_minimal_edits_only(tokenizer):
     assert not tags_only["neg_valid"].any() and tags_only["stats"]["neg_same_as_pos"] == 2
 
 
+def test_swap_edit_changes_one_word_of_its_class():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    sentence = "Two cats on the left and three red balls at the top."
+    seen = set()
+    for _ in range(200):
+        out = swap_edit(sentence, rng)
+        a, b = sentence.split(" "), out.split(" ")
+        changed = [(x, y) for x, y in zip(a, b) if x != y]
+        assert len(a) == len(b) and len(changed) == 1 and word_edit_distance(sentence, out) == 1
+        ((x, y),) = changed
+        seen.add(x)
+        assert y.endswith(".") == x.endswith(".")  # punctuation kept
+        classes = [c for c in SWAP_CLASSES if x.strip(".").lower() in c]
+        assert classes and y.strip(".").lower() in classes[0] and y != x
+        assert y[0].isupper() == x[0].isupper()  # "Two" -> "Three", not "three"
+    assert seen == {"Two", "left", "three", "red", "top."}  # every swappable word gets its turn
+    assert swap_edit("a cat sleeps on a mat.", rng) == ""  # nothing to swap: no edit
+    assert swap_edit("a cat on the left.", np.random.default_rng(3)) == "a cat on the right."
+
+
+def test_repair_gives_unusable_description_negatives_a_rule_edit(tokenizer):
+    """`loss.neg_repair: swap`: a description whose negative is identical, too far or missing gets one
+    swapped word; a row with a usable edit keeps the annotator's; tags and alt-text are untouched."""
+    good = {"desc": ["a red apple on the left."], "neg_desc": ["a green apple on the left."]}
+    same = {"desc": ["two cats on the left."], "neg_desc": ["two cats on the left."]}
+    far = {"desc": ["three dogs at the top."], "neg_desc": ["nothing at all is in this image of the sea today."]}
+    missing = {"desc": ["a blue kite at the bottom."], "neg_desc": []}
+    plain = {"desc": ["a cat sleeps."], "neg_desc": ["a cat sleeps."]}
+    rows = [good, same, far, missing, plain]
+    batch = {
+        "id": [f"r{i}" for i in range(5)],
+        "alt_text": ["x"] * 5,
+        "annotated": [True] * 5,
+        "desc": [r["desc"] for r in rows],
+        "neg_desc": [r["neg_desc"] for r in rows],
+        "tags": [["t"]] * 5,
+        "neg_tags": [["t"]] * 5,
+    }
+    cfg = _cfg(long_text_prob=1.0, neg_max_edit_words=3)
+    before = TextDrawer(cfg, tokenizer, seed=0)(batch, step=0)
+    after = TextDrawer(replace(cfg, neg_repair="swap"), tokenizer, seed=0)(batch, step=0)
+    assert before["neg_valid"].tolist() == [True, False, False, False, False]
+    assert after["neg_valid"].tolist() == [True, True, True, True, False]  # "a cat sleeps." has no swappable word
+    assert after["stats"]["neg_repaired"] == 3
+    assert torch.equal(after["texts"], before["texts"])  # positives as before: the repair draws last
+    assert torch.equal(after["neg_texts"][0], before["neg_texts"][0])  # the annotator's edit is kept
+    for i in (1, 2, 3):
+        pos, neg = (decode_tokens(tokenizer, after[k][i]) for k in ("texts", "neg_texts"))
+        assert word_edit_distance(pos, neg) == 1, (pos, neg)
+
+
 def test_negative_part_stats_count_identical_and_far_parts():
     stats = negative_part_stats(
         [
@@ -182,6 +237,7 @@ def test_independent_mode_keeps_the_old_draw(tokenizer):
         (["loss.hni_negatives=random"], "loss.hni_negatives"),
         (["loss.neg_max_edit_words=-1"], "loss.neg_max_edit_words"),
         (["loss.short_text_max_tags=0"], "loss.short_text_max_tags"),
+        (["loss.neg_repair=shuffle"], "loss.neg_repair"),
     ],
 )
 def test_new_loss_keys_are_validated(override, key):

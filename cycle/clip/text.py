@@ -11,9 +11,12 @@ by part: sentence k of `neg_desc` for sentence k of `desc`, `neg_tags[k]` for `t
 same join, so a negative tag text differs from a positive one by its words only, never by its format);
 none for an alt-text positive. A negative part identical to its positive part, or further from it than
 `loss.neg_max_edit_words` (word-level edit distance: not a minimal edit, so possibly true), is replaced
-by the positive part; a row whose negative has no edit left has none (`neg_valid` false). Counted:
-`neg_desc` / `neg_tags` (negatives drawn), `neg_same_as_pos` (the negative read like the positive),
-`neg_too_far` (dropped by the bound).
+by the positive part; a row whose negative has no edit left has none (`neg_valid` false). With
+`loss.neg_repair: swap`, a description negative without any usable edit (identical, too far, or missing)
+becomes a rule edit of the positive instead: one count, spatial or colour word swapped (`swap_edit`;
+generic English, so it works on user data). Counted: `neg_desc` / `neg_tags` (negatives drawn),
+`neg_same_as_pos` (the negative read like the positive), `neg_too_far` (dropped by the bound),
+`neg_repaired` (rows given a rule edit).
 `"independent"`: the negative source drawn by `loss.neg_tags_prob` whatever the positive (the old draw).
 Long descriptions fit the text context by whole sentences (`loss.text_fit="sample"`: a random subset of
 sentences that fits, kept in order; `"truncate"`: leading sentences, cut by the tokenizer); a paired
@@ -153,6 +156,36 @@ def negative_part_kind(pos: str, neg: str, max_edit_words: int) -> str:
     if d == 0:
         return "same"
     return "far" if max_edit_words and d > max_edit_words else "edit"
+
+
+# Closed word classes whose members swap for one another without changing the grammar: generic English,
+# not the emoji scenes' vocabulary (counts from two on keep the plural; spatial words swap with their opposite).
+SWAP_CLASSES = (
+    ("two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"),
+    ("left", "right"),
+    ("top", "bottom"),
+    ("above", "below"),
+    ("front", "behind"),
+    ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white", "gray", "grey"),
+)
+_SWAP_OF = {w: cls for cls in SWAP_CLASSES for w in cls}
+
+
+def swap_edit(sentence: str, rng) -> str:
+    """A one-word minimal edit of `sentence`: one count, spatial or colour word swapped for another of its
+    class (`SWAP_CLASSES`), case and punctuation kept; "" when it has none. Works on any English text."""
+    tokens = sentence.split(" ")
+    spots = [i for i, t in enumerate(tokens) if t.strip(_EDGE_PUNCT).lower() in _SWAP_OF]
+    if not spots:
+        return ""
+    i = spots[int(rng.integers(len(spots)))]
+    core = tokens[i].strip(_EDGE_PUNCT)
+    others = [w for w in _SWAP_OF[core.lower()] if w != core.lower()]
+    new = others[int(rng.integers(len(others)))]
+    new = new.capitalize() if core[:1].isupper() else new
+    start = tokens[i].index(core)
+    tokens[i] = tokens[i][:start] + new + tokens[i][start + len(core) :]
+    return " ".join(tokens)
 
 
 def negative_part_stats(annotations: Iterable[dict], max_edit_words: int) -> dict:
@@ -345,8 +378,10 @@ class TextDrawer:
             pos = alt
 
         neg = ""
-        if neg_parts:
-            neg = self._paired_negative(source, idx, desc if source == "desc" else tags, neg_parts, stats)
+        repair = self.negatives and paired and source == "desc" and self.cfg.neg_repair == "swap"
+        if neg_parts or repair:
+            # the repair's draws come last: without it, every draw of the row is as before
+            neg = self._paired_negative(source, idx, desc if source == "desc" else tags, neg_parts, stats, rng)
         elif independent:
             pos_idx = idx if source == "desc" else None
             neg = self._independent_negative(independent, pos_idx, desc, neg_desc, neg_tags, budget, rng)
@@ -355,14 +390,26 @@ class TextDrawer:
         stats["truncated"] += sum(self.count(t) > self.context_length for t in (pos, neg) if t)
         return pos, neg
 
-    def _paired_negative(self, source: str, idx: list[int], pos_parts: list, neg_parts: list, stats: Counter) -> str:
-        """The positive with each chosen part replaced by its edit, where the edit is a usable one."""
+    def _paired_negative(
+        self, source: str, idx: list[int], pos_parts: list, neg_parts: list, stats: Counter, rng
+    ) -> str:
+        """The positive with each chosen part replaced by its edit, where the edit is a usable one; with
+        `loss.neg_repair: swap`, a description without any usable edit gets one rule edit instead."""
         stats["neg_desc" if source == "desc" else "neg_tags"] += 1
-        kinds = [negative_part_kind(pos_parts[k], neg_parts[k], self.cfg.neg_max_edit_words) for k in idx]
+        kinds = [
+            negative_part_kind(pos_parts[k], neg_parts[k], self.cfg.neg_max_edit_words) if neg_parts else "none"
+            for k in idx
+        ]
+        if source == "desc" and self.cfg.neg_repair == "swap" and "edit" not in kinds:
+            # no usable edit from the annotator: one rule edit of the positive (one word, so still minimal)
+            swapped = swap_edit(" ".join(pos_parts[k] for k in idx), rng)
+            if swapped:
+                stats["neg_repaired"] += 1
+                return swapped
+        parts = [neg_parts[k] if kind == "edit" else pos_parts[k] for k, kind in zip(idx, kinds)]
         if "edit" not in kinds and "far" in kinds:
             stats["neg_too_far"] += 1  # not a minimal edit of this positive: possibly true, so not used
             return ""
-        parts = [neg_parts[k] if kind == "edit" else pos_parts[k] for k, kind in zip(idx, kinds)]
         return " ".join(parts) if source == "desc" else join_tags(parts)
 
     def _independent_source(self, rng, neg_desc: list, neg_tags: list) -> Optional[str]:

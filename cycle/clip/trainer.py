@@ -42,6 +42,7 @@ TEXT_COUNT_KEYS = (
     "neg_tags",
     "neg_same_as_pos",
     "neg_too_far",
+    "neg_repaired",
     "truncated",
 )
 
@@ -372,6 +373,8 @@ def text_counts(stats: Counter, world_size: int, device: torch.device) -> dict:
         "neg_identical_share": counts["neg_same_as_pos"] / max(drawn, 1.0),
         "neg_dropped_share": counts["neg_too_far"] / max(drawn, 1.0),
         "truncated_texts": int(counts["truncated"]),
+        # given a rule edit instead (loss.neg_repair: swap); only where it acted, so other logs keep their fields
+        **({"neg_repaired_share": counts["neg_repaired"] / max(drawn, 1.0)} if counts["neg_repaired"] else {}),
     }
 
 
