@@ -174,16 +174,27 @@ def lvlm_run(cfg: RunConfig, pins: dict, out_dir: Path, progress: bool = True) -
     return StageResult({"lvlm": str(out)})
 
 
+# Alignment and SFT of a generation rate the same annotations with the same CLIP: the one rating pass is kept
+# for the next call in this process (one entry; a resumed SFT in a new process rates them again).
+_LAST_BEST: dict[tuple, list[dict]] = {}
+
+
 def previous_best(cfg: RunConfig, pins: dict, share: float) -> Optional[list[dict]]:
     """Our step beyond the paper: the `share` of the previous generation's annotations that the CLIP trained
     on them rates best (not the model that wrote them)."""
     from .lvlm.data import best_previous_annotations, clip_fit
 
-    prev, d, store = pins.get("previous"), pins["data"], store_of(cfg)
+    prev, d = pins.get("previous"), pins["data"]
     if not prev:
         return None
-    fit = clip_fit(prev["clip"], store, d["samples_version"], d["teacher_version"], cfg.device)
-    return best_previous_annotations(store, prev["annotations_version"], pins["generation"] - 1, share, fit)
+    gen = pins["generation"] - 1
+    key = (str(cfg.run_dir), cfg.store.uri, prev["clip"], prev["annotations_version"], gen, share, *d.values())
+    if key not in _LAST_BEST:
+        store = store_of(cfg)
+        fit = clip_fit(prev["clip"], store, d["samples_version"], d["teacher_version"], cfg.device)
+        _LAST_BEST.clear()
+        _LAST_BEST[key] = best_previous_annotations(store, prev["annotations_version"], gen, share, fit)
+    return list(_LAST_BEST[key])
 
 
 def align_run(cfg: RunConfig, pins: dict, out_dir: Path, progress: bool = True) -> StageResult:
