@@ -154,7 +154,8 @@ def report(
         "| metric | " + " | ".join(f"gen {g}" for g in gens) + " |",
         "|---|" + "---|" * len(gens),
     ]
-    rows = [(k, "eval", v) for k, v in {**METRICS, "val tag mAP": "val/tag_map"}.items()]
+    val_extra = {"val negative discrimination acc. (selection split)": "val/acc", "val tag mAP": "val/tag_map"}
+    rows = [(k, "eval", v) for k, v in {**METRICS, **val_extra}.items()]
     rows += [(k, "annotate", v) for k, v in ANNOTATOR.items()]
     for label_, stage, key in rows:
         cells = []
@@ -205,7 +206,9 @@ def main() -> None:
     root, seeds = Path(args.root), [int(s) for s in args.seeds.split(",")]
     walls_path = OUT / f"variant_{args.label}.json"
     if args.report_only:
-        walls = {int(k): v for k, v in json.loads(walls_path.read_text())["wall_s"].items()}
+        kept = json.loads(walls_path.read_text())
+        walls = {int(k): v for k, v in kept["wall_s"].items()}
+        args.overrides = args.overrides or kept.get("overrides", [])  # the run's own, for the report's header
     else:
         with ThreadPoolExecutor(args.parallel) as pool:
             results = list(
