@@ -20,7 +20,10 @@
 #   .whl/b: pylance's files (pylance-site.tar.xz)                                           (~50 MB)
 # vLLM cannot travel at all (gpu_check.py's VLLM_WHY_NOT says why).
 #
-#     bash benchmarks/gpu_wheels.sh        # ~160 MB of downloads; xz takes ~10-30 minutes on 2 busy cores
+#     bash benchmarks/gpu_wheels.sh                # ~160 MB of downloads; xz takes ~10-30 minutes on 2 busy cores
+#     bash benchmarks/gpu_wheels.sh --report-only  # only rewrite benchmarks/results/gpu_wheels.md from .whl/
+#
+# Writes benchmarks/results/gpu_wheels.md: every file of each part and the parts' sizes.
 #
 # Needs: a python with pip and the project installed (the deepspeed build imports torch): $PYTHON or
 # `python`; the system font /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf; xz.
@@ -30,6 +33,33 @@ py="${PYTHON:-python}"
 dest=.whl
 font=/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf
 limit_mib=60  # of the 64 MiB a device call carries: the working tree needs the rest
+
+report() {
+  local out=benchmarks/results/gpu_wheels.md
+  {
+    echo "# What \`benchmarks/gpu_wheels.sh\` fills \`.whl/\` with, at $(git rev-parse --short HEAD)"
+    echo
+    echo "Written by \`benchmarks/gpu_wheels.sh\` (each part travels in one device call, limit used: $limit_mib MiB)."
+    echo
+    echo "| part | file | bytes |"
+    echo "|---|---|---:|"
+    for part in a b; do
+      (cd "$dest/$part" && find . -type f -printf '%P %s\n' | sort) | while read -r name size; do
+        echo "| $part | \`$name\` | $size |"
+      done
+    done
+    echo
+    for part in a b; do
+      total=$(du -sb "$dest/$part" | cut -f1)
+      echo "- part $part: $total bytes ($(( total / 1048576 )) MiB)"
+    done
+  } > "$out"
+  echo "wrote $out"
+}
+if [ "${1:-}" = "--report-only" ]; then
+  report
+  exit 0
+fi
 
 rm -rf "$dest"
 mkdir -p "$dest/a/lib" "$dest/b"
@@ -98,3 +128,4 @@ for part in a b; do
     exit 1
   fi
 done
+report
