@@ -314,28 +314,13 @@ def best_previous_annotations(
     where = f"generation = {int(generation)} AND {USABLE}"
     keep = math.ceil(share * store.count("annotations", where, annotations_version))
     columns = ["id", *FORMULA_KEYS]
-    best: list = []  # a min-heap of (rating, reversed id, row): its root is the worst kept
-    for rb in store.scan("annotations", columns, where, annotations_version, batch_size):
-        rows = rb.to_pylist()
-        for rating, row in zip(fit(rows), rows):
-            if rating is None:
-                continue
-            item = (rating, _Reversed(row["id"]), row)
-            if len(best) < keep:
-                heapq.heappush(best, item)
-            elif item[:2] > best[0][:2]:
-                heapq.heapreplace(best, item)
-    return [{k: row[k] for k in columns} for _, _, row in sorted(best, key=lambda x: x[:2], reverse=True)]
 
+    def rated():  # (-rating, id, row): the smallest are the best, a tie goes to the smaller id
+        for rb in store.scan("annotations", columns, where, annotations_version, batch_size):
+            rows = rb.to_pylist()
+            yield from ((-r, row["id"], row) for r, row in zip(fit(rows), rows) if r is not None)
 
-class _Reversed(str):
-    """An id that orders backwards: in a heap of the best ratings, the smaller id wins a tie."""
-
-    def __lt__(self, other):
-        return str.__gt__(self, other)
-
-    def __gt__(self, other):
-        return str.__lt__(self, other)
+    return [{k: row[k] for k in columns} for _, _, row in heapq.nsmallest(keep, rated())]
 
 
 def clip_fit(clip_dir, store: Store, samples_version, teacher_version, device: str = "cpu"):
