@@ -87,10 +87,10 @@ def part_hashes(directory: str | Path) -> dict[str, str]:
         return {}
 
 
-def split_parts(directory: str | Path, link_from: Iterable[str | Path] = ()) -> dict[str, str]:
+def split_parts(directory: str | Path, link_from: Iterable[str | Path] = ()) -> None:
     """Rewrite the weights `save_pretrained` wrote into `directory` as one file per part (llava-hf keys)
     under one index; a part equal (sha256) to the same part of a directory in `link_from` becomes a hard
-    link to it. Returns {part file: "linked" | "written"}."""
+    link to it."""
     from safetensors import safe_open
 
     directory = Path(directory)
@@ -100,7 +100,7 @@ def split_parts(directory: str | Path, link_from: Iterable[str | Path] = ()) -> 
         with safe_open(str(shard), "pt") as f:
             for key in f.keys():
                 where[part_of(llava_hf_key(key))].append((shard, key))
-    weight_map, hashes, total, done = {}, {}, 0, {}
+    weight_map, hashes, total = {}, {}, 0
     candidates = [(Path(d), part_hashes(d)) for d in link_from]
     for part, items in sorted(where.items()):
         tensors = {}
@@ -114,7 +114,6 @@ def split_parts(directory: str | Path, link_from: Iterable[str | Path] = ()) -> 
         weight_map.update((k, name) for k in tensors)
         hashes[name] = file_sha256(path)
         del tensors
-        done[name] = "written"
         for cand, cand_hashes in candidates:
             if cand_hashes.get(name) == hashes[name] and (cand / name).stat().st_size == path.stat().st_size:
                 try:
@@ -124,7 +123,6 @@ def split_parts(directory: str | Path, link_from: Iterable[str | Path] = ()) -> 
                 except OSError:
                     continue  # another filesystem, or no hard links there: keep the file
                 os.replace(link, path)
-                done[name] = "linked"
                 break
     for shard in shards:
         shard.unlink()
@@ -134,4 +132,3 @@ def split_parts(directory: str | Path, link_from: Iterable[str | Path] = ()) -> 
         os.replace(directory / f".{name}.new", directory / name)
     index = {"metadata": {"total_size": total, "part_sha256": hashes}, "weight_map": dict(sorted(weight_map.items()))}
     (directory / INDEX).write_text(json.dumps(index, indent=2))
-    return done
