@@ -129,6 +129,8 @@ class LossConfig:
     # reach useful magnitudes. "linear": z = W x + b on the unit-norm embedding, W at std 0.01 (measured in
     # 2026-11: the term fell 2% in training; the logits cannot move). Default: the one that learns (val, 2 seeds
     # of a shortened demo: STC term 0.080 -> 0.069, falls 17% in training instead of 0%; R@1 unchanged).
+    # "text": z_k = s * cos(x, T(tag_k)) + b_k, the rows are the CLIP's text embeddings of the tag texts, so STC
+    # also trains the text tower on class-like texts (what zero-shot reads)
     stc_head: str = "cosine"
     stc_vocab_size: int = 1000  # top-K normalised tags of the generation's annotations
     stc_min_count: int = 2
@@ -363,7 +365,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "loss.hni_norm": ("negatives", "batch"),
     "loss.hni_negatives": ("paired", "independent"),
     "loss.neg_repair": ("none", "swap"),
-    "loss.stc_head": ("cosine", "linear"),
+    "loss.stc_head": ("cosine", "linear", "text"),
     "loss.text_fit": ("sample", "truncate"),
     "train.precision": ("auto", "fp32", "bf16"),
     "annotate.backend": ("transformers", "vllm", "openai"),

@@ -371,6 +371,50 @@ def test_head_rows_of_shared_tags_carry_over():
     assert wider.carry_over_head(state, old_vocab, new_vocab) == 0  # another embedding width
 
 
+TAGS = ["red apple", "dog", "two cat"]
+
+
+def test_text_head_rows_are_the_clips_text_embeddings_of_the_tags(micro_clip):
+    from cycle.clip.model import ClipWithTagHead
+
+    clip, tokenizer = micro_clip
+    module = ClipWithTagHead(clip, num_tags=3, head="text", tag_tokens=tokenizer(TAGS))
+    with torch.no_grad():
+        module.stc_head.bias.copy_(torch.tensor([0.3, -1.0, 2.0]))
+    batch = _model_batch(tokenizer)
+    out = module(**batch)
+    s = float(module.stc_head.logit_scale.detach().exp())
+    with torch.no_grad():
+        images = clip.encode_image(batch["images"], normalize=True)
+        for k, tag in enumerate(TAGS):  # one tag at a time, through open_clip's own encode_text
+            t = clip.encode_text(tokenizer([tag]), normalize=True)[0]
+            for i in range(images.shape[0]):
+                want = s * float(images[i] @ t) + float(module.stc_head.bias[k])
+                assert float(out["tag_logits"][i, k]) == pytest.approx(want, abs=1e-5)
+
+    # STC through a text head trains the text tower too (the point of it), and the head's bias and scale
+    stc = HQClipLoss(_cfg(hni_weight=0.0, stc_weight=1.0))(**out, **batch)["stc_loss"]
+    g = _grads(module, stc)
+    text_tower = [v for n, v in g.items() if n.startswith("clip.transformer")]
+    assert text_tower and all(v is not None and v.abs().sum() > 0 for v in text_tower)
+    assert g["stc_head.bias"].abs().sum() > 0 and g["stc_head.logit_scale"].abs().sum() > 0
+    assert set(module.stc_head.state_dict()) == {"bias", "logit_scale"}  # tokens are rebuilt, never saved
+
+
+def test_text_head_carries_biases_and_scale_and_needs_its_tokens(micro_clip):
+    from cycle.clip.model import ClipWithTagHead, make_tag_head, tag_head_kind
+
+    clip, tokenizer = micro_clip
+    old = {"weight": torch.randn(3, D), "bias": torch.tensor([1.0, 2.0, 3.0]), "logit_scale": torch.tensor([2.5])}
+    new = ClipWithTagHead(clip, num_tags=2, head="text", tag_tokens=tokenizer(["sun", "dog"]))
+    assert new.carry_over_head(old, ["cat", "dog", "moon"], ["sun", "dog"]) == 1
+    assert new.stc_head.bias.tolist()[1] == 2.0 and new.stc_head.bias.tolist()[0] == 0.0
+    assert float(new.stc_head.logit_scale) == 2.5
+    assert tag_head_kind(dict(new.stc_head.named_parameters())) == "text" and tag_head_kind(old) == "cosine"
+    with pytest.raises(ValueError, match="tokenized tag texts"):
+        make_tag_head("text", D, 3)
+
+
 def test_tag_metrics_equal_explicit_loops():
     from cycle.evaluate.metrics import average_precision, tag_metrics
 

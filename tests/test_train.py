@@ -487,6 +487,32 @@ def test_generation_0_trains_on_alt_text_without_hni_or_stc(pair_store, referenc
     assert not (model_dir / "stc_head.safetensors").exists() and not (model_dir / "tag_vocab.json").exists()
 
 
+@pytest.mark.slow
+def test_a_text_head_is_saved_as_the_cosine_head_it_computes(pair_store, reference_run, tmp_path):
+    from cycle.clip.model import encode_text
+    from cycle.clip.saved import load_clip
+    from cycle.clip.train import train_clip
+
+    samples, annotations = _versions(pair_store)
+    model_dir = train_clip(
+        _cfg("train.epochs=1", "loss.stc_head=text"),
+        pair_store.uri,
+        tmp_path / "clip",
+        samples,
+        annotations_version=annotations,
+        generation=1,
+        init_clip=reference_run[1],
+        progress=False,
+    )
+    steps, events = _log(tmp_path / "clip")
+    assert events[0]["stc_head"] == "text" and all(r["stc_loss"] > 0 for r in steps)
+    clip, _, tokenizer, extras = load_clip(model_dir)
+    head, vocab = extras["stc_head"], extras["tag_vocab"]
+    assert set(head) == {"weight", "bias", "logit_scale"} and head["weight"].shape == (len(vocab), 64)
+    with torch.no_grad():
+        assert torch.allclose(head["weight"], encode_text(clip, tokenizer(vocab)), atol=1e-5)
+
+
 def test_prepare_carries_the_previous_head_over(pair_store, reference_run, tmp_path):
     from cycle.clip.train import TrainInputError, prepare
 

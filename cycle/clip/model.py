@@ -223,18 +223,48 @@ class CosineTagHead(nn.Module):
         return self.logit_scale.exp() * F.normalize(x, dim=-1) @ F.normalize(self.weight, dim=-1).T + self.bias
 
 
-def make_tag_head(kind: str, in_features: int, num_tags: int) -> nn.Module:
-    """`loss.stc_head`: "cosine" (CosineTagHead) or "linear" (nn.Linear)."""
+class TextTagHead(nn.Module):
+    """z_k = s * cos(x, t_k) + b_k where t_k is the CLIP's own text embedding of tag k's text.
+
+    Why: zero-shot classifies an image by its cosine with the text embedding of a class name; a head with
+    free rows (CosineTagHead) shapes only the image side, so it can leave zero-shot where it was. Here the
+    class rows ARE the text tower's embeddings of the tag texts, so STC's gradient also reaches the text
+    tower and trains short class-like texts against every image, present tag or absent. The tag texts are
+    the vocabulary's normalised tags; their tokens are a buffer rebuilt from the vocabulary (not saved).
+    Saved as a cosine head whose rows are the text embeddings at save time (`materialise`), so evaluation
+    and the next generation read one head format.
+    """
+
+    def __init__(self, tag_tokens: Tensor):
+        super().__init__()
+        self.register_buffer("tokens", tag_tokens, persistent=False)
+        self.bias = nn.Parameter(torch.zeros(tag_tokens.shape[0]))
+        self.logit_scale = nn.Parameter(torch.full((1,), math.log(STC_SCALE_INIT)))
+
+    def forward(self, x: Tensor, tag_features: Tensor) -> Tensor:
+        return self.logit_scale.exp() * F.normalize(x, dim=-1) @ F.normalize(tag_features, dim=-1).T + self.bias
+
+
+def make_tag_head(kind: str, in_features: int, num_tags: int, tag_tokens: Optional[Tensor] = None) -> nn.Module:
+    """`loss.stc_head`: "cosine" (CosineTagHead), "linear" (nn.Linear) or "text" (TextTagHead, needs the
+    tokenized tag texts)."""
     if kind == "cosine":
         return CosineTagHead(in_features, num_tags)
     if kind == "linear":
         return nn.Linear(in_features, num_tags)
-    raise ValueError(f"unknown STC head '{kind}', expected cosine or linear")
+    if kind == "text":
+        if tag_tokens is None or tag_tokens.shape[0] != num_tags:
+            raise ValueError(f"a text STC head needs the {num_tags} tokenized tag texts")
+        return TextTagHead(tag_tokens)
+    raise ValueError(f"unknown STC head '{kind}', expected cosine, linear or text")
 
 
 def tag_head_kind(state: dict) -> str:
-    """The kind of a saved head, from its tensors (a cosine head has a logit scale)."""
-    return "cosine" if "logit_scale" in state else "linear"
+    """The kind of a head, from its tensors: a cosine head has rows and a logit scale, a text head only a
+    logit scale (its rows are text embeddings), a linear head no scale."""
+    if "logit_scale" not in state:
+        return "linear"
+    return "cosine" if "weight" in state else "text"
 
 
 class ClipWithTagHead(nn.Module):
@@ -252,6 +282,7 @@ class ClipWithTagHead(nn.Module):
         embed_dim: Optional[int] = None,
         cut_text_padding: bool = True,
         head: str = "cosine",
+        tag_tokens: Optional[Tensor] = None,
     ):
         super().__init__()
         self.clip = clip
@@ -259,7 +290,7 @@ class ClipWithTagHead(nn.Module):
         if num_tags > 0:
             embed_dim = embed_dim or _embed_dim(clip)
             # The head reads the unit-norm image embedding: STC shapes the same space that zero-shot uses.
-            self.stc_head: Optional[nn.Module] = make_tag_head(head, embed_dim, num_tags)
+            self.stc_head: Optional[nn.Module] = make_tag_head(head, embed_dim, num_tags, tag_tokens)
         else:
             self.stc_head = None
 
@@ -281,9 +312,16 @@ class ClipWithTagHead(nn.Module):
         """Copy the rows (weight, bias) of tags in both vocabularies from a previous head's `state`, and a
         cosine head's scale. Returns the number of rows copied; 0 when the head's kind or width differs."""
         head = self.stc_head
-        if head is None or tag_head_kind(state) != tag_head_kind(dict(head.named_parameters())):
+        if head is None:
             return 0
-        if tuple(state["weight"].shape[1:]) != tuple(head.weight.shape[1:]) or len(old_vocab) != len(state["bias"]):
+        text = isinstance(head, TextTagHead)  # its rows are the text tower's: only biases and scale carry
+        if not text and tag_head_kind(state) != tag_head_kind(dict(head.named_parameters())):
+            return 0
+        if text and "logit_scale" not in state:
+            return 0
+        if len(old_vocab) != len(state["bias"]) or (
+            not text and tuple(state["weight"].shape[1:]) != tuple(head.weight.shape[1:])
+        ):
             return 0
         old_index = {t: i for i, t in enumerate(old_vocab)}
         pairs = [(k, old_index[t]) for k, t in enumerate(new_vocab) if t in old_index]
@@ -291,7 +329,8 @@ class ClipWithTagHead(nn.Module):
             return 0
         new_rows, old_rows = (torch.tensor(x) for x in zip(*pairs))
         with torch.no_grad():
-            head.weight[new_rows] = state["weight"][old_rows].to(head.weight)
+            if not text:
+                head.weight[new_rows] = state["weight"][old_rows].to(head.weight)
             head.bias[new_rows] = state["bias"][old_rows].to(head.bias)
             if "logit_scale" in state:
                 head.logit_scale.copy_(state["logit_scale"].reshape(head.logit_scale.shape))
@@ -321,7 +360,9 @@ class ClipWithTagHead(nn.Module):
             out["neg_text_features"] = neg.index_copy(0, idx, feats[n:])
         else:
             out["text_features"] = self._encode_text(texts)
-        if self.stc_head is not None:
+        if isinstance(self.stc_head, TextTagHead):
+            out["tag_logits"] = self.stc_head(image_features, self._encode_text(self.stc_head.tokens))
+        elif self.stc_head is not None:
             out["tag_logits"] = self.stc_head(image_features)
         out["logit_scale"] = self.clip.logit_scale.exp()
         return out

@@ -26,7 +26,7 @@ from ..schedule import cosine_lr
 from . import checkpoint, dist
 from .augment import random_resized_crop
 from .loss import HQClipLoss, reduce_for_logging
-from .model import FEATURE_KEYS, ClipWithTagHead, create_clip
+from .model import FEATURE_KEYS, ClipWithTagHead, TextTagHead, create_clip, encode_text
 from .optim import clamp_logit_scale, deepspeed_config, make_optimizer, set_lr
 from .saved import save_clip
 from .text import TextDrawer
@@ -91,7 +91,12 @@ class Trainer:
         self.dtype = torch.bfloat16 if self.bf16 else torch.float32
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank (and rank 0's are broadcast)
         clip, _, preprocess_val, tokenizer = create_clip(cfg.clip.name, pretrained=job.init_clip or cfg.clip.pretrained)
-        module = ClipWithTagHead(clip, num_tags=len(job.tag_vocab) if job.stc_weight else 0, head=cfg.loss.stc_head)
+        module = ClipWithTagHead(
+            clip,
+            num_tags=len(job.tag_vocab) if job.stc_weight else 0,
+            head=cfg.loss.stc_head,
+            tag_tokens=tokenizer(job.tag_vocab) if job.stc_weight and cfg.loss.stc_head == "text" else None,
+        )
         module.init_tag_prior(job.tag_prior or job.tag_positive_rate)
         if module.stc_head is not None and job.stc_head_init is not None:
             prev = job.stc_head_init
@@ -270,7 +275,12 @@ class Trainer:
             clip.load_state_dict(_strip(state, "clip."), strict=False)  # buffers stay as they are
             extra_tensors, extra_json = {}, {"train_summary": self._summary()}
             if module.stc_head is not None:
-                extra_tensors["stc_head"] = _strip(state, "stc_head.")
+                extra_tensors["stc_head"] = head = _strip(state, "stc_head.")
+                if isinstance(module.stc_head, TextTagHead):
+                    # saved as the cosine head it computes: its rows the trained text tower's tag embeddings
+                    tokens = module.stc_head.tokens.to(next(clip.parameters()).device)
+                    with torch.no_grad():
+                        head["weight"] = encode_text(clip, tokens).float().cpu()
                 extra_json["tag_vocab"] = job.tag_vocab
             save_clip(
                 clip,
