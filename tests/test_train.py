@@ -206,6 +206,14 @@ def test_draws_depend_on_seed_step_and_id_only(tokenizer):
     assert not torch.equal(whole["texts"], drawer(_text_batch(n=8), step=6)["texts"])
 
 
+def test_cached_token_rows_are_the_tokenizers(tokenizer):
+    drawer = TextDrawer(LossConfig(), tokenizer, context_length=16)
+    first, again = ["a red apple.", "IMG_2041.png", "a red apple."], ["IMG_2041.png", "two tables", "a red apple."]
+    for texts in (first, again):  # uncached, then partly cached rows
+        assert torch.equal(drawer.tokenize(texts), tokenizer(texts, context_length=16))
+    assert set(drawer.token_rows) == {"a red apple.", "IMG_2041.png", "two tables"}
+
+
 def test_alt_text_only_without_annotation_or_in_generation_0(tokenizer):
     cfg = replace(LossConfig(), long_text_prob=1.0)
     batch = _text_batch(annotated=[True, False, True, False])

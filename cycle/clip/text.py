@@ -283,6 +283,9 @@ class TextDrawer:
         self.cfg, self.tokenizer, self.seed = cfg, tokenizer, int(seed)
         self.context_length = int(context_length or getattr(tokenizer, "context_length", OPEN_CLIP_CONTEXT))
         self.count = TokenCounter(tokenizer, self.context_length)
+        # token rows per text: descriptions and alt-texts come back every epoch, and open_clip's tokenizer
+        # (text cleaning + BPE per call) was ~8% of a demo training step; a row depends on its text alone
+        self.token_rows: dict[str, torch.Tensor] = {}
         self.use_annotations = use_annotations
         self.negatives = negatives and use_annotations
         self.tag_vocab = list(tag_vocab) if (tag_vocab and use_annotations) else None
@@ -315,11 +318,11 @@ class TextDrawer:
                 negatives.append(neg if ok else "")
                 valid.append(ok)
         out = {
-            "texts": self.tokenizer(positives, context_length=self.context_length),
+            "texts": self.tokenize(positives),
             "text_keys": torch.tensor([text_key(t) for t in positives], dtype=torch.long),
         }
         if self.negatives:
-            out["neg_texts"] = self.tokenizer(negatives, context_length=self.context_length)
+            out["neg_texts"] = self.tokenize(negatives)
             out["neg_valid"] = torch.tensor(valid, dtype=torch.bool)
             out["neg_keys"] = torch.tensor([text_key(t) for t in negatives], dtype=torch.long)
         if self.tag_vocab is not None:
@@ -327,6 +330,18 @@ class TextDrawer:
         stats["samples"] = n
         out["stats"] = dict(stats)
         return out
+
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        """`tokenizer(texts, context_length)`, row for row, with each text's row cached (TOKEN_CACHE_SIZE texts)."""
+        rows: list = [self.token_rows.get(t) for t in texts]
+        todo = [i for i, r in enumerate(rows) if r is None]
+        if todo:
+            fresh = self.tokenizer([texts[i] for i in todo], context_length=self.context_length)
+            for i, row in zip(todo, fresh):
+                rows[i] = row
+                if len(self.token_rows) < TOKEN_CACHE_SIZE:
+                    self.token_rows[texts[i]] = row.clone()  # not a view that keeps the batch alive
+        return torch.stack(rows)
 
     def draw_source(self, u: float, desc: list, tags: list) -> str:
         """The positive's source for the uniform draw `u`: "desc", "tags" or "alt" (see the module doc)."""
