@@ -15,7 +15,15 @@ from ..config import RunConfig
 from ..device import free_accelerator_memory, resolve_device
 from ..store import Store
 from .assemble import load_lvlm, lvlm_dtype, save_lvlm
-from .common import checkpointing, eval_loss, is_writer, read_info, seed_everything, train_loop
+from .common import (
+    LOSS_PROBE_BATCHES,
+    checkpointing,
+    eval_loss,
+    is_writer,
+    read_info,
+    seed_everything,
+    train_loop,
+)
 from .data import align_examples, align_input, make_batches
 
 
@@ -53,7 +61,7 @@ def align_projector(
         checkpointing(model, True)
     examples = align_examples(store, samples_version, teacher_version, extra, extra_records)
     batches, steps = make_batches(examples, processor, stage.batch_size, cfg.seed, text_budget(cfg, model), align_input)
-    before = eval_loss(model, batches(0), device)
+    before = eval_loss(model, batches(0), device, LOSS_PROBE_BATCHES)
     losses = train_loop(
         model,
         list(projector.parameters()),
@@ -66,7 +74,7 @@ def align_projector(
         "align projector",
         progress,
     )
-    after = eval_loss(model, batches(0), device)
+    after = eval_loss(model, batches(0), device, LOSS_PROBE_BATCHES)
     if cfg.lvlm.align_gradient_checkpointing:
         checkpointing(model, False)
     by_source = {f"align/examples_{s}": sum(e.source == s for e in examples) for s in ("seed", "previous", "alt_text")}

@@ -30,6 +30,7 @@ from ..store import Store
 from .align import text_budget
 from .assemble import load_lvlm, lvlm_dtype, write_lvlm
 from .common import (
+    LOSS_PROBE_BATCHES,
     LVLMError,
     checkpointing,
     eval_loss,
@@ -117,7 +118,7 @@ def sft(
         examples, processor, stage.batch_size, cfg.seed, budget, sft_input(alt_text_fn, render=render)
     )
     plain = make_batches(examples, processor, stage.batch_size, cfg.seed, budget, sft_input(render=render))[0]
-    before = eval_loss(model, plain(0), device)
+    before = eval_loss(model, plain(0), device, LOSS_PROBE_BATCHES)
     tmp = staging_dir(out_dir) if is_writer() else None  # data-parallel workers: rank 0 writes
     losses = train_loop(
         model,
@@ -132,7 +133,7 @@ def sft(
         progress,
         log_path=tmp and tmp / "log.jsonl",
     )
-    after = eval_loss(model, plain(0), device)
+    after = eval_loss(model, plain(0), device, LOSS_PROBE_BATCHES)
     metrics = {
         "sft/examples": len(examples),
         "sft/epochs": stage.epochs,
