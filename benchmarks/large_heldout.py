@@ -51,10 +51,12 @@ METRICS = {
 COMPARISONS = [
     ("generation 1 vs 0 (shipped)", "", 1, "", 0, "root"),
     ("generation 2 vs 1 (shipped)", "addbest", 2, "", 1, "root"),
+    ("generation 2 vs 0 (shipped)", "addbest", 2, "", 0, "root"),
     ("STC (cosine head, shipped) vs none, generation 1", "", 1, "nostc3", 1, "root"),
     ("STC (cosine head, shipped) vs none, generation 2", "addbest", 2, "nostc3", 2, "root"),
     ("STC with the text head vs none, generation 1", "stctext", 1, "nostc3", 1, "root"),
     ("STC text head vs cosine head, generation 1", "stctext", 1, "", 1, "root"),
+    ("STC text head at weight 10 vs none, generation 1", "stctext10", 1, "nostc3", 1, "root"),
     ("HNI (batch, shipped) vs none, generation 1", "hninorm", 1, "nohni", 1, "root10"),
     ("HNI pair mode vs batch, generation 1", "pairmode", 1, "", 1, "root"),
     ("negative repair (swap) vs none, generation 1", "repair", 1, "", 1, "root"),
