@@ -131,6 +131,20 @@ def test_align_is_deterministic_and_records_its_metrics(world, aligned, tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["again"]  # staged aside, renamed whole
 
 
+def test_the_loss_probe_changes_figures_never_weights(world, aligned, tmp_path, monkeypatch):
+    import cycle.lvlm.align as align_stage
+
+    # loss before/after on fewer batches (1 instead of up to LOSS_PROBE_BATCHES): other figures, same weights
+    monkeypatch.setattr(align_stage, "LOSS_PROBE_BATCHES", 1)
+    again, metrics = align_stage.align_projector(
+        world["base"], world["store"], world["sv"], world["teacher_v"], run_cfg(), tmp_path / "probe", progress=False
+    )
+    a, b = state(aligned[0]), state(again)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert metrics["align/loss_before"] != aligned[1]["align/loss_before"]
+    assert metrics["align/epoch_loss_last"] == aligned[1]["align/epoch_loss_last"]
+
+
 # ----------------------------------------------------------------------------------------------- SFT data
 def test_sft_batches_put_the_loss_on_the_target_only(world, aligned):
     from cycle.lvlm import load_lvlm

@@ -29,7 +29,9 @@ s = exp(t) the learnable logit scale, v_i in {0, 1} "sample i has a usable negat
   L_stc = 1/|R| sum_{i in R} 1/K sum_k BCE( z_ik, [tag k in T_i] ) over the K-tag vocabulary,
       R = {i : T_i has a vocabulary tag}; z_i the tag head on x_i (model.py, `loss.stc_head`):
       "cosine" z_ik = s_t cos(x_i, w_k) + b_k (s_t learnable, init 10; b_k at tag k's prior log-odds),
-      "linear" z_i = W x_i + b.
+      "linear" z_i = W x_i + b;
+      "text" z_ik = s_t cos(x_i, T(tag_k)) + b_k, T the CLIP's own text tower on tag k's text: the rows are
+      what zero-shot reads (a class name's text embedding), and L_stc's gradient reaches the text tower.
 
   L = L_clip + lambda_hni L_hni + lambda_stc L_stc
 
