@@ -57,6 +57,12 @@ COMPARISONS = [
     ("STC with the text head vs none, generation 1", "stctext", 1, "nostc3", 1, "root"),
     ("STC text head vs cosine head, generation 1", "stctext", 1, "", 1, "root"),
     ("STC text head at weight 10 vs none, generation 1", "stctext10", 1, "nostc3", 1, "root"),
+    ("STC text head at weight 30 vs none, generation 1", "stctext30", 1, "nostc3", 1, "root"),
+    ("STC text head at weight 100 vs none, generation 1", "stctext100", 1, "nostc3", 1, "root"),
+    ("text head 30: generation 1 vs 0", "stc30", 1, "", 0, "root"),
+    ("text head 30: generation 2 vs 1", "stc30", 2, "stc30", 1, "root"),
+    ("text head 30: generation 2 vs 0", "stc30", 2, "", 0, "root"),
+    ("text head 30 vs the cosine head, generation 2", "stc30", 2, "addbest", 2, "root"),
     ("HNI (batch, shipped) vs none, generation 1", "hninorm", 1, "nohni", 1, "root10"),
     ("HNI pair mode vs batch, generation 1", "pairmode", 1, "", 1, "root"),
     ("negative repair (swap) vs none, generation 1", "repair", 1, "", 1, "root"),
@@ -120,7 +126,8 @@ def main() -> None:
         root = roots[root_key]
         runs = [(run_dir(root, s, var), vg, run_dir(root, s, base), bg) for s in SEEDS]
         dirs = [d for v, _, b, _ in runs for d in (v, b)]
-        if not all((d / "state.json").exists() for d in dirs):
+        models = [d / f"gen-{g:03d}" / "clip" / "model" for v, vg_, b, bg_ in runs for d, g in ((v, vg_), (b, bg_))]
+        if not all((m / "open_clip_model.safetensors").exists() for m in models):
             lines.append(f"| {what} | " + " | ".join(["runs missing"] * len(METRICS)) + " |")
             continue
         for d in dirs:
