@@ -231,8 +231,8 @@ class TextTagHead(nn.Module):
     class rows ARE the text tower's embeddings of the tag texts, so STC's gradient also reaches the text
     tower and trains short class-like texts against every image, present tag or absent. The tag texts are
     the vocabulary's normalised tags; their tokens are a buffer rebuilt from the vocabulary (not saved).
-    Saved as a cosine head whose rows are the text embeddings at save time (`materialise`), so evaluation
-    and the next generation read one head format.
+    Saved as a cosine head whose rows are the text embeddings at save time (`Trainer.save_model`), so
+    evaluation and the next generation read one head format.
     """
 
     def __init__(self, tag_tokens: Tensor):
@@ -310,7 +310,8 @@ class ClipWithTagHead(nn.Module):
 
     def carry_over_head(self, state: dict, old_vocab: list, new_vocab: list) -> int:
         """Copy the rows (weight, bias) of tags in both vocabularies from a previous head's `state`, and a
-        cosine head's scale. Returns the number of rows copied; 0 when the head's kind or width differs."""
+        cosine head's scale; a text head takes the biases and scale only (its rows are its CLIP's text
+        embeddings). Returns the number of rows copied; 0 when the head's kind or width differs."""
         head = self.stc_head
         if head is None:
             return 0

@@ -284,7 +284,7 @@ class TextDrawer:
         self.context_length = int(context_length or getattr(tokenizer, "context_length", OPEN_CLIP_CONTEXT))
         self.count = TokenCounter(tokenizer, self.context_length)
         # token rows per text: descriptions and alt-texts come back every epoch, and open_clip's tokenizer
-        # (text cleaning + BPE per call) was ~8% of a demo training step; a row depends on its text alone
+        # (text cleaning + BPE per call) cost ~2.5% of a demo training step; a row depends on its text alone
         self.token_rows: dict[str, torch.Tensor] = {}
         self.use_annotations = use_annotations
         self.negatives = negatives and use_annotations
