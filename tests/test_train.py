@@ -472,19 +472,27 @@ def test_multinode_ray_train_two_workers_train_to_the_spawned_two_rank_weights(p
     _assert_same_run(spawned_two_ranks[0], out, 8)
 
 
-def test_generation_0_trains_on_alt_text_without_hni_or_stc(pair_store, reference_run, tmp_path):
+def _one_epoch_from_reference(pair_store, reference_run, out, *overrides, generation=None):
+    """One epoch started from the reference run's CLIP (the controller's clip.init=previous); generation None:
+    alt-text only, else that generation's annotations."""
     from cycle.clip.train import train_clip
 
-    samples, _ = _versions(pair_store)
-    # Started from a trained CLIP (the controller's clip.init=previous): its first loss is already low.
-    model_dir = train_clip(
-        _cfg("train.epochs=1", "train.micro_batch_size=0"),
+    samples, annotations = _versions(pair_store)
+    return train_clip(
+        _cfg("train.epochs=1", *overrides),
         pair_store.uri,
-        tmp_path / "clip",
+        out,
         samples,
+        annotations_version=annotations if generation else None,
+        generation=generation,
         init_clip=reference_run[1],
         progress=False,
     )
+
+
+def test_generation_0_trains_on_alt_text_without_hni_or_stc(pair_store, reference_run, tmp_path):
+    # Started from a trained CLIP: its first loss is already low.
+    model_dir = _one_epoch_from_reference(pair_store, reference_run, tmp_path / "clip", "train.micro_batch_size=0")
     steps, events = _log(tmp_path / "clip")
     assert events[0]["hni_weight"] == 0.0 and events[0]["stc_weight"] == 0.0
     assert len(steps) == 4 and "hni_loss" not in steps[0] and "stc_loss" not in steps[0]
@@ -499,18 +507,9 @@ def test_generation_0_trains_on_alt_text_without_hni_or_stc(pair_store, referenc
 def test_a_text_head_is_saved_as_the_cosine_head_it_computes(pair_store, reference_run, tmp_path):
     from cycle.clip.model import encode_text
     from cycle.clip.saved import load_clip
-    from cycle.clip.train import train_clip
 
-    samples, annotations = _versions(pair_store)
-    model_dir = train_clip(
-        _cfg("train.epochs=1", "loss.stc_head=text"),
-        pair_store.uri,
-        tmp_path / "clip",
-        samples,
-        annotations_version=annotations,
-        generation=1,
-        init_clip=reference_run[1],
-        progress=False,
+    model_dir = _one_epoch_from_reference(
+        pair_store, reference_run, tmp_path / "clip", "loss.stc_head=text", generation=1
     )
     steps, events = _log(tmp_path / "clip")
     assert events[0]["stc_head"] == "text" and all(r["stc_loss"] > 0 for r in steps)
