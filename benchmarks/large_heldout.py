@@ -47,8 +47,8 @@ METRICS = {
     "negative acc., other wordings": "test_negatives_reworded/acc",
 }
 # (what is compared, variant run label, its generation, base run label, base generation, root key).
-# Labels are `demo_variant.py`'s: "" the demo runs (cosine STC head), "addbest" their generation 2, "stc30" the
-# shipped config (text STC head at weight 30) through generation 2.
+# Labels are `demo_variant.py`'s: "" the demo runs (cosine STC head), "addbest" their generation 2, "stc30" the text
+# STC head at weight 30 through generation 2, "stc30nohni2" the same without HNI (the shipped config).
 COMPARISONS = [
     ("cosine head: generation 1 vs 0", "", 1, "", 0, "root"),
     ("cosine head: generation 2 vs 1", "addbest", 2, "", 1, "root"),
@@ -60,10 +60,14 @@ COMPARISONS = [
     ("STC text head at weight 10 vs none, generation 1", "stctext10", 1, "nostc3", 1, "root"),
     ("STC text head at weight 30 vs none, generation 1", "stctext30", 1, "nostc3", 1, "root"),
     ("STC text head at weight 100 vs none, generation 1", "stctext100", 1, "nostc3", 1, "root"),
-    ("shipped (text head 30): generation 1 vs 0", "stc30", 1, "", 0, "root"),
-    ("shipped (text head 30): generation 2 vs 1", "stc30", 2, "stc30", 1, "root"),
-    ("shipped (text head 30): generation 2 vs 0", "stc30", 2, "", 0, "root"),
+    ("text head 30 with HNI: generation 1 vs 0", "stc30", 1, "", 0, "root"),
+    ("text head 30 with HNI: generation 2 vs 1", "stc30", 2, "stc30", 1, "root"),
+    ("text head 30 with HNI: generation 2 vs 0", "stc30", 2, "", 0, "root"),
     ("text head 30 vs the cosine head, generation 2", "stc30", 2, "addbest", 2, "root"),
+    ("text head 30, no HNI: generation 1 vs 0", "stc30nohni2", 1, "", 0, "root"),
+    ("text head 30, no HNI: generation 2 vs 1", "stc30nohni2", 2, "stc30nohni2", 1, "root"),
+    ("text head 30, no HNI: generation 2 vs 0", "stc30nohni2", 2, "", 0, "root"),
+    ("HNI vs none at the text head (30), generation 2", "stc30", 2, "stc30nohni2", 2, "root"),
     ("HNI (batch) vs none at the cosine head, generation 1", "hninorm", 1, "nohni", 1, "root10"),
     ("HNI vs none at the text head (30), generation 1", "stctext30", 1, "stc30nohni", 1, "root"),
     ("HNI pair mode vs batch, generation 1", "pairmode", 1, "", 1, "root"),
