@@ -22,11 +22,13 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import statistics
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # the checkout's own `cycle`
+
+from demo_variant import paired, run_dir  # noqa: E402
 
 from cycle.config import load_config  # noqa: E402
 from cycle.data.emoji.build import build_emoji_scenes  # noqa: E402
@@ -75,10 +77,6 @@ COMPARISONS = [
 ]
 
 
-def run_dir(root: Path, seed: int, label: str) -> Path:
-    return root / (f"demo-seed-{seed}-{label}" if label else f"demo-seed-{seed}")
-
-
 def train_digest(store: Store) -> str:
     rows = store.read("samples", ["id", "alt_text"], "split IN ('train', 'val')").to_pylist()
     h = hashlib.sha256()
@@ -104,14 +102,6 @@ def measure(store: Store, cfg, model: Path, cache: dict) -> dict:
     if key not in cache:
         cache[key] = evaluate_clip(model, store, SPLITS, cfg.eval, device="cpu", progress=False)
     return cache[key]
-
-
-def paired(base: list[float], variant: list[float]) -> str:
-    d = [v - b for b, v in zip(base, variant)]
-    return (
-        f"{statistics.mean(variant):.3f} vs {statistics.mean(base):.3f}: {statistics.mean(d):+.3f} ± "
-        f"{statistics.pstdev(d):.3f} ({sum(x > 0 for x in d)}+ {sum(x < 0 for x in d)}-)"
-    )
 
 
 def main() -> None:
