@@ -69,11 +69,16 @@ class Inert:
 
 def config_inputs(cfg: RunConfig, keys: tuple) -> dict:
     """{dotted key: plain value} of the config keys a stage depends on; "-a.b" leaves sub-key b out of a;
-    an `Inert` key is recorded at its fixed value."""
+    an `Inert` key is recorded at its fixed value (inside its section when the section is recorded: the same
+    inputs, hence fingerprint, as a run recorded before the key acted anywhere)."""
     out = {}
     for key in keys:
         if isinstance(key, Inert):
-            out[key.key] = key.value
+            section, _, sub = key.key.rpartition(".")
+            if isinstance(out.get(section), dict):
+                out[section][sub] = key.value
+            else:
+                out[key.key] = key.value
             continue
         if key.startswith("-"):
             section, _, sub = key[1:].rpartition(".")
@@ -507,7 +512,10 @@ def make_stages(cfg: RunConfig) -> dict[str, Stage]:
             ),
             Stage(
                 "train",
-                lambda g: ("clip", "train", "seed") + (("loss", *repair_key) if g > 0 else ()),
+                # generation 0 has no previous CLIP to start from: clip.init does not act there
+                lambda g: (
+                    ("clip", "train", "seed") + (("loss", *repair_key) if g > 0 else (Inert("clip.init", "scratch"),))
+                ),
                 lambda r, g: {**_train_pins(r, g), **init(r, g)},
                 train_run,
                 "clip",

@@ -179,6 +179,16 @@ def test_add_best_counts_from_generation_2(finished_run, tmp_path):
             run_cycle(cfg, progress=False)
 
 
+def test_clip_init_counts_from_generation_1(finished_run, tmp_path):
+    """`clip.init` acts from generation 1 (generation 0 has no previous CLIP): changing it leaves generation 0's
+    training valid, with the fingerprint recorded before, and refuses generation 1's."""
+    run_dir = tmp_path / "init"
+    shutil.copytree(finished_run.run_dir, run_dir)
+    cfg = tiny(tmp_path, "init", "clip.init=previous")
+    with pytest.raises(ConfigChanged, match=r"generation 1 stage 'train'.*clip\.init: 'scratch' -> 'previous'"):
+        run_cycle(cfg, progress=False)
+
+
 def test_carried_annotator_starts_from_the_previous_one(finished_run, tmp_path):
     """lvlm.carry: generation 2's LLaVA takes generation 1's annotator (LM + projector) under CLIP_1, and
     its alignment and SFT run the carried epochs; generations 0-1 are untouched (the key counts from gen 2)."""
