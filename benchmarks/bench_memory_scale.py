@@ -45,6 +45,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench_env import subprocess_env
+
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "benchmarks" / "results"
 PARTS = ("ingest", "annotate", "annotate-steps", "index")
@@ -57,17 +59,6 @@ GENERATION = 1
 INDEX_BATCH, INDEX_BATCHES = 64, 4
 PREFILL_BATCH = 20_000  # rows per append when preparing a table
 POSITIONS = ("left", "right", "top", "bottom", "center")
-
-
-def _env() -> dict:
-    return dict(
-        os.environ,
-        PYTHONPATH=str(REPO),
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        TOKENIZERS_PARALLELISM="false",
-        OMP_NUM_THREADS="1",
-    )
 
 
 def _peak_rss_mb() -> float:
@@ -293,7 +284,7 @@ def run_child(part: str, work: Path, base_url: str = "", step: str = "") -> dict
     started = time.time()
     proc = subprocess.run(
         [sys.executable, __file__, "--child", part, "--workdir", str(work), "--base-url", base_url, "--step", step],
-        env=_env(),
+        env=subprocess_env(),
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -327,7 +318,7 @@ class _Discard(list):
 def start_server() -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen(
         [sys.executable, __file__, "--serve"],
-        env=_env(),
+        env=subprocess_env(),
         cwd=REPO,
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,

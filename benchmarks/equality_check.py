@@ -28,6 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_env import subprocess_env
+
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "benchmarks" / "results"
 BASELINE = OUT / "equality_baseline.json"
@@ -40,19 +42,6 @@ TIMING = re.compile(r"(per_s|_s$|seconds|duration|time|throughput|/s$|elapsed|st
 
 def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "cycle.cli", *args]
-
-
-def _env() -> dict:
-    env = dict(
-        os.environ,
-        PYTHONPATH=str(REPO),
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        TOKENIZERS_PARALLELISM="false",
-        OMP_NUM_THREADS="1",
-    )
-    env.setdefault("DS_ACCELERATOR", "cpu")
-    return env
 
 
 def numbers(obj, prefix: str = "") -> dict:
@@ -73,7 +62,7 @@ def tiny_cycle(root: Path) -> dict:
         _cli("run", str(REPO / "configs" / "tiny.yaml"), f"root={root}", "name=tiny", "cpu_threads=1"),
         check=True,
         cwd=REPO,
-        env=_env(),
+        env=subprocess_env(),
         stdout=subprocess.DEVNULL,
     )
     state = json.loads((root / "tiny" / "state.json").read_text())
@@ -110,7 +99,7 @@ def emoji_steps(root: Path) -> dict:
             "0:train",
         ),
         cwd=REPO,
-        env=_env(),
+        env=subprocess_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         start_new_session=True,

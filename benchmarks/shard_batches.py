@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from bench_env import subprocess_env
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "benchmarks" / "results"
@@ -32,9 +33,7 @@ def run(config: Path, root: Path, seed: int, world_size: int, overrides: list[st
     name = f"seed{seed}-w{world_size}"
     cmd = [sys.executable, "-m", "cycle.cli", "run", str(config), f"root={root}", f"name={name}", *overrides]
     cmd += [f"train.seed={seed}", f"train.world_size={world_size}", "--stop-after", "0:eval"]
-    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    env.setdefault("DS_ACCELERATOR", "cpu")
-    subprocess.run(cmd, check=True, env=env, cwd=REPO, stdout=subprocess.DEVNULL)
+    subprocess.run(cmd, check=True, env=subprocess_env(), cwd=REPO, stdout=subprocess.DEVNULL)
     metrics = json.loads((root / name / "gen-000" / "eval" / "metrics.json").read_text())
     return {k: metrics[k] for k in METRICS}
 

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from bench_env import subprocess_env
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "benchmarks" / "results"
@@ -89,7 +90,7 @@ def build_store(root: Path, rows: int) -> str:
 
 def main() -> None:
     results = {}
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+    env = subprocess_env(DS_ACCELERATOR="cpu")
     for rows in SIZES:
         with tempfile.TemporaryDirectory(prefix="train-index-mem-") as tmp:
             uri = build_store(Path(tmp), rows)

@@ -96,18 +96,18 @@ def annotate_generation(
     else:
         this_run, fingerprint = _annotate_here(
             cfg,
-            model_dir,
             store,
-            samples_version,
-            generation,
-            where,
-            out_dir,
-            backend,
-            score_clip,
-            progress,
-            device,
-            lora_dir,
-            total,
+            samples_version=samples_version,
+            generation=generation,
+            where=where,
+            total=total,
+            model_dir=model_dir,
+            out_dir=out_dir,
+            backend=backend,
+            score_clip=score_clip,
+            device=device,
+            lora_dir=lora_dir,
+            progress=progress,
         )
     stats = generation_stats(store, generation)
     stats.update(
@@ -127,18 +127,19 @@ def annotate_generation(
 
 def _annotate_here(
     cfg,
-    model_dir,
     store,
+    *,
     samples_version,
-    generation,
-    where,
-    out_dir,
+    generation: int,
+    where: str,
+    total: int,
+    model_dir,
+    out_dir: Path,
     backend,
     score_clip,
-    progress,
     device,
     lora_dir,
-    total,
+    progress: bool,
 ) -> tuple[dict, str]:
     """The pass in this process (`executor: local`, or a given backend). Returns (this_run, fingerprint)."""
     from .shards import merge_leftover_staging
