@@ -19,7 +19,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cycle.clip.text import negative_part_stats, word_edit_distance  # noqa: E402
+from cycle.clip.negatives import negative_part_stats, word_edit_distance  # noqa: E402
 from cycle.config import load_config  # noqa: E402
 from cycle.data.emoji.plan import plan_emoji_scenes  # noqa: E402
 

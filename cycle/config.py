@@ -122,7 +122,9 @@ class LossConfig:
     # for longer names in user data.
     neg_max_edit_words: int = 8
     # "swap": a description whose negative has no usable edit (identical, too far, missing) is given a rule
-    # edit instead, one count/spatial/colour word swapped (clip/text.swap_edit); "none": it has no negative
+    # edit instead, one count/spatial/colour word swapped (clip/negatives.swap_edit); "tags": one object edit
+    # made from the annotator's own tag negatives, a tag the description names replaced by its aligned negative
+    # tag (clip/negatives.tag_edit); "none": it has no negative
     neg_repair: str = "none"
     stc_weight: float = 1.0
     # "cosine": z_k = s * cos(x, w_k) + b_k, s learnable (init 10), b_k at the tag's prior log-odds: its logits
@@ -364,7 +366,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "loss.hni_mode": ("batch", "pair"),
     "loss.hni_norm": ("negatives", "batch"),
     "loss.hni_negatives": ("paired", "independent"),
-    "loss.neg_repair": ("none", "swap"),
+    "loss.neg_repair": ("none", "swap", "tags"),
     "loss.stc_head": ("cosine", "linear", "text"),
     "loss.text_fit": ("sample", "truncate"),
     "train.precision": ("auto", "fp32", "bf16"),

@@ -11,16 +11,15 @@ import pytest
 import torch
 from conftest import decode_tokens
 
-from cycle.clip.text import (
+from cycle.clip.negatives import (
     SWAP_CLASSES,
-    TextDrawer,
-    join_tags,
     negative_part_kind,
     negative_part_stats,
     swap_edit,
-    tags_named_in,
+    tag_edit,
     word_edit_distance,
 )
+from cycle.clip.text import TextDrawer, join_tags, tags_named_in
 from cycle.config import ConfigError, LossConfig, load_config
 
 COLORS = ["red", "green", "blue", "yellow", "pink", "white", "black", "brown"]
@@ -250,3 +249,54 @@ def test_tags_named_in_texts():
     got = tags_named_in([["two hot dogs on a blue background."], ["a dog.", "Dogs!"], []], vocab)
     assert got.tolist() == [[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]]
     assert got.dtype == torch.float32
+
+
+def test_tag_edit_replaces_one_named_tag_by_its_negative():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    sentence = "Two parachutes on the right and an ice cream, on a red background."
+    tags, neg_tags = ["parachute", "cream", "ice cream", "red background"], ["kite", "milk", "apple", "red background"]
+    seen = set()
+    for _ in range(100):
+        out = tag_edit(sentence, tags, neg_tags, rng)
+        seen.add(out)
+        assert word_edit_distance(sentence, out) <= 2
+    # plural kept ("parachutes" -> "kites"), article fixed ("an ice cream" -> "an apple"), "cream" nested in
+    # "ice cream" never edited alone, a tag equal to its negative never edited
+    assert seen == {
+        "Two kites on the right and an ice cream, on a red background.",
+        "Two parachutes on the right and an apple, on a red background.",
+    }
+    assert tag_edit("A box at the top.", ["box"], ["fox"], rng) == "A fox at the top."
+    assert tag_edit("An owl at the top.", ["owl"], ["cat"], rng) == "A cat at the top."
+    assert tag_edit("two boxes.", ["box"], ["peach"], rng) == "two peaches."
+    # the negative is named in the sentence (it may be in the image): not an edit; nothing named: no edit
+    assert tag_edit("a cat and a dog.", ["cat"], ["dog"], rng) == ""
+    assert tag_edit("a cat sleeps.", ["bird"], ["fish"], rng) == ""
+    assert tag_edit("a catalogue.", ["cat"], ["dog"], rng) == ""  # whole words only
+
+
+def test_tag_repair_gives_unedited_descriptions_an_object_edit(tokenizer):
+    """`loss.neg_repair: tags`: a description without a usable edit gets one named tag replaced by its negative
+    tag; a row with the annotator's edit keeps it; a row whose tags are not aligned gets none."""
+    rows = [
+        ({"desc": ["a red apple on the left."], "neg_desc": ["a red apple on the right."]}, ["apple"], ["pear"]),
+        ({"desc": ["two cats on the left."], "neg_desc": ["two cats on the left."]}, ["cat"], ["owl"]),
+        ({"desc": ["a kite at the top."], "neg_desc": []}, ["kite", "sky"], ["drum"]),  # tags not aligned
+    ]
+    batch = {
+        "id": [f"r{i}" for i in range(3)],
+        "alt_text": ["x"] * 3,
+        "annotated": [True] * 3,
+        "desc": [r["desc"] for r, _, _ in rows],
+        "neg_desc": [r["neg_desc"] for r, _, _ in rows],
+        "tags": [t for _, t, _ in rows],
+        "neg_tags": [n for _, _, n in rows],
+    }
+    cfg = _cfg(long_text_prob=1.0)
+    before = TextDrawer(cfg, tokenizer, seed=0)(batch, step=0)
+    after = TextDrawer(replace(cfg, neg_repair="tags"), tokenizer, seed=0)(batch, step=0)
+    assert after["neg_valid"].tolist() == [True, True, False] and after["stats"]["neg_repaired"] == 1
+    assert torch.equal(after["texts"], before["texts"]) and torch.equal(after["neg_texts"][0], before["neg_texts"][0])
+    assert decode_tokens(tokenizer, after["neg_texts"][1]).replace(" .", ".") == "two owls on the left."

@@ -14,8 +14,10 @@ none for an alt-text positive. A negative part identical to its positive part, o
 by the positive part; a row whose negative has no edit left has none (`neg_valid` false). With
 `loss.neg_repair: swap`, a description negative without any usable edit (identical, too far, or missing)
 becomes a rule edit of the positive instead: one count, spatial or colour word swapped (`swap_edit`;
-generic English, so it works on user data). Counted: `neg_desc` / `neg_tags` (negatives drawn),
-`neg_same_as_pos` (the negative read like the positive), `neg_too_far` (dropped by the bound),
+generic English, so it works on user data); with `neg_repair: tags`, one object the description names replaced
+by its aligned negative tag (`tag_edit`: the annotator's own tag negatives, so object edits where its description
+negatives, at the demo's size, are mostly identical or position swaps). Counted: `neg_desc` / `neg_tags`
+(negatives drawn), `neg_same_as_pos` (the negative read like the positive), `neg_too_far` (dropped by the bound),
 `neg_repaired` (rows given a rule edit).
 `"independent"`: the negative source drawn by `loss.neg_tags_prob` whatever the positive (the old draw).
 Long descriptions fit the text context by whole sentences (`loss.text_fit="sample"`: a random subset of
@@ -29,17 +31,16 @@ from __future__ import annotations
 import hashlib
 import re
 from collections import Counter
-from functools import lru_cache
 from typing import Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
 
 from ..config import LossConfig
+from .negatives import EDGE_PUNCT, negative_part_kind, swap_edit, tag_edit
 
 TAG_JOIN = ", "
 TAG_LAST_JOIN = " and "
-_EDGE_PUNCT = " \t\n.,;:!?\"'`()[]{}"
 OPEN_CLIP_CONTEXT = 77  # open_clip's text context, for a tokenizer that does not say its own
 START_END_TOKENS = 2  # every tokenized text carries a start and an end token
 # Distinct texts whose token counts are kept: a run's texts repeat every epoch; the cap bounds the memory.
@@ -52,7 +53,7 @@ COUNT_CONTEXT_FACTOR = 4
 # ------------------------------------------------------------------------------------------ tags
 def normalise_tag(tag: str) -> str:
     """Lower-case, collapse spaces, strip edge punctuation, and singularise the last word when easy."""
-    words = re.sub(r"\s+", " ", str(tag).lower()).strip(_EDGE_PUNCT).split(" ")
+    words = re.sub(r"\s+", " ", str(tag).lower()).strip(EDGE_PUNCT).split(" ")
     if not words or not words[0]:
         return ""
     words[-1] = _singular(words[-1])
@@ -131,82 +132,6 @@ def join_tags(tags: Sequence[str]) -> str:
     if len(tags) <= 1:
         return "".join(tags)
     return TAG_JOIN.join(tags[:-1]) + TAG_LAST_JOIN + tags[-1]
-
-
-def _words(text: str) -> tuple[str, ...]:
-    return tuple(re.findall(r"[\w']+", text.lower()))
-
-
-@lru_cache(maxsize=TOKEN_CACHE_SIZE)  # the same (positive, negative) parts come back every epoch
-def word_edit_distance(a: str, b: str) -> int:
-    """Levenshtein distance between the word sequences of `a` and `b` (case and punctuation ignored)."""
-    x, y = _words(a), _words(b)
-    prev = list(range(len(y) + 1))
-    for i, wx in enumerate(x, 1):
-        cur = [i]
-        for j, wy in enumerate(y, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (wx != wy)))
-        prev = cur
-    return prev[-1]
-
-
-def negative_part_kind(pos: str, neg: str, max_edit_words: int) -> str:
-    """ "edit" (a usable minimal edit), "same" (reads like the positive) or "far" (beyond the bound)."""
-    d = word_edit_distance(pos, neg)
-    if d == 0:
-        return "same"
-    return "far" if max_edit_words and d > max_edit_words else "edit"
-
-
-# Closed word classes whose members swap for one another without changing the grammar: generic English,
-# not the emoji scenes' vocabulary (counts from two on keep the plural; spatial words swap with their opposite).
-SWAP_CLASSES = (
-    ("two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"),
-    ("left", "right"),
-    ("top", "bottom"),
-    ("above", "below"),
-    ("front", "behind"),
-    ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white", "gray", "grey"),
-)
-_SWAP_OF = {w: cls for cls in SWAP_CLASSES for w in cls}
-
-
-def swap_edit(sentence: str, rng) -> str:
-    """A one-word minimal edit of `sentence`: one count, spatial or colour word swapped for another of its
-    class (`SWAP_CLASSES`), case and punctuation kept; "" when it has none. Works on any English text."""
-    tokens = sentence.split(" ")
-    spots = [i for i, t in enumerate(tokens) if t.strip(_EDGE_PUNCT).lower() in _SWAP_OF]
-    if not spots:
-        return ""
-    i = spots[int(rng.integers(len(spots)))]
-    core = tokens[i].strip(_EDGE_PUNCT)
-    others = [w for w in _SWAP_OF[core.lower()] if w != core.lower()]
-    new = others[int(rng.integers(len(others)))]
-    new = new.capitalize() if core[:1].isupper() else new
-    start = tokens[i].index(core)
-    tokens[i] = tokens[i][:start] + new + tokens[i][start + len(core) :]
-    return " ".join(tokens)
-
-
-def negative_part_stats(annotations: Iterable[dict], max_edit_words: int) -> dict:
-    """Shares of aligned (positive, negative) parts of annotation records (desc/neg_desc, tags/neg_tags)
-    that are identical or too far to be a minimal edit: what the training log records per generation."""
-    kinds: Counter = Counter()
-    for rec in annotations:
-        for pk, nk in (("desc", "neg_desc"), ("tags", "neg_tags")):
-            pos, neg = rec.get(pk) or [], rec.get(nk) or []
-            if len(pos) == len(neg):
-                kinds.update(negative_part_kind(p, q, max_edit_words) for p, q in zip(pos, neg))
-            else:
-                kinds["unaligned"] += len(pos)
-    total = sum(kinds.values())
-    share = {k: kinds[k] / total if total else 0.0 for k in ("same", "far", "unaligned")}
-    return {
-        "negative_parts": total,
-        "identical_negative_share": share["same"],
-        "too_far_negative_share": share["far"],
-        "unaligned_negative_share": share["unaligned"],
-    }
 
 
 def _id_entropy(sample_id: str) -> int:
@@ -393,10 +318,12 @@ class TextDrawer:
             pos = alt
 
         neg = ""
-        repair = self.negatives and paired and source == "desc" and self.cfg.neg_repair == "swap"
+        repair = self.negatives and paired and source == "desc" and self.cfg.neg_repair != "none"
         if neg_parts or repair:
             # the repair's draws come last: without it, every draw of the row is as before
-            neg = self._paired_negative(source, idx, desc if source == "desc" else tags, neg_parts, stats, rng)
+            tag_pairs = (tags, neg_tags) if len(tags) == len(neg_tags) else ([], [])
+            pos_parts = desc if source == "desc" else tags
+            neg = self._paired_negative(source, idx, pos_parts, neg_parts, stats, rng, tag_pairs)
         elif independent:
             pos_idx = idx if source == "desc" else None
             neg = self._independent_negative(independent, pos_idx, desc, neg_desc, neg_tags, budget, rng)
@@ -406,21 +333,23 @@ class TextDrawer:
         return pos, neg
 
     def _paired_negative(
-        self, source: str, idx: list[int], pos_parts: list, neg_parts: list, stats: Counter, rng
+        self, source: str, idx: list[int], pos_parts: list, neg_parts: list, stats: Counter, rng, tag_pairs: tuple
     ) -> str:
         """The positive with each chosen part replaced by its edit, where the edit is a usable one; with
-        `loss.neg_repair: swap`, a description without any usable edit gets one rule edit instead."""
+        `loss.neg_repair` "swap" or "tags", a description without any usable edit gets one rule edit instead
+        (`negatives.swap_edit`; `negatives.tag_edit` from the row's aligned `tags`/`neg_tags` in `tag_pairs`)."""
         stats["neg_desc" if source == "desc" else "neg_tags"] += 1
         kinds = [
             negative_part_kind(pos_parts[k], neg_parts[k], self.cfg.neg_max_edit_words) if neg_parts else "none"
             for k in idx
         ]
-        if source == "desc" and self.cfg.neg_repair == "swap" and "edit" not in kinds:
-            # no usable edit from the annotator: one rule edit of the positive (one word, so still minimal)
-            swapped = swap_edit(" ".join(pos_parts[k] for k in idx), rng)
-            if swapped:
+        if source == "desc" and self.cfg.neg_repair != "none" and "edit" not in kinds:
+            # no usable edit from the annotator: one rule edit of the positive (one word or name, still minimal)
+            text = " ".join(pos_parts[k] for k in idx)
+            repaired = swap_edit(text, rng) if self.cfg.neg_repair == "swap" else tag_edit(text, *tag_pairs, rng)
+            if repaired:
                 stats["neg_repaired"] += 1
-                return swapped
+                return repaired
         parts = [neg_parts[k] if kind == "edit" else pos_parts[k] for k, kind in zip(idx, kinds)]
         if "edit" not in kinds and "far" in kinds:
             stats["neg_too_far"] += 1  # not a minimal edit of this positive: possibly true, so not used

@@ -157,7 +157,8 @@ def prepare(
     from ..data.loader import pinned_version, split_size
     from ..store import Store, is_local
     from . import checkpoint
-    from .text import negative_part_stats, normalise_tag, rank_tags
+    from .negatives import negative_part_stats
+    from .text import normalise_tag, rank_tags
 
     out_dir = Path(out_dir)
     use_annotations = bool(generation)
