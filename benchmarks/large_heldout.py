@@ -50,7 +50,8 @@ METRICS = {
 }
 # (what is compared, variant run label, its generation, base run label, base generation, root key).
 # Labels are `demo_variant.py`'s: "" the demo runs (cosine STC head), "addbest" their generation 2, "stc30" the text
-# STC head at weight 30 through generation 2, "stc30nohni2" the same without HNI (the shipped config).
+# STC head at weight 30 through generation 2, "stc30nohni2" the same without HNI, "init" that with each generation's
+# CLIP starting from the previous one's (clip.init: previous), "inittags" that with HNI and `neg_repair: tags`.
 COMPARISONS = [
     ("cosine head: generation 1 vs 0", "", 1, "", 0, "root"),
     ("cosine head: generation 2 vs 1", "addbest", 2, "", 1, "root"),
@@ -74,6 +75,13 @@ COMPARISONS = [
     ("HNI vs none at the text head (30), generation 1", "stctext30", 1, "stc30nohni", 1, "root"),
     ("HNI pair mode vs batch, generation 1", "pairmode", 1, "", 1, "root"),
     ("negative repair (swap) vs none, generation 1", "repair", 1, "", 1, "root"),
+    ("HNI pair mode vs none at the text head (30), generation 1", "hnipair", 1, "stc30nohni", 1, "root"),
+    ("HNI at weight 0.3 vs none at the text head (30), generation 1", "hni03", 1, "stc30nohni", 1, "root"),
+    ("CLIP from the previous generation's vs from scratch, generation 1", "init", 1, "stc30nohni2", 1, "root"),
+    ("CLIP from the previous generation's vs from scratch, generation 2", "init", 2, "stc30nohni2", 2, "root"),
+    ("from the previous CLIP: generation 1 vs 0", "init", 1, "", 0, "root"),
+    ("from the previous CLIP: generation 2 vs 1", "init", 2, "init", 1, "root"),
+    ("HNI with tag-edit repair vs none, from the previous CLIP, generation 1", "inittags", 1, "init", 1, "root"),
 ]
 
 
