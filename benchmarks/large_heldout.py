@@ -82,6 +82,7 @@ COMPARISONS = [
     ("from the previous CLIP: generation 1 vs 0", "init", 1, "", 0, "root"),
     ("from the previous CLIP: generation 2 vs 1", "init", 2, "init", 1, "root"),
     ("HNI with tag-edit repair vs none, from the previous CLIP, generation 1", "inittags", 1, "init", 1, "root"),
+    ("HNI at weight 0.3 vs none, from the previous CLIP, generation 1", "init03", 1, "init", 1, "root"),
 ]
 
 
