@@ -70,6 +70,7 @@ def swap_edit(sentence: str, rng) -> str:
     return " ".join(tokens)
 
 
+@lru_cache(maxsize=EDIT_CACHE_SIZE)  # a run's tags repeat every epoch (re's own cache holds 512 patterns)
 def _name_pattern(name: str) -> re.Pattern:
     """`name` as whole words, any case and spacing, a plural ending allowed on its last word."""
     words = [re.escape(w) for w in name.split()]
