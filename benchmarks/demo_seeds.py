@@ -79,6 +79,15 @@ def finished_generations(results: list[dict]) -> list[int]:
     )
 
 
+def paired(base: list[float], variant: list[float]) -> str:
+    diffs = [v - b for b, v in zip(base, variant)]
+    return (
+        f"{statistics.mean(variant):.3f} vs {statistics.mean(base):.3f}: "
+        f"{statistics.mean(diffs):+.3f} ± {statistics.pstdev(diffs):.3f} "
+        f"({sum(d > 0 for d in diffs)}+ {sum(d < 0 for d in diffs)}-)"
+    )
+
+
 def summarise(results: list[dict]) -> str:
     gens = finished_generations(results)
     lines = [
@@ -97,8 +106,30 @@ def summarise(results: list[dict]) -> str:
             vals = [v for v in vals if v is not None]
             cells.append(f"{statistics.mean(vals):.3f} ± {statistics.pstdev(vals):.3f}" if vals else "")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lines += ["", *annotator_table(results, gens)]
+    lines += ["", *step_table(results, gens), "", *annotator_table(results, gens)]
     return "\n".join(lines) + "\n"
+
+
+def step_table(results: list[dict], gens: list[int]) -> list[str]:
+    """Each generation against the one before, paired by seed: mean ± std of the difference, seeds up/down."""
+    if len(gens) < 2:
+        return []
+    metric = lambda r, g, key: r["state"]["generations"][str(g)]["eval"]["metrics"].get(key)  # noqa: E731
+    lines = [
+        "Each generation against the one before, paired by seed (mean of the later vs the earlier: mean ± std of "
+        "the difference, seeds up +, down -):",
+        "",
+        "| metric | " + " | ".join(f"gen {g} vs {g - 1}" for g in gens[1:]) + " |",
+        "|---|" + "---|" * (len(gens) - 1),
+    ]
+    for label, key in METRICS.items():
+        cells = []
+        for g in gens[1:]:
+            pairs = [(metric(r, g - 1, key), metric(r, g, key)) for r in results]
+            pairs = [p for p in pairs if None not in p]
+            cells.append(paired([a for a, _ in pairs], [b for _, b in pairs]) if pairs else "")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def annotator_table(results: list[dict], gens: list[int]) -> list[str]:

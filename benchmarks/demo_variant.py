@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # the checkout's own `cycle`
-from demo_seeds import METRICS, OUT, REPO  # noqa: E402
+from demo_seeds import METRICS, OUT, REPO, paired  # noqa: E402
 from tune_loss_val import stc_fall  # noqa: E402
 
 from cycle.store import Store  # noqa: E402
@@ -115,15 +115,6 @@ def run_variant(
     if proc.returncode != 0:
         raise RuntimeError(f"seed {seed} failed:\n{proc.stderr[-3000:]}")
     return {"seed": seed, "wall_s": time.time() - start}
-
-
-def paired(base: list[float], variant: list[float]) -> str:
-    diffs = [v - b for b, v in zip(base, variant)]
-    return (
-        f"{statistics.mean(variant):.3f} vs {statistics.mean(base):.3f}: "
-        f"{statistics.mean(diffs):+.3f} ± {statistics.pstdev(diffs):.3f} "
-        f"({sum(d > 0 for d in diffs)}+ {sum(d < 0 for d in diffs)}-)"
-    )
 
 
 def report(

@@ -28,7 +28,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # the checkout's own `cycle`
 
-from demo_variant import paired, run_dir  # noqa: E402
+from demo_seeds import paired  # noqa: E402
+from demo_variant import run_dir  # noqa: E402
 
 from cycle.config import load_config  # noqa: E402
 from cycle.data.emoji.build import build_emoji_scenes  # noqa: E402
