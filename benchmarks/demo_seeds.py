@@ -79,6 +79,11 @@ def finished_generations(results: list[dict]) -> list[int]:
     )
 
 
+def eval_metric(result: dict, gen: int, key: str) -> float | None:
+    """One seed's evaluation figure `key` of generation `gen` (None where it was not measured)."""
+    return result["state"]["generations"][str(gen)]["eval"]["metrics"].get(key)
+
+
 def paired(base: list[float], variant: list[float]) -> str:
     diffs = [v - b for b, v in zip(base, variant)]
     return (
@@ -102,7 +107,7 @@ def summarise(results: list[dict]) -> str:
     for label, key in METRICS.items():
         cells = []
         for g in gens:
-            vals = [r["state"]["generations"][str(g)]["eval"]["metrics"].get(key) for r in results]
+            vals = [eval_metric(r, g, key) for r in results]
             vals = [v for v in vals if v is not None]
             cells.append(f"{statistics.mean(vals):.3f} ± {statistics.pstdev(vals):.3f}" if vals else "")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
@@ -114,7 +119,6 @@ def step_table(results: list[dict], gens: list[int]) -> list[str]:
     """Each generation against the one before, paired by seed: mean ± std of the difference, seeds up/down."""
     if len(gens) < 2:
         return []
-    metric = lambda r, g, key: r["state"]["generations"][str(g)]["eval"]["metrics"].get(key)  # noqa: E731
     lines = [
         "Each generation against the one before, paired by seed (mean of the later vs the earlier: mean ± std of "
         "the difference, seeds up +, down -):",
@@ -125,7 +129,7 @@ def step_table(results: list[dict], gens: list[int]) -> list[str]:
     for label, key in METRICS.items():
         cells = []
         for g in gens[1:]:
-            pairs = [(metric(r, g - 1, key), metric(r, g, key)) for r in results]
+            pairs = [(eval_metric(r, g - 1, key), eval_metric(r, g, key)) for r in results]
             pairs = [p for p in pairs if None not in p]
             cells.append(paired([a for a, _ in pairs], [b for _, b in pairs]) if pairs else "")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")

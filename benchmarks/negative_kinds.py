@@ -124,15 +124,11 @@ def main() -> None:
         table.append((f"generation {gen} with `neg_repair: tags`", repaired))
 
     store = Store(args.root / f"demo-seed-0-{args.label}" / "lance")
-    held = Counter()
+    held, labelled = Counter(), Counter()
     for meta in store.read("samples", ["meta"], "split = 'test_negatives'").column("meta").to_pylist():
         ann = json.loads(meta)
         held.update(edit_kind(ann["positive"], n["text"], bound) for n in ann["negatives"])
-    labelled = Counter(
-        n["edit"]
-        for m in store.read("samples", ["meta"], "split = 'test_negatives'").column("meta").to_pylist()
-        for n in json.loads(m)["negatives"]
-    )
+        labelled.update(n["edit"] for n in ann["negatives"])
     table.append(("held-out `test_negatives` (reference)", held))
 
     lines = [

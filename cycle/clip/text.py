@@ -322,7 +322,6 @@ class TextDrawer:
         if neg_parts or repair:
             # the repair's draws come last: without it, every draw of the row is as before
             tag_pairs = (tags, neg_tags) if len(tags) == len(neg_tags) else ([], [])
-            pos_parts = desc if source == "desc" else tags
             neg = self._paired_negative(source, idx, pos_parts, neg_parts, stats, rng, tag_pairs)
         elif independent:
             pos_idx = idx if source == "desc" else None
