@@ -126,6 +126,10 @@ class LossConfig:
     # made from the annotator's own tag negatives, a tag the description names replaced by its aligned negative
     # tag (clip/negatives.tag_edit); "none": it has no negative
     neg_repair: str = "none"
+    # Which texts an image with a teacher annotation (the seed set the annotator is fine-tuned on) trains CLIP_g
+    # on: "annotator" (its own annotation, like every other image) or "teacher" (the teacher's: correct facts
+    # and exact minimal-edit negatives, where the annotator's negatives mostly repeat its description)
+    seed_texts: str = "annotator"
     stc_weight: float = 1.0
     # "cosine": z_k = s * cos(x, w_k) + b_k, s learnable (init 10), b_k at the tag's prior log-odds: its logits
     # reach useful magnitudes. "linear": z = W x + b on the unit-norm embedding, W at std 0.01 (measured in
@@ -367,6 +371,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "loss.hni_norm": ("negatives", "batch"),
     "loss.hni_negatives": ("paired", "independent"),
     "loss.neg_repair": ("none", "swap", "tags"),
+    "loss.seed_texts": ("annotator", "teacher"),
     "loss.stc_head": ("cosine", "linear", "text"),
     "loss.text_fit": ("sample", "truncate"),
     "train.precision": ("auto", "fp32", "bf16"),

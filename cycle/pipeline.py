@@ -303,6 +303,7 @@ def train_run(cfg: RunConfig, pins: dict, out_dir: Path, progress: bool = True) 
         generation=gen if usable else None,
         init_clip=pins.get("init"),
         progress=progress,
+        teacher_version=pins["data"]["teacher_version"] if usable and cfg.loss.seed_texts == "teacher" else None,
         storage_options=store.storage_options,
     )
     return StageResult(
@@ -417,7 +418,8 @@ def make_stages(cfg: RunConfig) -> dict[str, Stage]:
     base_key = ("lvlm.base",) if lv.base.strip() else ()
     dtype_key = ("lvlm.dtype",) if lv.dtype != "auto" else ()
     save_key = ("lvlm.sft_save",) if lv.sft_save != "auto" else ()
-    repair_key = ("-loss.neg_repair",) if cfg.loss.neg_repair == "none" else ()
+    late_loss = {"neg_repair": "none", "seed_texts": "annotator"}  # loss keys added after runs were recorded
+    late_keys = tuple(f"-loss.{k}" for k, default in late_loss.items() if getattr(cfg.loss, k) == default)
 
     def carry_key(g: int) -> tuple:  # counts only where it acts, so runs recorded before it still resume
         return ("lvlm.carry",) if carries(cfg, g) else ()
@@ -514,7 +516,7 @@ def make_stages(cfg: RunConfig) -> dict[str, Stage]:
                 "train",
                 # generation 0 has no previous CLIP to start from: clip.init does not act there
                 lambda g: (
-                    ("clip", "train", "seed") + (("loss", *repair_key) if g > 0 else (Inert("clip.init", "scratch"),))
+                    ("clip", "train", "seed") + (("loss", *late_keys) if g > 0 else (Inert("clip.init", "scratch"),))
                 ),
                 lambda r, g: {**_train_pins(r, g), **init(r, g)},
                 train_run,

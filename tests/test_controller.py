@@ -189,6 +189,20 @@ def test_clip_init_counts_from_generation_1(finished_run, tmp_path):
         run_cycle(cfg, progress=False)
 
 
+def test_seed_texts_count_from_generation_1_and_reach_training(finished_run, tmp_path):
+    """`loss.seed_texts: teacher` refuses generation 1's recorded training (generation 0 has no annotations and
+    stays valid); trained again, CLIP_1's recorded inputs pin the data stage's teacher table."""
+    run_dir = tmp_path / "seedtexts"
+    shutil.copytree(finished_run.run_dir, run_dir)
+    cfg = tiny(tmp_path, "seedtexts", "loss.seed_texts=teacher")
+    with pytest.raises(ConfigChanged, match=r"generation 1 stage 'train'.*loss\.seed_texts: 'annotator' -> 'teacher'"):
+        run_cycle(cfg, progress=False)
+    state = run_cycle(cfg, redo_from="1:train", progress=False, stop_after="1:train")
+    trained = json.loads((Path(state.outputs(1, "train")["clip"]).parent / "checkpoints" / "run.json").read_text())
+    assert trained["loss"]["seed_texts"] == "teacher"
+    assert trained["data"]["teacher"] == state.outputs(0, "data")["teacher_version"]
+
+
 def test_carried_annotator_starts_from_the_previous_one(finished_run, tmp_path):
     """lvlm.carry: generation 2's LLaVA takes generation 1's annotator (LM + projector) under CLIP_1, and
     its alignment and SFT run the carried epochs; generations 0-1 are untouched (the key counts from gen 2)."""

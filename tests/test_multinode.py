@@ -144,6 +144,7 @@ def test_multinode_the_train_job_carries_pinned_versions_not_an_index(shard_stor
     assert job.plan.num_samples == 27 and job.plan.shards == 3 and job.plan.steps_per_epoch == 4
     assert set(job.data) == {"store_uri", "split", "samples_version", "annotations_version", "generation"} | {
         "teacher_version",
+        "prefer",
         "storage_options",
     }
     assert isinstance(job.data["samples_version"], int) and isinstance(job.data["annotations_version"], int)

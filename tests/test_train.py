@@ -539,6 +539,36 @@ def test_prepare_carries_the_previous_head_over(pair_store, reference_run, tmp_p
     assert prepare(_cfg(), pair_store.uri, tmp_path / "d", samples, **common).stc_head_init is None
 
 
+def test_seed_texts_teacher_trains_seed_images_on_the_teachers_annotation(pair_store, tmp_path):
+    """`loss.seed_texts: teacher`: an image with a teacher row trains on the teacher's formulas, the others on the
+    annotator's; by default the teacher row is only the fallback of an image without a usable annotation. The
+    STC vocabulary and negative shares count what training reads."""
+    from cycle.clip.train import prepare
+    from cycle.data.loader import PairDataset
+    from cycle.store import Store
+
+    store = Store(shutil.copytree(Path(pair_store.uri), tmp_path / "lance"))
+    teacher = {"desc": ["the teacher's sentence."], "neg_desc": ["the teacher's edit."]}
+    formulas = dict(teacher, tags=["teacher tag"], neg_tags=["edited tag"], origin="test")
+    store.insert_new("teacher", [dict(id=i, **formulas) for i in ("s000", "s003")])
+    samples, annotations = _versions(store)
+    common = dict(annotations_version=annotations, generation=1, teacher_version=store.table("teacher").version)
+
+    def read(job) -> dict:
+        return {it["id"]: (it["desc"], it["text_source"]) for it in PairDataset(**job.data).__getitems__(range(4))}
+
+    by_default = prepare(_cfg(), store.uri, tmp_path / "a", samples, progress=False, **common)
+    seeds_first = prepare(_cfg("loss.seed_texts=teacher"), store.uri, tmp_path / "b", samples, progress=False, **common)
+    annotator = _annotation(0, "red", "circle")["desc"]
+    assert read(by_default)["s000"] == (annotator, "annotations")
+    assert read(seeds_first)["s000"] == (teacher["desc"], "teacher")
+    for job in (by_default, seeds_first):  # s001 has only its annotation, s003 only its teacher row
+        assert read(job)["s001"][1] == "annotations" and read(job)["s003"] == (teacher["desc"], "teacher")
+    # of the rows training reads, s000 swaps its 3 sentences + 3 tags for the teacher's 1 + 1
+    assert by_default.negative_stats["negative_parts"] - seeds_first.negative_stats["negative_parts"] == 4
+    assert "teacher tag" in seeds_first.tag_vocab
+
+
 # ------------------------------------------------------------------------------------ bad inputs
 @pytest.mark.parametrize(
     "overrides,message",

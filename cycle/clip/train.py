@@ -101,7 +101,8 @@ def train_clip(
 
     `generation` None or 0: raw alt-text only, HNI and STC off (the baseline). `generation` g >= 1 joins
     that generation's annotations (`annotations_version` pins them), and the teacher seeds as a fallback
-    when `teacher_version` is given. `init_clip` starts from a checkpoint directory instead of
+    when `teacher_version` is given (with `loss.seed_texts: teacher`, the seeds first and the annotations
+    as the fallback). `init_clip` starts from a checkpoint directory instead of
     `cfg.clip.pretrained` / scratch. `cfg.train.world_size` > 1 spawns that many ranks on this machine, or,
     with `cluster.executor: ray`, runs that many Ray Train workers (`ray_train`); under a launcher
     (torchrun, srun) this process is one rank and joins the others.
@@ -183,6 +184,7 @@ def prepare(
         annotations_version=pins.get("annotations"),
         generation=generation if use_annotations else None,
         teacher_version=pins.get("teacher"),
+        prefer="teacher" if "teacher" in pins and cfg.loss.seed_texts == "teacher" else "annotations",
         storage_options=storage_options,
     )
     plan = TrainPlan.make(cfg, num_samples)
@@ -303,8 +305,9 @@ def _previous_head(path, explicit: bool) -> Optional[dict]:
 
 
 def _annotated_records(data: dict, pins: dict, generation: int) -> Iterator[dict]:
-    """The four formulas of each train row with a usable annotation of `generation` (its first one), or,
-    when a teacher table is pinned, its teacher row instead; streamed in chunks, never the whole table."""
+    """The four formulas of each train row as training reads them (`PairDataset`'s `prefer`): its first usable
+    annotation of `generation`, else, when a teacher table is pinned, its teacher row, or the other way round
+    with `prefer="teacher"`; streamed in chunks, never the whole table."""
     import lance
     import numpy as np
     import pyarrow as pa
@@ -323,8 +326,10 @@ def _annotated_records(data: dict, pins: dict, generation: int) -> Iterator[dict
     _, ids = split_positions(opened("samples"), "train", None)
     found = [(opened("annotations"), first_positions(opened("annotations"), ids, ["generation", "status"], usable))]
     if "teacher" in pins:
-        seeded = first_positions(opened("teacher"), ids, [], None)
-        found.append((opened("teacher"), np.where(found[0][1] < 0, seeded, -1)))
+        found.append((opened("teacher"), first_positions(opened("teacher"), ids, [], None)))
+        if data.get("prefer") == "teacher":
+            found.reverse()
+        found[1] = (found[1][0], np.where(found[0][1] < 0, found[1][1], -1))  # the second only where the first has none
     formulas = ["desc", "neg_desc", "tags", "neg_tags"]
     for ds, positions in found:
         positions = np.sort(positions[positions >= 0])
