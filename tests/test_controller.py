@@ -195,7 +195,7 @@ def test_seed_texts_count_from_generation_1_and_reach_training(finished_run, tmp
     run_dir = tmp_path / "seedtexts"
     shutil.copytree(finished_run.run_dir, run_dir)
     cfg = tiny(tmp_path, "seedtexts", "loss.seed_texts=teacher")
-    with pytest.raises(ConfigChanged, match=r"generation 1 stage 'train'.*loss\.seed_texts: 'annotator' -> 'teacher'"):
+    with pytest.raises(ConfigChanged, match=r"generation 1 stage 'train'.*loss\.seed_texts: None -> 'teacher'"):
         run_cycle(cfg, progress=False)
     state = run_cycle(cfg, redo_from="1:train", progress=False, stop_after="1:train")
     trained = json.loads((Path(state.outputs(1, "train")["clip"]).parent / "checkpoints" / "run.json").read_text())
