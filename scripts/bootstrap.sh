@@ -10,6 +10,18 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$here"
 what=${1:-test}; shift || true
 
+# A full disk fails late and obscurely (a test suite erroring for an hour): refuse up front, in one line.
+# Measured peaks: the test suite ~5 GiB under $TMPDIR, the demo's run ~0.6 GiB (README, "Disk").
+case "$what" in test) need_gib=8 ;; demo) need_gib=3 ;; *) need_gib=0 ;; esac
+need_gib=${HQCLIP_NEED_FREE_GIB:-$need_gib}
+for dir in "${TMPDIR:-/tmp}" "$here"; do
+  free_kib=$(df -Pk "$dir" | awk 'NR==2 {print $4}')
+  if [ "${free_kib:-0}" -lt $((need_gib * 1024 * 1024)) ]; then
+    echo "[bootstrap] $dir has $((free_kib / 1024)) MiB free; the $what needs about $need_gib GiB: free some disk first" >&2
+    exit 1
+  fi
+done
+
 # System packages: the emoji font the built-in dataset renders, a C++ toolchain for DeepSpeed's JIT op,
 # and Chromium for the report's browser test. Installed only where missing, and only where apt is usable.
 need=()
@@ -54,6 +66,7 @@ case "$what" in
   demo) exec hqclip demo "$@" ;;
   test) export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
         ruff check . && ruff format --check . >/dev/null  # lint and format (pyproject's [tool.ruff]) first
-        exec python -m pytest -q "$@" ;;
+        # only failed tests keep their tmp folders (pytest keeps every test's, of the last 3 runs, by default)
+        exec python -m pytest -q -o tmp_path_retention_policy=failed "$@" ;;
   *) echo "usage: bash scripts/bootstrap.sh {demo|test|env} [args]" >&2; exit 2 ;;
 esac

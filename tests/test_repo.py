@@ -32,6 +32,17 @@ def test_bootstrap_installs_what_the_project_needs():
     assert "hqclip demo" in script and "pytest" in script
 
 
+@pytest.mark.parametrize("what", ["demo", "test"])
+def test_bootstrap_refuses_a_full_disk_in_one_line_before_anything(what):
+    """A full disk once made CI error test after test for 90 minutes: bootstrap checks the free space first."""
+    env = {"PATH": "/usr/bin:/bin", "HOME": "/nonexistent", "HQCLIP_NEED_FREE_GIB": str(1 << 40)}
+    out = subprocess.run(["bash", "scripts/bootstrap.sh", what], cwd=REPO, env=env, capture_output=True, text=True)
+    assert out.returncode == 1 and out.stdout == ""
+    assert re.fullmatch(
+        rf"\[bootstrap\] \S+ has \d+ MiB free; the {what} needs about \d+ GiB: free some disk first\n", out.stderr
+    )
+
+
 def test_venv_check_is_not_fooled_by_a_cycle_folder_in_the_current_directory(tmp_path):
     """bootstrap.sh re-points a shared venv at the clone it runs in unless the venv already imports that
     clone's `cycle`; a `cycle/` in the current folder must not answer for the venv (issue 13)."""
