@@ -52,7 +52,8 @@ METRICS = {
 # (what is compared, variant run label, its generation, base run label, base generation, root key).
 # Labels are `demo_variant.py`'s: "" the demo runs (cosine STC head), "addbest" their generation 2, "stc30" the text
 # STC head at weight 30 through generation 2, "stc30nohni2" the same without HNI, "init" that with each generation's
-# CLIP starting from the previous one's (clip.init: previous), "inittags" that with HNI and `neg_repair: tags`.
+# CLIP starting from the previous one's (clip.init: previous), "inittags" that with HNI and `neg_repair: tags`,
+# "initseedt" that with the seed images on the teacher's texts (loss.seed_texts: teacher), "initseedthni" and HNI.
 COMPARISONS = [
     ("cosine head: generation 1 vs 0", "", 1, "", 0, "root"),
     ("cosine head: generation 2 vs 1", "addbest", 2, "", 1, "root"),
@@ -84,6 +85,8 @@ COMPARISONS = [
     ("from the previous CLIP: generation 2 vs 1", "init", 2, "init", 1, "root"),
     ("HNI with tag-edit repair vs none, from the previous CLIP, generation 1", "inittags", 1, "init", 1, "root"),
     ("HNI at weight 0.3 vs none, from the previous CLIP, generation 1", "init03", 1, "init", 1, "root"),
+    ("seed images on the teacher's texts vs the annotator's, generation 1", "initseedt", 1, "init", 1, "root"),
+    ("HNI vs none, seed images on the teacher's texts, generation 1", "initseedthni", 1, "initseedt", 1, "root"),
 ]
 
 
