@@ -11,7 +11,7 @@ cd "$here"
 what=${1:-test}; shift || true
 
 # A full disk fails late and obscurely (a test suite erroring for an hour): refuse up front, in one line.
-# Measured peaks: the test suite ~5 GiB under $TMPDIR, the demo's run ~0.6 GiB (README, "Disk").
+# The floors leave room over what each takes (the suite's peak: benchmarks/results/suite_disk.md).
 case "$what" in test) need_gib=8 ;; demo) need_gib=3 ;; *) need_gib=0 ;; esac
 need_gib=${HQCLIP_NEED_FREE_GIB:-$need_gib}
 for dir in "${TMPDIR:-/tmp}" "$here"; do
