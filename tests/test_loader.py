@@ -216,6 +216,30 @@ def test_loader_tracks_consumed_batches_not_prefetched_ones(store_uri):
         make_loader(ds, batch_size=5, sampler=sampler)
 
 
+def test_cached_items_equal_fresh_reads_and_come_from_memory(store_uri, tmp_path):
+    """`cache_bytes`: what a second epoch reads is the first one's items, served without the store, up to the
+    bound; a caller changing a served item changes nothing kept."""
+    import shutil
+
+    copy = tmp_path / "lance"
+    shutil.copytree(store_uri, copy)
+    common = dict(samples_version="gen-000", generation=1, use_teacher=True)
+    image_bytes = 3 * 16 * 16 * 4
+    cached = PairDataset(str(copy), **common, cache_bytes=10 * image_bytes + 1)
+    fresh = PairDataset(store_uri, **common)
+    first = cached.__getitems__(range(N_TRAIN))
+    first[0]["image"].zero_()
+    first[0]["desc"].append("changed by the caller")
+    shutil.rmtree(copy)  # from here on only what is kept can be served
+    again = cached.__getitems__(range(10))
+    for a, b in zip(again, fresh.__getitems__(range(10))):
+        assert a.keys() == b.keys() and torch.equal(a["image"], b["image"])
+        assert {k: v for k, v in a.items() if k != "image"} == {k: v for k, v in b.items() if k != "image"}
+    assert cached._cached_bytes == 10 * image_bytes  # the eleventh image would pass the bound
+    with pytest.raises(OSError, match="Not found"):  # not kept: read from the deleted store
+        cached.__getitems__([10])
+
+
 @pytest.mark.slow
 def test_spawn_workers_return_the_same_items_as_the_main_process(store_uri):
     ds = PairDataset(store_uri, samples_version="gen-000", generation=1, use_teacher=True)

@@ -88,6 +88,10 @@ class PairDataset(Dataset):
             pickled with the dataset, so DataLoader workers and spawned ranks open it the same way.
         row_range: (start, stop) of the split's rows, in table order: only those are indexed and read
             (a training rank's own shard, `ResumableSampler.owned_rows`); `only_annotated` applies after.
+        cache_bytes: keep each item read (its transformed image and texts) while the kept images take less
+            than this many bytes, and serve it from memory when read again. For a training loop that reads
+            every row every epoch with a deterministic `transform`; 0 (default) keeps nothing. Per process:
+            each DataLoader worker keeps its own.
 
     Each item is a dict: `id`, `image` (transformed), `alt_text`, any extra columns, and when a join is
     asked for: `desc`, `neg_desc`, `tags`, `neg_tags` (lists; empty when the row has no annotation),
@@ -111,6 +115,7 @@ class PairDataset(Dataset):
         extra_columns: Sequence[str] = (),
         storage_options: Optional[Mapping[str, str]] = None,
         row_range: Optional[tuple[int, int]] = None,
+        cache_bytes: int = 0,
     ):
         if annotations_version is not None and generation is None:
             raise ValueError("annotations_version given without generation: say which generation to join")
@@ -157,6 +162,9 @@ class PairDataset(Dataset):
             self._ann_rows = None if self._ann_rows is None else self._ann_rows[has]
             self._teacher_rows = None if self._teacher_rows is None else self._teacher_rows[has]
         self._rows = rows
+        self.cache_bytes = cache_bytes
+        self._cache: dict[int, dict] = {}  # index -> item, while the images held stay under cache_bytes
+        self._cached_bytes = 0
 
     # -- Lance handles: opened lazily, once per process --------------------------------------------------
     def _pin(self, name: str, version) -> None:
@@ -168,11 +176,6 @@ class PairDataset(Dataset):
                 self._uris[name], version=self.pins[name], storage_options=dict(self.storage_options) or None
             )
         return self._handles[name]
-
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state["_handles"] = {}  # each worker opens its own
-        return state
 
     # -- items ---------------------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -186,6 +189,18 @@ class PairDataset(Dataset):
         idx = np.asarray(indices, dtype=np.int64)
         if idx.size and (idx.min() < -len(self) or idx.max() >= len(self)):
             raise IndexError(f"index out of range for a dataset of {len(self)} rows")
+        idx = idx % max(len(self), 1)  # one key per row for the cache
+        if self.cache_bytes and all(int(i) in self._cache for i in idx):
+            return [_copy_item(self._cache[int(i)]) for i in idx]
+        items = self._read(idx)
+        for i, item in zip(idx.tolist(), items):
+            size = item["image"].nbytes if isinstance(item["image"], torch.Tensor) else 0
+            if i not in self._cache and self._cached_bytes + size < self.cache_bytes:
+                self._cache[i] = _copy_item(item)
+                self._cached_bytes += size
+        return items
+
+    def _read(self, idx: np.ndarray) -> list[dict]:
         samples = _take(self._handle("samples"), self._rows[idx], ["id", "image", "alt_text", *self.extra_columns])
         ann = self._formulas("annotations", self._ann_rows, idx)
         teacher = self._formulas("teacher", self._teacher_rows, idx)
@@ -205,6 +220,11 @@ class PairDataset(Dataset):
                 item["text_source"] = source if found else ""
             items.append(item)
         return items
+
+    def __getstate__(self):  # each worker opens its own handles and fills its own cache
+        state = self.__dict__.copy()
+        state["_handles"], state["_cache"], state["_cached_bytes"] = {}, {}, 0
+        return state
 
     def _formulas(self, name: str, positions: Optional[np.ndarray], idx: np.ndarray) -> list[Optional[dict]]:
         if positions is None:
@@ -311,6 +331,14 @@ def _take(ds: lance.LanceDataset, positions: np.ndarray, columns: list[str]) -> 
     unique, inverse = np.unique(positions, return_inverse=True)
     rows = ds.take(unique.tolist(), columns=columns).to_pylist()
     return [rows[k] for k in inverse]
+
+
+def _copy_item(item: dict) -> dict:
+    """A copy a caller may change without touching the cached item (the image tensor too)."""
+    return {
+        k: (v.clone() if isinstance(v, torch.Tensor) else list(v) if isinstance(v, list) else v)
+        for k, v in item.items()
+    }
 
 
 def collate_pairs(items: list[dict]) -> dict:
