@@ -53,7 +53,8 @@ METRICS = {
 # Labels are `demo_variant.py`'s: "" the demo runs (cosine STC head), "addbest" their generation 2, "stc30" the text
 # STC head at weight 30 through generation 2, "stc30nohni2" the same without HNI, "init" that with each generation's
 # CLIP starting from the previous one's (clip.init: previous), "inittags" that with HNI and `neg_repair: tags`,
-# "initseedt" that with the seed images on the teacher's texts (loss.seed_texts: teacher), "initseedthni" and HNI.
+# "initseedt" that with the seed images on the teacher's texts (loss.seed_texts: teacher), "initseedthni" and HNI,
+# "initseedt2" the chain with seed texts through generation 2 (the shipped config).
 COMPARISONS = [
     ("cosine head: generation 1 vs 0", "", 1, "", 0, "root"),
     ("cosine head: generation 2 vs 1", "addbest", 2, "", 1, "root"),
@@ -87,6 +88,10 @@ COMPARISONS = [
     ("HNI at weight 0.3 vs none, from the previous CLIP, generation 1", "init03", 1, "init", 1, "root"),
     ("seed images on the teacher's texts vs the annotator's, generation 1", "initseedt", 1, "init", 1, "root"),
     ("HNI vs none, seed images on the teacher's texts, generation 1", "initseedthni", 1, "initseedt", 1, "root"),
+    ("seed texts: generation 1 vs 0", "initseedt2", 1, "", 0, "root"),
+    ("seed texts: generation 2 vs 1", "initseedt2", 2, "initseedt2", 1, "root"),
+    ("seed texts: generation 2 vs 0", "initseedt2", 2, "", 0, "root"),
+    ("seed images on the teacher's texts vs the annotator's, generation 2", "initseedt2", 2, "init", 2, "root"),
 ]
 
 
