@@ -217,14 +217,14 @@ def test_loader_tracks_consumed_batches_not_prefetched_ones(store_uri):
 
 
 def test_cached_items_equal_fresh_reads_and_come_from_memory(store_uri, tmp_path):
-    """`cache_bytes`: what a second epoch reads is the first one's items, served without the store, up to the
-    bound; a caller changing a served item changes nothing kept."""
+    """`cache_bytes`: what a second epoch reads is the first one's items, served without the store (decoded
+    images kept, transformed anew), up to the bound; a caller changing a served item changes nothing kept."""
     import shutil
 
     copy = tmp_path / "lance"
     shutil.copytree(store_uri, copy)
     common = dict(samples_version="gen-000", generation=1, use_teacher=True)
-    image_bytes = 3 * 16 * 16 * 4
+    image_bytes = 16 * 16 * 3  # decoded RGB pixels
     cached = PairDataset(str(copy), **common, cache_bytes=10 * image_bytes + 1)
     fresh = PairDataset(store_uri, **common)
     first = cached.__getitems__(range(N_TRAIN))

@@ -31,8 +31,8 @@ from .optim import clamp_logit_scale, deepspeed_config, make_optimizer, set_lr
 from .saved import save_clip
 from .text import TextDrawer
 
-# A rank keeps the items it has read (transformed images and texts) up to this size, so later epochs skip the
-# store and the decoding: the demo's 4,000 images take 197 MB; past the bound the rest is read every epoch.
+# A rank keeps the items it has read (decoded images and texts) up to this many pixel bytes, so later epochs skip
+# the store and the decoding: the demo's 4,000 images take 49 MB; past the bound the rest is read every epoch.
 ITEM_CACHE_BYTES = 256 << 20
 # Per-sample inputs the loss reads directly (not through the model).
 LOSS_INPUT_KEYS = ("neg_valid", "text_keys", "neg_keys", "tag_targets")

@@ -88,10 +88,10 @@ class PairDataset(Dataset):
             pickled with the dataset, so DataLoader workers and spawned ranks open it the same way.
         row_range: (start, stop) of the split's rows, in table order: only those are indexed and read
             (a training rank's own shard, `ResumableSampler.owned_rows`); `only_annotated` applies after.
-        cache_bytes: keep each item read (its transformed image and texts) while the kept images take less
-            than this many bytes, and serve it from memory when read again. For a training loop that reads
-            every row every epoch with a deterministic `transform`; 0 (default) keeps nothing. Per process:
-            each DataLoader worker keeps its own.
+        cache_bytes: keep each item read (its decoded image and texts) while the kept images' pixels take
+            less than this many bytes, and serve it from memory when read again (transformed anew: the
+            transform may be random). For a training loop that reads every row every epoch; 0 (default)
+            keeps nothing. Per process: each DataLoader worker keeps its own.
 
     Each item is a dict: `id`, `image` (transformed), `alt_text`, any extra columns, and when a join is
     asked for: `desc`, `neg_desc`, `tags`, `neg_tags` (lists; empty when the row has no annotation),
@@ -163,7 +163,7 @@ class PairDataset(Dataset):
             self._teacher_rows = None if self._teacher_rows is None else self._teacher_rows[has]
         self._rows = rows
         self.cache_bytes = cache_bytes
-        self._cache: dict[int, dict] = {}  # index -> item, while the images held stay under cache_bytes
+        self._cache: dict[int, dict] = {}  # index -> decoded item, while the pixels held stay under cache_bytes
         self._cached_bytes = 0
 
     # -- Lance handles: opened lazily, once per process --------------------------------------------------
@@ -190,17 +190,22 @@ class PairDataset(Dataset):
         if idx.size and (idx.min() < -len(self) or idx.max() >= len(self)):
             raise IndexError(f"index out of range for a dataset of {len(self)} rows")
         idx = idx % max(len(self), 1)  # one key per row for the cache
-        if self.cache_bytes and all(int(i) in self._cache for i in idx):
-            return [_copy_item(self._cache[int(i)]) for i in idx]
-        items = self._read(idx)
-        for i, item in zip(idx.tolist(), items):
-            size = item["image"].nbytes if isinstance(item["image"], torch.Tensor) else 0
-            if i not in self._cache and self._cached_bytes + size < self.cache_bytes:
-                self._cache[i] = _copy_item(item)
-                self._cached_bytes += size
-        return items
+        raw = [self._cache.get(int(i)) for i in idx]
+        if any(item is None for item in raw):
+            raw = self._read(idx)
+            for i, item in zip(idx.tolist(), raw):
+                size = _image_bytes(item["image"])
+                if i not in self._cache and self._cached_bytes + size < self.cache_bytes:
+                    self._cache[i] = item
+                    self._cached_bytes += size
+        # a new image tensor and new lists each time: what the caller changes is never the kept item
+        return [
+            {k: self.transform(v) if k == "image" else list(v) if isinstance(v, list) else v for k, v in item.items()}
+            for item in raw
+        ]
 
     def _read(self, idx: np.ndarray) -> list[dict]:
+        """The rows' items with their images decoded, not yet transformed."""
         samples = _take(self._handle("samples"), self._rows[idx], ["id", "image", "alt_text", *self.extra_columns])
         ann = self._formulas("annotations", self._ann_rows, idx)
         teacher = self._formulas("teacher", self._teacher_rows, idx)
@@ -210,7 +215,7 @@ class PairDataset(Dataset):
         )
         items = []
         for i, row in enumerate(samples):
-            item = {"id": row["id"], "image": self.transform(decode_image(row["image"])), "alt_text": row["alt_text"]}
+            item = {"id": row["id"], "image": decode_image(row["image"]), "alt_text": row["alt_text"]}
             item.update({c: row[c] for c in self.extra_columns})
             if self.joined:
                 found, source = (first[i], first_src) if first[i] is not None else (second[i], second_src)
@@ -333,12 +338,9 @@ def _take(ds: lance.LanceDataset, positions: np.ndarray, columns: list[str]) -> 
     return [rows[k] for k in inverse]
 
 
-def _copy_item(item: dict) -> dict:
-    """A copy a caller may change without touching the cached item (the image tensor too)."""
-    return {
-        k: (v.clone() if isinstance(v, torch.Tensor) else list(v) if isinstance(v, list) else v)
-        for k, v in item.items()
-    }
+def _image_bytes(image) -> int:
+    """The pixel bytes of a decoded (PIL) image."""
+    return image.width * image.height * len(image.getbands())
 
 
 def collate_pairs(items: list[dict]) -> dict:
