@@ -138,7 +138,21 @@ def train_clip(
         train_with_ray(job, cfg.cluster, device_type)
     else:
         launch(train_rank, cfg.train.world_size, job, accelerator=device_type)
+        _give_back_heap()
     return job.out_dir / "model"
+
+
+def _give_back_heap() -> None:
+    """One rank trains in this process: collect what it left and hand freed heap pages back to the system
+    (glibc's `malloc_trim`), so the next stage's peak does not sit on top of them."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
 
 
 # ----------------------------------------------------------------------------------------------- prepare
