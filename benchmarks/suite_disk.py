@@ -64,8 +64,10 @@ def main() -> None:
         f"| peak size under TMPDIR | {peak[0] / GIB:.2f} GiB |",
         f"| left after the run | {left / GIB:.2f} GiB |",
     ]
+    failed = [line for line in proc.stdout.splitlines() if line.startswith(("FAILED", "ERROR"))]
+    lines += ["", "Failed:", "", *[f"- `{line}`" for line in failed]] if failed else []
     args.out.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    print(proc.stdout[-20000:], proc.stderr[-5000:], "\n".join(lines), sep="\n")
     subprocess.run(["rm", "-rf", str(tmp)])
     raise SystemExit(proc.returncode)
 
