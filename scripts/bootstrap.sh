@@ -12,7 +12,7 @@ what=${1:-test}; shift || true
 
 # A full disk fails late and obscurely (a test suite erroring for an hour): refuse up front, in one line.
 # The floors leave room over what each takes (the suite's peak: benchmarks/results/suite_disk.md).
-case "$what" in test) need_gib=8 ;; demo) need_gib=3 ;; *) need_gib=0 ;; esac
+case "$what" in test) need_gib=3 ;; demo) need_gib=2 ;; *) need_gib=0 ;; esac
 need_gib=${HQCLIP_NEED_FREE_GIB:-$need_gib}
 for dir in "${TMPDIR:-/tmp}" "$here"; do
   free_kib=$(df -Pk "$dir" | awk 'NR==2 {print $4}')
