@@ -113,7 +113,9 @@ class LossConfig:
     hni_norm: str = "batch"
     # "paired": a row's negative is the aligned edit of ITS positive (neg_desc for a description, neg_tags
     # for a tag text, none for alt-text), as the paper means HNI; "independent": the old draw (the negative
-    # source drawn by neg_tags_prob whatever the positive), kept for comparison.
+    # source drawn by neg_tags_prob whatever the positive), kept for comparison; "mined": a description's
+    # negative sentences are other training images' sentences one word away from its own (clip/text.py), texts
+    # the CLIP also sees as positives
     hni_negatives: str = "paired"
     neg_tags_prob: float = 0.5  # "independent" only: P(negative text = negative tags) vs long negative description
     # A negative part (sentence or tag) further than this many words (word-level edit distance) from its
@@ -369,7 +371,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "clip.init": ("scratch", "previous"),
     "loss.hni_mode": ("batch", "pair"),
     "loss.hni_norm": ("negatives", "batch"),
-    "loss.hni_negatives": ("paired", "independent"),
+    "loss.hni_negatives": ("paired", "mined", "independent"),
     "loss.neg_repair": ("none", "swap", "tags"),
     "loss.seed_texts": ("annotator", "teacher"),
     "loss.stc_head": ("cosine", "linear", "text"),

@@ -15,9 +15,11 @@ from cycle.clip.negatives import (
     SWAP_CLASSES,
     negative_part_kind,
     negative_part_stats,
+    neighbour_index,
     swap_edit,
     tag_edit,
     word_edit_distance,
+    words_of,
 )
 from cycle.clip.text import TextDrawer, join_tags, tags_named_in
 from cycle.config import ConfigError, LossConfig, load_config
@@ -300,3 +302,40 @@ def test_tag_repair_gives_unedited_descriptions_an_object_edit(tokenizer):
     assert after["neg_valid"].tolist() == [True, True, False] and after["stats"]["neg_repaired"] == 1
     assert torch.equal(after["texts"], before["texts"]) and torch.equal(after["neg_texts"][0], before["neg_texts"][0])
     assert decode_tokens(tokenizer, after["neg_texts"][1]).replace(" .", ".") == "two owls on the left."
+
+
+def test_neighbour_index_against_all_pairs():
+    import numpy as np
+
+    rng = np.random.default_rng(3)
+    words = ["a", "red", "blue", "cat", "dog", "left", "right", "two", "on", "the"]
+    sentences = {" ".join(rng.choice(words, size=int(rng.integers(2, 5)))) + "." for _ in range(300)}
+    sentences |= {"A red cat!", "a red cat."}  # one sentence in two spellings: the same words, no neighbours
+    got = neighbour_index(sorted(sentences))
+    for s in sorted(sentences):  # the reference: every pair, same length and one word apart
+        want = {
+            words_of(t)
+            for t in sentences
+            if len(words_of(t)) == len(words_of(s)) and word_edit_distance(s, t) == 1 and words_of(t) != words_of(s)
+        }
+        assert {words_of(t) for t in got.get(s, ())} == want, s
+    assert got["A red cat!"] == got["a red cat."]
+
+
+def test_mined_negatives_are_other_images_sentences_one_word_away(tokenizer):
+    n = 8
+    desc = [[f"a {c} kite on the left."] for c in ("red", "blue")] + [["a red kite on the right."]]
+    desc += [[f"a {o} on sand {i}."] for i, o in enumerate(("drum", "boot", "lamp", "frog", "cup"))]
+    desc[0].append("a blue kite on the left.")  # row 0 also says row 1's sentence: never its negative
+    batch = {**_batch(n), "desc": desc, "neg_desc": [[s.replace("a ", "no ") for s in d] for d in desc]}
+    index = neighbour_index(sorted({s for d in desc for s in d}))
+    cfg = _cfg(long_text_prob=1.0, hni_negatives="mined", text_fit="truncate")
+    out = TextDrawer(cfg, tokenizer, seed=2, neighbours=index)(batch, step=1)
+    paired = TextDrawer(replace(cfg, hni_negatives="paired"), tokenizer, seed=2)(batch, step=1)
+    assert torch.equal(out["texts"], paired["texts"])  # the mined draw leaves the positives as they were
+    negs = [_norm(decode_tokens(tokenizer, t)) for t in out["neg_texts"]]
+    assert negs[0] == _norm("a red kite on the right. a blue kite on the left.")  # not "a blue kite on the left."
+    assert negs[1] == _norm("a red kite on the left.")
+    assert negs[2] == _norm("a red kite on the left.")
+    assert out["neg_valid"][:3].all() and not out["neg_valid"][3:].any()  # rows 3-7: no neighbour, no negative
+    assert out["stats"]["neg_same_as_pos"] == n - 3

@@ -569,6 +569,33 @@ def test_seed_texts_teacher_trains_seed_images_on_the_teachers_annotation(pair_s
     assert "teacher tag" in seeds_first.tag_vocab
 
 
+def test_mined_negatives_index_the_sentences_training_reads(pair_store, tmp_path, tokenizer):
+    """`loss.hni_negatives: mined`: `prepare` indexes the train rows' descriptions, and a row's negative is
+    another image's description one word away ("a red circle" -> "a blue circle"), drawn by the text drawer."""
+    from cycle.clip.negatives import word_edit_distance, words_of
+    from cycle.clip.text import TextDrawer
+    from cycle.clip.train import prepare
+    from cycle.data.loader import PairDataset, collate_pairs
+
+    samples, annotations = _versions(pair_store)
+    cfg = _cfg("loss.hni_negatives=mined", "loss.long_text_prob=1")
+    job = prepare(cfg, pair_store.uri, tmp_path, samples, annotations, generation=1, progress=False)
+    paired = prepare(_cfg(), pair_store.uri, tmp_path / "p", samples, annotations, generation=1, progress=False)
+    assert paired.neighbours == {}
+    red = _annotation(0, "red", "circle")["desc"][0]
+    assert job.neighbours[red] and all(word_edit_distance(red, n) == 1 for n in job.neighbours[red])
+    assert "the image shows a red square." in job.neighbours[red]
+    assert any(n.startswith("mined negatives:") for n in job.notes)
+    batch = collate_pairs(PairDataset(**job.data).__getitems__(range(8)))
+    out = TextDrawer(cfg.loss, tokenizer, neighbours=job.neighbours)(batch, step=0)
+    indexed = {words_of(s) for s in job.neighbours}
+    assert out["neg_valid"].sum() >= 4  # every annotated row's sentences have neighbours
+    for i in range(8):
+        if out["neg_valid"][i]:  # every sentence of the negative is a training sentence, not an annotator's edit
+            parts = [p for p in decode_tokens(tokenizer, out["neg_texts"][i]).split(".") if p.strip()]
+            assert all(words_of(p) in indexed for p in parts), parts
+
+
 # ------------------------------------------------------------------------------------ bad inputs
 @pytest.mark.parametrize(
     "overrides,message",

@@ -1,5 +1,6 @@
-"""Minimal-edit negatives: what counts as one (word edit distance), and the rule edits that repair a
-description negative the annotator did not edit (`loss.neg_repair`).
+"""Minimal-edit negatives: what counts as one (word edit distance), the rule edits that repair a
+description negative the annotator did not edit (`loss.neg_repair`), and the one-word neighbours among the
+training descriptions that mined negatives are drawn from (`loss.hni_negatives: mined`).
 
 Generic English throughout, never the emoji scenes' vocabulary or scene graph: it runs on user data.
 """
@@ -15,14 +16,15 @@ EDGE_PUNCT = " \t\n.,;:!?\"'`()[]{}"
 EDIT_CACHE_SIZE = 200_000  # (positive, negative) part pairs: the same ones come back every epoch
 
 
-def _words(text: str) -> tuple[str, ...]:
+def words_of(text: str) -> tuple[str, ...]:
+    """A text's lower-case words, punctuation dropped: what edit distances and neighbours compare."""
     return tuple(re.findall(r"[\w']+", text.lower()))
 
 
 @lru_cache(maxsize=EDIT_CACHE_SIZE)
 def word_edit_distance(a: str, b: str) -> int:
     """Levenshtein distance between the word sequences of `a` and `b` (case and punctuation ignored)."""
-    x, y = _words(a), _words(b)
+    x, y = words_of(a), words_of(b)
     prev = list(range(len(y) + 1))
     for i, wx in enumerate(x, 1):
         cur = [i]
@@ -135,3 +137,36 @@ def negative_part_stats(annotations: Iterable[dict], max_edit_words: int) -> dic
         "too_far_negative_share": share["far"],
         "unaligned_negative_share": share["unaligned"],
     }
+
+
+# Mined negatives (`loss.hni_negatives: mined`): the distinct sentences one training set may index; past this
+# the index would not fit in every rank's job (a larger corpus wants an approximate index, not built here).
+MINED_MAX_SENTENCES = 2_000_000
+
+
+def neighbour_index(sentences: Iterable[str]) -> dict[str, tuple[str, ...]]:
+    """For each sentence, the other sentences of the set that differ from it by exactly one word (same
+    length, one substitution; case and punctuation ignored), as {sentence: neighbours}; sentences without
+    one are left out. Built by masking each word in turn: sentences that share a masked form are neighbours,
+    so the cost is the number of words, not of sentence pairs. Generic English: any caption set."""
+    by_words: dict[tuple, list[str]] = {}
+    for s in sentences:
+        words = words_of(s)
+        if words:
+            by_words.setdefault(words, []).append(s)
+    if len(by_words) > MINED_MAX_SENTENCES:
+        raise ValueError(
+            f"mined negatives index at most {MINED_MAX_SENTENCES:,} distinct sentences, this set has {len(by_words):,}"
+        )
+    masked: dict[tuple, list[tuple]] = {}
+    for words in by_words:
+        for k in range(len(words)):
+            masked.setdefault((k, words[:k], words[k + 1 :]), []).append(words)
+    out: dict[str, tuple[str, ...]] = {}
+    for words, texts in by_words.items():
+        near = {w for k in range(len(words)) for w in masked[(k, words[:k], words[k + 1 :])] if w != words}
+        if near:
+            neighbours = tuple(sorted(by_words[w][0] for w in near))
+            for s in texts:
+                out[s] = neighbours
+    return out

@@ -19,6 +19,13 @@ by its aligned negative tag (`tag_edit`: the annotator's own tag negatives, so o
 negatives, at the demo's size, are mostly identical or position swaps). Counted: `neg_desc` / `neg_tags`
 (negatives drawn), `neg_same_as_pos` (the negative read like the positive), `neg_too_far` (dropped by the bound),
 `neg_repaired` (rows given a rule edit).
+`"mined"`: like "paired", but a description's negative sentences are other training images' positive sentences
+that differ from the row's by one word (`negatives.neighbour_index`, built over the training set's descriptions;
+never one of the row's own sentences); a sentence without such a neighbour stays as it is, so a row none of whose
+drawn sentences has one reads like its positive and has no negative. The negatives are then texts the CLIP also
+sees as positives, so how familiar a text is cannot tell a negative from a positive (the paired edits are mostly
+texts no image is described by). Tag texts keep their paired `neg_tags`. The neighbour is drawn from its own stream,
+so the positives are those of "paired".
 `"independent"`: the negative source drawn by `loss.neg_tags_prob` whatever the positive (the old draw).
 Long descriptions fit the text context by whole sentences (`loss.text_fit="sample"`: a random subset of
 sentences that fits, kept in order; `"truncate"`: leading sentences, cut by the tokenizer); a paired
@@ -37,7 +44,7 @@ import numpy as np
 import torch
 
 from ..config import LossConfig
-from .negatives import EDGE_PUNCT, negative_part_kind, swap_edit, tag_edit
+from .negatives import EDGE_PUNCT, negative_part_kind, swap_edit, tag_edit, words_of
 
 TAG_JOIN = ", "
 TAG_LAST_JOIN = " and "
@@ -48,6 +55,7 @@ TOKEN_CACHE_SIZE = 200_000
 # Counting with a tokenizer that always pads/cuts to a context: a context this many times the real one
 # lets a long text show its full length.
 COUNT_CONTEXT_FACTOR = 4
+MINED_STREAM = 1  # the mined neighbour's draws: a stream of their own, so the positives are paired mode's
 
 
 # ------------------------------------------------------------------------------------------ tags
@@ -192,6 +200,7 @@ class TextDrawer:
         tokenizer: the CLIP's open_clip tokenizer; `context_length` defaults to the tokenizer's.
         use_annotations: False in generation 0 (alt-text only, no negatives, no tags).
         negatives: tokenize negatives (HNI on); tag_vocab: STC vocabulary (STC on), else None.
+        neighbours: `negatives.neighbour_index` of the training descriptions (`loss.hni_negatives: mined`).
     """
 
     def __init__(
@@ -204,8 +213,10 @@ class TextDrawer:
         negatives: bool = True,
         tag_vocab: Optional[Sequence[str]] = None,
         context_length: Optional[int] = None,
+        neighbours: Optional[Mapping[str, Sequence[str]]] = None,
     ):
         self.cfg, self.tokenizer, self.seed = cfg, tokenizer, int(seed)
+        self.neighbours = neighbours or {}
         self.context_length = int(context_length or getattr(tokenizer, "context_length", OPEN_CLIP_CONTEXT))
         self.count = TokenCounter(tokenizer, self.context_length)
         # token rows per text: descriptions and alt-texts come back every epoch, and open_clip's tokenizer
@@ -228,13 +239,14 @@ class TextDrawer:
         stats = Counter()
         positives, negatives, valid = [], [], []
         for i in range(n):
-            rng = np.random.default_rng([self.seed, int(step), _id_entropy(ids[i])])
+            row_seed = [self.seed, int(step), _id_entropy(ids[i])]
             use = self.use_annotations and annotated[i]
             pos, neg = self._draw_one(
-                rng,
+                np.random.default_rng(row_seed),
                 alts[i] or "",
                 *((desc[i], neg_desc[i], tags[i], neg_tags[i]) if use else ([], [], [], [])),
                 stats,
+                row_seed=row_seed,
             )
             positives.append(pos)
             if self.negatives:
@@ -277,10 +289,14 @@ class TextDrawer:
             return "tags" if tags else "alt"
         return "alt"
 
-    def _draw_one(self, rng, alt: str, desc: list, neg_desc: list, tags: list, neg_tags: list, stats: Counter):
+    def _draw_one(
+        self, rng, alt: str, desc: list, neg_desc: list, tags: list, neg_tags: list, stats: Counter, row_seed=()
+    ):
         desc, neg_desc, tags, neg_tags = (list(x or []) for x in (desc, neg_desc, tags, neg_tags))
         source = self.draw_source(rng.random(), desc, tags) if (desc or tags) else "alt"
-        paired = self.cfg.hni_negatives == "paired"
+        paired = self.cfg.hni_negatives in ("paired", "mined")
+        if self.negatives and source == "desc" and self.cfg.hni_negatives == "mined":
+            neg_desc = self._mined_parts(desc, np.random.default_rng([*row_seed, MINED_STREAM]))
         # The negative's parts, aligned with the positive's when paired (none for an alt-text positive).
         neg_parts: list = []
         independent: Optional[str] = None
@@ -330,6 +346,16 @@ class TextDrawer:
         # What the tokenizer will cut, measured on the final texts: counted, never silent.
         stats["truncated"] += sum(self.count(t) > self.context_length for t in (pos, neg) if t)
         return pos, neg
+
+    def _mined_parts(self, desc: list, rng) -> list:
+        """Per sentence of `desc`: a one-word neighbour from another training image (`self.neighbours`) that
+        is none of the row's own sentences, drawn at random; the sentence itself where it has none."""
+        own = {words_of(s) for s in desc}
+        parts = []
+        for sentence in desc:
+            near = [n for n in self.neighbours.get(sentence, ()) if words_of(n) not in own]
+            parts.append(near[int(rng.integers(len(near)))] if near else sentence)
+        return parts
 
     def _paired_negative(
         self, source: str, idx: list[int], pos_parts: list, neg_parts: list, stats: Counter, rng, tag_pairs: tuple

@@ -80,6 +80,8 @@ class TrainJob:
     # the previous head to carry over: {"from": dir, "tag_vocab": [...], "state": {name: tensor}}
     stc_head_init: Optional[dict] = None
     negative_stats: dict = field(default_factory=dict)  # `text.negative_part_stats` of the annotations
+    # `negatives.neighbour_index` of the training descriptions (`loss.hni_negatives: mined`), else empty
+    neighbours: dict = field(default_factory=dict)
     progress: bool = True
     notes: list[str] = field(default_factory=list)
 
@@ -172,7 +174,7 @@ def prepare(
     from ..data.loader import pinned_version, split_size
     from ..store import Store, is_local
     from . import checkpoint
-    from .negatives import negative_part_stats
+    from .negatives import negative_part_stats, neighbour_index
     from .text import normalise_tag, rank_tags
 
     out_dir = Path(out_dir)
@@ -219,12 +221,16 @@ def prepare(
         # One streamed pass over the annotated train rows: negative shares, and tag counts (once per sample).
         tag_counts: Counter = Counter()
         annotated = 0
+        mined = hni and cfg.loss.hni_negatives == "mined"
+        sentences: set = set()
 
         def counted(records):
             nonlocal annotated
             for rec in records:
                 annotated += 1
                 tag_counts.update({t for t in (normalise_tag(x) for x in rec["tags"]) if t})
+                if mined:
+                    sentences.update(rec["desc"])
                 yield rec
 
         records = counted(_annotated_records(data, pins, generation))
@@ -234,6 +240,13 @@ def prepare(
                 f"generation {generation} has no usable annotations for the train split "
                 f"(annotations@{pins.get('annotations')}); annotate before training"
             )
+        if mined:
+            try:
+                job.neighbours = neighbour_index(sorted(sentences))
+            except ValueError as e:
+                raise TrainInputError(f"loss.hni_negatives=mined: {e}") from None
+            have = f"{len(job.neighbours)} of {len(sentences)} training sentences"
+            job.notes.append(f"mined negatives: {have} have a one-word neighbour")
         if stc:
             job.tag_vocab = rank_tags(tag_counts, cfg.loss.stc_vocab_size, cfg.loss.stc_min_count)
             if not job.tag_vocab:

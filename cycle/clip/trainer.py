@@ -122,6 +122,7 @@ class Trainer:
             negatives=self.loss_fn.uses_negatives,
             tag_vocab=job.tag_vocab if self.loss_fn.uses_tags else None,
             context_length=getattr(clip, "context_length", None),
+            neighbours=job.neighbours,
         )
         self.sampler = ResumableSampler(
             plan.num_samples,
