@@ -155,12 +155,14 @@ def report(
             v = [s[str(g)][stage]["metrics"].get(key) for s in variants]
             cells.append(paired(b, v) if None not in b + v else "")
         lines.append(f"| {label_} | " + " | ".join(cells) + " |")
-    cells = []  # the STC term's fall from the first to the last logged step of each generation's training
-    for g in gens:
-        b = [stc_fall(base_of(s) / f"gen-{g:03d}" / "clip" / "log.jsonl") for s in seeds]
-        v = [stc_fall(root / f"demo-seed-{s}-{label}" / f"gen-{g:03d}" / "clip" / "log.jsonl") for s in seeds]
-        cells.append(paired(b, v) if None not in b + v else "")
-    lines.append("| STC term's fall in training (first to last logged step) | " + " | ".join(cells) + " |")
+    for by_epoch, what in ((False, "first to last logged step"), (True, "first to last epoch's mean")):
+        cells = []  # the STC term's fall over each generation's training
+        for g in gens:
+            logs = [(base_of(s), root / f"demo-seed-{s}-{label}") for s in seeds]
+            b = [stc_fall(d / f"gen-{g:03d}" / "clip" / "log.jsonl", by_epoch) for d, _ in logs]
+            v = [stc_fall(d / f"gen-{g:03d}" / "clip" / "log.jsonl", by_epoch) for _, d in logs]
+            cells.append(paired(b, v) if None not in b + v else "")
+        lines.append(f"| STC term's fall in training ({what}) | " + " | ".join(cells) + " |")
     stage_s = {
         st: statistics.mean(v[str(g)][st].get("duration_s", 0.0) for v in variants for g in gens)
         for st in ("align", "sft", "train")

@@ -38,6 +38,9 @@ BATCH = 256
 # (what is compared, HNI run label, the same without HNI), generation 1; labels as in `large_heldout.py`.
 COMPARISONS = [
     ("HNI over the teacher's texts for seed images", "initseedthni", "initseedt"),
+    ("HNI at weight 0.3 over the teacher's texts", "initseedthni03", "initseedt"),
+    ("HNI pair mode over the teacher's texts", "initseedthnipair", "initseedt"),
+    ("HNI on mined negatives over the teacher's texts", "initseedtmined", "initseedt"),
     ("HNI at weight 0.3, from the previous CLIP", "init03", "init"),
     ("HNI at weight 1, from random weights", "stctext30", "stc30nohni"),
 ]

@@ -92,6 +92,30 @@ COMPARISONS = [
     ("seed texts: generation 2 vs 1", "initseedt2", 2, "initseedt2", 1, "root"),
     ("seed texts: generation 2 vs 0", "initseedt2", 2, "", 0, "root"),
     ("seed images on the teacher's texts vs the annotator's, generation 2", "initseedt2", 2, "init", 2, "root"),
+    (
+        "HNI at weight 0.3 vs none, seed images on the teacher's texts, generation 1",
+        "initseedthni03",
+        1,
+        "initseedt",
+        1,
+        "root",
+    ),
+    (
+        "HNI pair mode vs none, seed images on the teacher's texts, generation 1",
+        "initseedthnipair",
+        1,
+        "initseedt",
+        1,
+        "root",
+    ),
+    (
+        "HNI on mined negatives vs none, seed images on the teacher's texts, generation 1",
+        "initseedtmined",
+        1,
+        "initseedt",
+        1,
+        "root",
+    ),
 ]
 
 

@@ -71,9 +71,19 @@ def single_object_set(store, samples_version):
     return build_set("val_single", sorted(rows, key=lambda r: r[0]))
 
 
-def stc_fall(log: Path) -> float | None:
+def stc_fall(log: Path, by_epoch: bool = False) -> float | None:
+    """The STC term's relative fall over a training: first to last logged step, or (`by_epoch`) the mean of
+    the first epoch's logged steps to the mean of the last epoch's (one logged step is one batch: noisy)."""
     steps = [r for r in map(json.loads, log.read_text().splitlines()) if "stc_loss" in r]
-    return (steps[0]["stc_loss"] - steps[-1]["stc_loss"]) / steps[0]["stc_loss"] if steps else None
+    if not steps:
+        return None
+    if by_epoch:
+        first = [r["stc_loss"] for r in steps if r["epoch"] == steps[0]["epoch"]]
+        last = [r["stc_loss"] for r in steps if r["epoch"] == steps[-1]["epoch"]]
+        start, end = sum(first) / len(first), sum(last) / len(last)
+    else:
+        start, end = steps[0]["stc_loss"], steps[-1]["stc_loss"]
+    return (start - end) / start
 
 
 def run_one(cfg: RunConfig, work: Path, pins: dict, variant: str, seed: int, runs: str) -> dict:
