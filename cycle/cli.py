@@ -357,6 +357,7 @@ def train_cmd(
     OVERRIDES are key=value pairs, e.g. `train.epochs=5 train.world_size=2 loss.hni_mode=pair`.
     """
     from .clip.train import train_clip
+    from .config import trained_generation
     from .store import storage_options_for
 
     if bool(run_dir) == bool(store_uri):
@@ -380,7 +381,7 @@ def train_cmd(
         cfg = config_from(config_path, (() if named else (f"name={Path(out).name or 'train'}",)) + tuple(overrides))
         storage_options = storage_options_for(cfg.store, store_uri)  # an object store: the config's options
     model_dir = train_clip(
-        cfg,
+        trained_generation(cfg, generation or 0),
         store_uri,
         out,
         _version_arg(samples_version),

@@ -149,6 +149,10 @@ class LossConfig:
 @dataclass
 class TrainConfig:
     epochs: int = 10
+    # epochs of generation g's training: the g-th entry, the last one for later generations; empty: `epochs`
+    # everywhere. E.g. [20, 10]: generation 0 trains 20 epochs, each later one 10 (it starts from the previous
+    # CLIP with `clip.init: previous`), or [20, 40] for an epoch-matched control of two generations.
+    epochs_per_generation: list = field(default_factory=list)
     batch_size: int = 128  # global batch (contrastive negatives span all of it)
     micro_batch_size: int = 0  # 0: = batch_size / world size; smaller: feature-cache accumulation
     lr: float = 5e-4
@@ -624,6 +628,19 @@ def sft_adapter_only(lv: LVLMConfig) -> bool:
     return lv.sft_save == "adapter" or bool(lv.base.strip()) or lv.lm.name != "tiny"
 
 
+def epochs_of(train: "TrainConfig", gen: int) -> int:
+    """The epochs generation `gen`'s CLIP trains (`train.epochs_per_generation`, else `train.epochs`)."""
+    per_gen = list(train.epochs_per_generation or [])
+    return int(per_gen[min(gen, len(per_gen) - 1)]) if per_gen else int(train.epochs)
+
+
+def trained_generation(cfg: RunConfig, gen: int) -> RunConfig:
+    """`cfg` with train.epochs resolved for generation `gen` (and the per-generation list, now applied, emptied)."""
+    if not cfg.train.epochs_per_generation:
+        return cfg
+    return replace(cfg, train=replace(cfg.train, epochs=epochs_of(cfg.train, gen), epochs_per_generation=[]))
+
+
 def carried_stage(cfg: RunConfig, stage: str) -> RunConfig:
     """`cfg` with lvlm.<stage>.epochs replaced by lvlm.carry.<stage>_epochs (for a carried annotator)."""
     epochs = getattr(cfg.lvlm.carry, f"{stage}_epochs")
@@ -652,6 +669,14 @@ def launcher_world_size() -> Optional[int]:
 def _validate_clip_train(cfg: DictConfig) -> None:
     t = cfg.train
     _at_least(cfg, 1, "train.world_size", "train.log_every", "train.checkpoint_every", "loss.stc_vocab_size")
+    per_gen = t.epochs_per_generation
+    if not OmegaConf.is_list(per_gen) or not all(
+        isinstance(e, int) and not isinstance(e, bool) and e >= 1 for e in per_gen
+    ):
+        raise ConfigError(
+            f"config key 'train.epochs_per_generation': got {to_dict(per_gen)!r}, expected a list of epochs >= 1 "
+            "(entry g for generation g, the last for later ones)"
+        )
     if cfg.loss.neg_max_edit_words < 0:
         raise ConfigError(
             f"config key 'loss.neg_max_edit_words': got {cfg.loss.neg_max_edit_words!r}, expected >= 0 (0: no bound)"

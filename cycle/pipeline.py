@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Protocol
 
-from .config import RunConfig, carried_stage, to_dict
+from .config import RunConfig, carried_stage, epochs_of, to_dict, trained_generation
 from .errors import HQClipError
 from .state import flat_numbers
 from .store import USABLE, Store, gen_tag
@@ -291,6 +291,7 @@ def train_run(cfg: RunConfig, pins: dict, out_dir: Path, progress: bool = True) 
     from .clip.train import train_clip
 
     gen, ann, store = pins["generation"], pins.get("annotations"), store_of(cfg)
+    cfg = trained_generation(cfg, gen)
     usable = usable_annotations(store, gen, ann)
     if gen > 0 and usable == 0:  # the annotator wrote nothing usable: CLIP_g sees raw alt-text only, like gen 0
         log.warning("generation %d has no usable annotation: CLIP_%d trains on raw alt-text only", gen, gen)
@@ -430,6 +431,9 @@ def make_stages(cfg: RunConfig) -> dict[str, Stage]:
     def add_best_key(g: int, key: str):  # acts from generation 2; recorded at 0.0 before (its default)
         return key if g >= 2 else Inert(key, 0.0)
 
+    def train_keys(g: int) -> tuple:  # the epochs this generation trains, never the per-generation list
+        return ("clip", "train", "-train.epochs_per_generation", Inert("train.epochs", epochs_of(cfg.train, g)), "seed")
+
     return {
         s.name: s
         for s in [
@@ -515,9 +519,7 @@ def make_stages(cfg: RunConfig) -> dict[str, Stage]:
             Stage(
                 "train",
                 # generation 0 has no previous CLIP to start from: clip.init does not act there
-                lambda g: (
-                    ("clip", "train", "seed") + (("loss", *late_keys) if g > 0 else (Inert("clip.init", "scratch"),))
-                ),
+                lambda g: train_keys(g) + (("loss", *late_keys) if g > 0 else (Inert("clip.init", "scratch"),)),
                 lambda r, g: {**_train_pins(r, g), **init(r, g)},
                 train_run,
                 "clip",

@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from conftest import TINY_YAML, chromium_dom
 
 from cycle.cli import main
-from cycle.config import load_config
+from cycle.config import ConfigError, load_config
 from cycle.controller import ConfigChanged, run_cycle
 from cycle.errors import HQClipError
 from cycle.pipeline import stages_of, store_of
@@ -201,6 +201,24 @@ def test_seed_texts_count_from_generation_1_and_reach_training(finished_run, tmp
     trained = json.loads((Path(state.outputs(1, "train")["clip"]).parent / "checkpoints" / "run.json").read_text())
     assert trained["loss"]["seed_texts"] == "teacher"
     assert trained["data"]["teacher"] == state.outputs(0, "data")["teacher_version"]
+
+
+def test_epochs_per_generation_count_where_they_differ(finished_run, tmp_path):
+    """`train.epochs_per_generation` [2, 3] (the tiny config trains 2 epochs): generation 0's training keeps its
+    recorded fingerprint, generation 1's is refused (`train.epochs: 2 -> 3`) and trains 3 epochs when redone."""
+    run_dir = tmp_path / "pergen"
+    shutil.copytree(finished_run.run_dir, run_dir)
+    cfg = tiny(tmp_path, "pergen", "train.epochs_per_generation=[2,3]")
+    with pytest.raises(ConfigChanged, match=r"generation 1 stage 'train'.*train\.epochs: 2 -> 3"):
+        run_cycle(cfg, progress=False)
+    state = run_cycle(cfg, redo_from="1:train", progress=False, stop_after="1:train")
+    plans = {
+        g: json.loads((Path(state.outputs(g, "train")["log"])).read_text().splitlines()[0])["plan"] for g in (0, 1)
+    }
+    assert plans[1]["total_steps"] == 3 * plans[1]["steps_per_epoch"]
+    assert plans[0]["total_steps"] == 2 * plans[0]["steps_per_epoch"]
+    with pytest.raises(ConfigError, match="config key 'train.epochs_per_generation'"):
+        tiny(tmp_path, "bad", "train.epochs_per_generation=[2,0]")
 
 
 def test_carried_annotator_starts_from_the_previous_one(finished_run, tmp_path):

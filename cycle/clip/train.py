@@ -264,7 +264,11 @@ def prepare(
     identity = {
         "clip": to_dict(cfg.clip),
         "loss": to_dict(cfg.loss) if use_annotations else None,
-        "train": {k: v for k, v in to_dict(cfg.train).items() if k not in ("checkpoint_every", "log_every")},
+        "train": {
+            k: v
+            for k, v in to_dict(cfg.train).items()
+            if k not in ("checkpoint_every", "log_every", "epochs_per_generation")  # the pipeline resolves the last
+        },
         "data": {
             "samples": pins.get("samples"),
             "annotations": pins.get("annotations"),
