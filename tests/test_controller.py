@@ -189,15 +189,22 @@ def test_clip_init_counts_from_generation_1(finished_run, tmp_path):
         run_cycle(cfg, progress=False)
 
 
+def _refused_then_redone_at_1_train(finished_run, tmp_path, override: str, changed: str) -> RunState:
+    """A copy of the finished run under `override`: generation 0 stays valid, generation 1's training is refused
+    naming `changed` (a regex), then redone alone."""
+    shutil.copytree(finished_run.run_dir, tmp_path / "changed")
+    cfg = tiny(tmp_path, "changed", override)
+    with pytest.raises(ConfigChanged, match=r"generation 1 stage 'train'.*" + changed):
+        run_cycle(cfg, progress=False)
+    return run_cycle(cfg, redo_from="1:train", progress=False, stop_after="1:train")
+
+
 def test_seed_texts_count_from_generation_1_and_reach_training(finished_run, tmp_path):
     """`loss.seed_texts: teacher` refuses generation 1's recorded training (generation 0 has no annotations and
     stays valid); trained again, CLIP_1's recorded inputs pin the data stage's teacher table."""
-    run_dir = tmp_path / "seedtexts"
-    shutil.copytree(finished_run.run_dir, run_dir)
-    cfg = tiny(tmp_path, "seedtexts", "loss.seed_texts=teacher")
-    with pytest.raises(ConfigChanged, match=r"generation 1 stage 'train'.*loss\.seed_texts: None -> 'teacher'"):
-        run_cycle(cfg, progress=False)
-    state = run_cycle(cfg, redo_from="1:train", progress=False, stop_after="1:train")
+    state = _refused_then_redone_at_1_train(
+        finished_run, tmp_path, "loss.seed_texts=teacher", r"loss\.seed_texts: None -> 'teacher'"
+    )
     trained = json.loads((Path(state.outputs(1, "train")["clip"]).parent / "checkpoints" / "run.json").read_text())
     assert trained["loss"]["seed_texts"] == "teacher"
     assert trained["data"]["teacher"] == state.outputs(0, "data")["teacher_version"]
@@ -206,12 +213,9 @@ def test_seed_texts_count_from_generation_1_and_reach_training(finished_run, tmp
 def test_epochs_per_generation_count_where_they_differ(finished_run, tmp_path):
     """`train.epochs_per_generation` [2, 3] (the tiny config trains 2 epochs): generation 0's training keeps its
     recorded fingerprint, generation 1's is refused (`train.epochs: 2 -> 3`) and trains 3 epochs when redone."""
-    run_dir = tmp_path / "pergen"
-    shutil.copytree(finished_run.run_dir, run_dir)
-    cfg = tiny(tmp_path, "pergen", "train.epochs_per_generation=[2,3]")
-    with pytest.raises(ConfigChanged, match=r"generation 1 stage 'train'.*train\.epochs: 2 -> 3"):
-        run_cycle(cfg, progress=False)
-    state = run_cycle(cfg, redo_from="1:train", progress=False, stop_after="1:train")
+    state = _refused_then_redone_at_1_train(
+        finished_run, tmp_path, "train.epochs_per_generation=[2,3]", r"train\.epochs: 2 -> 3"
+    )
     plans = {
         g: json.loads((Path(state.outputs(g, "train")["log"])).read_text().splitlines()[0])["plan"] for g in (0, 1)
     }
