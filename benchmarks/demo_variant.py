@@ -126,15 +126,19 @@ def report(
     walls: dict,
     flags: str = "",
     against: str = "",
+    against_gen: int | None = None,
 ) -> str:
-    """Variant vs base, paired by seed; `against` names another variant to compare with instead."""
+    """Variant vs base, paired by seed; `against` names another variant to compare with instead, and
+    `against_gen` one generation of it to compare every variant generation with (e.g. an epoch-matched control)."""
     base_of = lambda s: run_dir(root, s, against)  # noqa: E731
+    bg = lambda g: str(g if against_gen is None else against_gen)  # noqa: E731  the base's generation
     bases = [state_of(base_of(s))["generations"] for s in seeds]
     variants = [state_of(root / f"demo-seed-{s}-{label}")["generations"] for s in seeds]
     gens = sorted(int(g) for g in variants[0] if int(g) >= from_gen)
     lines = [
         f"# Demo variant `{label}` from generation {from_gen}, paired with "
-        + (f"variant `{against}`" if against else "the demo runs"),
+        + (f"variant `{against}`" if against else "the demo runs")
+        + (f", generation {against_gen}" if against_gen is not None else ""),
         "",
         f"`python benchmarks/demo_variant.py --label {label} --from-gen {from_gen} {flags}--seeds "
         f"{','.join(map(str, seeds))} {' '.join(overrides)}`: generations < {from_gen} are the demo runs' own "
@@ -142,7 +146,9 @@ def report(
         "there. Cells: variant vs base (mean over seeds): "
         "mean ± std of the paired difference (seeds up +, down -). `val` is the selection split.",
         "",
-        "| metric | " + " | ".join(f"gen {g}" for g in gens) + " |",
+        "| metric | "
+        + " | ".join(f"gen {g}" + ("" if against_gen is None else f" vs gen {against_gen}") for g in gens)
+        + " |",
         "|---|" + "---|" * len(gens),
     ]
     val_extra = {"val negative discrimination acc. (selection split)": "val/acc", "val tag mAP": "val/tag_map"}
@@ -151,7 +157,7 @@ def report(
     for label_, stage, key in rows:
         cells = []
         for g in gens:
-            b = [s[str(g)][stage]["metrics"].get(key) for s in bases]
+            b = [s[bg(g)][stage]["metrics"].get(key) for s in bases]
             v = [s[str(g)][stage]["metrics"].get(key) for s in variants]
             cells.append(paired(b, v) if None not in b + v else "")
         lines.append(f"| {label_} | " + " | ".join(cells) + " |")
@@ -159,7 +165,7 @@ def report(
         cells = []  # the STC term's fall over each generation's training
         for g in gens:
             logs = [(base_of(s), root / f"demo-seed-{s}-{label}") for s in seeds]
-            b = [stc_fall(d / f"gen-{g:03d}" / "clip" / "log.jsonl", by_epoch) for d, _ in logs]
+            b = [stc_fall(d / f"gen-{int(bg(g)):03d}" / "clip" / "log.jsonl", by_epoch) for d, _ in logs]
             v = [stc_fall(d / f"gen-{g:03d}" / "clip" / "log.jsonl", by_epoch) for _, d in logs]
             cells.append(paired(b, v) if None not in b + v else "")
         lines.append(f"| STC term's fall in training ({what}) | " + " | ".join(cells) + " |")
@@ -168,7 +174,7 @@ def report(
         for st in ("align", "sft", "train")
     }
     base_s = {
-        st: statistics.mean(b[str(g)][st].get("duration_s", 0.0) for b in bases for g in gens)
+        st: statistics.mean(b[bg(g)][st].get("duration_s", 0.0) for b in bases for g in gens)
         for st in ("align", "sft", "train")
     }
     lines += [
@@ -193,6 +199,7 @@ def main() -> None:
     ap.add_argument("--root", default=str(REPO / "generations"))
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--against", default="", help="with --report-only: compare with this variant, not the base")
+    ap.add_argument("--against-gen", type=int, help="with --against: compare with this generation of it")
     ap.add_argument("--base", default="", help="fork from the runs of this variant (and compare with them)")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
@@ -222,8 +229,9 @@ def main() -> None:
         f"--stop-after {args.stop_after} " if args.stop_after else ""
     )
     flags += f"--base {args.base} " if args.base else ""
-    text = report(root, args.label, seeds, args.from_gen, args.overrides, walls, flags, against)
+    text = report(root, args.label, seeds, args.from_gen, args.overrides, walls, flags, against, args.against_gen)
     name = f"variant_{args.label}" + (f"_vs_{args.against}" if args.against else "")
+    name += f"_gen{args.against_gen}" if args.against_gen is not None else ""
     (OUT / f"{name}.md").write_text(text)
     print(text)
 
