@@ -116,6 +116,15 @@ COMPARISONS = [
         1,
         "root",
     ),
+    ("generation 1 trained 40 epochs vs 20", "initseedt40", 1, "initseedt", 1, "root"),
+    (
+        "epoch-matched: generation 1 trained 40 epochs vs generation 2 (20 + 20)",
+        "initseedt40",
+        1,
+        "initseedt2",
+        2,
+        "root",
+    ),
 ]
 
 
