@@ -569,12 +569,12 @@ def test_seed_texts_teacher_trains_seed_images_on_the_teachers_annotation(pair_s
     assert "teacher tag" in seeds_first.tag_vocab
 
 
-def test_mined_negatives_index_the_sentences_training_reads(pair_store, tmp_path, tokenizer):
+def test_mined_negatives_index_the_sentences_training_reads(pair_store, tmp_path, tokenizer, monkeypatch):
     """`loss.hni_negatives: mined`: `prepare` indexes the train rows' descriptions, and a row's negative is
     another image's description one word away ("a red circle" -> "a blue circle"), drawn by the text drawer."""
     from cycle.clip.negatives import word_edit_distance, words_of
     from cycle.clip.text import TextDrawer
-    from cycle.clip.train import prepare
+    from cycle.clip.train import TrainInputError, prepare
     from cycle.data.loader import PairDataset, collate_pairs
 
     samples, annotations = _versions(pair_store)
@@ -582,6 +582,10 @@ def test_mined_negatives_index_the_sentences_training_reads(pair_store, tmp_path
     job = prepare(cfg, pair_store.uri, tmp_path, samples, annotations, generation=1, progress=False)
     paired = prepare(_cfg(), pair_store.uri, tmp_path / "p", samples, annotations, generation=1, progress=False)
     assert paired.neighbours == {}
+    monkeypatch.setattr("cycle.clip.negatives.MINED_MAX_SENTENCES", 3)  # a corpus past what one job may index
+    with pytest.raises(TrainInputError, match=r"^loss.hni_negatives=mined: mined negatives index at most 3 distinct"):
+        prepare(cfg, pair_store.uri, tmp_path / "big", samples, annotations, generation=1, progress=False)
+    monkeypatch.undo()
     red = _annotation(0, "red", "circle")["desc"][0]
     assert job.neighbours[red] and all(word_edit_distance(red, n) == 1 for n in job.neighbours[red])
     assert "the image shows a red square." in job.neighbours[red]
