@@ -41,6 +41,7 @@ COMPARISONS = [
     ("HNI at weight 0.3 over the teacher's texts", "initseedthni03", "initseedt"),
     ("HNI pair mode over the teacher's texts", "initseedthnipair", "initseedt"),
     ("HNI on mined negatives over the teacher's texts", "initseedtmined", "initseedt"),
+    ("HNI at weight 0.3 on mined negatives over the teacher's texts", "initseedtmined03", "initseedt"),
     ("HNI at weight 0.3, from the previous CLIP", "init03", "init"),
     ("HNI at weight 1, from random weights", "stctext30", "stc30nohni"),
 ]

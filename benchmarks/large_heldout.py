@@ -116,6 +116,14 @@ COMPARISONS = [
         1,
         "root",
     ),
+    (
+        "HNI at weight 0.3 on mined negatives vs none, seed images on the teacher's texts, generation 1",
+        "initseedtmined03",
+        1,
+        "initseedt",
+        1,
+        "root",
+    ),
     ("generation 1 trained 40 epochs vs 20", "initseedt40", 1, "initseedt", 1, "root"),
     (
         "epoch-matched: generation 1 trained 40 epochs vs generation 2 (20 + 20)",
