@@ -124,6 +124,14 @@ COMPARISONS = [
         1,
         "root",
     ),
+    (
+        "HNI at weight 0.3 on mined negatives vs none, generation 2 (both chains)",
+        "initseedtmined032",
+        2,
+        "initseedt2",
+        2,
+        "root",
+    ),
     ("generation 1 trained 40 epochs vs 20", "initseedt40", 1, "initseedt", 1, "root"),
     (
         "epoch-matched: generation 1 trained 40 epochs vs generation 2 (20 + 20)",
