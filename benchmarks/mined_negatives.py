@@ -3,12 +3,13 @@ mined negatives (`loss.hni_negatives: mined`; issue 10: does text familiarity te
 
     python benchmarks/mined_negatives.py [--root /work/runs11] [--label initseedtmined]
 
-Per seed, from the store of the generation-1 run `demo-seed-S-<label>` and the texts training reads (the
-teacher's formulas for the seed images, `loss.seed_texts: teacher`; the annotator's usable generation-1
-annotation for the others): the share of the teacher's negative sentences that are word for word a training
-sentence; how many distinct training sentences have a one-word neighbour (`negatives.neighbour_index`); the
-share of images with a description that one of their sentences' neighbours (none of their own) could
-replace; and, from that run's training log, the share of rows that had a usable negative.
+Per seed, from the store of the generation-1 run `demo-seed-S-<label>` and the texts its training read (read
+by the train stage's own `_annotated_records`: the teacher's formulas for the seed images, `loss.seed_texts:
+teacher`; the annotator's usable generation-1 annotation for the others): the share of the teacher's negative
+sentences that are word for word a training sentence; how many distinct training sentences have a one-word
+neighbour (`negatives.neighbour_index`); the share of images with a description that one of their sentences'
+neighbours (none of their own) could replace; and, from that run's training log, the share of rows that had a
+usable negative.
 """
 
 from __future__ import annotations
@@ -25,25 +26,28 @@ sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # the checkout's o
 from demo_variant import run_dir  # noqa: E402
 
 from cycle.clip.negatives import neighbour_index, words_of  # noqa: E402
-from cycle.store import USABLE_STATUSES, Store  # noqa: E402
+from cycle.clip.train import _annotated_records  # noqa: E402  the train stage's own read of its texts
+from cycle.state import RunState  # noqa: E402
+from cycle.store import Store  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SEEDS = (0, 1, 2)
 
 
 def measure(run: Path) -> dict:
-    store = Store(run / "lance")
-    teacher = {r["id"]: r for r in store.read("teacher", ["id", "desc", "neg_desc"]).to_pylist()}
-    train = set(store.read("samples", ["id"], "split = 'train'").column("id").to_pylist())
-    desc = {}
-    for r in store.read("annotations", ["id", "generation", "status", "desc"]).to_pylist():
-        if r["generation"] == 1 and r["status"] in USABLE_STATUSES and r["id"] in train and r["id"] not in desc:
-            desc[r["id"]] = r["desc"] or []
-    desc.update({i: t["desc"] or [] for i, t in teacher.items() if i in train})
-    sentences = {words_of(s) for d in desc.values() for s in d}
-    teacher_negs = [n for t in teacher.values() for n in t["neg_desc"] or []]
-    index = neighbour_index(sorted({s for d in desc.values() for s in d}))
-    described = [d for d in desc.values() if d]
+    state = RunState(run)
+    data = {"store_uri": str(run / "lance"), "storage_options": None, "prefer": "teacher"}
+    pins = {
+        "samples": state.outputs(0, "data")["samples_version"],
+        "teacher": state.outputs(0, "data")["teacher_version"],
+        "annotations": state.outputs(1, "annotate")["annotations_version"],
+    }
+    desc = [rec["desc"] for rec in _annotated_records(data, pins, 1)]  # what generation 1's training reads
+    teacher = Store(run / "lance").read("teacher", ["neg_desc"], version=pins["teacher"]).column("neg_desc")
+    teacher_negs = [n for negs in teacher.to_pylist() for n in negs or []]
+    sentences = {words_of(s) for d in desc for s in d}
+    index = neighbour_index(sorted({s for d in desc for s in d}))
+    described = [d for d in desc if d]
 
     def minable(d: list) -> bool:
         own = {words_of(s) for s in d}

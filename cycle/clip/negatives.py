@@ -16,6 +16,7 @@ EDGE_PUNCT = " \t\n.,;:!?\"'`()[]{}"
 EDIT_CACHE_SIZE = 200_000  # (positive, negative) part pairs: the same ones come back every epoch
 
 
+@lru_cache(maxsize=EDIT_CACHE_SIZE)  # mined negatives compare a row's sentences with their neighbours every step
 def words_of(text: str) -> tuple[str, ...]:
     """A text's lower-case words, punctuation dropped: what edit distances and neighbours compare."""
     return tuple(re.findall(r"[\w']+", text.lower()))
