@@ -133,6 +133,15 @@ COMPARISONS = [
         "root",
     ),
     ("generation 1 trained 40 epochs vs 20", "initseedt40", 1, "initseedt", 1, "root"),
+    ("STC vs none, the shipped config, generation 1", "initseedt", 1, "initseedtnostc", 1, "root"),
+    (
+        "HNI at weight 0.3 on mined negatives vs none, without STC, generation 1",
+        "initseedtnostcmined03",
+        1,
+        "initseedtnostc",
+        1,
+        "root",
+    ),
     (
         "epoch-matched: generation 1 trained 40 epochs vs generation 2 (20 + 20)",
         "initseedt40",
