@@ -115,3 +115,24 @@ def test_no_import_cycles_between_modules():
 
     cycles = [c for m in modules if (c := cycle_from(m, m, [m]))]
     assert not cycles, " -> ".join(cycles[0])
+
+
+# Files a run folder holds (the README names them when it says where a figure is logged), not results files.
+RUN_FOLDER_FILES = {"state.json", "config.json", "stats.json", "metrics.json", "log.jsonl"}
+
+
+def test_readme_figures_point_at_results_files_that_exist():
+    """Every results file the README cites (`name.md`, `name.json`, a plot) is in the repo: a figure without its
+    file, or a file renamed under a figure, fails here."""
+    readme = (REPO / "README.md").read_text()
+    cited = set(re.findall(r"`([\w./-]+\.(?:md|json|png))`", readme))
+    cited |= set(re.findall(r"!\[[^\]]*\]\(([^)]+)\)", readme))
+    results = REPO / "benchmarks" / "results"
+    missing = [
+        name
+        for name in sorted(cited)
+        if name.rsplit("/", 1)[-1] not in RUN_FOLDER_FILES
+        and not (REPO / name).exists()
+        and not (results / name.rsplit("/", 1)[-1]).exists()
+    ]
+    assert len(cited) > 50 and not missing, missing
