@@ -44,6 +44,8 @@ VARIANTS = {
     "hni1": ("STC + HNI, batch mode, weight 1 (the teacher's edits)", "initseedthni", 1),
     "hni03": ("STC + HNI, batch mode, weight 0.3", "initseedthni03", 1),
     "pair": ("STC + HNI, pair mode, weight 1", "initseedthnipair", 1),
+    "mined01": ("STC + HNI, mined negatives, weight 0.1", "initseedtmined01", 1),
+    "mined05": ("STC + HNI, mined negatives, weight 0.5", "initseedtmined05", 1),
     "mined1": ("STC + HNI, mined negatives, weight 1", "initseedtmined", 1),
     "e40": ("(d) trained 40 epochs instead of 20", "initseedt40", 1),
 }

@@ -132,6 +132,22 @@ COMPARISONS = [
         2,
         "root",
     ),
+    (
+        "HNI at weight 0.1 on mined negatives vs none, seed images on the teacher's texts, generation 1",
+        "initseedtmined01",
+        1,
+        "initseedt",
+        1,
+        "root",
+    ),
+    (
+        "HNI at weight 0.5 on mined negatives vs none, seed images on the teacher's texts, generation 1",
+        "initseedtmined05",
+        1,
+        "initseedt",
+        1,
+        "root",
+    ),
     ("generation 1 trained 40 epochs vs 20", "initseedt40", 1, "initseedt", 1, "root"),
     ("STC vs none, the shipped config, generation 1", "initseedt", 1, "initseedtnostc", 1, "root"),
     (
