@@ -148,6 +148,17 @@ COMPARISONS = [
         1,
         "root",
     ),
+    (
+        "HNI at weight 0.1 on mined negatives vs none, generation 2 (both chains)",
+        "initseedtmined012",
+        2,
+        "initseedt2",
+        2,
+        "root",
+    ),
+    ("mined HNI 0.1: generation 1 vs 0", "initseedtmined012", 1, "", 0, "root"),
+    ("mined HNI 0.1: generation 2 vs 1", "initseedtmined012", 2, "initseedtmined012", 1, "root"),
+    ("mined HNI 0.1: generation 2 vs 0", "initseedtmined012", 2, "", 0, "root"),
     ("generation 1 trained 40 epochs vs 20", "initseedt40", 1, "initseedt", 1, "root"),
     ("STC vs none, the shipped config, generation 1", "initseedt", 1, "initseedtnostc", 1, "root"),
     (
