@@ -4,8 +4,8 @@
 
 `evidence_loss.py` ran the five variants (alt-text only; annotations with L_clip; + HNI; + STC; all) at an
 earlier, smaller demo where the CLIPs learned almost nothing. Here every variant but (a) is CLIP 1 of the
-shipped config (`configs/emoji.yaml`) trained again on the same generation-1 annotations: forked by
-`demo_variant.py --base initseedt --from-gen 1 --stage train` from the shipped chain's generation 1, so the
+shipped config (`configs/emoji.yaml`; HNI aside) trained again on the same generation-1 annotations: forked by
+`demo_variant.py --base initseedt --from-gen 1 --stage train` from the no-HNI chain's generation 1, so the
 pairs share the store, the annotator, CLIP 0 and the seed, and differ in the loss only. (a) is CLIP 0 itself
 (generation 0: the alt-text, 20 epochs from random weights): CLIP 1 starts from it and trains 20 epochs more,
 so (b) - (a) is the annotations plus 20 epochs (the 40-epoch row separates the epochs from the rest).
@@ -39,12 +39,12 @@ VARIANTS = {
     "a": ("(a) alt-text only (CLIP 0)", "", 0),
     "b": ("(b) annotations, L_clip only", "initseedtnostc", 1),
     "c": ("(c) L_clip + HNI (mined negatives, 0.3)", "initseedtnostcmined03", 1),
-    "d": ("(d) L_clip + STC (text head, 30): shipped", "initseedt", 1),
+    "d": ("(d) L_clip + STC (text head, 30)", "initseedt", 1),
     "e": ("(e) L_clip + STC + HNI (mined, 0.3)", "initseedtmined03", 1),
     "hni1": ("STC + HNI, batch mode, weight 1 (the teacher's edits)", "initseedthni", 1),
     "hni03": ("STC + HNI, batch mode, weight 0.3", "initseedthni03", 1),
     "pair": ("STC + HNI, pair mode, weight 1", "initseedthnipair", 1),
-    "mined01": ("STC + HNI, mined negatives, weight 0.1", "initseedtmined01", 1),
+    "mined01": ("STC + HNI, mined negatives, weight 0.1 (shipped)", "initseedtmined01", 1),
     "mined05": ("STC + HNI, mined negatives, weight 0.5", "initseedtmined05", 1),
     "mined1": ("STC + HNI, mined negatives, weight 1", "initseedtmined", 1),
     "e40": ("(d) trained 40 epochs instead of 20", "initseedt40", 1),
