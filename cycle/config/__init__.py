@@ -3,6 +3,7 @@
 `load_config(path, overrides)` is the one entry point. Anything wrong (unknown key, wrong type, missing
 required value, a bad choice) raises `ConfigError` with one line naming the key and what was expected.
 `fingerprint(section)` is the stable hash the controller records for each stage's inputs.
+The schema (what each key means, its default) is `schema.py`; every check of a merged config is `checks.py`.
 """
 
 from __future__ import annotations
