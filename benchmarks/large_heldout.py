@@ -160,7 +160,7 @@ COMPARISONS = [
     ("mined HNI 0.1: generation 2 vs 1", "initseedtmined012", 2, "initseedtmined012", 1, "root"),
     ("mined HNI 0.1: generation 2 vs 0", "initseedtmined012", 2, "", 0, "root"),
     ("generation 1 trained 40 epochs vs 20", "initseedt40", 1, "initseedt", 1, "root"),
-    ("STC vs none, the shipped config, generation 1", "initseedt", 1, "initseedtnostc", 1, "root"),
+    ("STC vs none, the shipped config without HNI, generation 1", "initseedt", 1, "initseedtnostc", 1, "root"),
     (
         "HNI at weight 0.3 on mined negatives vs none, without STC, generation 1",
         "initseedtnostcmined03",
