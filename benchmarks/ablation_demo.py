@@ -49,6 +49,7 @@ VARIANTS = {
     "mined1": ("STC + HNI, mined negatives, weight 1", "initseedtmined", 1),
     "e40": ("(d) trained 40 epochs instead of 20", "initseedt40", 1),
 }
+ABLATION = ("a", "b", "c", "d", "e")
 # (what is compared, variant, base): paired by seed.
 CONTRASTS = [
     ("annotations vs alt-text (b - a)", "b", "a"),
@@ -106,7 +107,7 @@ def main() -> None:
         else:
             missing.append(key)
 
-    def table(columns: list[tuple[str, str]], cell) -> list[str]:
+    def table(columns: list[tuple], cell) -> list[str]:
         lines = ["| metric | " + " | ".join(c for c, _ in columns) + " |", "|---|" + "---:|" * len(columns)]
         for name in names:
             lines.append(f"| {name} | " + " | ".join(cell(key, name) for _, key in columns) + " |")
@@ -115,14 +116,14 @@ def main() -> None:
     def variant_cell(key: str, name: str) -> str:
         return spread([row[name] for row in found[key]])
 
-    def contrast_cell(pair: str, name: str) -> str:
-        v, b = pair.split("-")
+    def contrast_cell(pair: tuple[str, str], name: str) -> str:
+        v, b = pair
         vs, bs = [row[name] for row in found[v]], [row[name] for row in found[b]]
         return "" if None in vs + bs else paired(bs, vs)
 
-    ablation = [(VARIANTS[k][0], k) for k in "abcde" if k in found]
-    options = [(VARIANTS[k][0], k) for k in VARIANTS if k not in "abcde" and k in found]
-    contrasts = [(what, f"{v}-{b}") for what, v, b in CONTRASTS if v in found and b in found]
+    ablation = [(VARIANTS[k][0], k) for k in ABLATION if k in found]
+    options = [(VARIANTS[k][0], k) for k in VARIANTS if k not in ABLATION and k in found]
+    contrasts = [(what, (v, b)) for what, v, b in CONTRASTS if v in found and b in found]
     text = [
         "# The loss ablation at the demo's setting",
         "",
